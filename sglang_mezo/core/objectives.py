@@ -1,0 +1,100 @@
+"""Objectives: from the log-probabilities an engine scores to one loss per example.
+
+* ``cross_entropy``: mean negative log-likelihood of the completion tokens (LM fine-tuning).
+* ``classification``: cross-entropy over the options' length-normalised log-likelihoods (MeZO's prompt-based
+  classification: "<text> It was" -> " great" / " terrible").
+* ``accuracy``: 1 - [argmax option == label]. Piecewise constant: most probes give L+ = L- (g = 0), which the
+  step counts rather than hides.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .interface import CompletionScores, ScoringEngine, ScoringItem
+from .spsa import LossFn
+
+
+class Objective(str, enum.Enum):
+    CROSS_ENTROPY = "cross_entropy"
+    CLASSIFICATION = "classification"
+    ACCURACY = "accuracy"
+
+
+@dataclass(frozen=True)
+class CompletionExample:
+    """Learn ``completion_ids`` after ``prompt_ids``."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    """Pick option ``label`` among ``option_ids`` after ``prompt_ids``."""
+
+    prompt_ids: tuple[int, ...]
+    option_ids: tuple[tuple[int, ...], ...]
+    label: int
+
+    def __post_init__(self) -> None:
+        if len(self.option_ids) < 2:
+            raise ValueError("a choice example needs at least two options")
+        if not 0 <= self.label < len(self.option_ids):
+            raise ValueError(f"label {self.label} is not an option index (0..{len(self.option_ids) - 1})")
+
+
+Example = CompletionExample | ChoiceExample
+
+
+def scoring_items(batch: Sequence[Example]) -> list[ScoringItem]:
+    """The sequences to score for a batch, flattened: one per completion, one per option of a choice."""
+    items: list[ScoringItem] = []
+    for example in batch:
+        if isinstance(example, CompletionExample):
+            items.append(ScoringItem(example.prompt_ids, example.completion_ids))
+        else:
+            items.extend(ScoringItem(example.prompt_ids, option) for option in example.option_ids)
+    return items
+
+
+def option_logits(batch: Sequence[ChoiceExample], scores: CompletionScores) -> list[torch.Tensor]:
+    """Per example, the length-normalised log-likelihood of each option (the logits of the classifier)."""
+    per_token = scores.sum_logprob.double() / scores.n_tokens.double()
+    out, start = [], 0
+    for example in batch:
+        n = len(example.option_ids)
+        out.append(per_token[start : start + n])
+        start += n
+    return out
+
+
+def example_losses(objective: Objective, batch: Sequence[Example], scores: CompletionScores) -> torch.Tensor:
+    """One loss per example (float64), from the scores of ``scoring_items(batch)`` in that order."""
+    if objective is Objective.CROSS_ENTROPY:
+        if not all(isinstance(e, CompletionExample) for e in batch):
+            raise ValueError("the cross_entropy objective needs prompt/completion examples")
+        return -scores.sum_logprob.double() / scores.n_tokens.double()
+    if not all(isinstance(e, ChoiceExample) for e in batch):
+        raise ValueError(f"the {objective.value} objective needs prompt/options/label examples")
+    losses = []
+    for example, logits in zip(batch, option_logits(batch, scores), strict=True):
+        if objective is Objective.CLASSIFICATION:
+            losses.append(-torch.log_softmax(logits, dim=0)[example.label])
+        else:
+            losses.append((logits.argmax() != example.label).double())
+    return torch.stack(losses)
+
+
+def batch_loss_fn(engine: ScoringEngine, objective: Objective, batch: Sequence[Example]) -> LossFn:
+    """The closure a MeZO step calls twice per probe: score ``batch`` now and return its mean loss."""
+    items = scoring_items(batch)
+
+    def loss() -> float:
+        return float(example_losses(objective, batch, engine.score(items)).mean())
+
+    return loss

@@ -1,0 +1,186 @@
+"""The MeZO step: two-sided SPSA with n probes, in place, z never stored.
+
+For probes k = 1..n with seeds s_k:  θ += εz_k;  L+_k = L(θ);  θ -= 2εz_k;  L-_k = L(θ);  g_k = (L+_k - L-_k)/(2ε)
+and then, in the same pass that takes the last probe off,  θ ← (1 - lr·wd)·θ - lr·Σ_k (g_k/n)·z_k  (no decay on
+biases and norms). Consecutive probes share a pass (undo probe k and apply probe k+1 together), so a step reads
+and writes the weights 2n + 1 times and needs no memory beyond one kernel tile.
+
+The weights are always in one of two states: *committed* (after a completed step) or *perturbed by exactly the
+probe recorded in* :class:`_Probe`. Whatever goes wrong while perturbed (a scoring error, a non-finite loss,
+KeyboardInterrupt), the probe is taken off before the exception leaves this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sglang_mezo.kernels import ZKind, check_seed, zaxpy_
+
+from .params import TrainableSet
+
+LossFn = Callable[[], float]
+"""Scores the step's batch under the weights as they are now and returns the mean loss (a host sync)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A probe's loss was NaN or infinite; the weights were left at the last committed step."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step measured and applied."""
+
+    seeds: tuple[int, ...]
+    loss_plus: tuple[float, ...]
+    loss_minus: tuple[float, ...]
+    projected_grads: tuple[float, ...]
+    lr: float
+    weight_decay: float
+    eps: float
+
+    @property
+    def loss(self) -> float:
+        """The step's loss estimate at the committed weights: the mean of all L+ and L-."""
+        return (sum(self.loss_plus) + sum(self.loss_minus)) / (2 * len(self.seeds))
+
+    @property
+    def zero_grad_probes(self) -> int:
+        """Probes whose L+ equalled L- exactly (the usual outcome for a piecewise-constant objective)."""
+        return sum(1 for g in self.projected_grads if g == 0.0)
+
+
+class _Probe:
+    """The perturbation currently applied to the weights, so that it can always be taken off again."""
+
+    def __init__(self, params: TrainableSet, kind: ZKind) -> None:
+        self.params = params
+        self.kind = kind
+        self.seed: int | None = None
+        self.scale = 0.0
+
+    def move(self, seed: int, scale: float) -> None:
+        """Go from the current probe to (seed, scale) in one pass over the weights."""
+        if self.seed is None:
+            zaxpy_(self.params.targets, [seed], [scale], kind=self.kind)
+        elif self.seed == seed:
+            zaxpy_(self.params.targets, [seed], [scale - self.scale], kind=self.kind)
+        else:
+            zaxpy_(self.params.targets, [self.seed, seed], [-self.scale, scale], kind=self.kind)
+        self.seed, self.scale = seed, scale
+
+    def take_off(self) -> None:
+        """Back to the committed weights (in fp32, to within a rounding of the round trip)."""
+        if self.seed is not None:
+            zaxpy_(self.params.targets, [self.seed], [-self.scale], kind=self.kind)
+            self.seed, self.scale = None, 0.0
+
+
+def mezo_step(
+    params: TrainableSet,
+    loss_fn: LossFn,
+    seeds: Sequence[int],
+    *,
+    eps: float,
+    lr: float,
+    weight_decay: float = 0.0,
+    kind: ZKind = ZKind.GAUSSIAN,
+) -> StepResult:
+    """Run one MeZO step on ``params`` in place and return what it measured.
+
+    ``loss_fn`` is called 2n times (n = len(seeds)); each call must score the *same* batch. On any exception the
+    weights are returned to where they were before the step and the exception propagates; a non-finite loss
+    raises :class:`NonFiniteLossError` the same way. Nothing is applied unless every probe succeeded.
+    """
+    if not seeds:
+        raise ValueError("a step needs at least one probe seed")
+    seeds = tuple(check_seed(s) for s in seeds)
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a non-negative finite number, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay}")
+
+    probe = _Probe(params, kind)
+    loss_plus: list[float] = []
+    loss_minus: list[float] = []
+    grads: list[float] = []
+    try:
+        for seed in seeds:
+            # -- probe +ε: one pass (it also takes the previous probe's -ε off) ---------------------------------
+            probe.move(seed, eps)
+            plus = float(loss_fn())  # host sync
+            # -- probe -ε: one pass --------------------------------------------------------------------------------
+            probe.move(seed, -eps)
+            minus = float(loss_fn())  # host sync
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                raise NonFiniteLossError(f"non-finite loss at probe seed {seed}: L+={plus}, L-={minus}")
+            loss_plus.append(plus)
+            loss_minus.append(minus)
+            grads.append((plus - minus) / (2 * eps))
+        # -- commit: take the last probe off and apply the update, one pass ------------------------------------
+        commit_update(params, seeds, grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
+        probe.seed = None  # the commit pass took it off
+    finally:
+        probe.take_off()
+    return StepResult(
+        seeds=seeds,
+        loss_plus=tuple(loss_plus),
+        loss_minus=tuple(loss_minus),
+        projected_grads=tuple(grads),
+        lr=lr,
+        weight_decay=weight_decay,
+        eps=eps,
+    )
+
+
+def commit_update(
+    params: TrainableSet,
+    seeds: Sequence[int],
+    projected_grads: Sequence[float],
+    *,
+    lr: float,
+    weight_decay: float,
+    kind: ZKind,
+    take_off: float = 0.0,
+) -> None:
+    """θ ← (θ + take_off·z_n)·(1 - lr·wd) - lr·Σ_k (g_k/n)·z_k in one pass: the update of a step, fused with taking
+    its last probe (-ε·z_n, so ``take_off = ε``) off the weights. ``take_off = 0`` applies the update alone."""
+    n = len(seeds)
+    zaxpy_(
+        params.targets,
+        seeds,
+        [0.0] * (n - 1) + [take_off],
+        [-lr * g / n for g in projected_grads],
+        decay=1.0 - lr * weight_decay,
+        kind=kind,
+    )
+
+
+def replay_step(
+    params: TrainableSet,
+    seeds: Sequence[int],
+    projected_grads: Sequence[float],
+    *,
+    eps: float,
+    lr: float,
+    weight_decay: float,
+    kind: ZKind,
+    exact: bool = True,
+) -> None:
+    """Re-apply a recorded step without scoring anything.
+
+    ``exact`` repeats the step's perturbation passes too (2n + 1 passes), so every ±ε rounding happens as it did in
+    training: a replay on the same kind of device is then bit-identical to the run. Without it, only the update is
+    applied (1 pass), which differs from the run by the fp32 round-trip error of its probes (~1 ulp per step).
+    """
+    if not exact:
+        commit_update(params, seeds, projected_grads, lr=lr, weight_decay=weight_decay, kind=kind)
+        return
+    probe = _Probe(params, kind)
+    for seed in seeds:
+        probe.move(seed, eps)
+        probe.move(seed, -eps)
+    commit_update(params, seeds, projected_grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)

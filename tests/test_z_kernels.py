@@ -1,0 +1,155 @@
+"""In-place z kernels: TP shards see the full tensor's z, Triton equals the PyTorch path, the fused update equals
+the unfused sequence, the fp32 round trip comes back, and a pass allocates no parameter-sized temporary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_models import assert_close_report
+
+from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, materialize_z, tensor_key, zaxpy_
+
+KEY = tensor_key("model.layers.0.self_attn.o_proj.weight")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize("shape", [(12, 131), (1, 4099), (36, 4)])
+def test_shards_see_the_full_tensor_z(kind, shards, shape):
+    """Column-parallel (split rows), row-parallel (split columns) and 1-D (vocab-like) shards, awkward shapes."""
+    rows, cols = shape
+    full = materialize_z(11, ZSlice(KEY, cols), shape, kind)
+    row_cuts = torch.linspace(0, rows, shards + 1).round().long().tolist()
+    col_cuts = torch.linspace(0, cols, shards + 1).round().long().tolist()
+    for r0, r1 in zip(row_cuts, row_cuts[1:]):
+        part = materialize_z(11, ZSlice(KEY, cols, row_offset=r0), (r1 - r0, cols), kind)
+        assert torch.equal(part, full[r0:r1]), (r0, r1)
+    for c0, c1 in zip(col_cuts, col_cuts[1:]):
+        part = materialize_z(11, ZSlice(KEY, cols, col_offset=c0), (rows, c1 - c0), kind)
+        assert torch.equal(part, full[:, c0:c1]), (c0, c1)
+
+
+def test_shard_in_a_fused_and_strided_view():
+    """A piece of a fused tensor (a row block of qkv) shifted into its own tensor's coordinates."""
+    fused = torch.zeros(10, 16)
+    q = fused[0:6]  # q rows of a fused qkv: rows 0..5 of q_proj
+    zaxpy_([ZTarget(q, ZSlice(KEY, 16))], [5], [1.0])
+    assert torch.equal(fused[0:6], materialize_z(5, ZSlice(KEY, 16), (6, 16)))
+    assert torch.count_nonzero(fused[6:]) == 0
+    wide = torch.zeros(6, 32)
+    left = wide[:, :16]  # non-contiguous: unit column stride, row stride 32
+    zaxpy_([ZTarget(left, ZSlice(KEY, 16))], [5], [1.0])
+    assert torch.equal(wide[:, :16], materialize_z(5, ZSlice(KEY, 16), (6, 16)))
+    assert torch.count_nonzero(wide[:, 16:]) == 0
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_matches_torch_path(kind, dtype):
+    """The Triton kernel (compiled on CUDA, interpreted on CPU) against the PyTorch path, on a shard, with
+    several seeds, restore and update coefficients and decay: the pass every MeZO step ends with."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(37, 61, generator=gen) * 0.02).to(dtype)
+    where = ZSlice(KEY, 200, row_offset=3, col_offset=101)
+    seeds, restore, update = [3, 2**33 + 1, 9], [0.0, 0.0, 1e-3], [-2e-4, 5e-5, 1e-4]
+
+    cpu = base.clone()
+    zaxpy_([ZTarget(cpu, where)], seeds, restore, update, decay=0.999, kind=kind)
+    tri = base.clone().to(DEVICE)
+    zaxpy_([ZTarget(tri, where)], seeds, restore, update, decay=0.999, kind=kind, force_triton=True)
+    tri = tri.cpu()
+    assert not torch.equal(cpu, base)
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter casts fp32 -> bf16 by truncation (triton/runtime/interpreter.py, cast_impl); torch and
+        # CUDA's cvt.rn round to nearest even. One bf16 ulp apart at most, never more.
+        assert_close_report(tri, cpu, atol=0, rtol=2**-7, what="triton (interpreter) vs torch, bf16")
+    elif DEVICE == "cpu" or dtype != torch.float32:
+        # same z, same operation order, no FMA contraction: identical
+        assert torch.equal(tri, cpu)
+    else:  # a GPU may contract a·z + acc into an FMA: one fp32 rounding apart
+        assert_close_report(tri, cpu, atol=1e-7, rtol=2e-7, what="triton vs torch")
+
+
+def test_triton_z_equals_torch_z_bit_for_bit():
+    for kind in ZKind:
+        where = ZSlice(KEY, 4099, row_offset=5, col_offset=0)
+        a = materialize_z(2**40 + 5, where, (33, 4099), kind)
+        b = materialize_z(2**40 + 5, where, (33, 4099), kind, force_triton=True)
+        assert torch.equal(a, b), kind
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+def test_fused_update_equals_unfused_sequence(kind):
+    """θ ← (θ + ε·z_n)(1 - lr·wd) - lr·Σ g_k z_k / n in one pass, vs. restore, decay and each update separately."""
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.randn(64, 97, generator=gen) * 0.05
+    where = ZSlice(KEY, 97)
+    seeds, grads, eps, lr, wd = [1, 2, 3], [0.7, -1.3, 0.2], 1e-3, 1e-2, 0.1
+
+    fused = theta.clone()
+    zaxpy_([ZTarget(fused, where)], seeds, [0.0, 0.0, eps], [-lr * g / 3 for g in grads], decay=1 - lr * wd,
+           kind=kind)
+
+    unfused = theta.clone()
+    zaxpy_([ZTarget(unfused, where)], [seeds[-1]], [eps], kind=kind)
+    unfused.mul_(1 - lr * wd)
+    for s, g in zip(seeds, grads):
+        unfused.add_(materialize_z(s, where, unfused.shape, kind), alpha=-lr * g / 3)
+    # fp32 rounding happens at the operands' scale (|θ| ~ 0.2 here), not at the scale of a result near zero
+    scale = theta.abs().max().item()
+    assert_close_report(fused, unfused, atol=2 * torch.finfo(torch.float32).eps * scale, rtol=0,
+                        what="fused vs unfused")
+    assert (fused - theta).abs().max() > 1e-4  # and the update did move the weights
+
+    undecayed = theta.clone()  # the decay flag off (biases, norms): no decay at all
+    zaxpy_([ZTarget(undecayed, where, decay=False)], seeds, [0.0, 0.0, 0.0], [0.0] * 3, decay=0.5, kind=kind)
+    assert torch.equal(undecayed, theta)
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+def test_fp32_round_trip_restores(kind):
+    """+ε, -2ε, +ε on fp32 weights: every weight back to within 1e-6 relative (of its own magnitude or, for
+    weights near zero, of the tensor's scale)."""
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(300, 257, generator=gen) * 0.02
+    theta[0] = 1.0  # norm-like weights near 1
+    original = theta.clone()
+    target = [ZTarget(theta, ZSlice(KEY, 257))]
+    for coef in (1e-3, -2e-3, 1e-3):
+        zaxpy_(target, [77], [coef], kind=kind)
+    assert not torch.equal(theta, original) or kind is ZKind.RADEMACHER
+    err = (theta - original).abs() / torch.maximum(original.abs(), original.abs().mean().expand_as(original))
+    assert err.max().item() <= 1e-6, err.max().item()
+
+
+def test_pass_allocates_no_parameter_sized_temporary():
+    """Run one Gaussian and one Rademacher pass over a 256 MiB tensor in a fresh process and read the peak RSS:
+    the growth must stay far below the tensor's size (a copy of it would add 256 MiB)."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, zaxpy_
+        theta = torch.ones(1 << 26)
+        warm = torch.ones(1 << 17)
+        for kind in ZKind:
+            zaxpy_([ZTarget(warm, ZSlice(1, warm.numel()))], [1], [1e-3], kind=kind)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for kind in ZKind:
+            zaxpy_([ZTarget(theta, ZSlice(1, theta.numel()))], [1, 2], [1e-3, 0.0], [0.0, 1e-4], decay=0.99,
+                   kind=kind)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    growth_mib = int(out.stdout.strip())
+    assert growth_mib < 48, f"peak RSS grew by {growth_mib} MiB during passes over a 256 MiB tensor"
