@@ -1,0 +1,27 @@
+# One command per job; each sets up what it needs (a virtual environment in .venv, reused while pyproject.toml
+# is unchanged).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test bench-precision clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make test: the whole test suite (CPU; Triton kernels run under Triton's interpreter)
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+## make bench-precision: what ±εz round trips and small updates do to bf16/fp16 weights
+bench-precision: $(STAMP)
+	$(PY) benchmarks/bench_precision.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
