@@ -13,23 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .stream import ZKind, check_seed
+from .stream import ZKind, ZSlice, check_seed
 from .z_torch import zaxpy_torch_
-
-
-@dataclass(frozen=True)
-class ZSlice:
-    """Where a 2-D block of local storage sits inside its full (unsharded) tensor, which is what z is keyed by.
-
-    The full tensor is viewed as ``[numel // full_cols, full_cols]`` (a 1-D tensor as ``[1, n]``); local element
-    (r, c) is full element (row_offset + r, col_offset + c). A column-parallel TP shard has a ``row_offset``,
-    a row-parallel one a ``col_offset``, the whole tensor neither.
-    """
-
-    key: int
-    full_cols: int
-    row_offset: int = 0
-    col_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,22 +54,9 @@ def _zaxpy_op(
 ) -> None:
     z_kind = ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER
     for theta, key, fc, ro, co, decay in zip(thetas, keys, full_cols, row_offsets, col_offsets, decays, strict=True):
-        block = as_block(theta)
-        if theta.is_cuda or force_triton:
-            _zaxpy_triton_(block, key, fc, ro, co, seeds, restore, update, decay, z_kind)
-        else:
-            zaxpy_torch_(
-                block,
-                key=key,
-                full_cols=fc,
-                row_offset=ro,
-                col_offset=co,
-                seeds=seeds,
-                restore=restore,
-                update=update,
-                decay=decay,
-                kind=z_kind,
-            )
+        backend = _zaxpy_triton_ if theta.is_cuda or force_triton else zaxpy_torch_
+        backend(as_block(theta), ZSlice(key, fc, ro, co), seeds=seeds, restore=restore, update=update, decay=decay,
+                kind=z_kind)
 
 
 @_zaxpy_op.register_fake
@@ -149,10 +121,8 @@ def _triton_block_size() -> int:
 
 def _zaxpy_triton_(
     block: torch.Tensor,
-    key: int,
-    full_cols: int,
-    row_offset: int,
-    col_offset: int,
+    where: ZSlice,
+    *,
     seeds: Sequence[int],
     restore: Sequence[float],
     update: Sequence[float],
@@ -177,10 +147,10 @@ def _zaxpy_triton_(
         rows,
         cols,
         block.stride(0),
-        full_cols,
-        row_offset,
-        col_offset,
-        key,
+        where.full_cols,
+        where.row_offset,
+        where.col_offset,
+        where.key,
         seeds_t,
         restore_t,
         update_t,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from dataclasses import dataclass
 
 GENERATOR_VERSION = 1
 """Bump whenever anything in the definition above changes; trajectories record it and replay refuses others."""
@@ -86,3 +87,18 @@ def derive_seed(job_seed: int, step: int, probe: int) -> int:
     """
     payload = f"{check_seed(job_seed)}:{int(step)}:{int(probe)}".encode()
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") & MAX_SEED
+
+
+@dataclass(frozen=True)
+class ZSlice:
+    """Where a 2-D block of local storage sits inside its full (unsharded) tensor, which is what z is keyed by.
+
+    The full tensor is viewed as ``[numel // full_cols, full_cols]`` (a 1-D tensor as ``[1, n]``); local element
+    (r, c) is full element (row_offset + r, col_offset + c). A column-parallel TP shard has a ``row_offset``,
+    a row-parallel one a ``col_offset``, the whole tensor neither.
+    """
+
+    key: int
+    full_cols: int
+    row_offset: int = 0
+    col_offset: int = 0

@@ -26,6 +26,7 @@ from .stream import (
     TWO_PI,
     UNIFORM_SCALE,
     ZKind,
+    ZSlice,
 )
 
 CHUNK = 1 << 16
@@ -111,11 +112,8 @@ def z_runs(seed: int, key: int, starts: torch.Tensor, length: int, kind: ZKind) 
 
 def zaxpy_torch_(
     theta: torch.Tensor,
+    where: ZSlice,
     *,
-    key: int,
-    full_cols: int,
-    row_offset: int,
-    col_offset: int,
     seeds: Sequence[int],
     restore: Sequence[float],
     update: Sequence[float],
@@ -125,9 +123,10 @@ def zaxpy_torch_(
     """theta ← (theta + Σ_k restore[k]·z_k)·decay + Σ_k update[k]·z_k, in place, fp32 math, one tile at a time.
 
     ``theta`` is a 2-D block (unit stride along columns) whose element (r, c) is element
-    ``(row_offset + r) * full_cols + col_offset + c`` of the full tensor. Coefficients are rounded to fp32
-    first, as the Triton kernel sees them, and accumulated in the same order.
+    ``(row_offset + r) * full_cols + col_offset + c`` of the full tensor (see :class:`ZSlice`). Coefficients are
+    rounded to fp32 first, as the Triton kernel sees them, and accumulated in the same order.
     """
+    key, full_cols, row_offset, col_offset = where.key, where.full_cols, where.row_offset, where.col_offset
     rows, cols = theta.shape
     if rows == 0 or cols == 0:
         return
