@@ -56,3 +56,44 @@ def assert_close_report(actual: torch.Tensor, expected: torch.Tensor, *, atol: f
             f"{what}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol}, rtol={rtol}); first:\n"
             + "\n".join(rows)
         )
+
+
+TOKENIZER_CORPUS = [
+    "the movie was great and the acting was wonderful",
+    "the film was terrible and the plot was boring",
+    "a great story with great music and a happy end",
+    "a terrible script, boring scenes and a sad end",
+    "It was great. It was terrible. What is the answer?",
+    "user assistant system hello world yes no good bad fine",
+]
+
+
+def save_tiny_llama(path, seed: int = 0, vocab_size: int = 256, **overrides) -> str:
+    """Write a tiny random Llama and a BPE tokenizer trained on a few sentences to ``path``; return the path.
+
+    Everything is built here, offline, in about a second. The tokenizer has a chat template and an end token so
+    that SGLang's chat endpoint works with it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TOKENIZER_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    config = tiny_llama_config(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                               pad_token_id=fast.pad_token_id, max_position_embeddings=256, **overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
