@@ -1,0 +1,81 @@
+"""Start a real SGLang server (CPU unless CUDA is present) for a test, and stop it and all its processes after."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sglang_mezo.launch import server_command
+
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            status, raw = err.code, err.read().decode()
+        try:
+            return status, json.loads(raw)
+        except json.JSONDecodeError:
+            return status, raw
+
+
+@contextlib.contextmanager
+def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_dir: Path) -> Iterator[Server]:
+    port = free_port()
+    cmd, env = server_command(["--model-path", model_path, "--port", str(port), "--host", "127.0.0.1", *args],
+                              cuda=torch.cuda.is_available(), enable_mezo=enable_mezo)
+    log = log_dir / f"server-{port}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if server.request("GET", "/model_info", timeout=5)[0] == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,53 @@
+"""The plugin inside a real SGLang server on CPU: stock behaviour without --enable-mezo, flags validated at launch."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from servers import running_server
+from tiny_models import save_tiny_llama
+
+from sglang_mezo.launch import server_command
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def test_without_enable_mezo_the_server_is_stock(tiny_model_path, tmp_path):
+    with running_server(tiny_model_path, enable_mezo=False, log_dir=tmp_path) as server:
+        status, out = server.request("POST", "/generate", {
+            "input_ids": [[80, 82, 89, 76], [87, 75, 72]],
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": 1,
+        })
+        assert status == 200
+        assert [len(o["meta_info"]["input_token_logprobs"]) for o in out] == [3, 2]
+        for path in ("/mezo/jobs", "/mezo/step"):
+            assert server.request("GET", path)[0] == 404
+        assert "MeZO enabled" not in server.log.read_text()
+
+
+def test_enable_mezo_options_reach_the_server(tiny_model_path, tmp_path):
+    with running_server(tiny_model_path, "--mezo-last-layers", "1", "--mezo-z-kind", "gaussian",
+                        log_dir=tmp_path) as server:
+        log = server.log.read_text()
+        assert "MeZO enabled" in log and "last_layers=1" in log and "z_kind='gaussian'" in log
+        status, out = server.request("POST", "/generate", {"text": "the movie", "sampling_params": {"max_new_tokens": 2}})
+        assert status == 200 and len(out["output_ids"]) == 2
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--mezo-eps", "-1", "--mezo-eps must be"),
+    ("--mezo-lr", "nan", "--mezo-lr must be"),
+    ("--mezo-n-probes", "0", "must be >= 1"),
+])
+def test_bad_mezo_flags_stop_the_launch(tiny_model_path, flag, value, message):
+    cmd, env = server_command(["--model-path", tiny_model_path, flag, value], cuda=torch.cuda.is_available())
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0
+    assert message in out.stderr
