@@ -1,7 +1,7 @@
 """Launchers: apply Σ c·z(seed) to a list of tensors in place, on CUDA (Triton) or CPU (PyTorch).
 
 One call is one *pass* over the trainable weights. It is registered as a torch custom op that declares the
-tensors it mutates, so ``torch.compile`` and CUDA-graph capture are not surprised by an in-place write.
+tensors it mutates, so ``torch.compile`` is not surprised by an in-place write.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def as_block(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 0:
         return t.view(1, 1)
     if t.dim() == 1:
+        if t.numel() > 1 and t.stride(0) != 1:
+            raise ValueError("trainable tensors must be views with unit stride along the last dimension")
         return t.view(1, -1)
     block = t.reshape(-1, t.shape[-1])
     if block.data_ptr() != t.data_ptr() or (block.numel() and block.stride(-1) != 1):
@@ -53,10 +55,20 @@ def _zaxpy_op(
     force_triton: bool,
 ) -> None:
     z_kind = ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER
+    coefficients: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # per device, built once per pass
     for theta, key, fc, ro, co, decay in zip(thetas, keys, full_cols, row_offsets, col_offsets, decays, strict=True):
-        backend = _zaxpy_triton_ if theta.is_cuda or force_triton else zaxpy_torch_
-        backend(as_block(theta), ZSlice(key, fc, ro, co), seeds=seeds, restore=restore, update=update, decay=decay,
-                kind=z_kind)
+        where = ZSlice(key, fc, ro, co)
+        if theta.is_cuda or force_triton:
+            if theta.device not in coefficients:
+                coefficients[theta.device] = (
+                    torch.tensor(seeds, dtype=torch.int64, device=theta.device),
+                    torch.tensor(restore, dtype=torch.float32, device=theta.device),
+                    torch.tensor(update, dtype=torch.float32, device=theta.device),
+                )
+            _zaxpy_triton_(as_block(theta), where, *coefficients[theta.device], decay=decay, kind=z_kind)
+        else:
+            zaxpy_torch_(as_block(theta), where, seeds=seeds, restore=restore, update=update, decay=decay,
+                         kind=z_kind)
 
 
 @_zaxpy_op.register_fake
@@ -105,10 +117,16 @@ def zaxpy_(
 
 
 def materialize_z(
-    seed: int, where: ZSlice, shape: tuple[int, int], kind: ZKind = ZKind.GAUSSIAN, *, force_triton: bool = False
+    seed: int,
+    where: ZSlice,
+    shape: tuple[int, int],
+    kind: ZKind = ZKind.GAUSSIAN,
+    *,
+    device: str | torch.device = "cpu",
+    force_triton: bool = False,
 ) -> torch.Tensor:
     """z for a block, as a new fp32 tensor (for tests and diagnostics; the training path never materialises z)."""
-    out = torch.zeros(shape, dtype=torch.float32)
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
     zaxpy_([ZTarget(out, where, decay=False)], [seed], [1.0], kind=kind, force_triton=force_triton)
     return out
 
@@ -122,10 +140,10 @@ def _triton_block_size() -> int:
 def _zaxpy_triton_(
     block: torch.Tensor,
     where: ZSlice,
+    seeds_t: torch.Tensor,
+    restore_t: torch.Tensor,
+    update_t: torch.Tensor,
     *,
-    seeds: Sequence[int],
-    restore: Sequence[float],
-    update: Sequence[float],
     decay: float,
     kind: ZKind,
 ) -> None:
@@ -137,10 +155,6 @@ def _zaxpy_triton_(
     n = rows * cols
     if n == 0:
         return
-    device = block.device
-    seeds_t = torch.tensor(list(seeds), dtype=torch.int64, device=device)
-    restore_t = torch.tensor(list(restore), dtype=torch.float32, device=device)
-    update_t = torch.tensor(list(update), dtype=torch.float32, device=device)
     grid = (triton.cdiv(n, _triton_block_size()),)
     zaxpy_kernel[grid](
         block,
@@ -155,8 +169,10 @@ def _zaxpy_triton_(
         restore_t,
         update_t,
         decay,
-        N_SEEDS=len(seeds),
+        N_SEEDS=seeds_t.numel(),
         KIND=kind.code,
         BLOCK=_triton_block_size(),
         num_warps=4,
+        # no FMA contraction: the same roundings as the PyTorch path, so the two agree bit for bit
+        enable_fp_fusion=False,
     )

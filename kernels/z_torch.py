@@ -141,7 +141,10 @@ def zaxpy_torch_(
         row_offset, col_offset = 0, row_offset * cols
         rows, cols = theta.shape
     tile_cols = min(cols, CHUNK)
-    tile_rows = max(1, CHUNK // tile_cols)
+    # a run generates whole Philox groups plus one spare at most: bound the tile by what is generated
+    per_group = 1 << _GROUP_LOG2[kind]
+    generated_per_row = ((tile_cols + per_group - 1) // per_group + 1) * per_group
+    tile_rows = max(1, CHUNK // generated_per_row)
     for r0 in range(0, rows, tile_rows):
         r1 = min(rows, r0 + tile_rows)
         row_starts = (torch.arange(r0, r1, dtype=torch.int64) + row_offset) * full_cols + col_offset

@@ -100,7 +100,8 @@ def zaxpy_kernel(
     """
     pid = tl.program_id(0).to(tl.int64)
     local = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = local < n_rows * n_cols
+    n_cols = n_cols.to(tl.int64)  # scalars below 2^31 arrive as int32: rows * cols may not fit
+    mask = local < n_rows.to(tl.int64) * n_cols
     r = local // n_cols
     c = local - r * n_cols
     index = (row_offset + r) * full_cols + col_offset + c

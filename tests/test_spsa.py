@@ -175,3 +175,51 @@ def test_schedules():
     warm = [lr_at(s, lr=1.0, schedule=LRSchedule.COSINE, total_steps=14, warmup_steps=4) for s in range(14)]
     assert warm[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and warm[-1] == pytest.approx(0.0)
     assert lr_at(10, lr=1.0, schedule=LRSchedule.LINEAR, total_steps=11, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def _partial_pass_after(first_targets: int, on_call: int, action):
+    """A zaxpy_ stand-in for one pass that applies the real op to the first targets, then calls ``action``."""
+    from sglang_mezo.kernels import zaxpy_ as real
+
+    calls = 0
+
+    def wrapper(targets, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls != on_call:
+            return real(targets, *args, **kwargs)
+        real(targets[:first_targets], *args, **kwargs)
+        action()
+        return real(targets[first_targets:], *args, **kwargs)
+
+    return wrapper
+
+
+def test_ctrl_c_during_a_pass_is_held_until_the_pass_is_recorded(monkeypatch):
+    """SIGINT arriving between two tensors of the -2ε pass: the pass completes, then the probe is taken off."""
+    import os
+    import signal
+
+    import sglang_mezo.core.spsa as spsa
+
+    params, tensors = make_set(("a.weight", (16, 8)), ("b.weight", (16, 8)))
+    before = {n: t.clone() for n, t in tensors.items()}
+    monkeypatch.setattr(spsa, "zaxpy_", _partial_pass_after(1, 2, lambda: os.kill(os.getpid(), signal.SIGINT)))
+    with pytest.raises(KeyboardInterrupt):
+        spsa.mezo_step(params, lambda: float(sum(t.sum() for t in tensors.values())), [1], eps=1e-3, lr=1.0)
+    for name, t in tensors.items():
+        assert (t - before[name]).abs().max().item() <= 1e-6 * before[name].abs().max().item(), name
+
+
+def test_a_pass_failing_part_way_is_reported_not_papered_over(monkeypatch):
+    import sglang_mezo.core.spsa as spsa
+
+    params, tensors = make_set(("a.weight", (16, 8)), ("b.weight", (16, 8)))
+
+    def boom():
+        raise MemoryError("tile allocation failed")
+
+    monkeypatch.setattr(spsa, "zaxpy_", _partial_pass_after(1, 2, boom))
+    with pytest.raises(spsa.InconsistentWeightsError) as info:
+        spsa.mezo_step(params, lambda: 0.0, [1], eps=1e-3, lr=1.0)
+    assert isinstance(info.value.__cause__, MemoryError)

@@ -1,7 +1,7 @@
 """A MeZO run: config + trainable set + trajectory, stepping with seeds derived from the run's seed.
 
 This is the whole optimiser state. There is no other: no moments, no stored z, no RNG object. Step k's seeds are
-``derive_seed(config.seed, k, probe)``, so a run resumed at step k, or replayed elsewhere, needs only the config.
+``derive_seed(config.seed, k, probe)``: they depend on the config alone, never on earlier steps.
 """
 
 from __future__ import annotations

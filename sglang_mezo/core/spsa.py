@@ -7,13 +7,20 @@ and writes the weights 2n + 1 times and needs no memory beyond one kernel tile.
 
 The weights are always in one of two states: *committed* (after a completed step) or *perturbed by exactly the
 probe recorded in* :class:`_Probe`. Whatever goes wrong while perturbed (a scoring error, a non-finite loss,
-KeyboardInterrupt), the probe is taken off before the exception leaves this module.
+KeyboardInterrupt), the probe is taken off before the exception leaves this module. A pass over the weights is
+the unit of change: Ctrl-C is held until the pass in progress has finished and been recorded, and a pass that
+itself fails part-way raises :class:`InconsistentWeightsError` (its tensors are partly moved, which no undo can
+know) rather than "restoring" from a state the weights are not in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sglang_mezo.kernels import ZKind, check_seed, zaxpy_
@@ -26,6 +33,30 @@ LossFn = Callable[[], float]
 
 class NonFiniteLossError(RuntimeError):
     """A probe's loss was NaN or infinite; the weights were left at the last committed step."""
+
+
+class InconsistentWeightsError(RuntimeError):
+    """A pass over the weights failed part-way: some tensors moved and some did not. Recover by reloading the base
+    weights and replaying the trajectory's committed steps."""
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) until the block ends, then deliver it. Only the main thread receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[-1])  # the default handler raises KeyboardInterrupt here
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -59,22 +90,38 @@ class _Probe:
         self.kind = kind
         self.seed: int | None = None
         self.scale = 0.0
+        self.broken = False
+
+    @contextlib.contextmanager
+    def pass_over_weights(self) -> Iterator[None]:
+        """One pass: not interrupted by Ctrl-C half-way; if it raises, the weights are at no recorded state."""
+        with _sigint_deferred():
+            try:
+                yield
+            except BaseException as exc:
+                self.broken = True
+                raise InconsistentWeightsError(
+                    "a pass over the weights failed part-way; reload the base weights and replay the trajectory"
+                ) from exc
 
     def move(self, seed: int, scale: float) -> None:
         """Go from the current probe to (seed, scale) in one pass over the weights."""
         if self.seed is None:
-            zaxpy_(self.params.targets, [seed], [scale], kind=self.kind)
+            seeds, coefs = [seed], [scale]
         elif self.seed == seed:
-            zaxpy_(self.params.targets, [seed], [scale - self.scale], kind=self.kind)
+            seeds, coefs = [seed], [scale - self.scale]
         else:
-            zaxpy_(self.params.targets, [self.seed, seed], [-self.scale, scale], kind=self.kind)
-        self.seed, self.scale = seed, scale
+            seeds, coefs = [self.seed, seed], [-self.scale, scale]
+        with self.pass_over_weights():
+            zaxpy_(self.params.targets, seeds, coefs, kind=self.kind)
+            self.seed, self.scale = seed, scale
 
     def take_off(self) -> None:
         """Back to the committed weights (in fp32, to within a rounding of the round trip)."""
-        if self.seed is not None:
-            zaxpy_(self.params.targets, [self.seed], [-self.scale], kind=self.kind)
-            self.seed, self.scale = None, 0.0
+        if self.seed is not None and not self.broken:
+            with self.pass_over_weights():
+                zaxpy_(self.params.targets, [self.seed], [-self.scale], kind=self.kind)
+                self.seed, self.scale = None, 0.0
 
 
 def mezo_step(
@@ -121,8 +168,9 @@ def mezo_step(
             loss_minus.append(minus)
             grads.append((plus - minus) / (2 * eps))
         # -- commit: take the last probe off and apply the update, one pass ------------------------------------
-        commit_update(params, seeds, grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
-        probe.seed = None  # the commit pass took it off
+        with probe.pass_over_weights():
+            commit_update(params, seeds, grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
+            probe.seed = None  # the commit pass took it off
     finally:
         probe.take_off()
     return StepResult(
