@@ -10,6 +10,9 @@ Hook ledger (target in SGLang 0.5.23 — why — how):
 |---|---|---|
 | ``srt.server_args.ServerArgs.add_cli_args`` | add ``--enable-mezo`` and ``--mezo-*`` flags | AFTER: adds an argument group |
 | ``srt.server_args.ServerArgs.from_cli_args`` | ``ServerArgs`` is sealed: keep our values | AFTER: sets ``ServerArgs._mezo`` |
+| ``srt.managers.scheduler.Scheduler.init_request_dispatcher`` | run chunks of steps on the scheduler thread | AFTER: adds the ``MezoChunkReqInput`` handler (only with ``--enable-mezo``) |
+| ``srt.managers.tokenizer_control_mixin._COMMUNICATOR_SPECS`` | a fan-out communicator for our reply type | appends ``("mezo_chunk", MezoChunkReqOutput)`` before the tokenizer manager is built |
+| ``srt.entrypoints.http_server._setup_and_run_http_server`` | mount ``/mezo/*`` before uvicorn starts | BEFORE, main process only (only with ``--enable-mezo``) |
 
 Research notes on these and the next targets (routes, IPC, the scheduler-side step): ``docs/notes/``.
 """
@@ -17,11 +20,14 @@ Research notes on these and the next targets (routes, IPC, the scheduler-side st
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 logger = logging.getLogger(__name__)
 
 _ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 _FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+_SCHEDULER_DISPATCHER = "sglang.srt.managers.scheduler.Scheduler.init_request_dispatcher"
+_HTTP_SETUP = "sglang.srt.entrypoints.http_server._setup_and_run_http_server"
 
 _registered = False
 
@@ -35,7 +41,43 @@ def register() -> None:
 
     HookRegistry.register(_ADD_CLI_ARGS, _after_add_cli_args, HookType.AFTER)
     HookRegistry.register(_FROM_CLI_ARGS, _after_from_cli_args, HookType.AFTER)
+    HookRegistry.register(_SCHEDULER_DISPATCHER, _after_scheduler_dispatcher, HookType.AFTER)
+    if multiprocessing.parent_process() is None:  # the HTTP process: not worth importing FastAPI elsewhere
+        HookRegistry.register(_HTTP_SETUP, _before_http_setup, HookType.BEFORE)
+        _add_communicator_spec()
     _registered = True
+
+
+def _add_communicator_spec() -> None:
+    from sglang.srt.managers import tokenizer_control_mixin
+
+    from .http_side import COMMUNICATOR
+    from .messages import MezoChunkReqOutput
+
+    specs = tokenizer_control_mixin._COMMUNICATOR_SPECS
+    if not any(spec[0] == COMMUNICATOR for spec in specs):
+        specs.append((COMMUNICATOR, MezoChunkReqOutput))
+
+
+def _after_scheduler_dispatcher(result, scheduler) -> None:
+    from .options import options_of
+
+    if options_of(scheduler.server_args).enabled:
+        from .scheduler_side import install
+
+        install(scheduler)
+
+
+def _before_http_setup(server_args, tokenizer_manager, *args, **kwargs) -> None:
+    from .options import options_of
+
+    options = options_of(server_args)
+    if options.enabled:
+        from sglang.srt.entrypoints import http_server
+
+        from .http_side import mount_routes
+
+        mount_routes(http_server.app, server_args, tokenizer_manager, options)
 
 
 def _after_add_cli_args(result, parser) -> None:

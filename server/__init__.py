@@ -1,0 +1,1 @@
+"""``sglang_mezo.server``: the ``/mezo/*`` HTTP API (FastAPI router and its pydantic models)."""

@@ -1,0 +1,88 @@
+"""Request and response models of the ``/mezo/*`` API. Validation happens here, once: bad input is a 422 with a
+message naming the field, before anything reaches the scheduler."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sglang_mezo.core.objectives import Objective
+from sglang_mezo.core.schedules import LRSchedule
+from sglang_mezo.kernels import MAX_SEED, ZKind
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class CompletionExampleIn(_Strict):
+    prompt: str = Field(min_length=1)
+    completion: str = Field(min_length=1)
+
+
+class ChoiceExampleIn(_Strict):
+    prompt: str = Field(min_length=1)
+    options: list[str] = Field(min_length=2)
+    label: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _label_is_an_option(self) -> ChoiceExampleIn:
+        if self.label >= len(self.options):
+            raise ValueError(f"label {self.label} is not an index of options (0..{len(self.options) - 1})")
+        if any(not o for o in self.options):
+            raise ValueError("options must be non-empty strings")
+        return self
+
+
+class StepRequest(_Strict):
+    """A training job. Hyper-parameters left out take the server's ``--mezo-*`` defaults."""
+
+    examples: list[CompletionExampleIn | ChoiceExampleIn] = Field(min_length=1)
+    objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
+                                                          "classification for prompt/options/label examples")
+    steps: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float | None = Field(None, ge=0)
+    eps: float | None = Field(None, gt=0)
+    n_probes: int | None = Field(None, ge=1, le=64)
+    z_kind: ZKind | None = None
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: LRSchedule = LRSchedule.CONSTANT
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    wait: bool = Field(False, description="with steps = 1: answer with the step's result instead of a job id")
+
+    @model_validator(mode="after")
+    def _one_kind_of_example(self) -> StepRequest:
+        kinds = {type(e) for e in self.examples}
+        if len(kinds) > 1:
+            raise ValueError("examples must all be prompt/completion or all prompt/options/label")
+        if self.wait and self.steps != 1:
+            raise ValueError("wait is only for steps = 1; poll GET /mezo/jobs/{id} for longer jobs")
+        return self
+
+
+class StepOut(BaseModel):
+    step: int
+    loss_plus: list[float]
+    loss_minus: list[float]
+    projected_grads: list[float]
+    lr: float
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    step: int
+    total_steps: int
+    last: StepOut | None = None
+    zero_grad_steps: int
+    elapsed_s: float
+    eta_s: float | None = None
+    error: str | None = None
+    weights_inconsistent: bool = False
+
+
+class JobListOut(BaseModel):
+    jobs: list[JobOut]

@@ -1,0 +1,109 @@
+"""The ``/mezo/*`` routes. Built by the plugin with the job runner and the tokenizer it provides."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.objectives import Objective
+from sglang_mezo.jobs.runner import Job, JobRunner, JobSpec, JobStatus
+
+from .api import ChoiceExampleIn, JobListOut, JobOut, StepOut, StepRequest
+
+
+def job_out(job: Job) -> JobOut:
+    last = job.history[-1] if job.history else None
+    return JobOut(
+        job_id=job.id,
+        status=job.status.value,
+        step=job.steps_done,
+        total_steps=job.spec.steps,
+        last=StepOut(**{k: last[k] for k in StepOut.model_fields}) if last else None,
+        zero_grad_steps=sum(1 for r in job.history if all(g == 0.0 for g in r["projected_grads"])),
+        elapsed_s=job.elapsed_s(),
+        eta_s=job.eta_s(),
+        error=job.error,
+        weights_inconsistent=job.inconsistent_weights,
+    )
+
+
+def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_steps: int, context_len: int,
+                 base_model: str) -> APIRouter:
+    router = APIRouter(prefix="/mezo", tags=["mezo"])
+
+    def tokenize(request: StepRequest) -> list[dict]:
+        def ids(text: str, special: bool) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+        out = []
+        for i, example in enumerate(request.examples):
+            prompt = ids(example.prompt, True)
+            if isinstance(example, ChoiceExampleIn):
+                wire = {"prompt": prompt, "options": [ids(o, False) for o in example.options], "label": example.label}
+                longest = max(len(o) for o in wire["options"])
+            else:
+                wire = {"prompt": prompt, "completion": ids(example.completion, False)}
+                longest = len(wire["completion"])
+            if len(prompt) + longest > context_len:
+                raise HTTPException(400, f"example {i} has {len(prompt) + longest} tokens; the model's context "
+                                         f"length is {context_len}")
+            out.append(wire)
+        return out
+
+    @router.post("/step")
+    async def step(request: StepRequest) -> JobOut | StepOut:
+        if request.steps > max_steps:
+            raise HTTPException(400, f"steps={request.steps} is more than this server allows per job "
+                                     f"(--mezo-max-steps-per-job {max_steps})")
+        choice = isinstance(request.examples[0], ChoiceExampleIn)
+        objective = request.objective or (Objective.CLASSIFICATION if choice else Objective.CROSS_ENTROPY)
+        if choice == (objective is Objective.CROSS_ENTROPY):
+            raise HTTPException(400, f"objective {objective.value} does not fit "
+                                     f"{'prompt/options/label' if choice else 'prompt/completion'} examples")
+        config = MezoConfig(
+            lr=defaults.lr if request.lr is None else request.lr,
+            eps=defaults.eps if request.eps is None else request.eps,
+            n_probes=defaults.n_probes if request.n_probes is None else request.n_probes,
+            z_kind=defaults.z_kind if request.z_kind is None else request.z_kind,
+            weight_decay=request.weight_decay,
+            schedule=request.schedule,
+            warmup_steps=request.warmup_steps,
+            total_steps=request.steps,
+            seed=request.seed,
+            selection=defaults.selection,
+        )
+        job = runner.submit(JobSpec(examples=tokenize(request), objective=objective, config=config,
+                                    batch_size=request.batch_size, base_model=base_model))
+        if not request.wait:
+            return job_out(job)
+        await job.done.wait()
+        if job.status is not JobStatus.SUCCEEDED:
+            raise HTTPException(409 if job.status is JobStatus.CANCELLED else 422, job.error or job.status.value)
+        return StepOut(**{k: job.history[0][k] for k in StepOut.model_fields})
+
+    @router.get("/jobs")
+    async def list_jobs() -> JobListOut:
+        return JobListOut(jobs=[job_out(j) for j in runner.jobs.values()])
+
+    def find(job_id: str) -> Job:
+        if job_id not in runner.jobs:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return runner.jobs[job_id]
+
+    @router.get("/jobs/{job_id}")
+    async def get_job(job_id: str) -> JobOut:
+        return job_out(find(job_id))
+
+    @router.post("/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str) -> JobOut:
+        find(job_id)
+        return job_out(runner.cancel(job_id))
+
+    @router.get("/jobs/{job_id}/trajectory")
+    async def trajectory(job_id: str) -> dict:
+        job = find(job_id)
+        if job.trajectory is None:
+            raise HTTPException(409, f"job {job_id} has no committed step yet")
+        return job.trajectory.to_dict()
+
+    return router

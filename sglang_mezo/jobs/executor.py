@@ -1,0 +1,31 @@
+"""The interface between jobs and whatever runs steps on the served weights (the plugin implements it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class StepChunk:
+    job_id: str
+    config: dict
+    objective: str
+    steps: list[int]
+    batches: list[list[dict]]
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    success: bool
+    message: str = ""
+    results: list[dict] = field(default_factory=list)
+    inconsistent: bool = False
+    trainable_fingerprint: str = ""
+    trainable_names: list[str] = field(default_factory=list)
+
+
+class ChunkExecutor(Protocol):
+    async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
+        """Run the chunk's steps atomically with respect to serving; report every committed step."""
+        ...

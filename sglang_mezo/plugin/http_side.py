@@ -1,0 +1,57 @@
+"""The HTTP-process side of the plugin: the chunk executor over SGLang's IPC, and mounting the /mezo routes."""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.jobs.executor import ChunkOutcome, StepChunk
+from sglang_mezo.jobs.runner import JobRunner
+
+from .messages import MezoChunkReqInput
+from .options import MezoServerOptions
+
+logger = logging.getLogger(__name__)
+
+COMMUNICATOR = "mezo_chunk"
+"""``_COMMUNICATOR_SPECS`` entry: the tokenizer manager gets ``mezo_chunk_communicator``."""
+
+
+class TokenizerManagerExecutor:
+    """Sends a chunk to the scheduler(s) through the tokenizer manager and waits for the reply."""
+
+    def __init__(self, tokenizer_manager) -> None:
+        self.tm = tokenizer_manager
+
+    async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
+        self.tm.auto_create_handle_loop()
+        communicator = getattr(self.tm, f"{COMMUNICATOR}_communicator")
+        replies = await communicator(MezoChunkReqInput(job_id=chunk.job_id, config=chunk.config,
+                                                       objective=chunk.objective, steps=chunk.steps,
+                                                       batches=chunk.batches))
+        if len(replies) != 1:
+            # each data-parallel replica would draw its own losses; keeping replicas identical is not built yet
+            raise RuntimeError(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
+        r = replies[0]
+        return ChunkOutcome(success=r.success, message=r.message, results=list(r.results),
+                            inconsistent=r.inconsistent, trainable_fingerprint=r.trainable_fingerprint,
+                            trainable_names=list(r.trainable_names))
+
+
+def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
+    """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts)."""
+    from sglang_mezo.server.routes import build_router
+
+    defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
+                          z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
+    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager))
+    app.include_router(build_router(
+        runner,
+        tokenizer=tokenizer_manager.tokenizer,
+        defaults=defaults,
+        max_steps=options.max_steps_per_job,
+        context_len=int(tokenizer_manager.context_len),
+        base_model=str(server_args.model_path),
+    ))
+    app.state.mezo_runner = runner
+    logger.info("MeZO routes mounted under /mezo")

@@ -1,0 +1,34 @@
+"""IPC messages between the HTTP process (job runner) and the scheduler(s).
+
+One message carries a *chunk* of steps of one job, already tokenized: the scheduler runs them back to back, with
+no user batch in between, and answers with the result of every committed step. SGLang pickles control messages
+(and the TP broadcast always does), so these classes must be importable from every process: they are.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from sglang.srt.managers.io_struct import BaseReq
+
+
+class MezoChunkReqInput(BaseReq, kw_only=True):
+    job_id: str
+    config: dict
+    """``MezoConfig.to_dict()``: the hyper-parameters; step k's seeds derive from ``config["seed"]``."""
+    objective: str
+    steps: list[int]
+    """0-based step indices of this chunk (the schedule and the seeds depend on them)."""
+    batches: list[list[dict]]
+    """Per step, its examples: ``{"prompt": ids, "completion": ids}`` or ``{"prompt": ids, "options": [ids...],
+    "label": i}``."""
+
+
+class MezoChunkReqOutput(BaseReq, kw_only=True):
+    success: bool
+    message: str = ""
+    results: list[dict] = msgspec.field(default_factory=list)
+    """One entry per committed step, in order (also when a later step of the chunk failed)."""
+    inconsistent: bool = False
+    """A weight pass failed part-way: the served weights are at no committed step."""
+    trainable_fingerprint: str = ""
+    trainable_names: list[str] = msgspec.field(default_factory=list)

@@ -1,0 +1,87 @@
+"""SGLang's served weights as pieces of Hugging Face checkpoint tensors.
+
+z must be keyed by the checkpoint, not by SGLang's layout: a served element is perturbed with the z of the same
+element in the HF checkpoint (its tensor name and index there), so a trajectory trained at any TP degree replays
+onto the plain checkpoint. This module undoes SGLang's layout for Llama/Qwen2-style models (SGLang 0.5.23):
+
+* ``qkv_proj`` (QKVParallelLinear) holds, on each TP rank, rows [q | k | v] of ``q_proj``/``k_proj``/``v_proj``;
+  when there are fewer KV heads than ranks, each KV head is replicated on several ranks (same z on each copy).
+* ``gate_up_proj`` (MergedColumnParallelLinear) holds rows [gate | up].
+* ``o_proj``/``down_proj`` (RowParallelLinear) are split along the input dimension (a column offset).
+* ``embed_tokens``/``lm_head`` (VocabParallelEmbedding) hold a row range of the vocabulary, padded: padding rows
+  are not part of any checkpoint tensor and are never perturbed. A tied ``lm_head`` is the embedding itself.
+* Everything else (norms, row-parallel biases) is replicated whole on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_mezo.core.params import TrainablePiece
+
+_ROW_PARALLEL = ("o_proj", "down_proj")
+_VOCAB = ("embed_tokens", "lm_head")
+
+
+def _piece(name: str, data: torch.Tensor, full_shape: tuple[int, ...], offset: int) -> TrainablePiece:
+    """A piece whose local block starts ``offset`` rows into its full tensor (elements, for 1-D tensors)."""
+    if len(full_shape) == 1:
+        return TrainablePiece(name, data, full_shape, col_offset=offset)
+    return TrainablePiece(name, data, full_shape, row_offset=offset)
+
+
+def _qkv_pieces(prefix: str, kind: str, param: torch.Tensor, layer, tp_rank: int) -> list[TrainablePiece]:
+    head = layer.head_size
+    q_rows = layer.num_heads * head
+    kv_rows = layer.num_kv_heads * head
+    v_rows = layer.num_kv_heads * getattr(layer, "v_head_size", head)
+    tail = tuple(param.shape[1:])
+    kv_rank = tp_rank // layer.num_kv_head_replicas
+    spans = [
+        ("q_proj", 0, q_rows, layer.total_num_heads * head, tp_rank * q_rows),
+        ("k_proj", q_rows, kv_rows, layer.total_num_kv_heads * head, kv_rank * kv_rows),
+        ("v_proj", q_rows + kv_rows, v_rows, layer.total_num_kv_heads * getattr(layer, "v_head_size", head),
+         kv_rank * v_rows),
+    ]
+    return [
+        _piece(f"{prefix}.{hf}.{kind}", param[start : start + rows], (full_rows, *tail), offset)
+        for hf, start, rows, full_rows, offset in spans
+    ]
+
+
+def _gate_up_pieces(prefix: str, kind: str, param: torch.Tensor, tp_rank: int, tp_size: int) -> list[TrainablePiece]:
+    rows = param.shape[0] // 2
+    tail = tuple(param.shape[1:])
+    return [
+        _piece(f"{prefix}.{hf}.{kind}", param[i * rows : (i + 1) * rows], (rows * tp_size, *tail), tp_rank * rows)
+        for i, hf in enumerate(("gate_proj", "up_proj"))
+    ]
+
+
+def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1) -> list[TrainablePiece]:
+    """Every served parameter of ``model`` (an SGLang Llama/Qwen2-style model on TP rank ``tp_rank``) as pieces of
+    HF checkpoint tensors. Raises ValueError for a parameter whose layout it does not know, rather than guessing."""
+    pieces: list[TrainablePiece] = []
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        data = param.detach()
+        module_name, kind = name.rsplit(".", 1)
+        prefix, _, leaf = module_name.rpartition(".")
+        module = modules[module_name]
+        if leaf == "qkv_proj":
+            pieces += _qkv_pieces(prefix, kind, data, module, tp_rank)
+        elif leaf == "gate_up_proj":
+            pieces += _gate_up_pieces(prefix, kind, data, tp_rank, tp_size)
+        elif leaf in _ROW_PARALLEL and kind == "weight":
+            cols = data.shape[1]
+            pieces.append(TrainablePiece(name, data, (data.shape[0], cols * tp_size), col_offset=tp_rank * cols))
+        elif leaf in _VOCAB:
+            indices = module.shard_indices
+            start, end = indices.org_vocab_start_index, indices.org_vocab_end_index
+            pieces.append(TrainablePiece(name, data[: end - start], (module.org_vocab_size, *data.shape[1:]),
+                                         row_offset=start))
+        elif data.dim() <= 1 or leaf.endswith("norm") or leaf in _ROW_PARALLEL:
+            pieces.append(TrainablePiece(name, data, tuple(data.shape)))
+        else:
+            raise ValueError(f"sglang-mezo does not know how SGLang lays out parameter {name!r} ({type(module).__name__})")
+    return pieces
