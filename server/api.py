@@ -69,6 +69,8 @@ class StepOut(BaseModel):
     loss_minus: list[float]
     projected_grads: list[float]
     lr: float
+    step_ms: float
+    """Wall time of the step inside the scheduler, during which user batches wait."""
 
 
 class JobOut(BaseModel):
@@ -78,6 +80,8 @@ class JobOut(BaseModel):
     total_steps: int
     last: StepOut | None = None
     zero_grad_steps: int
+    longest_step_ms: float
+    """The longest a user request waited for one step of this job."""
     elapsed_s: float
     eta_s: float | None = None
     error: str | None = None

@@ -20,6 +20,7 @@ def job_out(job: Job) -> JobOut:
         total_steps=job.spec.steps,
         last=StepOut(**{k: last[k] for k in StepOut.model_fields}) if last else None,
         zero_grad_steps=sum(1 for r in job.history if all(g == 0.0 for g in r["projected_grads"])),
+        longest_step_ms=max((r["step_ms"] for r in job.history), default=0.0),
         elapsed_s=job.elapsed_s(),
         eta_s=job.eta_s(),
         error=job.error,

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def model_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    with running_server(model_path, "--mezo-z-kind", "gaussian", log_dir=tmp_path_factory.mktemp("logs")) as srv:
+    # one step per chunk: a user request then waits at most one step (asserted below)
+    with running_server(model_path, "--mezo-z-kind", "gaussian", "--mezo-chunk-ms", "0",
+                        log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 
 
@@ -66,11 +69,27 @@ def run_job(server, body: dict, timeout_s: float = 300) -> dict:
     return job
 
 
-def replayed_engine(model_path: str, trajectory: dict, upto: int | None = None) -> HFEngine:
-    engine = HFEngine(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+def replay_onto(engine: HFEngine, trajectory: dict, upto: int | None = None) -> HFEngine:
     traj = Trajectory.from_dict(trajectory)
     selection = MezoConfig.from_dict(traj.config).selection
     traj.replay(TrainableSet.from_pieces(engine.trainable_pieces(), selection, engine.num_layers), upto=upto)
+    return engine
+
+
+def base_engine(model_path: str) -> HFEngine:
+    return HFEngine(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+
+
+def engine_after_jobs(server, model_path: str, *, last_job_upto: int | None = None) -> HFEngine:
+    """The base checkpoint with every job this server has run replayed in order (the last one up to a step):
+    what the served weights must be."""
+    jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
+    engine = base_engine(model_path)
+    for n, job in enumerate(jobs):
+        if job["step"] == 0:
+            continue
+        trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
+        replay_onto(engine, trajectory, upto=last_job_upto if n == len(jobs) - 1 else None)
     return engine
 
 
@@ -121,8 +140,8 @@ def test_training_lowers_the_loss_and_replays_onto_the_checkpoint(server, model_
 
     status, trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")
     assert status == 200 and len(trajectory["steps"]["step"]) == 100
-    # the job's trajectory replayed onto the base checkpoint by the reference engine, saved, and served fresh
-    engine = replayed_engine(model_path, trajectory)
+    # the trajectories replayed onto the base checkpoint by the reference engine, saved, and served fresh
+    engine = engine_after_jobs(server, model_path)
     replayed = tmp_path / "replayed"
     engine.model.save_pretrained(replayed)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -157,6 +176,11 @@ def test_concurrent_clients_only_see_committed_weights(server, model_path):
                 errors.append(exc)
                 return
 
+    baseline = []
+    for _ in range(5):
+        started = time.monotonic()
+        served_logprobs(server)
+        baseline.append(time.monotonic() - started)
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
@@ -170,21 +194,77 @@ def test_concurrent_clients_only_see_committed_weights(server, model_path):
     assert not errors, errors
     assert job["status"] == "succeeded", job
     assert len(answers) >= 8
-    trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
-    # weights before this job (earlier tests trained them): the trajectories of all jobs so far, in order
-    jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
-    history = [server.request("GET", f"/mezo/jobs/{j['job_id']}/trajectory")[1] for j in jobs
-               if j["status"] == "succeeded" and j["job_id"] != job["job_id"] and j["step"] > 0]
-    committed = []
-    for k in range(len(trajectory["steps"]["step"]) + 1):
-        engine = HFEngine(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
-        for earlier in history:
-            traj = Trajectory.from_dict(earlier)
-            traj.replay(TrainableSet.from_pieces(engine.trainable_pieces(), MezoConfig.from_dict(traj.config).selection,
-                                                 engine.num_layers))
-        traj = Trajectory.from_dict(trajectory)
-        traj.replay(TrainableSet.from_pieces(engine.trainable_pieces()), upto=k)
-        committed.append(hf_logprobs(engine))
+    committed = [hf_logprobs(engine_after_jobs(server, model_path, last_job_upto=k)) for k in range(job["step"] + 1)]
     assert min(max_diff(committed[0], c) for c in committed[1:]) > 1e-3  # the steps are distinguishable
     for latency, lps in answers:
         assert min(max_diff(lps, c) for c in committed) <= 1e-4, "an answer matches no committed step"
+    # no request waits longer than one step plus its own work (4 clients share 2 cores: own work x4, + 0.25 s)
+    history = server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]
+    longest_step_s = history["longest_step_ms"] / 1e3
+    own_work = 4 * sorted(baseline)[len(baseline) // 2]
+    worst = max(latency for latency, _ in answers)
+    assert worst <= longest_step_s + own_work + 0.25, (worst, longest_step_s, own_work)
+
+
+def test_bad_input_is_refused_and_leaves_the_weights_alone(server, model_path):
+    """Malformed JSON, empty example lists, NaN/inf/zero hyper-parameters, unknown fields, labels out of range,
+    too many steps, prompts longer than the context: each a 400 with a message, and the weights untouched."""
+    before = served_logprobs(server)
+    cases = [
+        (b"{not json", 400),
+        (json.dumps({"examples": []}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "lr": float("nan")}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "eps": float("inf")}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "eps": 0}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "steps": 0}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "bogus": 1}).encode(), 400),
+        (json.dumps({"examples": [{"prompt": "a", "options": ["x", "y"], "label": 2}]}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "steps": 5, "wait": True}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "steps": 10**6}).encode(), 400),
+        (json.dumps({"examples": [{"prompt": "the movie " * 200, "completion": " great"}]}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "objective": "classification"}).encode(), 400),
+    ]
+    for body, expected in cases:
+        req = urllib.request.Request(server.url + "/mezo/step", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                status, text = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            status, text = err.code, err.read().decode()
+        assert status == expected, (body[:80], status, text)
+        # SGLang's app answers validation errors with 400 and an OpenAI-style {"message": ...}; ours use "detail"
+        error = json.loads(text)
+        assert error.get("message") or error.get("detail"), text
+    assert server.request("GET", "/mezo/jobs/nope")[0] == 404
+    assert server.request("POST", "/mezo/jobs/nope/cancel")[0] == 404
+    assert served_logprobs(server) == before
+
+
+def test_cancel_and_disconnect_leave_the_weights_at_a_committed_step(server, model_path):
+    status, job = server.request("POST", "/mezo/step", {"examples": TRAIN, "steps": 500, "lr": 1e-2,
+                                                         "batch_size": 2, "seed": 21})
+    assert status == 200
+    while server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]["step"] < 3:
+        time.sleep(0.05)
+    status, cancelled = server.request("POST", f"/mezo/jobs/{job['job_id']}/cancel")
+    assert status == 200
+    while cancelled["status"] == "running":
+        time.sleep(0.05)
+        cancelled = server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]
+    assert cancelled["status"] == "cancelled" and 3 <= cancelled["step"] < 500, cancelled
+    assert max_diff(served_logprobs(server), hf_logprobs(engine_after_jobs(server, model_path))) <= 1e-4
+
+    # a client that gives up while its step runs: the job still completes, and the weights are at its end
+    body = json.dumps({"examples": TRAIN, "steps": 1, "wait": True, "lr": 1e-2, "seed": 22}).encode()
+    req = urllib.request.Request(server.url + "/mezo/step", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(OSError):
+        urllib.request.urlopen(req, timeout=0.001)
+    deadline = time.monotonic() + 60
+    while True:
+        jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
+        if jobs[-1]["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert jobs[-1]["status"] == "succeeded" and jobs[-1]["step"] == 1, jobs[-1]
+    assert max_diff(served_logprobs(server), hf_logprobs(engine_after_jobs(server, model_path))) <= 1e-4

@@ -1,7 +1,7 @@
 """Jobs and the runner that trains them one at a time, in chunks of steps, between user requests.
 
 One job trains at a time; later submissions wait in a FIFO queue (status ``queued``). A job's steps are sent to
-the scheduler in chunks sized so that a chunk takes about ``chunk_target_s``: user requests queued meanwhile are
+the scheduler in chunks sized so that a chunk takes about ``chunk_target_s`` (``--mezo-chunk-ms``): user requests queued meanwhile are
 served between chunks, so a long job never starves them. Cancellation takes effect at the next chunk boundary.
 """
 
@@ -111,7 +111,7 @@ class Job:
 
 
 class JobRunner:
-    def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.5, max_chunk_steps: int = 64) -> None:
+    def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64) -> None:
         self.executor = executor
         self.chunk_target_s = chunk_target_s
         self.max_chunk_steps = max_chunk_steps

@@ -44,7 +44,7 @@ def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions
 
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
-    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager))
+    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3)
     app.include_router(build_router(
         runner,
         tokenizer=tokenizer_manager.tokenizer,

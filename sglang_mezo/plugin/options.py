@@ -25,6 +25,8 @@ class MezoServerOptions:
     z_kind: str = "auto"
     """``auto``: Rademacher on a CPU (a Gaussian pass over SmolLM2 costs seconds there), Gaussian on a GPU."""
     max_steps_per_job: int = 10_000
+    chunk_ms: float = 200.0
+    """Steps are sent to the scheduler in chunks of about this duration; user requests wait at most one chunk."""
     selection: ParamSelection = field(default_factory=ParamSelection)
 
     def __post_init__(self) -> None:
@@ -34,6 +36,8 @@ class MezoServerOptions:
                 raise ValueError(f"--mezo-{name} must be a finite number >= 0, got {value}")
         if self.eps == 0:
             raise ValueError("--mezo-eps must be > 0")
+        if not (math.isfinite(self.chunk_ms) and self.chunk_ms >= 0):
+            raise ValueError(f"--mezo-chunk-ms must be a finite number >= 0, got {self.chunk_ms}")
         if self.n_probes < 1 or self.max_steps_per_job < 1:
             raise ValueError("--mezo-n-probes and --mezo-max-steps-per-job must be >= 1")
         if self.z_kind != "auto":
@@ -58,6 +62,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
     group.add_argument("--mezo-max-steps-per-job", type=int, default=MezoServerOptions.max_steps_per_job,
                        help="Upper bound on the steps one job may ask for.")
+    group.add_argument("--mezo-chunk-ms", type=float, default=MezoServerOptions.chunk_ms,
+                       help="Target duration of a chunk of steps; user requests wait at most one chunk "
+                            "(0: one step per chunk).")
     group.add_argument("--mezo-train", action="append", default=[], metavar="REGEX",
                        help="Train only checkpoint tensors whose name matches (repeatable; default: all).")
     group.add_argument("--mezo-freeze", action="append", default=[], metavar="REGEX",
@@ -74,6 +81,7 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         n_probes=ns.mezo_n_probes,
         z_kind=ns.mezo_z_kind,
         max_steps_per_job=ns.mezo_max_steps_per_job,
+        chunk_ms=ns.mezo_chunk_ms,
         selection=ParamSelection(include=tuple(ns.mezo_train), exclude=tuple(ns.mezo_freeze),
                                  last_layers=ns.mezo_last_layers),
     )

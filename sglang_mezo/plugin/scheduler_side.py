@@ -70,6 +70,7 @@ class MezoSchedulerHandler:
         try:
             self._pause()
             for step, batch in zip(req.steps, batches, strict=True):
+                step_started = time.perf_counter()
                 loss = batch_loss_fn(self.engine, objective, batch)
                 result = mezo_step(
                     params,
@@ -89,6 +90,7 @@ class MezoSchedulerHandler:
                     "lr": result.lr,
                     "weight_decay": result.weight_decay,
                     "eps": result.eps,
+                    "step_ms": 1e3 * (time.perf_counter() - step_started),
                 })
             return MezoChunkReqOutput(success=True, results=results, **self._trainable_header(params))
         except InconsistentWeightsError as exc:
