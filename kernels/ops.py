@@ -28,6 +28,8 @@ class ZTarget:
 
 def as_block(t: torch.Tensor) -> torch.Tensor:
     """View a tensor as the 2-D block the kernels expect ([1, n] for 1-D, leading dims flattened otherwise)."""
+    if t.numel() == 0:  # e.g. a TP shard made only of padding: nothing to move
+        return t.new_empty((0, 1))
     if t.dim() == 0:
         return t.view(1, 1)
     if t.dim() == 1:

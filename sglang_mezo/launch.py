@@ -28,6 +28,16 @@ def _has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _flag_value(args: Sequence[str], *flags: str) -> str | None:
+    for i, a in enumerate(args):
+        for flag in flags:
+            if a == flag and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
 def server_command(args: Sequence[str], *, cuda: bool, enable_mezo: bool = True,
                    environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The ``python -m sglang.launch_server`` command line and environment for ``args``.
@@ -47,5 +57,12 @@ def server_command(args: Sequence[str], *, cuda: bool, enable_mezo: bool = True,
                 args += [flag] if value is None else [flag, value]
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (stub_path(), env.get("PYTHONPATH", "")) if p)
+        tp = int(_flag_value(args, "--tp", "--tp-size", "--tensor-parallel-size") or 1)
+        if tp > 1:
+            # tensor parallel on a CPU: one core set per rank (else SGLang asserts about NUMA nodes), and no NCCL
+            # (the CUDA wheels ship one whose communicator fails on a CPU device; all-reduce then uses gloo)
+            cores = os.cpu_count() or 1
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(str(rank % cores) for rank in range(tp)))
+            env.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so")
         env.pop("TRITON_INTERPRET", None)  # a test-only switch; the server's own Triton code must not see it
     return [sys.executable, "-m", "sglang.launch_server", *args], env

@@ -11,3 +11,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(tmp_path_factory) -> str:
+    """The embedded default model, converted once per test session into a temporary cache."""
+    from sglang_mezo.default_model import default_model_path
+
+    return str(default_model_path(tmp_path_factory.mktemp("smollm2-cache")))

@@ -9,12 +9,13 @@ from sglang_mezo.default_model import default_model_path
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_and_answers(tmp_path_factory):
+def test_smollm2_converts_once_and_answers(smollm2_path):
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = tmp_path_factory.mktemp("cache")
-    path = default_model_path(cache)
-    assert default_model_path(cache) == path  # second call reuses the folder
+    path = Path(smollm2_path)
+    assert default_model_path(path.parent) == path  # a second call reuses the converted folder
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

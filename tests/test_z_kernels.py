@@ -160,3 +160,10 @@ def test_pass_allocates_no_parameter_sized_temporary():
     assert out.returncode == 0, out.stderr
     growth_mib = int(out.stdout.strip())
     assert growth_mib < 48, f"peak RSS grew by {growth_mib} MiB during passes over a 256 MiB tensor"
+
+
+def test_empty_blocks_are_a_no_op():
+    """A TP shard can hold no element of a checkpoint tensor (all padding): it takes part in no pass."""
+    wide = torch.zeros(4, 3)
+    zaxpy_([ZTarget(wide[:, :0], ZSlice(KEY, 3)), ZTarget(wide, ZSlice(KEY, 3))], [1], [1.0])
+    assert torch.equal(wide, materialize_z(1, ZSlice(KEY, 3), (4, 3)))

@@ -86,6 +86,19 @@ def _after_add_cli_args(result, parser) -> None:
     add_cli_args(parser)
 
 
+HOOK_TARGETS = (_ADD_CLI_ARGS, _FROM_CLI_ARGS, _SCHEDULER_DISPATCHER, _HTTP_SETUP)
+
+
+def _missing_hooks() -> list[str]:
+    """Targets SGLang's registry did not patch (it logs and carries on when a hook fails to apply)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    patched = getattr(HookRegistry, "_patched", None)
+    if patched is None:  # a registry without the bookkeeping we read: nothing to check against
+        return []
+    return [t for t in HOOK_TARGETS if t not in patched]
+
+
 def _after_from_cli_args(server_args, cls, namespace) -> None:
     from .options import ATTRIBUTE, from_namespace
 
@@ -95,4 +108,11 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
         raise SystemExit(f"sglang-mezo: {exc}") from exc
     setattr(server_args, ATTRIBUTE, options)
     if options.enabled:
+        # Fail loudly: SGLang starts anyway when a plugin hook did not apply; --enable-mezo must not.
+        missing = _missing_hooks()
+        if missing:
+            raise SystemExit(f"sglang-mezo: --enable-mezo, but these SGLang hooks are not in place: {missing}")
+        if int(getattr(namespace, "dp_size", 1) or 1) > 1:
+            raise SystemExit("sglang-mezo: --enable-mezo does not support data parallelism (--dp-size > 1) yet: "
+                             "every replica would have to apply the same updates")
         logger.info("MeZO enabled: %s", options)

@@ -57,13 +57,19 @@ class MezoSchedulerHandler:
 
     def handle(self, req: MezoChunkReqInput) -> MezoChunkReqOutput:
         results: list[dict] = []
+        error = None
         try:
             config = MezoConfig.from_dict(req.config)
             objective = Objective(req.objective)
             params = self.params_for(config.selection)
             batches = [[example_from_wire(e) for e in batch] for batch in req.batches]
         except Exception as exc:  # noqa: BLE001 - reported to the caller
-            return MezoChunkReqOutput(success=False, message=f"bad chunk: {exc}")
+            logger.exception("MeZO job %s: bad chunk", req.job_id)
+            error = f"bad chunk: {type(exc).__name__}: {exc}"
+        # Every TP rank runs this handler; the steps contain collectives. A rank that skips them while another
+        # runs them would deadlock or corrupt the collectives, so all ranks agree first.
+        if not self._all_ranks_ok(error is None):
+            return MezoChunkReqOutput(success=False, message=error or "bad chunk on another tensor-parallel rank")
         s = self.scheduler
         was_paused = s._engine_paused
         started = time.perf_counter()
@@ -111,6 +117,22 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: cleanup after job %s failed", req.job_id)
             logger.info("MeZO job %s: %d step(s) in %.1f ms", req.job_id, len(results),
                         1e3 * (time.perf_counter() - started))
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        if self.engine_tp_size() == 1:
+            return ok
+        import torch
+        import torch.distributed as dist
+        from sglang.srt.distributed import get_tp_group
+
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=get_tp_group().cpu_group)
+        return bool(flag.item())
+
+    def engine_tp_size(self) -> int:
+        from sglang.srt.runtime_context import get_parallel
+
+        return int(get_parallel().tp_size)
 
     @staticmethod
     def _trainable_header(params: TrainableSet) -> dict:

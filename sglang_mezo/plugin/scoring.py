@@ -35,7 +35,8 @@ class SchedulerEngine:
         self.model = scheduler.tp_worker.model_runner.model
         parallel = get_parallel()
         self.tp_rank, self.tp_size = parallel.tp_rank, parallel.tp_size
-        self._pieces = served_pieces(self.model, self.tp_rank, self.tp_size)
+        self._pieces = served_pieces(self.model, self.tp_rank, self.tp_size,
+                                     hf_config=scheduler.model_config.hf_config)
         self._ids = itertools.count()
 
     @property

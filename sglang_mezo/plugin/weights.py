@@ -10,6 +10,9 @@ onto the plain checkpoint. This module undoes SGLang's layout for Llama/Qwen2-st
 * ``o_proj``/``down_proj`` (RowParallelLinear) are split along the input dimension (a column offset).
 * ``embed_tokens``/``lm_head`` (VocabParallelEmbedding) hold a row range of the vocabulary, padded: padding rows
   are not part of any checkpoint tensor and are never perturbed. A tied ``lm_head`` is the embedding itself.
+* On a CPU, a TP degree that does not divide the head counts makes SGLang *pad* the heads (zero heads appended
+  after the real ones; the real counts stay in ``hf_config.original_num_attention_heads`` and
+  ``original_total_num_kv_heads``): padded q/k/v rows and o_proj columns are not in the checkpoint either.
 * Everything else (norms, row-parallel biases) is replicated whole on every rank.
 """
 
@@ -30,21 +33,28 @@ def _piece(name: str, data: torch.Tensor, full_shape: tuple[int, ...], offset: i
     return TrainablePiece(name, data, full_shape, row_offset=offset)
 
 
-def _qkv_pieces(prefix: str, kind: str, param: torch.Tensor, layer, tp_rank: int) -> list[TrainablePiece]:
+def _real(local: int, global_start: int, real_total: int) -> int:
+    """How many of a shard's ``local`` rows (or columns), starting at ``global_start``, exist in the checkpoint."""
+    return max(0, min(local, real_total - global_start))
+
+
+def _qkv_pieces(prefix: str, kind: str, param: torch.Tensor, layer, tp_rank: int,
+                heads: int, kv_heads: int) -> list[TrainablePiece]:
     head = layer.head_size
+    v_head = getattr(layer, "v_head_size", head)
     q_rows = layer.num_heads * head
     kv_rows = layer.num_kv_heads * head
-    v_rows = layer.num_kv_heads * getattr(layer, "v_head_size", head)
+    v_rows = layer.num_kv_heads * v_head
     tail = tuple(param.shape[1:])
     kv_rank = tp_rank // layer.num_kv_head_replicas
-    spans = [
-        ("q_proj", 0, q_rows, layer.total_num_heads * head, tp_rank * q_rows),
-        ("k_proj", q_rows, kv_rows, layer.total_num_kv_heads * head, kv_rank * kv_rows),
-        ("v_proj", q_rows + kv_rows, v_rows, layer.total_num_kv_heads * getattr(layer, "v_head_size", head),
-         kv_rank * v_rows),
+    spans = [  # (checkpoint tensor, local first row, local rows, checkpoint rows, global first row)
+        ("q_proj", 0, q_rows, heads * head, tp_rank * q_rows),
+        ("k_proj", q_rows, kv_rows, kv_heads * head, kv_rank * kv_rows),
+        ("v_proj", q_rows + kv_rows, v_rows, kv_heads * v_head, kv_rank * v_rows),
     ]
     return [
-        _piece(f"{prefix}.{hf}.{kind}", param[start : start + rows], (full_rows, *tail), offset)
+        _piece(f"{prefix}.{hf}.{kind}", param[start : start + _real(rows, offset, full_rows)], (full_rows, *tail),
+               offset)
         for hf, start, rows, full_rows, offset in spans
     ]
 
@@ -58,23 +68,33 @@ def _gate_up_pieces(prefix: str, kind: str, param: torch.Tensor, tp_rank: int, t
     ]
 
 
-def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1) -> list[TrainablePiece]:
+def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1, *, hf_config=None) -> list[TrainablePiece]:
     """Every served parameter of ``model`` (an SGLang Llama/Qwen2-style model on TP rank ``tp_rank``) as pieces of
-    HF checkpoint tensors. Raises ValueError for a parameter whose layout it does not know, rather than guessing."""
+    HF checkpoint tensors. ``hf_config`` (SGLang's, after its TP adjustments) gives the checkpoint's real head
+    counts when SGLang padded them. Raises ValueError for a parameter whose layout it does not know."""
     pieces: list[TrainablePiece] = []
     modules = dict(model.named_modules())
+    heads = getattr(hf_config, "original_num_attention_heads", None) or getattr(hf_config, "num_attention_heads", 0)
+    kv_heads = getattr(hf_config, "original_total_num_kv_heads", None) or getattr(
+        hf_config, "num_key_value_heads", None) or heads
     for name, param in model.named_parameters():
         data = param.detach()
         module_name, kind = name.rsplit(".", 1)
         prefix, _, leaf = module_name.rpartition(".")
         module = modules[module_name]
         if leaf == "qkv_proj":
-            pieces += _qkv_pieces(prefix, kind, data, module, tp_rank)
+            pieces += _qkv_pieces(prefix, kind, data, module, tp_rank, heads or module.total_num_heads,
+                                  kv_heads or module.total_num_kv_heads)
         elif leaf == "gate_up_proj":
             pieces += _gate_up_pieces(prefix, kind, data, tp_rank, tp_size)
         elif leaf in _ROW_PARALLEL and kind == "weight":
             cols = data.shape[1]
-            pieces.append(TrainablePiece(name, data, (data.shape[0], cols * tp_size), col_offset=tp_rank * cols))
+            full_cols = cols * tp_size
+            if leaf == "o_proj" and heads:  # padded heads add zero input columns at the end
+                full_cols = heads * modules[f"{prefix}.qkv_proj"].head_size
+            start = tp_rank * cols
+            pieces.append(TrainablePiece(name, data[:, : _real(cols, start, full_cols)], (data.shape[0], full_cols),
+                                         col_offset=start))
         elif leaf in _VOCAB:
             indices = module.shard_indices
             start, end = indices.org_vocab_start_index, indices.org_vocab_end_index

@@ -1,0 +1,79 @@
+"""Checks shared by the server tests: scores as served, jobs run to the end, and the weights every committed
+step implies (the base checkpoint with the server's trajectories replayed by the reference engine)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.params import TrainableSet
+from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.engines.hf import HFEngine
+
+# fixed token sequences of the tiny test tokenizer, scored through /generate: (prompt ids, completion ids)
+PROBE = [([80, 82, 89, 76, 72], [224, 90, 68, 86]), ([87, 75, 72], [224, 80, 82, 89]), ([68, 224], [74, 85, 72])]
+
+
+def served_logprobs(server, probe=PROBE) -> list[list[float]]:
+    """Completion-token log-probs as served by /generate (one prefill batch)."""
+    status, out = server.request("POST", "/generate", {
+        "input_ids": [p + c for p, c in probe],
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    })
+    assert status == 200, out
+    # entry t (t >= 1) is log p(token t | tokens < t); entry 0 is None
+    return [[e[0] for e in o["meta_info"]["input_token_logprobs"][len(p):]] for o, (p, _) in zip(out, probe)]
+
+
+def run_job(server, body: dict, timeout_s: float = 300) -> dict:
+    status, job = server.request("POST", "/mezo/step", body)
+    assert status == 200, job
+    deadline = time.monotonic() + timeout_s
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+        job = server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]
+    return job
+
+
+def replay_onto(engine: HFEngine, trajectory: dict, upto: int | None = None) -> HFEngine:
+    traj = Trajectory.from_dict(trajectory)
+    selection = MezoConfig.from_dict(traj.config).selection
+    traj.replay(TrainableSet.from_pieces(engine.trainable_pieces(), selection, engine.num_layers), upto=upto)
+    return engine
+
+
+def base_engine(model_path: str) -> HFEngine:
+    return HFEngine(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
+
+
+def engine_after_jobs(server, model_path: str, *, last_job_upto: int | None = None) -> HFEngine:
+    """The base checkpoint with every job this server has run replayed in order (the last one up to a step):
+    what the served weights must be."""
+    jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
+    engine = base_engine(model_path)
+    for n, job in enumerate(jobs):
+        if job["step"] == 0:
+            continue
+        trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
+        replay_onto(engine, trajectory, upto=last_job_upto if n == len(jobs) - 1 else None)
+    return engine
+
+
+def hf_logprobs(engine: HFEngine, probe=PROBE) -> list[list[float]]:
+    out = []
+    for prompt, completion in probe:
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([prompt + completion])).logits[0].double()
+        lp = torch.log_softmax(logits, -1)
+        out.append([lp[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(completion)])
+    return out
+
+
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))

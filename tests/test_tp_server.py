@@ -1,0 +1,24 @@
+"""Tensor parallel on CPU: with --tp 2 every rank perturbs its own shards with the z of the *checkpoint* tensor
+(split q/k/v and gate/up rows, split o/down columns, a padded vocabulary shard, a KV head replicated on both
+ranks), so the job's trajectory replays onto the plain HF checkpoint and gives the served scores."""
+
+from __future__ import annotations
+
+from mezo_checks import engine_after_jobs, hf_logprobs, max_diff, run_job, served_logprobs
+from servers import running_server
+from tiny_models import save_tiny_llama
+
+TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the film was", "completion": " terrible"}]
+
+
+def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
+    # one KV head for two ranks: SGLang replicates it, and both copies must move identically
+    model_path = save_tiny_llama(tmp_path / "model", seed=7, num_key_value_heads=1)
+    with running_server(model_path, "--tp", "2", "--mezo-z-kind", "gaussian", log_dir=tmp_path) as server:
+        before = served_logprobs(server)
+        # a sane lr: at 3e-2 the tiny model blows up (log-probs ~ -900), and 1e-4 absolute stops meaning anything
+        job = run_job(server, {"examples": TRAIN, "steps": 30, "lr": 3e-3, "eps": 1e-3, "batch_size": 2})
+        assert job["status"] == "succeeded" and job["step"] == 30, job
+        trained = served_logprobs(server)
+        assert max_diff(trained, before) > 1e-3
+        assert max_diff(trained, hf_logprobs(engine_after_jobs(server, model_path))) <= 1e-4
