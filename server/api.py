@@ -43,11 +43,11 @@ class StepRequest(_Strict):
                                                           "classification for prompt/options/label examples")
     steps: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float | None = Field(None, ge=0)
-    eps: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, ge=0, le=1.0)
+    eps: float | None = Field(None, gt=0, le=0.1, description="a perturbation beyond 0.1 destroys fp32 weights")
     n_probes: int | None = Field(None, ge=1, le=64)
     z_kind: ZKind | None = None
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
     schedule: LRSchedule = LRSchedule.CONSTANT
     warmup_steps: int = Field(0, ge=0)
     seed: int = Field(0, ge=0, le=MAX_SEED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, HTTPException
 
 from sglang_mezo.core.config import MezoConfig
@@ -73,7 +75,8 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
             seed=request.seed,
             selection=defaults.selection,
         )
-        job = runner.submit(JobSpec(examples=tokenize(request), objective=objective, config=config,
+        examples = await asyncio.to_thread(tokenize, request)  # large example lists: keep the event loop free
+        job = runner.submit(JobSpec(examples=examples, objective=objective, config=config,
                                     batch_size=request.batch_size, base_model=base_model))
         if not request.wait:
             return job_out(job)

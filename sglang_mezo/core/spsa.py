@@ -168,6 +168,9 @@ def mezo_step(
             loss_minus.append(minus)
             grads.append((plus - minus) / (2 * eps))
         # -- commit: take the last probe off and apply the update, one pass ------------------------------------
+        if not all(math.isfinite(lr * g) for g in grads) or not 0.0 < 1.0 - lr * weight_decay <= 1.0:
+            raise NonFiniteLossError(f"refusing an update that is not finite or decays past zero: lr={lr}, "
+                                     f"weight_decay={weight_decay}, projected gradients={grads}")
         with probe.pass_over_weights():
             commit_update(params, seeds, grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
             probe.seed = None  # the commit pass took it off

@@ -97,6 +97,8 @@ class Job:
         return self.elapsed_s() / self.steps_done * (self.spec.steps - self.steps_done)
 
     def record(self, results: list[dict], fingerprint: str, names: list[str]) -> None:
+        if not results:
+            return
         if self.trajectory is None:
             cfg = self.spec.config
             self.trajectory = Trajectory(z_kind=cfg.z_kind, trainable_fingerprint=fingerprint,

@@ -112,6 +112,9 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
         missing = _missing_hooks()
         if missing:
             raise SystemExit(f"sglang-mezo: --enable-mezo, but these SGLang hooks are not in place: {missing}")
+        if getattr(namespace, "skip_tokenizer_init", False):
+            raise SystemExit("sglang-mezo: --enable-mezo needs the tokenizer (training examples are text): "
+                             "drop --skip-tokenizer-init")
         if int(getattr(namespace, "dp_size", 1) or 1) > 1:
             raise SystemExit("sglang-mezo: --enable-mezo does not support data parallelism (--dp-size > 1) yet: "
                              "every replica would have to apply the same updates")

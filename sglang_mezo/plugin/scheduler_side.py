@@ -42,6 +42,8 @@ class MezoSchedulerHandler:
         self.scheduler = scheduler
         self._engine: SchedulerEngine | None = None
         self._params: dict[ParamSelection, TrainableSet] = {}
+        self.inconsistent = False
+        """Latched when a weight pass failed part-way: no further training until the server is restarted."""
 
     @property
     def engine(self) -> SchedulerEngine:
@@ -58,18 +60,23 @@ class MezoSchedulerHandler:
     def handle(self, req: MezoChunkReqInput) -> MezoChunkReqOutput:
         results: list[dict] = []
         error = None
-        try:
-            config = MezoConfig.from_dict(req.config)
-            objective = Objective(req.objective)
-            params = self.params_for(config.selection)
-            batches = [[example_from_wire(e) for e in batch] for batch in req.batches]
-        except Exception as exc:  # noqa: BLE001 - reported to the caller
-            logger.exception("MeZO job %s: bad chunk", req.job_id)
-            error = f"bad chunk: {type(exc).__name__}: {exc}"
+        if self.inconsistent:
+            error = ("training is disabled: an earlier weight update failed part-way; restart the server to serve "
+                     "and train from consistent weights")
+        else:
+            try:
+                config = MezoConfig.from_dict(req.config)
+                objective = Objective(req.objective)
+                params = self.params_for(config.selection)
+                batches = [[example_from_wire(e) for e in batch] for batch in req.batches]
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                logger.exception("MeZO job %s: bad chunk", req.job_id)
+                error = f"bad chunk: {type(exc).__name__}: {exc}"
         # Every TP rank runs this handler; the steps contain collectives. A rank that skips them while another
         # runs them would deadlock or corrupt the collectives, so all ranks agree first.
         if not self._all_ranks_ok(error is None):
-            return MezoChunkReqOutput(success=False, message=error or "bad chunk on another tensor-parallel rank")
+            return MezoChunkReqOutput(success=False, message=error or "bad chunk on another tensor-parallel rank",
+                                      inconsistent=self.inconsistent)
         s = self.scheduler
         was_paused = s._engine_paused
         started = time.perf_counter()
@@ -101,6 +108,7 @@ class MezoSchedulerHandler:
             return MezoChunkReqOutput(success=True, results=results, **self._trainable_header(params))
         except InconsistentWeightsError as exc:
             logger.exception("MeZO job %s: weights left inconsistent", req.job_id)
+            self.inconsistent = True  # also makes the cleanup below flush: cached KV may be from the moved weights
             return MezoChunkReqOutput(success=False, message=str(exc), results=results, inconsistent=True,
                                       **self._trainable_header(params))
         except Exception as exc:  # noqa: BLE001 - the weights are at the last committed step; report, don't crash
@@ -109,7 +117,7 @@ class MezoSchedulerHandler:
                                       **self._trainable_header(params))
         finally:
             try:
-                if results and not s.flush_cache(empty_cache=False):
+                if (results or self.inconsistent) and not s.flush_cache(empty_cache=False):
                     logger.error("MeZO: the prefix cache could not be flushed after a weight update")
                 if not was_paused:
                     self._continue()

@@ -12,7 +12,8 @@ onto the plain checkpoint. This module undoes SGLang's layout for Llama/Qwen2-st
   are not part of any checkpoint tensor and are never perturbed. A tied ``lm_head`` is the embedding itself.
 * On a CPU, a TP degree that does not divide the head counts makes SGLang *pad* the heads (zero heads appended
   after the real ones; the real counts stay in ``hf_config.original_num_attention_heads`` and
-  ``original_total_num_kv_heads``): padded q/k/v rows and o_proj columns are not in the checkpoint either.
+  ``original_total_num_kv_heads``), and the MLP width (``original_intermediate_size``): padded q/k/v and
+  gate/up rows and o_proj/down_proj columns are not in the checkpoint either.
 * Everything else (norms, row-parallel biases) is replicated whole on every rank.
 """
 
@@ -59,11 +60,14 @@ def _qkv_pieces(prefix: str, kind: str, param: torch.Tensor, layer, tp_rank: int
     ]
 
 
-def _gate_up_pieces(prefix: str, kind: str, param: torch.Tensor, tp_rank: int, tp_size: int) -> list[TrainablePiece]:
+def _gate_up_pieces(prefix: str, kind: str, param: torch.Tensor, tp_rank: int, tp_size: int,
+                    intermediate: int | None) -> list[TrainablePiece]:
     rows = param.shape[0] // 2
+    full_rows = intermediate or rows * tp_size
+    real = _real(rows, tp_rank * rows, full_rows)
     tail = tuple(param.shape[1:])
     return [
-        _piece(f"{prefix}.{hf}.{kind}", param[i * rows : (i + 1) * rows], (rows * tp_size, *tail), tp_rank * rows)
+        _piece(f"{prefix}.{hf}.{kind}", param[i * rows : i * rows + real], (full_rows, *tail), tp_rank * rows)
         for i, hf in enumerate(("gate_proj", "up_proj"))
     ]
 
@@ -77,6 +81,9 @@ def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1, *,
     heads = getattr(hf_config, "original_num_attention_heads", None) or getattr(hf_config, "num_attention_heads", 0)
     kv_heads = getattr(hf_config, "original_total_num_kv_heads", None) or getattr(
         hf_config, "num_key_value_heads", None) or heads
+    # SGLang on CPU pads the MLP width to a multiple of tp * 32 and keeps the real one here
+    intermediate = getattr(hf_config, "original_intermediate_size", None) or getattr(
+        hf_config, "intermediate_size", None)
     for name, param in model.named_parameters():
         data = param.detach()
         module_name, kind = name.rsplit(".", 1)
@@ -86,12 +93,14 @@ def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1, *,
             pieces += _qkv_pieces(prefix, kind, data, module, tp_rank, heads or module.total_num_heads,
                                   kv_heads or module.total_num_kv_heads)
         elif leaf == "gate_up_proj":
-            pieces += _gate_up_pieces(prefix, kind, data, tp_rank, tp_size)
+            pieces += _gate_up_pieces(prefix, kind, data, tp_rank, tp_size, intermediate)
         elif leaf in _ROW_PARALLEL and kind == "weight":
             cols = data.shape[1]
             full_cols = cols * tp_size
             if leaf == "o_proj" and heads:  # padded heads add zero input columns at the end
                 full_cols = heads * modules[f"{prefix}.qkv_proj"].head_size
+            elif leaf == "down_proj" and intermediate:  # so does a padded MLP width
+                full_cols = intermediate
             start = tp_rank * cols
             pieces.append(TrainablePiece(name, data[:, : _real(cols, start, full_cols)], (data.shape[0], full_cols),
                                          col_offset=start))
