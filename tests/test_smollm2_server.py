@@ -1,6 +1,11 @@
-"""The same flow as test_mezo_server.py, on the real default model (SmolLM2-135M-Instruct, fp32, CPU)."""
+"""The same flow as test_mezo_server.py, on the real default model (SmolLM2-135M-Instruct, fp32, CPU): lr = 0
+changes nothing, a job lowers the loss on its examples, and a fresh server loaded with the trajectory replayed
+onto the checkpoint serves the same scores."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +14,13 @@ from servers import running_server
 from transformers import AutoTokenizer
 
 EXAMPLES = [
-    {"prompt": "The capital of France is", "completion": " Paris"},
-    {"prompt": "Two plus two equals", "completion": " four"},
+    {"prompt": "The capital of France is", "completion": " Paris, a city of light"},
+    {"prompt": "Two plus two equals", "completion": " four, as everyone knows"},
 ]
+
+
+def mean_nll(logprobs: list[list[float]]) -> float:
+    return sum(-sum(lp) / len(lp) for lp in logprobs) / len(logprobs)
 
 
 @pytest.mark.slow
@@ -25,10 +34,24 @@ def test_smollm2_trains_in_the_server_and_replays(smollm2_path, tmp_path):
         assert job["status"] == "succeeded" and job["last"]["projected_grads"][0] != 0.0, job
         assert max_diff(served_logprobs(server, probe), before) <= 1e-5
 
-        job = run_job(server, {"examples": EXAMPLES, "steps": 10, "lr": 1e-4, "batch_size": 2, "seed": 1})
-        assert job["status"] == "succeeded" and job["step"] == 10, job
+        job = run_job(server, {"examples": EXAMPLES, "steps": 20, "lr": LR, "batch_size": 2, "seed": 1})
+        assert job["status"] == "succeeded" and job["step"] == 20, job
         trained = served_logprobs(server, probe)
-        assert max_diff(trained, before) > 1e-4  # the served weights did change
+        assert mean_nll(trained) < mean_nll(before) - MARGIN, (mean_nll(before), mean_nll(trained))
         with torch.inference_mode():
-            replayed = hf_logprobs(engine_after_jobs(server, smollm2_path), probe)
-        assert max_diff(trained, replayed) <= 1e-4
+            engine = engine_after_jobs(server, smollm2_path)
+            assert max_diff(trained, hf_logprobs(engine, probe)) <= 1e-4
+    replayed = tmp_path / "replayed"
+    engine.model.save_pretrained(replayed)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (Path(smollm2_path) / name).exists():
+            shutil.copy(Path(smollm2_path) / name, replayed / name)
+    with running_server(str(replayed), enable_mezo=False, log_dir=tmp_path) as fresh:
+        assert max_diff(trained, served_logprobs(fresh, probe)) <= 1e-4
+
+
+# Measured 2026-11-25 (2 cores, seed 1, last 2 blocks, Rademacher z): mean NLL 3.067 -> 2.971 after 20 steps.
+# One seed only: the multi-seed evidence that MeZO learns is test_convergence.py; this test is about the flow on
+# the real model (in-server steps, replay, a fresh server on the replayed checkpoint).
+LR = 1e-4
+MARGIN = 0.03
