@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from fastapi import APIRouter, HTTPException
 
@@ -63,17 +64,12 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         if choice == (objective is Objective.CROSS_ENTROPY):
             raise HTTPException(400, f"objective {objective.value} does not fit "
                                      f"{'prompt/options/label' if choice else 'prompt/completion'} examples")
-        config = MezoConfig(
-            lr=defaults.lr if request.lr is None else request.lr,
-            eps=defaults.eps if request.eps is None else request.eps,
-            n_probes=defaults.n_probes if request.n_probes is None else request.n_probes,
-            z_kind=defaults.z_kind if request.z_kind is None else request.z_kind,
-            weight_decay=request.weight_decay,
-            schedule=request.schedule,
-            warmup_steps=request.warmup_steps,
+        # the server's --mezo-* defaults, overridden by what the request sets (replace re-validates)
+        config = dataclasses.replace(
+            defaults,
+            **request.model_dump(include={"lr", "eps", "n_probes", "z_kind"}, exclude_none=True),
+            **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
             total_steps=request.steps,
-            seed=request.seed,
-            selection=defaults.selection,
         )
         examples = await asyncio.to_thread(tokenize, request)  # large example lists: keep the event loop free
         job = runner.submit(JobSpec(examples=examples, objective=objective, config=config,

@@ -105,10 +105,7 @@ class Job:
                                          trainable_names=list(names), config=cfg.to_dict(),
                                          base_model=self.spec.base_model)
         for r in results:
-            result = StepResult(seeds=tuple(r["seeds"]), loss_plus=tuple(r["loss_plus"]),
-                                loss_minus=tuple(r["loss_minus"]), projected_grads=tuple(r["projected_grads"]),
-                                lr=r["lr"], weight_decay=r["weight_decay"], eps=r["eps"])
-            self.trajectory.append(r["step"], result)
+            self.trajectory.append(r["step"], StepResult.from_dict(r))
             self.history.append(r)
 
 

@@ -4,8 +4,9 @@ A chunk of steps is handled on the scheduler thread between batches, as one atom
 traffic:
 
 1. ``pause_generation(retract)``: running requests go back to the waiting queue and their KV is freed, so no user
-   request is ever computed with perturbed weights, and requests that were mid-decode are recomputed from scratch
-   under the committed weights afterwards (our policy for in-flight requests at a commit);
+   request is ever computed with perturbed weights; requests that were mid-decode resume afterwards with the KV of
+   their prompt and generated tokens recomputed under the committed weights (tokens generated before the commit
+   stay as they were: our policy for in-flight requests at a commit);
 2. the steps: perturb, score, perturb, score, commit, with SGLang's own forward (:mod:`.scoring`);
 3. ``flush_cache``: no prefix computed with the old weights can be served again;
 4. ``continue_generation`` (unless the engine had been paused by someone else), and queued requests are served
@@ -94,17 +95,8 @@ class MezoSchedulerHandler:
                     weight_decay=config.weight_decay,
                     kind=config.z_kind,
                 )
-                results.append({
-                    "step": step,
-                    "seeds": list(result.seeds),
-                    "loss_plus": list(result.loss_plus),
-                    "loss_minus": list(result.loss_minus),
-                    "projected_grads": list(result.projected_grads),
-                    "lr": result.lr,
-                    "weight_decay": result.weight_decay,
-                    "eps": result.eps,
-                    "step_ms": 1e3 * (time.perf_counter() - step_started),
-                })
+                results.append({"step": step, **result.to_dict(),
+                                "step_ms": 1e3 * (time.perf_counter() - step_started)})
             return MezoChunkReqOutput(success=True, results=results, **self._trainable_header(params))
         except InconsistentWeightsError as exc:
             logger.exception("MeZO job %s: weights left inconsistent", req.job_id)
