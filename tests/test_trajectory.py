@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sglang_mezo.core.objectives import Objective, batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import MezoRun
 from sglang_mezo.core.schedules import LRSchedule
+from sglang_mezo.core.spsa import NonFiniteLossError
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.engines.hf import HFEngine
 from sglang_mezo.kernels import ZKind
@@ -104,3 +106,50 @@ def test_a_thousand_step_log_is_a_few_tens_of_kb(tmp_path):
     packed = run.trajectory.save(tmp_path / "run.json.gz").stat().st_size
     assert packed < 40_000 and plain < 100_000, (packed, plain)
     assert json.loads((tmp_path / "run.json").read_text())["steps"]["step"] == list(range(1000))
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+def test_failed_steps_are_recorded_so_exact_replay_stays_bit_identical(kind, tmp_path):
+    """A step that fails after perturbing leaves the weights ~1 ulp off the committed ones (the round trip's
+    rounding). The trajectory records its probe passes, so exact replay still reproduces the weights bit for bit,
+    whichever of the 2n loss calls (or the non-finite check) it failed at."""
+    config = dataclasses.replace(CONFIG, n_probes=2, total_steps=8, z_kind=kind)
+    engine = HFEngine(tiny_llama(5))
+    params = TrainableSet.from_pieces(engine.trainable_pieces(), config.selection, engine.num_layers)
+    run = MezoRun(params, config)
+    score = batch_loss_fn(engine, Objective.CROSS_ENTROPY, memorisation_task())
+    plan = {1: 1, 3: 2, 5: 3, 7: 4, 9: -4}  # attempt -> the loss call that raises (negative: returns NaN)
+    attempt, call = 0, 0
+
+    def flaky() -> float:
+        nonlocal call
+        call += 1
+        fail_at = plan.get(attempt, 0)
+        if call == fail_at:
+            raise RuntimeError("scorer died")
+        return math.nan if call == -fail_at else score()
+
+    failures = 0
+    while run.next_step < config.total_steps:
+        call = 0
+        try:
+            run.step(flaky)
+        except (RuntimeError, NonFiniteLossError):
+            failures += 1
+        attempt += 1
+    assert failures == 5
+    aborted = [r.aborted_passes for r in run.trajectory if not r.committed]
+    assert aborted == [1, 2, 3, 4, 4] and run.trajectory.committed_steps == config.total_steps
+
+    path = run.trajectory.save(tmp_path / "run.json")
+    replayed = HFEngine(tiny_llama(5))
+    replayed_params = TrainableSet.from_pieces(replayed.trainable_pieces(), config.selection, replayed.num_layers)
+    assert Trajectory.load(path).replay(replayed_params) == config.total_steps
+    for (name, p), q in zip(engine.model.named_parameters(), replayed.model.parameters(), strict=True):
+        assert torch.equal(p, q), f"exact replay differs in {name}"
+    # without the aborted records, replay is off by the failed round trips' rounding (so the records matter)
+    committed_only = Trajectory.load(path)
+    committed_only.records = [r for r in committed_only.records if r.committed]
+    other = HFEngine(tiny_llama(5))
+    committed_only.replay(TrainableSet.from_pieces(other.trainable_pieces(), config.selection, other.num_layers))
+    assert any(not torch.equal(p, q) for p, q in zip(engine.model.parameters(), other.model.parameters()))

@@ -25,13 +25,14 @@ class MezoRun:
     @property
     def next_step(self) -> int:
         """0-based index of the step :meth:`step` runs next (= number of committed steps)."""
-        return len(self.trajectory)
+        return self.trajectory.committed_steps
 
     def seeds_for(self, step: int) -> list[int]:
         return [derive_seed(self.config.seed, step, probe) for probe in range(self.config.n_probes)]
 
     def step(self, loss_fn: LossFn) -> StepResult:
-        """One committed step (or an exception with the weights unchanged); recorded in the trajectory."""
+        """One committed step (or an exception with the weights back at the last committed step); recorded in the
+        trajectory either way (a failed step as its aborted probe passes)."""
         k = self.next_step
         cfg = self.config
         result = mezo_step(
@@ -42,6 +43,7 @@ class MezoRun:
             lr=cfg.lr_at(k),
             weight_decay=cfg.weight_decay,
             kind=cfg.z_kind,
+            on_abort=lambda aborted: self.trajectory.append_aborted(k, aborted),
         )
         self.trajectory.append(k, result)
         return result

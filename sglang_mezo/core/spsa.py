@@ -107,6 +107,18 @@ class StepResult:
         return sum(1 for g in self.projected_grads if g == 0.0)
 
 
+@dataclass(frozen=True)
+class AbortedProbes:
+    """What a step that failed after perturbing did to the weights: its first ``passes`` probe moves (+ε z_1,
+    -ε z_1, +ε z_2, …), then one pass taking the last of them off. The weights are back at the committed step up to
+    the fp32 rounding of that round trip; :func:`replay_aborted` repeats it bit for bit, so a trajectory that
+    records it stays an exact description of the weights."""
+
+    seeds: tuple[int, ...]
+    eps: float
+    passes: int
+
+
 class _Probe:
     """The perturbation currently applied to the weights, so that it can always be taken off again."""
 
@@ -116,6 +128,7 @@ class _Probe:
         self.seed: int | None = None
         self.scale = 0.0
         self.broken = False
+        self.moves = 0
 
     @contextlib.contextmanager
     def pass_over_weights(self) -> Iterator[None]:
@@ -140,6 +153,7 @@ class _Probe:
         with self.pass_over_weights():
             zaxpy_(self.params.targets, seeds, coefs, kind=self.kind)
             self.seed, self.scale = seed, scale
+            self.moves += 1
 
     def take_off(self) -> None:
         """Back to the committed weights (in fp32, to within a rounding of the round trip)."""
@@ -158,12 +172,15 @@ def mezo_step(
     lr: float,
     weight_decay: float = 0.0,
     kind: ZKind = ZKind.GAUSSIAN,
+    on_abort: Callable[[AbortedProbes], None] | None = None,
 ) -> StepResult:
     """Run one MeZO step on ``params`` in place and return what it measured.
 
     ``loss_fn`` is called 2n times (n = len(seeds)); each call must score the *same* batch. On any exception the
     weights are returned to where they were before the step and the exception propagates; a non-finite loss
-    raises :class:`NonFiniteLossError` the same way. Nothing is applied unless every probe succeeded.
+    raises :class:`NonFiniteLossError` the same way. Nothing is applied unless every probe succeeded. Before such
+    an exception leaves, ``on_abort`` (if given) receives the probe passes that were applied and taken off, so a
+    trajectory can record them (see :class:`AbortedProbes`).
     """
     if not seeds:
         raise ValueError("a step needs at least one probe seed")
@@ -199,8 +216,11 @@ def mezo_step(
         with probe.pass_over_weights():
             commit_update(params, seeds, grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
             probe.seed = None  # the commit pass took it off
-    finally:
-        probe.take_off()
+    except BaseException:
+        probe.take_off()  # raises InconsistentWeightsError if it cannot: then there is no state to describe
+        if on_abort is not None and probe.moves and not probe.broken:
+            on_abort(AbortedProbes(seeds=seeds, eps=eps, passes=probe.moves))
+        raise
     return StepResult(
         seeds=seeds,
         loss_plus=tuple(loss_plus),
@@ -260,3 +280,13 @@ def replay_step(
         probe.move(seed, eps)
         probe.move(seed, -eps)
     commit_update(params, seeds, projected_grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
+
+
+def replay_aborted(params: TrainableSet, aborted: AbortedProbes, *, kind: ZKind) -> None:
+    """Repeat an aborted step's probe passes and the pass that took them off (see :class:`AbortedProbes`)."""
+    if not 0 < aborted.passes <= 2 * len(aborted.seeds):
+        raise ValueError(f"an aborted step of {len(aborted.seeds)} probe(s) cannot have made {aborted.passes} passes")
+    probe = _Probe(params, kind)
+    for i in range(aborted.passes):
+        probe.move(aborted.seeds[i // 2], aborted.eps if i % 2 == 0 else -aborted.eps)
+    probe.take_off()

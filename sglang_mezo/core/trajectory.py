@@ -1,6 +1,7 @@
 """The trajectory log: a fine-tune as "base weights + the list of (seed, projected gradient, lr, …)".
 
-Every committed step appends one record. Saved as JSON (gzip when the name ends in ``.gz``) with the records in
+Every committed step appends one record; so does a step that failed after perturbing the weights (its probe
+passes, see :class:`AbortedProbes`), so that exact replay reproduces the served weights bit for bit. Saved as JSON (gzip when the name ends in ``.gz``) with the records in
 columns: a 1,000-step single-probe run is a few tens of KB. Replay regenerates each z from its seed and re-applies
 the updates to the base weights; the header pins what replay needs to be faithful (the z generator's version,
 the kind of z, which tensors trained) and replay refuses a mismatch rather than silently producing other weights.
@@ -18,15 +19,16 @@ from pathlib import Path
 from sglang_mezo.kernels import GENERATOR_VERSION, ZKind
 
 from .params import TrainableSet
-from .spsa import StepResult, replay_step
+from .spsa import AbortedProbes, StepResult, replay_aborted, replay_step
 
 FORMAT = "sglang-mezo-trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READS = (1, 2)  # v1 had no aborted steps
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One committed update."""
+    """One committed update, or (``aborted_passes > 0``) the probe passes of a step that failed and applied none."""
 
     step: int
     seeds: tuple[int, ...]
@@ -34,6 +36,11 @@ class StepRecord:
     lr: float
     weight_decay: float
     eps: float
+    aborted_passes: int = 0
+
+    @property
+    def committed(self) -> bool:
+        return self.aborted_passes == 0
 
 
 @dataclass
@@ -71,6 +78,16 @@ class Trajectory:
             )
         )
 
+    def append_aborted(self, step: int, aborted: AbortedProbes) -> None:
+        self.records.append(
+            StepRecord(step=step, seeds=aborted.seeds, projected_grads=(), lr=0.0, weight_decay=0.0,
+                       eps=aborted.eps, aborted_passes=aborted.passes)
+        )
+
+    @property
+    def committed_steps(self) -> int:
+        return sum(1 for r in self.records if r.committed)
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -94,16 +111,22 @@ class Trajectory:
             )
 
     def replay(self, params: TrainableSet, *, upto: int | None = None, exact: bool = True) -> int:
-        """Apply the records (all, or those with ``step < upto``) to ``params`` in place; returns how many.
+        """Apply the records (all, or those with ``step < upto``) to ``params`` in place; returns how many committed
+        steps it applied.
 
         ``params`` must hold the base weights (or the weights after the records already applied). See
-        :func:`replay_step` for ``exact``.
+        :func:`replay_step` for ``exact``; an update-only replay skips aborted steps, which applied no update.
         """
         self.check_compatible(params)
         applied = 0
         for record in self.records:
             if upto is not None and record.step >= upto:
                 break
+            if not record.committed:
+                if exact:
+                    replay_aborted(params, AbortedProbes(record.seeds, record.eps, record.aborted_passes),
+                                   kind=self.z_kind)
+                continue
             replay_step(
                 params,
                 record.seeds,
@@ -138,20 +161,22 @@ class Trajectory:
                 "lr": [r.lr for r in self.records],
                 "weight_decay": [r.weight_decay for r in self.records],
                 "eps": [r.eps for r in self.records],
+                "aborted_passes": [r.aborted_passes for r in self.records],
             },
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Trajectory:
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} document")
+        if data.get("format") != FORMAT or data.get("format_version") not in _READS:
+            raise ValueError(f"not a {FORMAT} document of version {' or '.join(map(str, _READS))}")
         cols = data["steps"]
+        aborted = cols.get("aborted_passes") or [0] * len(cols["step"])
         records = [
             StepRecord(step=int(s), seeds=tuple(int(x) for x in seeds), projected_grads=tuple(float(g) for g in grads),
-                       lr=float(lr), weight_decay=float(wd), eps=float(eps))
-            for s, seeds, grads, lr, wd, eps in zip(
+                       lr=float(lr), weight_decay=float(wd), eps=float(eps), aborted_passes=int(passes))
+            for s, seeds, grads, lr, wd, eps, passes in zip(
                 cols["step"], cols["seeds"], cols["projected_grads"], cols["lr"], cols["weight_decay"], cols["eps"],
-                strict=True,
+                aborted, strict=True,
             )
         ]
         return cls(
