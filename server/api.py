@@ -90,3 +90,36 @@ class JobOut(BaseModel):
 
 class JobListOut(BaseModel):
     jobs: list[JobOut]
+
+
+class ResetRequest(_Strict):
+    """Where to put the served weights: the base checkpoint (no ``job_id``), or right after ``step`` committed steps
+    of a job the served weights carry (all its steps if ``step`` is left out)."""
+
+    job_id: str | None = None
+    step: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _step_needs_a_job(self) -> ResetRequest:
+        if self.step is not None and self.job_id is None:
+            raise ValueError("step needs a job_id")
+        return self
+
+
+class ServedSegmentOut(BaseModel):
+    job_id: str
+    steps: int
+    """Committed steps of the job that the served weights carry."""
+    records: int
+    """How many records of the job's trajectory those are (failed steps' probe passes included): replaying the
+    first ``records`` of them reproduces the served weights exactly."""
+
+
+class WeightsOut(BaseModel):
+    """What the served weights are: the base checkpoint plus these jobs' steps, in order."""
+
+    base_model: str
+    history: list[ServedSegmentOut]
+    weights_lost: bool = False
+    """A weight pass failed part-way and restoring failed too: training is off until a reset succeeds."""
+    message: str = ""

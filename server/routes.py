@@ -9,9 +9,10 @@ from fastapi import APIRouter, HTTPException
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
-from sglang_mezo.jobs.runner import Job, JobRunner, JobSpec, JobStatus
+from sglang_mezo.jobs.runner import Busy, Job, JobRunner, JobSpec, JobStatus
 
-from .api import ChoiceExampleIn, JobListOut, JobOut, StepOut, StepRequest
+from .api import (ChoiceExampleIn, JobListOut, JobOut, ResetRequest, ServedSegmentOut, StepOut, StepRequest,
+                  WeightsOut)
 
 
 def job_out(job: Job) -> JobOut:
@@ -105,5 +106,30 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         if job.trajectory is None:
             raise HTTPException(409, f"job {job_id} has no committed step yet")
         return job.trajectory.to_dict()
+
+    def weights_out(message: str = "") -> WeightsOut:
+        return WeightsOut(base_model=base_model, weights_lost=runner.weights_lost, message=message,
+                          history=[ServedSegmentOut(job_id=s.job_id, steps=s.steps, records=len(s.trajectory))
+                                   for s in runner.served])
+
+    @router.get("/weights")
+    async def weights() -> WeightsOut:
+        return weights_out()
+
+    @router.post("/reset")
+    async def reset(request: ResetRequest) -> WeightsOut:
+        """Re-read the trainable tensors from the checkpoint and replay the kept history exactly: the weights are
+        bit-identical to the ones served at that point (no model reload)."""
+        try:
+            message = await runner.reset(request.job_id, request.step)
+        except Busy as exc:
+            raise HTTPException(409, str(exc)) from exc
+        except KeyError as exc:
+            raise HTTPException(404, f"the served weights carry no job {request.job_id!r}") from exc
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        except RuntimeError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        return weights_out(message)
 
     return router

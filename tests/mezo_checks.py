@@ -30,6 +30,23 @@ def served_logprobs(server, probe=PROBE) -> list[list[float]]:
     return [[e[0] for e in o["meta_info"]["input_token_logprobs"][len(p):]] for o, (p, _) in zip(out, probe)]
 
 
+SERVED_NAMES = ["model.embed_tokens.weight", "model.norm.weight"] + [
+    f"model.layers.{i}.{leaf}.weight" for i in range(2) for leaf in (
+        "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "input_layernorm",
+        "post_attention_layernorm")
+]
+
+
+def served_weights(server) -> dict[str, torch.Tensor]:
+    """Every served parameter, read back through SGLang's own /get_weights_by_name."""
+    out = {}
+    for name in SERVED_NAMES:
+        status, values = server.request("GET", "/get_weights_by_name", {"name": name, "truncate_size": 1_000_000})
+        assert status == 200, (name, values)
+        out[name] = torch.tensor(values)
+    return out
+
+
 def run_job(server, body: dict, timeout_s: float = 300) -> dict:
     status, job = server.request("POST", "/mezo/step", body)
     assert status == 200, job
@@ -62,6 +79,17 @@ def engine_after_jobs(server, model_path: str, *, last_job_upto: int | None = No
             continue
         trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
         replay_onto(engine, trajectory, upto=last_job_upto if n == len(jobs) - 1 else None)
+    return engine
+
+
+def engine_for_served(server, model_path: str) -> HFEngine:
+    """The base checkpoint with the history the server says its weights carry (GET /mezo/weights) replayed."""
+    engine = base_engine(model_path)
+    for segment in server.request("GET", "/mezo/weights")[1]["history"]:
+        trajectory = server.request("GET", f"/mezo/jobs/{segment['job_id']}/trajectory")[1]
+        trajectory = Trajectory.from_dict(trajectory)
+        trajectory.records = trajectory.records[: segment["records"]]
+        replay_onto(engine, trajectory.to_dict())
     return engine
 
 

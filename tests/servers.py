@@ -50,10 +50,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_dir: Path) -> Iterator[Server]:
+def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_dir: Path,
+                   env: dict[str, str] | None = None) -> Iterator[Server]:
     port = free_port()
-    cmd, env = server_command(["--model-path", model_path, "--port", str(port), "--host", "127.0.0.1", *args],
-                              cuda=torch.cuda.is_available(), enable_mezo=enable_mezo)
+    cmd, server_env = server_command(["--model-path", model_path, "--port", str(port), "--host", "127.0.0.1", *args],
+                                     cuda=torch.cuda.is_available(), enable_mezo=enable_mezo)
+    env = {**server_env, **(env or {})}
     log = log_dir / f"server-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from mezo_checks import PROBE, engine_after_jobs, hf_logprobs, max_diff, run_job, served_logprobs
+from mezo_checks import (PROBE, engine_after_jobs, hf_logprobs, max_diff, run_job, served_logprobs,
+                         served_weights)
 from servers import running_server
 from tiny_models import save_tiny_llama
 
@@ -47,23 +47,6 @@ def mean_train_loss(server, model_path: str) -> float:
     probe = [(tok(e["prompt"])["input_ids"], tok(e["completion"], add_special_tokens=False)["input_ids"])
              for e in TRAIN]
     return sum(-sum(lp) / len(lp) for lp in served_logprobs(server, probe)) / len(TRAIN)
-
-
-SERVED_NAMES = ["model.embed_tokens.weight", "model.norm.weight"] + [
-    f"model.layers.{i}.{leaf}.weight" for i in range(2) for leaf in (
-        "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj", "input_layernorm",
-        "post_attention_layernorm")
-]
-
-
-def served_weights(server) -> dict[str, torch.Tensor]:
-    """Every served parameter, read back through SGLang's own /get_weights_by_name."""
-    out = {}
-    for name in SERVED_NAMES:
-        status, values = server.request("GET", "/get_weights_by_name", {"name": name, "truncate_size": 1_000_000})
-        assert status == 200, (name, values)
-        out[name] = torch.tensor(values)
-    return out
 
 
 def test_lr_zero_leaves_the_served_scores_unchanged(server):

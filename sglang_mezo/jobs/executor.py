@@ -21,6 +21,8 @@ class ChunkOutcome:
     message: str = ""
     results: list[dict] = field(default_factory=list)
     inconsistent: bool = False
+    aborted: dict | None = None
+    """A step that failed after perturbing: its probe passes (``{"step", "seeds", "eps", "passes"}``)."""
     trainable_fingerprint: str = ""
     trainable_names: list[str] = field(default_factory=list)
 
@@ -28,4 +30,9 @@ class ChunkOutcome:
 class ChunkExecutor(Protocol):
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
         """Run the chunk's steps atomically with respect to serving; report every committed step."""
+        ...
+
+    async def restore(self, history: list[dict]) -> ChunkOutcome:
+        """Put the served weights at the base checkpoint plus ``history`` (``Trajectory.to_dict()`` per job, in
+        order), exactly."""
         ...

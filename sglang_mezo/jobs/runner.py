@@ -1,8 +1,13 @@
 """Jobs and the runner that trains them one at a time, in chunks of steps, between user requests.
 
 One job trains at a time; later submissions wait in a FIFO queue (status ``queued``). A job's steps are sent to
-the scheduler in chunks sized so that a chunk takes about ``chunk_target_s`` (``--mezo-chunk-ms``): user requests queued meanwhile are
-served between chunks, so a long job never starves them. Cancellation takes effect at the next chunk boundary.
+the scheduler in chunks sized so that a chunk takes about ``chunk_target_s`` (``--mezo-chunk-ms``): user requests
+queued meanwhile are served between chunks, so a long job never starves them. Cancellation takes effect at the
+next chunk boundary.
+
+The runner also keeps what the served weights *are*: the base checkpoint plus the trajectories of the jobs that
+ran, in order (:attr:`JobRunner.served`). A reset replaces that history with a prefix of it; when a weight pass
+failed part-way, the runner restores the weights to the history at once.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
-from sglang_mezo.core.spsa import StepResult
+from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
 
 from .executor import ChunkExecutor, StepChunk
@@ -67,6 +72,18 @@ def step_batches(n_examples: int, batch_size: int, seed: int, steps: Sequence[in
     return out
 
 
+@dataclass(frozen=True)
+class ServedSegment:
+    """One job's part of the served weights: its trajectory, or the first steps of it after a reset."""
+
+    job_id: str
+    trajectory: Trajectory
+
+    @property
+    def steps(self) -> int:
+        return self.trajectory.committed_steps
+
+
 @dataclass
 class Job:
     spec: JobSpec
@@ -80,6 +97,8 @@ class Job:
     cancel_requested: bool = False
     trajectory: Trajectory | None = None
     history: list[dict] = field(default_factory=list)
+    served_before: list[ServedSegment] = field(default_factory=list)
+    """What the served weights carried when this job started: its steps apply on top of that."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -96,8 +115,9 @@ class Job:
             return None
         return self.elapsed_s() / self.steps_done * (self.spec.steps - self.steps_done)
 
-    def record(self, results: list[dict], fingerprint: str, names: list[str]) -> None:
-        if not results:
+    def record(self, results: list[dict], fingerprint: str, names: list[str], aborted: dict | None = None) -> None:
+        """Add a chunk's committed steps (and the probe passes of a step that failed) to the trajectory."""
+        if not results and aborted is None:
             return
         if self.trajectory is None:
             cfg = self.spec.config
@@ -107,6 +127,13 @@ class Job:
         for r in results:
             self.trajectory.append(r["step"], StepResult.from_dict(r))
             self.history.append(r)
+        if aborted is not None:
+            self.trajectory.append_aborted(aborted["step"], AbortedProbes(
+                seeds=tuple(aborted["seeds"]), eps=aborted["eps"], passes=aborted["passes"]))
+
+
+class Busy(RuntimeError):
+    """The weights cannot be reset while a job is queued or running."""
 
 
 class JobRunner:
@@ -115,6 +142,10 @@ class JobRunner:
         self.chunk_target_s = chunk_target_s
         self.max_chunk_steps = max_chunk_steps
         self.jobs: dict[str, Job] = {}
+        self.served: list[ServedSegment] = []
+        """The served weights = the base checkpoint + these trajectories, replayed in order."""
+        self.weights_lost = False
+        """A weight pass failed part-way and the restore failed too: the weights are at no known state."""
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -136,6 +167,37 @@ class JobRunner:
             job.cancel_requested = True
         return job
 
+    async def reset(self, job_id: str | None = None, step: int | None = None) -> str:
+        """Put the served weights at the base checkpoint (no ``job_id``), or at the weights right after ``step``
+        committed steps of job ``job_id`` (all it committed if ``step`` is None): what the server held before that
+        job started, plus those steps. Any job this server ran can be returned to, also one a later reset dropped.
+        Works by re-reading the trainable tensors and replaying that history exactly. Raises :class:`Busy` while
+        a job is queued or running, KeyError for an unknown job, ValueError for a step the job does not have."""
+        if any(not j.status.finished for j in self.jobs.values()):
+            raise Busy("a MeZO job is queued or running: cancel it or wait for it before a reset")
+        history: list[ServedSegment] = []
+        if job_id is not None:
+            job = self.jobs[job_id]
+            committed = job.trajectory.committed_steps if job.trajectory is not None else 0
+            if step is not None and not 0 <= step <= committed:
+                raise ValueError(f"job {job_id} has {committed} committed steps; cannot reset to step {step}")
+            history = list(job.served_before)
+            if job.trajectory is not None and step != 0:
+                kept = job.trajectory
+                if step is not None:
+                    kept = Trajectory.from_dict(kept.to_dict())
+                    kept.records = [r for r in kept.records if r.step < step]
+                history.append(ServedSegment(job_id, kept))
+        return await self._restore(history)
+
+    async def _restore(self, history: list[ServedSegment]) -> str:
+        outcome = await self.executor.restore([segment.trajectory.to_dict() for segment in history])
+        if not outcome.success:
+            self.weights_lost = outcome.inconsistent
+            raise RuntimeError(f"restoring the weights failed: {outcome.message}")
+        self.served, self.weights_lost = list(history), False
+        return outcome.message
+
     async def _work(self) -> None:
         assert self._queue is not None
         while True:
@@ -151,6 +213,7 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
+        job.served_before = list(self.served)
         chunk_steps = 1
         while job.steps_done < spec.steps:
             if job.cancel_requested:
@@ -163,14 +226,27 @@ class JobRunner:
             started = time.perf_counter()
             outcome = await self.executor.run_chunk(chunk)
             per_step = (time.perf_counter() - started) / max(1, len(outcome.results))
-            job.record(outcome.results, outcome.trainable_fingerprint, outcome.trainable_names)
+            job.record(outcome.results, outcome.trainable_fingerprint, outcome.trainable_names, outcome.aborted)
+            if job.trajectory is not None and not any(s.trajectory is job.trajectory for s in self.served):
+                self.served.append(ServedSegment(job.id, job.trajectory))
             if not outcome.success:
                 job.error = outcome.message
-                job.inconsistent_weights = outcome.inconsistent
+                if outcome.inconsistent:
+                    job.error += "; " + await self._recover()
+                job.inconsistent_weights = self.weights_lost
                 self._finish(job, JobStatus.FAILED)
                 return
             chunk_steps = max(1, min(self.max_chunk_steps, int(self.chunk_target_s / max(per_step, 1e-6))))
         self._finish(job, JobStatus.SUCCEEDED)
+
+    async def _recover(self) -> str:
+        """After a weight pass failed part-way: back to the last committed step, exactly."""
+        logger.warning("MeZO: restoring the weights after a failed weight pass")
+        try:
+            return "the weights were restored to the last committed step: " + await self._restore(self.served)
+        except Exception as exc:  # noqa: BLE001 - reported in the job and in /mezo/weights
+            logger.error("MeZO: %s", exc)
+            return f"{exc}; training stays disabled until POST /mezo/reset succeeds"
 
     @staticmethod
     def _finish(job: Job, status: JobStatus) -> None:

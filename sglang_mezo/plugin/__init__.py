@@ -11,7 +11,7 @@ Hook ledger (target in SGLang 0.5.23 — why — how):
 | ``srt.server_args.ServerArgs.add_cli_args`` | add ``--enable-mezo`` and ``--mezo-*`` flags | AFTER: adds an argument group |
 | ``srt.server_args.ServerArgs.from_cli_args`` | ``ServerArgs`` is sealed: keep our values | AFTER: sets ``ServerArgs._mezo`` |
 | ``srt.managers.scheduler.Scheduler.init_request_dispatcher`` | run chunks of steps on the scheduler thread | AFTER: adds the ``MezoChunkReqInput`` handler (only with ``--enable-mezo``) |
-| ``srt.managers.tokenizer_control_mixin._COMMUNICATOR_SPECS`` | a fan-out communicator for our reply type | appends ``("mezo_chunk", MezoChunkReqOutput)`` before the tokenizer manager is built |
+| ``srt.managers.tokenizer_control_mixin._COMMUNICATOR_SPECS`` | a fan-out communicator for our reply type | appends ``("mezo", MezoReqOutput)`` before the tokenizer manager is built |
 | ``srt.entrypoints.http_server._setup_and_run_http_server`` | mount ``/mezo/*`` before uvicorn starts | BEFORE, main process only (only with ``--enable-mezo``) |
 
 Research notes on these and the next targets (routes, IPC, the scheduler-side step): ``docs/notes/``.
@@ -52,11 +52,11 @@ def _add_communicator_spec() -> None:
     from sglang.srt.managers import tokenizer_control_mixin
 
     from .http_side import COMMUNICATOR
-    from .messages import MezoChunkReqOutput
+    from .messages import MezoReqOutput
 
     specs = tokenizer_control_mixin._COMMUNICATOR_SPECS
     if not any(spec[0] == COMMUNICATOR for spec in specs):
-        specs.append((COMMUNICATOR, MezoChunkReqOutput))
+        specs.append((COMMUNICATOR, MezoReqOutput))
 
 
 def _after_scheduler_dispatcher(result, scheduler) -> None:

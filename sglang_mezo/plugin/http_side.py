@@ -8,33 +8,38 @@ from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.jobs.executor import ChunkOutcome, StepChunk
 from sglang_mezo.jobs.runner import JobRunner
 
-from .messages import MezoChunkReqInput
+from .messages import MezoChunkReqInput, MezoRestoreReqInput
 from .options import MezoServerOptions
 
 logger = logging.getLogger(__name__)
 
-COMMUNICATOR = "mezo_chunk"
-"""``_COMMUNICATOR_SPECS`` entry: the tokenizer manager gets ``mezo_chunk_communicator``."""
+COMMUNICATOR = "mezo"
+"""``_COMMUNICATOR_SPECS`` entry: the tokenizer manager gets ``mezo_communicator``."""
 
 
 class TokenizerManagerExecutor:
-    """Sends a chunk to the scheduler(s) through the tokenizer manager and waits for the reply."""
+    """Sends chunks and restores to the scheduler(s) through the tokenizer manager and waits for the reply."""
 
     def __init__(self, tokenizer_manager) -> None:
         self.tm = tokenizer_manager
 
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
+        return await self._send(MezoChunkReqInput(job_id=chunk.job_id, config=chunk.config,
+                                                  objective=chunk.objective, steps=chunk.steps, batches=chunk.batches))
+
+    async def restore(self, history: list[dict]) -> ChunkOutcome:
+        return await self._send(MezoRestoreReqInput(history=history))
+
+    async def _send(self, request) -> ChunkOutcome:
         self.tm.auto_create_handle_loop()
         communicator = getattr(self.tm, f"{COMMUNICATOR}_communicator")
-        replies = await communicator(MezoChunkReqInput(job_id=chunk.job_id, config=chunk.config,
-                                                       objective=chunk.objective, steps=chunk.steps,
-                                                       batches=chunk.batches))
+        replies = await communicator(request)
         if len(replies) != 1:
             # each data-parallel replica would draw its own losses; keeping replicas identical is not built yet
             raise RuntimeError(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
         r = replies[0]
         return ChunkOutcome(success=r.success, message=r.message, results=list(r.results),
-                            inconsistent=r.inconsistent, trainable_fingerprint=r.trainable_fingerprint,
+                            inconsistent=r.inconsistent, aborted=r.aborted, trainable_fingerprint=r.trainable_fingerprint,
                             trainable_names=list(r.trainable_names))
 
 

@@ -1,7 +1,9 @@
 """IPC messages between the HTTP process (job runner) and the scheduler(s).
 
-One message carries a *chunk* of steps of one job, already tokenized: the scheduler runs them back to back, with
-no user batch in between, and answers with the result of every committed step. SGLang pickles control messages
+A chunk message carries steps of one job, already tokenized: the scheduler runs them back to back, with no user
+batch in between, and answers with the result of every committed step. A restore message resets the trainable
+weights to the base checkpoint and replays a history of trajectories onto them. Every request is answered with
+one :class:`MezoReqOutput`. SGLang pickles control messages
 (and the TP broadcast always does), so these classes must be importable from every process: they are.
 """
 
@@ -23,11 +25,20 @@ class MezoChunkReqInput(BaseReq, kw_only=True):
     "label": i}``."""
 
 
-class MezoChunkReqOutput(BaseReq, kw_only=True):
+class MezoRestoreReqInput(BaseReq, kw_only=True):
+    history: list[dict]
+    """``Trajectory.to_dict()`` of each job whose steps the served weights should carry, in the order they ran
+    (empty: the base checkpoint)."""
+
+
+class MezoReqOutput(BaseReq, kw_only=True):
     success: bool
     message: str = ""
     results: list[dict] = msgspec.field(default_factory=list)
     """One entry per committed step, in order (also when a later step of the chunk failed)."""
+    aborted: dict | None = None
+    """The step that failed after perturbing, if one did: ``{"step", "seeds", "eps", "passes"}``
+    (:class:`sglang_mezo.core.spsa.AbortedProbes`), for the trajectory."""
     inconsistent: bool = False
     """A weight pass failed part-way: the served weights are at no committed step."""
     trainable_fingerprint: str = ""

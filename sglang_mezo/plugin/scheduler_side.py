@@ -12,24 +12,46 @@ traffic:
 4. ``continue_generation`` (unless the engine had been paused by someone else), and queued requests are served
    before the next chunk arrives.
 
+A restore (reset to the base weights, or recovery after a weight pass failed part-way) is the same kind of unit:
+the trainable tensors are re-read from the checkpoint on disk and the given history is replayed exactly, which
+reproduces the weights bit for bit (no model reload).
+
+Tensor parallel: every rank runs these handlers on the same message, and the forward passes inside a step are
+collectives. So ranks agree before each forward (a rank that failed in a weight pass joins that agreement with
+"no" instead of stranding the others in the forward's all-reduce) and at the end of a chunk on whether every
+rank's weights are still consistent; the reply, which only rank 0 sends, speaks for all ranks.
+
 Every outcome is a reply, never an exception: an exception escaping a handler would kill the scheduler.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from typing import NamedTuple
 
+from sglang_mezo.checkpoint import load_pieces, plan_reads
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Objective, batch_loss_fn
-from sglang_mezo.core.params import ParamSelection, TrainableSet
-from sglang_mezo.core.spsa import InconsistentWeightsError, mezo_step
-from sglang_mezo.kernels import derive_seed
+from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
+from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn, mezo_step
+from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.kernels import derive_seed, zaxpy_
 
-from .messages import MezoChunkReqInput, MezoChunkReqOutput
+from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput
 from .scoring import SchedulerEngine
 
 logger = logging.getLogger(__name__)
+
+FAULT_ENV = "SGLANG_MEZO_INJECT_FAULT"
+"""Testing only: comma-separated ``<kind>@<step>:<call>`` entries, each making loss call ``call`` (1-based) of the
+first step numbered ``step`` fail, once per server: ``raise`` raises, ``nan`` returns NaN, ``torn`` moves part of
+the trainable tensors (as a weight pass that died half-way would) and raises :class:`InconsistentWeightsError`."""
+
+
+class OtherRankFailed(RuntimeError):
+    """Another tensor-parallel rank failed; this rank stops the step with it."""
 
 
 def example_from_wire(data: dict) -> CompletionExample | ChoiceExample:
@@ -38,13 +60,53 @@ def example_from_wire(data: dict) -> CompletionExample | ChoiceExample:
     return CompletionExample(tuple(data["prompt"]), tuple(data["completion"]))
 
 
+class _Verdict(NamedTuple):
+    ok: bool
+    in_step: bool
+    consistent: bool
+
+
+class _FaultInjector:
+    def __init__(self, spec: str | None) -> None:
+        self.pending: dict[int, tuple[str, int]] = {}  # step -> (kind, loss call)
+        for entry in filter(None, (spec or "").split(",")):
+            kind, _, where = entry.strip().partition("@")
+            step, _, call = where.partition(":")
+            if kind not in ("raise", "nan", "torn"):
+                raise ValueError(f"{FAULT_ENV}: {entry!r}: the kind must be raise, nan or torn")
+            self.pending[int(step)] = (kind, int(call))
+
+    def wrap(self, loss: LossFn, step: int, params: TrainableSet) -> LossFn:
+        if step not in self.pending:
+            return loss
+        kind, fail_at = self.pending.pop(step)  # once per server
+        calls = 0
+
+        def faulty() -> float:
+            nonlocal calls
+            calls += 1
+            if calls != fail_at:
+                return loss()
+            logger.warning("MeZO: injecting a %r fault at step %d, loss call %d (%s)", kind, step, calls, FAULT_ENV)
+            if kind == "nan":
+                return float("nan")
+            if kind == "torn":
+                half = params.targets[: max(1, len(params.targets) // 2)]
+                zaxpy_(half, [12345], [1e-2], kind=MezoConfig().z_kind)
+                raise InconsistentWeightsError("injected: a weight pass died half-way")
+            raise RuntimeError("injected: the scorer failed")
+
+        return faulty
+
+
 class MezoSchedulerHandler:
     def __init__(self, scheduler) -> None:
         self.scheduler = scheduler
         self._engine: SchedulerEngine | None = None
         self._params: dict[ParamSelection, TrainableSet] = {}
+        self._faults = _FaultInjector(os.environ.get(FAULT_ENV))
         self.inconsistent = False
-        """Latched when a weight pass failed part-way: no further training until the server is restarted."""
+        """Latched when a weight pass failed part-way: no training until a restore succeeds."""
 
     @property
     def engine(self) -> SchedulerEngine:
@@ -58,12 +120,13 @@ class MezoSchedulerHandler:
                                                                self.engine.num_layers)
         return self._params[selection]
 
-    def handle(self, req: MezoChunkReqInput) -> MezoChunkReqOutput:
-        results: list[dict] = []
+    # -- a chunk of steps ----------------------------------------------------------------------------------------
+
+    def handle(self, req: MezoChunkReqInput) -> MezoReqOutput:
         error = None
         if self.inconsistent:
-            error = ("training is disabled: an earlier weight update failed part-way; restart the server to serve "
-                     "and train from consistent weights")
+            error = ("training is disabled: an earlier weight update failed part-way and the weights have not been "
+                     "restored (POST /mezo/reset)")
         else:
             try:
                 config = MezoConfig.from_dict(req.config)
@@ -73,61 +136,135 @@ class MezoSchedulerHandler:
             except Exception as exc:  # noqa: BLE001 - reported to the caller
                 logger.exception("MeZO job %s: bad chunk", req.job_id)
                 error = f"bad chunk: {type(exc).__name__}: {exc}"
-        # Every TP rank runs this handler; the steps contain collectives. A rank that skips them while another
-        # runs them would deadlock or corrupt the collectives, so all ranks agree first.
+        # All ranks agree before any collective runs: a rank that skipped the steps would strand the others.
         if not self._all_ranks_ok(error is None):
-            return MezoChunkReqOutput(success=False, message=error or "bad chunk on another tensor-parallel rank",
-                                      inconsistent=self.inconsistent)
-        s = self.scheduler
-        was_paused = s._engine_paused
+            return MezoReqOutput(success=False, message=error or "bad chunk on another tensor-parallel rank",
+                                 inconsistent=self.inconsistent)
+        results: list[dict] = []
+        aborted: dict | None = None
+        error = None
         started = time.perf_counter()
-        try:
-            self._pause()
+        with self._paused(flush=lambda: bool(results) or aborted is not None or self.inconsistent):
             for step, batch in zip(req.steps, batches, strict=True):
                 step_started = time.perf_counter()
-                loss = batch_loss_fn(self.engine, objective, batch)
-                result = mezo_step(
-                    params,
-                    loss,
-                    [derive_seed(config.seed, step, p) for p in range(config.n_probes)],
-                    eps=config.eps,
-                    lr=config.lr_at(step),
-                    weight_decay=config.weight_decay,
-                    kind=config.z_kind,
-                )
+                loss = self._agreeing(self._faults.wrap(batch_loss_fn(self.engine, objective, batch), step, params))
+                abort: list[AbortedProbes] = []
+                try:
+                    result = mezo_step(
+                        params,
+                        loss,
+                        [derive_seed(config.seed, step, p) for p in range(config.n_probes)],
+                        eps=config.eps,
+                        lr=config.lr_at(step),
+                        weight_decay=config.weight_decay,
+                        kind=config.z_kind,
+                        on_abort=abort.append,
+                    )
+                    verdict = self._agree(True, in_step=False)
+                except Exception as exc:  # noqa: BLE001 - reported; the weights are handled below
+                    error = self._step_failed(req.job_id, exc)
+                    verdict = self._agree(False, in_step=not isinstance(exc, OtherRankFailed))
+                    if verdict.in_step:  # the others were still in the step: they stop now and meet us at its end
+                        verdict = self._agree(False, in_step=False)
+                self.inconsistent = not verdict.consistent
+                if not verdict.ok:
+                    error = error or ("the weights on another tensor-parallel rank were left inconsistent"
+                                      if self.inconsistent else "the step failed on another tensor-parallel rank")
+                    if abort and not self.inconsistent:
+                        a = abort[0]
+                        aborted = {"step": step, "seeds": list(a.seeds), "eps": a.eps, "passes": a.passes}
+                    break
                 results.append({"step": step, **result.to_dict(),
                                 "step_ms": 1e3 * (time.perf_counter() - step_started)})
-            return MezoChunkReqOutput(success=True, results=results, **self._trainable_header(params))
-        except InconsistentWeightsError as exc:
-            logger.exception("MeZO job %s: weights left inconsistent", req.job_id)
-            self.inconsistent = True  # also makes the cleanup below flush: cached KV may be from the moved weights
-            return MezoChunkReqOutput(success=False, message=str(exc), results=results, inconsistent=True,
-                                      **self._trainable_header(params))
-        except Exception as exc:  # noqa: BLE001 - the weights are at the last committed step; report, don't crash
-            logger.warning("MeZO job %s: step failed: %s", req.job_id, exc)
-            return MezoChunkReqOutput(success=False, message=f"{type(exc).__name__}: {exc}", results=results,
-                                      **self._trainable_header(params))
-        finally:
+        logger.info("MeZO job %s: %d step(s) in %.1f ms", req.job_id, len(results),
+                    1e3 * (time.perf_counter() - started))
+        return MezoReqOutput(success=error is None, message=error or "", results=results, aborted=aborted,
+                             inconsistent=self.inconsistent, **self._trainable_header(params))
+
+    def _step_failed(self, job_id: str, exc: Exception) -> str:
+        if isinstance(exc, InconsistentWeightsError):
+            logger.exception("MeZO job %s: weights left inconsistent", job_id)
+            self.inconsistent = True
+        elif not isinstance(exc, OtherRankFailed):
+            logger.warning("MeZO job %s: step failed: %s", job_id, exc)
+        return f"{type(exc).__name__}: {exc}"
+
+    def _agreeing(self, loss: LossFn) -> LossFn:
+        """Under TP, each forward starts with every rank saying it is still in the step."""
+        if self.engine_tp_size() == 1:
+            return loss
+
+        def agreed() -> float:
+            if not self._agree(True, in_step=True).ok:
+                raise OtherRankFailed("the step failed on another tensor-parallel rank")
+            return loss()
+
+        return agreed
+
+    # -- restore -------------------------------------------------------------------------------------------------
+
+    def restore(self, req: MezoRestoreReqInput) -> MezoReqOutput:
+        """Re-read every tensor any job may have moved from the checkpoint, then replay ``req.history`` exactly."""
+        error = None
+        try:
+            history = [Trajectory.from_dict(d) for d in req.history]
+            targets = [self.params_for(MezoConfig.from_dict(t.config).selection) for t in history]
+            for trajectory, params in zip(history, targets, strict=True):
+                trajectory.check_compatible(params)
+            plan_reads(self.scheduler.server_args.model_path, self._movable_pieces())  # before touching weights
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            error = f"bad history: {type(exc).__name__}: {exc}"
+        if not self._all_ranks_ok(error is None):
+            return MezoReqOutput(success=False, message=error or "bad history on another tensor-parallel rank",
+                                 inconsistent=self.inconsistent)
+        started = time.perf_counter()
+        with self._paused(flush=lambda: True):
             try:
-                if (results or self.inconsistent) and not s.flush_cache(empty_cache=False):
-                    logger.error("MeZO: the prefix cache could not be flushed after a weight update")
-                if not was_paused:
-                    self._continue()
-            except Exception:  # noqa: BLE001 - never let cleanup kill the scheduler
-                logger.exception("MeZO: cleanup after job %s failed", req.job_id)
-            logger.info("MeZO job %s: %d step(s) in %.1f ms", req.job_id, len(results),
-                        1e3 * (time.perf_counter() - started))
+                moved = self._movable_pieces()
+                copied = load_pieces(self.scheduler.server_args.model_path, moved)
+                steps = sum(t.replay(p, exact=True) for t, p in zip(history, targets, strict=True))
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - the weights are now at no known state
+                logger.exception("MeZO: restore failed")
+                error = f"restore failed: {type(exc).__name__}: {exc}"
+                ok = False
+            ok = self._all_ranks_ok(ok)
+            self.inconsistent = not ok
+        if not ok:
+            return MezoReqOutput(success=False, inconsistent=True,
+                                 message=error or "restore failed on another tensor-parallel rank")
+        message = (f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the checkpoint and "
+                   f"replayed {steps} step(s) in {time.perf_counter() - started:.2f} s")
+        logger.info("MeZO: %s", message)
+        return MezoReqOutput(success=True, message=message)
+
+    def _movable_pieces(self) -> list[TrainablePiece]:
+        """The pieces of every trainable set built so far (each distinct block once)."""
+        seen: dict[tuple, TrainablePiece] = {}
+        for params in self._params.values():
+            for piece in params.pieces:
+                seen.setdefault((piece.name, piece.row_offset, piece.col_offset, piece.data.data_ptr()), piece)
+        return list(seen.values())
+
+    # -- helpers -------------------------------------------------------------------------------------------------
 
     def _all_ranks_ok(self, ok: bool) -> bool:
+        return self._agree(ok, in_step=False).ok
+
+    def _agree(self, ok: bool, *, in_step: bool) -> _Verdict:
+        """One all-reduce (MIN) over the TP ranks of (ok, in_step, consistent). ``in_step`` tells a rank that failed
+        mid-step whether the others were still inside the step (at a forward's agreement: they will stop and meet
+        it at the step's end) or already at its end."""
+        local = _Verdict(ok, in_step, not self.inconsistent)
         if self.engine_tp_size() == 1:
-            return ok
+            return local
         import torch
         import torch.distributed as dist
         from sglang.srt.distributed import get_tp_group
 
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=get_tp_group().cpu_group)
-        return bool(flag.item())
+        flags = torch.tensor([int(v) for v in local], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=get_tp_group().cpu_group)
+        return _Verdict(*(bool(v) for v in flags.tolist()))
 
     def engine_tp_size(self) -> int:
         from sglang.srt.runtime_context import get_parallel
@@ -138,7 +275,12 @@ class MezoSchedulerHandler:
     def _trainable_header(params: TrainableSet) -> dict:
         return {"trainable_fingerprint": params.fingerprint(), "trainable_names": sorted(params.manifest)}
 
-    def _pause(self) -> None:
+    def _paused(self, flush):
+        """Pause (retract) user traffic for the block; afterwards flush the prefix cache if ``flush()`` says the
+        weights changed, and resume unless someone else had paused the engine."""
+        return _PausedServing(self, flush)
+
+    def pause(self) -> None:
         from sglang.srt.managers.io_struct import PauseGenerationReqInput
 
         self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
@@ -147,16 +289,41 @@ class MezoSchedulerHandler:
         if stream is not None and hasattr(stream, "synchronize"):
             stream.synchronize()
 
-    def _continue(self) -> None:
+    def resume(self) -> None:
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput
 
         self.scheduler.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
 
 
+class _PausedServing:
+    def __init__(self, handler: MezoSchedulerHandler, flush) -> None:
+        self.handler, self.flush = handler, flush
+
+    def __enter__(self) -> None:
+        self.was_paused = self.handler.scheduler._engine_paused
+        self.handler.pause()
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            if self.flush() and not self.handler.scheduler.flush_cache(empty_cache=False):
+                # flush_cache refuses while requests are in flight; after a retract there are none, so this means
+                # a cache we cannot trust: stop training until a restore, and say so
+                logger.error("MeZO: the prefix cache could not be flushed after a weight change")
+                self.handler.inconsistent = True
+            if not self.was_paused:
+                self.handler.resume()
+        except Exception:  # noqa: BLE001 - never let cleanup kill the scheduler
+            logger.exception("MeZO: resuming serving failed")
+        return False
+
+
 def install(scheduler) -> None:
-    """Add the MeZO handler to a scheduler's request dispatcher (called from the init_request_dispatcher hook)."""
+    """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook)."""
     from sglang.utils import TypeBasedDispatcher
 
     handler = MezoSchedulerHandler(scheduler)
-    scheduler._request_dispatcher += TypeBasedDispatcher([(MezoChunkReqInput, handler.handle)])
+    scheduler._request_dispatcher += TypeBasedDispatcher([
+        (MezoChunkReqInput, handler.handle),
+        (MezoRestoreReqInput, handler.restore),
+    ])
     scheduler._mezo_handler = handler

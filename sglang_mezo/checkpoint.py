@@ -1,0 +1,89 @@
+"""Reading pieces of a Hugging Face checkpoint (safetensors) straight into an engine's weights.
+
+Resetting the served weights to the base checkpoint does not need a model reload: only the trainable tensors ever
+moved, and each :class:`TrainablePiece` says which block of which checkpoint tensor it holds. This reads exactly
+those blocks from disk (one piece-sized temporary at a time) and copies them in place, converting the dtype the
+way the engine's loader did (``Tensor.to``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from sglang_mezo.core.params import TrainablePiece
+
+_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot provide the requested tensors."""
+
+
+def tensor_files(model_dir: str | Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file that holds it."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"{model_dir!r} is not a local checkpoint folder (hub ids are not read at run time)")
+    index = root / _INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: root / file for name, file in weight_map.items()}
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors files in {model_dir}: only safetensors checkpoints can be re-read")
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            out.update((name, file) for name in f.keys())
+    return out
+
+
+def plan_reads(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> dict[Path, list[tuple[str, TrainablePiece]]]:
+    """Which file and tensor each piece is read from; raises :class:`CheckpointError` before anything is read if
+    one is missing. A tied ``lm_head`` absent from the files is read from ``model.embed_tokens.weight``, as
+    transformers does."""
+    files = tensor_files(model_dir)
+    by_file: dict[Path, list[tuple[str, TrainablePiece]]] = {}
+    for piece in pieces:
+        source = piece.name
+        if source not in files and source == "lm_head.weight":
+            source = "model.embed_tokens.weight"
+        if source not in files:
+            raise CheckpointError(f"tensor {piece.name!r} is not in the checkpoint at {model_dir}")
+        by_file.setdefault(files[source], []).append((source, piece))
+    return by_file
+
+
+def load_pieces(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> int:
+    """Overwrite each piece's storage with its block of the checkpoint tensor; returns the elements copied."""
+    from safetensors import safe_open
+
+    by_file = plan_reads(model_dir, pieces)
+    copied = 0
+    for file, items in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for source, piece in items:
+                block = _read_block(f.get_slice(source), piece)
+                with torch.no_grad():
+                    piece.data.copy_(block.to(piece.data.dtype))
+                copied += block.numel()
+    return copied
+
+
+def _read_block(source, piece: TrainablePiece) -> torch.Tensor:
+    shape = tuple(source.get_shape())
+    if shape != tuple(piece.full_shape):
+        raise CheckpointError(f"{piece.name}: checkpoint shape {shape} differs from the served {piece.full_shape}")
+    data = piece.data
+    if len(shape) == 1:
+        return source[piece.col_offset : piece.col_offset + data.shape[-1]]
+    if len(shape) != 2:
+        raise CheckpointError(f"{piece.name}: only 1-D and 2-D tensors can be read back, not {len(shape)}-D")
+    rows = data.shape[0] if data.dim() == 2 else 1
+    return source[piece.row_offset : piece.row_offset + rows, piece.col_offset : piece.col_offset + data.shape[-1]]
