@@ -58,38 +58,23 @@ def run_job(server, body: dict, timeout_s: float = 300) -> dict:
     return job
 
 
-def replay_onto(engine: HFEngine, trajectory: dict, upto: int | None = None) -> HFEngine:
-    traj = Trajectory.from_dict(trajectory)
-    selection = MezoConfig.from_dict(traj.config).selection
-    traj.replay(TrainableSet.from_pieces(engine.trainable_pieces(), selection, engine.num_layers), upto=upto)
-    return engine
-
-
 def base_engine(model_path: str) -> HFEngine:
     return HFEngine(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32))
 
 
-def engine_after_jobs(server, model_path: str, *, last_job_upto: int | None = None) -> HFEngine:
-    """The base checkpoint with every job this server has run replayed in order (the last one up to a step):
-    what the served weights must be."""
-    jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
+def engine_for_served(server, model_path: str, *, last_upto: int | None = None) -> HFEngine:
+    """What the served weights must be: the base checkpoint with the history the server says its weights carry
+    (GET /mezo/weights) replayed, the last job only up to step ``last_upto`` if given."""
     engine = base_engine(model_path)
-    for n, job in enumerate(jobs):
-        if job["step"] == 0:
-            continue
-        trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
-        replay_onto(engine, trajectory, upto=last_job_upto if n == len(jobs) - 1 else None)
-    return engine
-
-
-def engine_for_served(server, model_path: str) -> HFEngine:
-    """The base checkpoint with the history the server says its weights carry (GET /mezo/weights) replayed."""
-    engine = base_engine(model_path)
-    for segment in server.request("GET", "/mezo/weights")[1]["history"]:
+    history = server.request("GET", "/mezo/weights")[1]["history"]
+    for n, segment in enumerate(history):
         trajectory = server.request("GET", f"/mezo/jobs/{segment['job_id']}/trajectory")[1]
         trajectory = Trajectory.from_dict(trajectory)
         trajectory.records = trajectory.records[: segment["records"]]
-        replay_onto(engine, trajectory.to_dict())
+        upto = last_upto if n == len(history) - 1 else None
+        trajectory.replay(TrainableSet.from_pieces(engine.trainable_pieces(),
+                                                   MezoConfig.from_dict(trajectory.config).selection,
+                                                   engine.num_layers), upto=upto)
     return engine
 
 

@@ -3,6 +3,7 @@ committed weights, the result replays onto the plain checkpoint, and bad input g
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import socket
@@ -13,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mezo_checks import (PROBE, engine_after_jobs, hf_logprobs, max_diff, run_job, served_logprobs,
+from mezo_checks import (PROBE, engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs,
                          served_weights)
 from servers import running_server
 from tiny_models import save_tiny_llama
@@ -90,7 +91,7 @@ def test_training_lowers_the_loss_and_replays_onto_the_checkpoint(server, model_
     status, trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")
     assert status == 200 and len(trajectory["steps"]["step"]) == 100
     # the trajectories replayed onto the base checkpoint by the reference engine, saved, and served fresh
-    engine = engine_after_jobs(server, model_path)
+    engine = engine_for_served(server, model_path)
     replayed = tmp_path / "replayed"
     engine.model.save_pretrained(replayed)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -102,6 +103,19 @@ def test_training_lowers_the_loss_and_replays_onto_the_checkpoint(server, model_
     assert max_diff([after_update], hf_logprobs(engine, [CACHEABLE])) <= 1e-4
     with running_server(str(replayed), enable_mezo=False, log_dir=tmp_path) as fresh:
         assert max_diff(trained, served_logprobs(fresh)) <= 1e-4
+
+
+def run_job_under_load(server, body: dict, clients: list, stop: threading.Event) -> dict:
+    """Run a job to its end while each client loops in its own thread (until ``stop`` is set, here at the end)."""
+    threads = [threading.Thread(target=client) for client in clients]
+    for t in threads:
+        t.start()
+    try:
+        return run_job(server, body)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def test_concurrent_clients_only_see_committed_weights(server, model_path):
@@ -133,20 +147,12 @@ def test_concurrent_clients_only_see_committed_weights(server, model_path):
         started = time.monotonic()
         served_logprobs(server)
         baseline.append(time.monotonic() - started)
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        job = run_job(server, {"examples": TRAIN, "steps": 12, "lr": 3e-2, "eps": 3e-2, "batch_size": 2,
-                               "seed": 11})
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+    job = run_job_under_load(server, {"examples": TRAIN, "steps": 12, "lr": 3e-2, "eps": 3e-2, "batch_size": 2,
+                                      "seed": 11}, [client] * 4, stop)
     assert not errors, errors
     assert job["status"] == "succeeded", job
     assert len(answers) >= 8
-    committed = [hf_logprobs(engine_after_jobs(server, model_path, last_job_upto=k)) for k in range(job["step"] + 1)]
+    committed = [hf_logprobs(engine_for_served(server, model_path, last_upto=k)) for k in range(job["step"] + 1)]
     assert min(max_diff(committed[0], c) for c in committed[1:]) > 1e-3  # the steps are distinguishable
     for latency, lps in answers:
         assert min(max_diff(lps, c) for c in committed) <= 1e-4, "an answer matches no committed step"
@@ -156,6 +162,69 @@ def test_concurrent_clients_only_see_committed_weights(server, model_path):
     own_work = 4 * sorted(baseline)[len(baseline) // 2]
     worst = max(latency for latency, _ in answers)
     assert worst <= longest_step_s + own_work + 0.25, (worst, longest_step_s, own_work)
+
+
+DECODE_PROMPTS = [[80, 82, 89, 76, 72, 224], [87, 75, 72, 224, 80]]
+
+
+def decode(server, prompt: list[int], new_tokens: int = 12) -> tuple[list[int], list[float]]:
+    """Greedy decode; the generated tokens and the log-prob each had when it was chosen."""
+    status, out = server.request("POST", "/generate", {
+        "input_ids": prompt, "return_logprob": True,
+        "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
+    })
+    assert status == 200, out
+    entries = out["meta_info"]["output_token_logprobs"]
+    return [e[1] for e in entries], [e[0] for e in entries]
+
+
+def test_decoding_clients_are_served_to_the_end_by_committed_weights(server, model_path):
+    """2 clients decode 12 tokens each, over and over, while a job runs. Each token must have the log-prob the
+    weights of some committed step give it, the steps never going backwards along a sequence; and no request
+    waits longer than one step plus its own work (training yields until in-flight requests finish)."""
+    stop = threading.Event()
+    answers: list[tuple[float, list[int], list[int], list[float]]] = []
+    errors: list[BaseException] = []
+
+    def client(prompt: list[int]) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                tokens, lps = decode(server, prompt)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+            answers.append((time.monotonic() - started, prompt, tokens, lps))
+
+    assert server.request("POST", "/mezo/reset", {})[0] == 200  # from the base: earlier tests made logits huge
+    own_work = max(min(timed(lambda: decode(server, p)) for _ in range(3)) for p in DECODE_PROMPTS)
+    job = run_job_under_load(server, {"examples": TRAIN, "steps": 10, "lr": 1e-2, "eps": 1e-2, "batch_size": 2,
+                                      "seed": 12}, [functools.partial(client, p) for p in DECODE_PROMPTS], stop)
+    assert not errors, errors
+    assert job["status"] == "succeeded", job
+    assert len(answers) >= 6, len(answers)
+    engines = [engine_for_served(server, model_path, last_upto=k) for k in range(job["step"] + 1)]
+    seen_steps = set()
+    for _, prompt, tokens, lps in answers:
+        per_step = [hf_logprobs(e, [(prompt, tokens)])[0] for e in engines]
+        k = 0  # the earliest committed step that can have produced the tokens so far
+        for t, lp in enumerate(lps):
+            while k < len(per_step) and abs(per_step[k][t] - lp) > 1e-4:
+                k += 1
+            assert k < len(per_step), (f"token {t} of {tokens} (log-prob {lp}) matches no committed step from "
+                                       f"here on: {[round(s[t], 6) for s in per_step]}")
+        seen_steps.add(k)
+    assert len(seen_steps) >= 3, seen_steps  # the answers really came from weights that kept changing
+    history = server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]
+    worst = max(latency for latency, *_ in answers)
+    assert worst <= history["longest_step_ms"] / 1e3 + 2 * own_work + 0.25, (worst, history["longest_step_ms"],
+                                                                             own_work)
+
+
+def timed(fn) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
 
 
 def test_bad_input_is_refused_and_leaves_the_weights_alone(server, model_path):
@@ -206,7 +275,7 @@ def test_cancel_and_disconnect_leave_the_weights_at_a_committed_step(server, mod
         time.sleep(0.05)
         cancelled = server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]
     assert cancelled["status"] == "cancelled" and 3 <= cancelled["step"] < 500, cancelled
-    assert max_diff(served_logprobs(server), hf_logprobs(engine_after_jobs(server, model_path))) <= 1e-4
+    assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4
 
     # a client that sends a job and hangs up at once: the job still runs to its end, and the weights are there
     n_jobs = len(server.request("GET", "/mezo/jobs")[1]["jobs"])
@@ -223,4 +292,4 @@ def test_cancel_and_disconnect_leave_the_weights_at_a_committed_step(server, mod
         assert time.monotonic() < deadline, jobs[-1]
         time.sleep(0.05)
     assert jobs[-1]["status"] == "succeeded" and jobs[-1]["step"] == 5, jobs[-1]
-    assert max_diff(served_logprobs(server), hf_logprobs(engine_after_jobs(server, model_path))) <= 1e-4
+    assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4

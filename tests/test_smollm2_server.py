@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mezo_checks import engine_after_jobs, hf_logprobs, max_diff, run_job, served_logprobs
+from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs
 from servers import running_server
 from transformers import AutoTokenizer
 
@@ -39,7 +39,7 @@ def test_smollm2_trains_in_the_server_and_replays(smollm2_path, tmp_path):
         trained = served_logprobs(server, probe)
         assert mean_nll(trained) < mean_nll(before) - MARGIN, (mean_nll(before), mean_nll(trained))
         with torch.inference_mode():
-            engine = engine_after_jobs(server, smollm2_path)
+            engine = engine_for_served(server, smollm2_path)
             assert max_diff(trained, hf_logprobs(engine, probe)) <= 1e-4
     replayed = tmp_path / "replayed"
     engine.model.save_pretrained(replayed)

@@ -4,7 +4,7 @@ ranks), so the job's trajectory replays onto the plain HF checkpoint and gives t
 
 from __future__ import annotations
 
-from mezo_checks import engine_after_jobs, hf_logprobs, max_diff, run_job, served_logprobs
+from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs
 from servers import running_server
 from tiny_models import save_tiny_llama
 
@@ -21,4 +21,4 @@ def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
         assert job["status"] == "succeeded" and job["step"] == 30, job
         trained = served_logprobs(server)
         assert max_diff(trained, before) > 1e-3
-        assert max_diff(trained, hf_logprobs(engine_after_jobs(server, model_path))) <= 1e-4
+        assert max_diff(trained, hf_logprobs(engine_for_served(server, model_path))) <= 1e-4

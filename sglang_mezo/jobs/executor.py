@@ -32,6 +32,10 @@ class ChunkExecutor(Protocol):
         """Run the chunk's steps atomically with respect to serving; report every committed step."""
         ...
 
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until the user requests in flight now have finished, or ``timeout_s`` has passed."""
+        ...
+
     async def restore(self, history: list[dict]) -> ChunkOutcome:
         """Put the served weights at the base checkpoint plus ``history`` (``Trajectory.to_dict()`` per job, in
         order), exactly."""

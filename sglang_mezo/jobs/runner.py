@@ -1,9 +1,11 @@
 """Jobs and the runner that trains them one at a time, in chunks of steps, between user requests.
 
 One job trains at a time; later submissions wait in a FIFO queue (status ``queued``). A job's steps are sent to
-the scheduler in chunks sized so that a chunk takes about ``chunk_target_s`` (``--mezo-chunk-ms``): user requests
-queued meanwhile are served between chunks, so a long job never starves them. Cancellation takes effect at the
-next chunk boundary.
+the scheduler in chunks sized so that a chunk takes about ``chunk_target_s`` (``--mezo-chunk-ms``). After each
+chunk the runner waits until the user requests in flight at that moment have finished (at most ``yield_s``,
+``--mezo-yield-ms``): a request that arrives during a chunk waits for that chunk alone and is then served to its
+end, decode included, so a long job never starves traffic, and traffic that keeps arriving never starves the job.
+Cancellation takes effect at the next chunk boundary.
 
 The runner also keeps what the served weights *are*: the base checkpoint plus the trajectories of the jobs that
 ran, in order (:attr:`JobRunner.served`). A reset replaces that history with a prefix of it; when a weight pass
@@ -137,9 +139,11 @@ class Busy(RuntimeError):
 
 
 class JobRunner:
-    def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64) -> None:
+    def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64,
+                 yield_s: float = 2.0) -> None:
         self.executor = executor
         self.chunk_target_s = chunk_target_s
+        self.yield_s = yield_s
         self.max_chunk_steps = max_chunk_steps
         self.jobs: dict[str, Job] = {}
         self.served: list[ServedSegment] = []
@@ -237,6 +241,8 @@ class JobRunner:
                 self._finish(job, JobStatus.FAILED)
                 return
             chunk_steps = max(1, min(self.max_chunk_steps, int(self.chunk_target_s / max(per_step, 1e-6))))
+            if job.steps_done < spec.steps and self.yield_s > 0:
+                await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
 
     async def _recover(self) -> str:

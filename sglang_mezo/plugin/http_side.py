@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.jobs.executor import ChunkOutcome, StepChunk
@@ -27,6 +29,15 @@ class TokenizerManagerExecutor:
         return await self._send(MezoChunkReqInput(job_id=chunk.job_id, config=chunk.config,
                                                   objective=chunk.objective, steps=chunk.steps, batches=chunk.batches))
 
+    async def drain(self, timeout_s: float) -> None:
+        # the tokenizer manager holds one state per user request until it finishes (our own messages go through
+        # a communicator and hold none); requests arriving from now on are not waited for, so none starves training
+        in_flight = set(self.tm.rid_to_state)
+        deadline = time.monotonic() + timeout_s
+        while in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+            in_flight &= self.tm.rid_to_state.keys()
+
     async def restore(self, history: list[dict]) -> ChunkOutcome:
         return await self._send(MezoRestoreReqInput(history=history))
 
@@ -49,7 +60,8 @@ def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions
 
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
-    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3)
+    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3,
+                       yield_s=options.yield_ms / 1e3)
     app.include_router(build_router(
         runner,
         tokenizer=tokenizer_manager.tokenizer,

@@ -27,6 +27,9 @@ class MezoServerOptions:
     max_steps_per_job: int = 10_000
     chunk_ms: float = 200.0
     """Steps are sent to the scheduler in chunks of about this duration; user requests wait at most one chunk."""
+    yield_ms: float = 2000.0
+    """After each chunk, training waits (at most this long) for the user requests in flight at that moment to
+    finish, so a request that arrives during a chunk is served to the end before the next one."""
     selection: ParamSelection = field(default_factory=ParamSelection)
 
     def __post_init__(self) -> None:
@@ -36,8 +39,10 @@ class MezoServerOptions:
                 raise ValueError(f"--mezo-{name} must be a finite number >= 0, got {value}")
         if self.eps == 0:
             raise ValueError("--mezo-eps must be > 0")
-        if not (math.isfinite(self.chunk_ms) and self.chunk_ms >= 0):
-            raise ValueError(f"--mezo-chunk-ms must be a finite number >= 0, got {self.chunk_ms}")
+        for name in ("chunk_ms", "yield_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--mezo-{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if self.n_probes < 1 or self.max_steps_per_job < 1:
             raise ValueError("--mezo-n-probes and --mezo-max-steps-per-job must be >= 1")
         if self.z_kind != "auto":
@@ -65,6 +70,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mezo-chunk-ms", type=float, default=MezoServerOptions.chunk_ms,
                        help="Target duration of a chunk of steps; user requests wait at most one chunk "
                             "(0: one step per chunk).")
+    group.add_argument("--mezo-yield-ms", type=float, default=MezoServerOptions.yield_ms,
+                       help="After each chunk, wait up to this long for the user requests in flight to finish "
+                            "before the next chunk (0: do not wait).")
     group.add_argument("--mezo-train", action="append", default=[], metavar="REGEX",
                        help="Train only checkpoint tensors whose name matches (repeatable; default: all).")
     group.add_argument("--mezo-freeze", action="append", default=[], metavar="REGEX",
@@ -82,6 +90,7 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         z_kind=ns.mezo_z_kind,
         max_steps_per_job=ns.mezo_max_steps_per_job,
         chunk_ms=ns.mezo_chunk_ms,
+        yield_ms=ns.mezo_yield_ms,
         selection=ParamSelection(include=tuple(ns.mezo_train), exclude=tuple(ns.mezo_freeze),
                                  last_layers=ns.mezo_last_layers),
     )
