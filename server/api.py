@@ -119,6 +119,8 @@ class WeightsOut(BaseModel):
     """What the served weights are: the base checkpoint plus these jobs' steps, in order."""
 
     base_model: str
+    weight_version: str
+    """SGLang's label of these weights, as responses report it in ``meta_info["weight_version(s)"]``."""
     history: list[ServedSegmentOut]
     weights_lost: bool = False
     """A weight pass failed part-way and restoring failed too: training is off until a reset succeeds."""

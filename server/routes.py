@@ -108,7 +108,8 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         return job.trajectory.to_dict()
 
     def weights_out(message: str = "") -> WeightsOut:
-        return WeightsOut(base_model=base_model, weights_lost=runner.weights_lost, message=message,
+        return WeightsOut(base_model=base_model, weight_version=runner.weight_version,
+                          weights_lost=runner.weights_lost, message=message,
                           history=[ServedSegmentOut(job_id=s.job_id, steps=s.steps, records=len(s.trajectory))
                                    for s in runner.served])
 

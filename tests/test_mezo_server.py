@@ -167,36 +167,39 @@ def test_concurrent_clients_only_see_committed_weights(server, model_path):
 DECODE_PROMPTS = [[80, 82, 89, 76, 72, 224], [87, 75, 72, 224, 80]]
 
 
-def decode(server, prompt: list[int], new_tokens: int = 12) -> tuple[list[int], list[float]]:
-    """Greedy decode; the generated tokens and the log-prob each had when it was chosen."""
+def decode(server, prompt: list[int], new_tokens: int = 12) -> tuple[list[int], list[float], list[dict]]:
+    """Greedy decode; the generated tokens, the log-prob each had when it was chosen, and the weight versions
+    that served them (SGLang's spans: ``{"version", "start", "end"}`` over the output tokens)."""
     status, out = server.request("POST", "/generate", {
         "input_ids": prompt, "return_logprob": True,
         "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True},
     })
     assert status == 200, out
     entries = out["meta_info"]["output_token_logprobs"]
-    return [e[1] for e in entries], [e[0] for e in entries]
+    return [e[1] for e in entries], [e[0] for e in entries], out["meta_info"]["weight_versions"]
 
 
 def test_decoding_clients_are_served_to_the_end_by_committed_weights(server, model_path):
-    """2 clients decode 12 tokens each, over and over, while a job runs. Each token must have the log-prob the
-    weights of some committed step give it, the steps never going backwards along a sequence; and no request
-    waits longer than one step plus its own work (training yields until in-flight requests finish)."""
+    """2 clients decode 12 tokens each, over and over, while a job runs. SGLang reports which weight version
+    served which tokens; each token must have the log-prob that the weights of the committed step named there
+    give it. No request waits longer than one step plus its own work (training yields to in-flight requests)."""
     stop = threading.Event()
-    answers: list[tuple[float, list[int], list[int], list[float]]] = []
+    answers: list[tuple[float, list[int], list[int], list[float], list[dict]]] = []
     errors: list[BaseException] = []
 
     def client(prompt: list[int]) -> None:
         while not stop.is_set():
             started = time.monotonic()
             try:
-                tokens, lps = decode(server, prompt)
+                tokens, lps, versions = decode(server, prompt)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
                 return
-            answers.append((time.monotonic() - started, prompt, tokens, lps))
+            answers.append((time.monotonic() - started, prompt, tokens, lps, versions))
 
-    assert server.request("POST", "/mezo/reset", {})[0] == 200  # from the base: earlier tests made logits huge
+    status, reset = server.request("POST", "/mezo/reset", {})  # from the base: earlier tests made logits huge
+    assert status == 200, reset
+    base_version = reset["weight_version"]
     own_work = max(min(timed(lambda: decode(server, p)) for _ in range(3)) for p in DECODE_PROMPTS)
     job = run_job_under_load(server, {"examples": TRAIN, "steps": 10, "lr": 1e-2, "eps": 1e-2, "batch_size": 2,
                                       "seed": 12}, [functools.partial(client, p) for p in DECODE_PROMPTS], stop)
@@ -204,17 +207,18 @@ def test_decoding_clients_are_served_to_the_end_by_committed_weights(server, mod
     assert job["status"] == "succeeded", job
     assert len(answers) >= 6, len(answers)
     engines = [engine_for_served(server, model_path, last_upto=k) for k in range(job["step"] + 1)]
+    step_of = {base_version: 0, **{f"mezo-{job['job_id']}-{k}": k for k in range(1, job["step"] + 1)}}
     seen_steps = set()
-    for _, prompt, tokens, lps in answers:
-        per_step = [hf_logprobs(e, [(prompt, tokens)])[0] for e in engines]
-        k = 0  # the earliest committed step that can have produced the tokens so far
-        for t, lp in enumerate(lps):
-            while k < len(per_step) and abs(per_step[k][t] - lp) > 1e-4:
-                k += 1
-            assert k < len(per_step), (f"token {t} of {tokens} (log-prob {lp}) matches no committed step from "
-                                       f"here on: {[round(s[t], 6) for s in per_step]}")
-        seen_steps.add(k)
+    for _, prompt, tokens, lps, versions in answers:
+        expected = [hf_logprobs(e, [(prompt, tokens)])[0] for e in engines]
+        assert versions[0]["start"] == 0 and versions[-1]["end"] == len(tokens), versions
+        for span in versions:
+            k = step_of[span["version"]]
+            seen_steps.add(k)
+            for t in range(span["start"], span["end"]):
+                assert abs(expected[k][t] - lps[t]) <= 1e-4, (tokens, t, versions, lps[t], expected[k][t])
     assert len(seen_steps) >= 3, seen_steps  # the answers really came from weights that kept changing
+    assert server.request("GET", "/mezo/weights")[1]["weight_version"] == f"mezo-{job['job_id']}-{job['step']}"
     history = server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]
     worst = max(latency for latency, *_ in answers)
     assert worst <= history["longest_step_ms"] / 1e3 + 2 * own_work + 0.25, (worst, history["longest_step_ms"],

@@ -25,6 +25,8 @@ class ChunkOutcome:
     """A step that failed after perturbing: its probe passes (``{"step", "seeds", "eps", "passes"}``)."""
     trainable_fingerprint: str = ""
     trainable_names: list[str] = field(default_factory=list)
+    weight_version: str | None = None
+    """The label the served weights now carry, if they changed (see :func:`weight_version_label`)."""
 
 
 class ChunkExecutor(Protocol):
@@ -36,7 +38,14 @@ class ChunkExecutor(Protocol):
         """Wait until the user requests in flight now have finished, or ``timeout_s`` has passed."""
         ...
 
-    async def restore(self, history: list[dict]) -> ChunkOutcome:
+    async def restore(self, history: list[dict], weight_version: str) -> ChunkOutcome:
         """Put the served weights at the base checkpoint plus ``history`` (``Trajectory.to_dict()`` per job, in
-        order), exactly."""
+        order), exactly, and label them ``weight_version``."""
         ...
+
+
+def weight_version_label(job_id: str, committed_steps: int, aborted: bool = False) -> str:
+    """SGLang's ``weight_version`` for the weights after ``committed_steps`` steps of job ``job_id``: one label per
+    bit-exact state (a failed step's probe round trip is a state of its own). Responses report it per token span
+    (``meta_info["weight_versions"]``), so a client can tell which step served which tokens."""
+    return f"mezo-{job_id}-{committed_steps}" + ("-aborted" if aborted else "")

@@ -28,7 +28,7 @@ from sglang_mezo.core.objectives import Objective
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
 
-from .executor import ChunkExecutor, StepChunk
+from .executor import ChunkExecutor, StepChunk, weight_version_label
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +140,11 @@ class Busy(RuntimeError):
 
 class JobRunner:
     def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64,
-                 yield_s: float = 2.0) -> None:
+                 yield_s: float = 2.0, base_weight_version: str = "default") -> None:
         self.executor = executor
+        self.base_weight_version = base_weight_version
+        self.weight_version = base_weight_version
+        """SGLang's label of the weights served now."""
         self.chunk_target_s = chunk_target_s
         self.yield_s = yield_s
         self.max_chunk_steps = max_chunk_steps
@@ -195,11 +198,17 @@ class JobRunner:
         return await self._restore(history)
 
     async def _restore(self, history: list[ServedSegment]) -> str:
-        outcome = await self.executor.restore([segment.trajectory.to_dict() for segment in history])
+        version = self.base_weight_version
+        if history:
+            last = history[-1]
+            version = weight_version_label(last.job_id, last.steps,
+                                           bool(last.trajectory.records) and not last.trajectory.records[-1].committed)
+        outcome = await self.executor.restore([segment.trajectory.to_dict() for segment in history], version)
         if not outcome.success:
             self.weights_lost = outcome.inconsistent
             raise RuntimeError(f"restoring the weights failed: {outcome.message}")
         self.served, self.weights_lost = list(history), False
+        self.weight_version = version
         return outcome.message
 
     async def _work(self) -> None:
@@ -231,6 +240,7 @@ class JobRunner:
             outcome = await self.executor.run_chunk(chunk)
             per_step = (time.perf_counter() - started) / max(1, len(outcome.results))
             job.record(outcome.results, outcome.trainable_fingerprint, outcome.trainable_names, outcome.aborted)
+            self.weight_version = outcome.weight_version or self.weight_version
             if job.trajectory is not None and not any(s.trajectory is job.trajectory for s in self.served):
                 self.served.append(ServedSegment(job.id, job.trajectory))
             if not outcome.success:

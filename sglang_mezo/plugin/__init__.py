@@ -88,6 +88,16 @@ def _after_add_cli_args(result, parser) -> None:
 
 HOOK_TARGETS = (_ADD_CLI_ARGS, _FROM_CLI_ARGS, _SCHEDULER_DISPATCHER, _HTTP_SETUP)
 
+SGLANG_METHODS_CALLED = (
+    "sglang.srt.managers.scheduler.Scheduler.pause_generation",
+    "sglang.srt.managers.scheduler.Scheduler.continue_generation",
+    "sglang.srt.managers.scheduler.Scheduler.flush_cache",
+    "sglang.srt.managers.scheduler.Scheduler.record_weight_version_change",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.auto_create_handle_loop",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._update_weight_version_if_provided",
+)
+"""SGLang methods (not hooks) the plugin calls: a test checks they exist in the pinned version."""
+
 
 def _missing_hooks() -> list[str]:
     """Targets SGLang's registry did not patch (it logs and carries on when a hook fails to apply)."""

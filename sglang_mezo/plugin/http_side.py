@@ -38,8 +38,8 @@ class TokenizerManagerExecutor:
             await asyncio.sleep(0.005)
             in_flight &= self.tm.rid_to_state.keys()
 
-    async def restore(self, history: list[dict]) -> ChunkOutcome:
-        return await self._send(MezoRestoreReqInput(history=history))
+    async def restore(self, history: list[dict], weight_version: str) -> ChunkOutcome:
+        return await self._send(MezoRestoreReqInput(history=history, weight_version=weight_version))
 
     async def _send(self, request) -> ChunkOutcome:
         self.tm.auto_create_handle_loop()
@@ -49,8 +49,11 @@ class TokenizerManagerExecutor:
             # each data-parallel replica would draw its own losses; keeping replicas identical is not built yet
             raise RuntimeError(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
         r = replies[0]
+        if r.weight_version is not None:  # what /get_weight_version and responses without spans report
+            self.tm._update_weight_version_if_provided(r.weight_version)
         return ChunkOutcome(success=r.success, message=r.message, results=list(r.results),
-                            inconsistent=r.inconsistent, aborted=r.aborted, trainable_fingerprint=r.trainable_fingerprint,
+                            inconsistent=r.inconsistent, aborted=r.aborted, weight_version=r.weight_version,
+                            trainable_fingerprint=r.trainable_fingerprint,
                             trainable_names=list(r.trainable_names))
 
 
@@ -61,7 +64,7 @@ def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3,
-                       yield_s=options.yield_ms / 1e3)
+                       yield_s=options.yield_ms / 1e3, base_weight_version=str(server_args.weight_version))
     app.include_router(build_router(
         runner,
         tokenizer=tokenizer_manager.tokenizer,

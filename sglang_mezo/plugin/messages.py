@@ -29,6 +29,9 @@ class MezoRestoreReqInput(BaseReq, kw_only=True):
     history: list[dict]
     """``Trajectory.to_dict()`` of each job whose steps the served weights should carry, in the order they ran
     (empty: the base checkpoint)."""
+    weight_version: str
+    """SGLang's weight version label of the restored weights (see
+    :func:`sglang_mezo.jobs.executor.weight_version_label`)."""
 
 
 class MezoReqOutput(BaseReq, kw_only=True):
@@ -43,3 +46,6 @@ class MezoReqOutput(BaseReq, kw_only=True):
     """A weight pass failed part-way: the served weights are at no committed step."""
     trainable_fingerprint: str = ""
     trainable_names: list[str] = msgspec.field(default_factory=list)
+    weight_version: str | None = None
+    """The weight version label SGLang now serves with, if the weights changed."""
+

@@ -37,6 +37,7 @@ from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Object
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn, mezo_step
 from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.jobs.executor import weight_version_label
 from sglang_mezo.kernels import derive_seed, zaxpy_
 
 from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput
@@ -176,10 +177,16 @@ class MezoSchedulerHandler:
                     break
                 results.append({"step": step, **result.to_dict(),
                                 "step_ms": 1e3 * (time.perf_counter() - step_started)})
+            version = None
+            if (results or aborted) and not self.inconsistent:
+                version = weight_version_label(req.job_id, results[-1]["step"] + 1 if results else req.steps[0],
+                                               aborted is not None)
+                self.scheduler.record_weight_version_change(version)  # while paused: spans split right here
         logger.info("MeZO job %s: %d step(s) in %.1f ms", req.job_id, len(results),
                     1e3 * (time.perf_counter() - started))
         return MezoReqOutput(success=error is None, message=error or "", results=results, aborted=aborted,
-                             inconsistent=self.inconsistent, **self._trainable_header(params))
+                             inconsistent=self.inconsistent, weight_version=version,
+                             **self._trainable_header(params))
 
     def _step_failed(self, job_id: str, exc: Exception) -> str:
         if isinstance(exc, InconsistentWeightsError):
@@ -223,6 +230,7 @@ class MezoSchedulerHandler:
                 moved = self._movable_pieces()
                 copied = load_pieces(self.scheduler.server_args.model_path, moved)
                 steps = sum(t.replay(p, exact=True) for t, p in zip(history, targets, strict=True))
+                self.scheduler.record_weight_version_change(req.weight_version)
                 ok = True
             except Exception as exc:  # noqa: BLE001 - the weights are now at no known state
                 logger.exception("MeZO: restore failed")
@@ -236,7 +244,7 @@ class MezoSchedulerHandler:
         message = (f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the checkpoint and "
                    f"replayed {steps} step(s) in {time.perf_counter() - started:.2f} s")
         logger.info("MeZO: %s", message)
-        return MezoReqOutput(success=True, message=message)
+        return MezoReqOutput(success=True, message=message, weight_version=req.weight_version)
 
     def _movable_pieces(self) -> list[TrainablePiece]:
         """The pieces of every trainable set built so far (each distinct block once)."""
