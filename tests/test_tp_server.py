@@ -1,6 +1,7 @@
 """Tensor parallel on CPU: with --tp 2 every rank perturbs its own shards with the z of the *checkpoint* tensor
 (split q/k/v and gate/up rows, split o/down columns, a padded vocabulary shard, a KV head replicated on both
-ranks), so the job's trajectory replays onto the plain HF checkpoint and gives the served scores."""
+ranks), so the job's trajectory replays onto the plain HF checkpoint and gives the served scores. A failure on one
+rank only stops the step on both (no rank is left waiting in a collective) and the weights are restored."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the fi
 def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
     # one KV head for two ranks: SGLang replicates it, and both copies must move identically
     model_path = save_tiny_llama(tmp_path / "model", seed=7, num_key_value_heads=1)
-    with running_server(model_path, "--tp", "2", "--mezo-z-kind", "gaussian", log_dir=tmp_path) as server:
+    # on TP rank 1 only: a scorer failure in step 32, a torn weight pass in step 34
+    with running_server(model_path, "--tp", "2", "--mezo-z-kind", "gaussian", log_dir=tmp_path,
+                        env={"SGLANG_MEZO_INJECT_FAULT": "raise@32:3#1,torn@34:2#1"}) as server:
         before = served_logprobs(server)
         # a sane lr: at 3e-2 the tiny model blows up (log-probs ~ -900), and 1e-4 absolute stops meaning anything
         job = run_job(server, {"examples": TRAIN, "steps": 30, "lr": 3e-3, "eps": 1e-3, "batch_size": 2})
@@ -22,3 +25,14 @@ def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
         trained = served_logprobs(server)
         assert max_diff(trained, before) > 1e-3
         assert max_diff(trained, hf_logprobs(engine_for_served(server, model_path))) <= 1e-4
+
+        # failures on rank 1 alone: both ranks stop the step, and the weights are those of the kept history
+        body = {"examples": TRAIN, "lr": 3e-3, "eps": 1e-3, "batch_size": 2, "seed": 1, "n_probes": 2}
+        failed = run_job(server, {**body, "steps": 40})
+        assert failed["status"] == "failed" and failed["step"] == 32, failed
+        assert "another tensor-parallel rank" in failed["error"], failed
+        torn = run_job(server, {**body, "steps": 40, "seed": 2})
+        assert torn["status"] == "failed" and torn["step"] == 34, torn
+        assert "restored to the last committed step" in torn["error"] and not torn["weights_inconsistent"], torn
+        assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4
+        assert run_job(server, {**body, "steps": 2, "seed": 3})["status"] == "succeeded"

@@ -46,9 +46,11 @@ from .scoring import SchedulerEngine
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "SGLANG_MEZO_INJECT_FAULT"
-"""Testing only: comma-separated ``<kind>@<step>:<call>`` entries, each making loss call ``call`` (1-based) of the
-first step numbered ``step`` fail, once per server: ``raise`` raises, ``nan`` returns NaN, ``torn`` moves part of
-the trainable tensors (as a weight pass that died half-way would) and raises :class:`InconsistentWeightsError`."""
+"""Testing only: comma-separated ``<kind>@<step>:<call>[#<tp rank>]`` entries, each making the first step numbered
+``step`` fail once per server, just before its loss call ``call`` (1-based), that is after the weight pass
+that precedes that call, on every TP rank or only on the one given. ``raise`` raises, ``nan`` returns NaN,
+``torn`` moves part of the trainable tensors (as a weight pass that died half-way would) and raises
+:class:`InconsistentWeightsError`."""
 
 
 class OtherRankFailed(RuntimeError):
@@ -68,14 +70,16 @@ class _Verdict(NamedTuple):
 
 
 class _FaultInjector:
-    def __init__(self, spec: str | None) -> None:
+    def __init__(self, spec: str | None, tp_rank: int) -> None:
         self.pending: dict[int, tuple[str, int]] = {}  # step -> (kind, loss call)
         for entry in filter(None, (spec or "").split(",")):
-            kind, _, where = entry.strip().partition("@")
+            what, _, rank = entry.strip().partition("#")
+            kind, _, where = what.partition("@")
             step, _, call = where.partition(":")
             if kind not in ("raise", "nan", "torn"):
                 raise ValueError(f"{FAULT_ENV}: {entry!r}: the kind must be raise, nan or torn")
-            self.pending[int(step)] = (kind, int(call))
+            if not rank or int(rank) == tp_rank:
+                self.pending[int(step)] = (kind, int(call))
 
     def wrap(self, loss: LossFn, step: int, params: TrainableSet) -> LossFn:
         if step not in self.pending:
@@ -105,7 +109,7 @@ class MezoSchedulerHandler:
         self.scheduler = scheduler
         self._engine: SchedulerEngine | None = None
         self._params: dict[ParamSelection, TrainableSet] = {}
-        self._faults = _FaultInjector(os.environ.get(FAULT_ENV))
+        self._faults: _FaultInjector | None = None
         self.inconsistent = False
         """Latched when a weight pass failed part-way: no training until a restore succeeds."""
 
@@ -114,6 +118,12 @@ class MezoSchedulerHandler:
         if self._engine is None:  # built on first use: the model is loaded by then
             self._engine = SchedulerEngine(self.scheduler)
         return self._engine
+
+    @property
+    def faults(self) -> _FaultInjector:
+        if self._faults is None:
+            self._faults = _FaultInjector(os.environ.get(FAULT_ENV), self.engine.tp_rank)
+        return self._faults
 
     def params_for(self, selection: ParamSelection) -> TrainableSet:
         if selection not in self._params:
@@ -148,7 +158,8 @@ class MezoSchedulerHandler:
         with self._paused(flush=lambda: bool(results) or aborted is not None or self.inconsistent):
             for step, batch in zip(req.steps, batches, strict=True):
                 step_started = time.perf_counter()
-                loss = self._agreeing(self._faults.wrap(batch_loss_fn(self.engine, objective, batch), step, params))
+                # a fault is injected before the ranks' agreement: where a failing weight pass would be
+                loss = self.faults.wrap(self._agreeing(batch_loss_fn(self.engine, objective, batch)), step, params)
                 abort: list[AbortedProbes] = []
                 try:
                     result = mezo_step(
