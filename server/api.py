@@ -125,3 +125,19 @@ class WeightsOut(BaseModel):
     weights_lost: bool = False
     """A weight pass failed part-way and restoring failed too: training is off until a reset succeeds."""
     message: str = ""
+
+
+class SaveRequest(_Strict):
+    """Where to write the served weights as a Hugging Face checkpoint (a folder on the server)."""
+
+    path: str = Field(min_length=1, description="an absolute folder path on the server, shared by all TP ranks")
+    overwrite: bool = Field(False, description="allow writing into a folder that is not empty")
+
+
+class SaveOut(BaseModel):
+    path: str
+    weight_version: str
+    """The label of the saved weights (see GET /mezo/weights)."""
+    tensors: list[str]
+    """The checkpoint tensors whose values differ from the base (the others are copied from it)."""
+    message: str

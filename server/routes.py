@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 
@@ -11,8 +12,8 @@ from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
 from sglang_mezo.jobs.runner import Busy, Job, JobRunner, JobSpec, JobStatus
 
-from .api import (ChoiceExampleIn, JobListOut, JobOut, ResetRequest, ServedSegmentOut, StepOut, StepRequest,
-                  WeightsOut)
+from .api import (ChoiceExampleIn, JobListOut, JobOut, ResetRequest, SaveOut, SaveRequest, ServedSegmentOut, StepOut,
+                  StepRequest, WeightsOut)
 
 
 def job_out(job: Job) -> JobOut:
@@ -132,5 +133,26 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         except RuntimeError as exc:
             raise HTTPException(503, str(exc)) from exc
         return weights_out(message)
+
+    @router.post("/save")
+    async def save(request: SaveRequest) -> SaveOut:
+        """Write the served weights, at the moment the scheduler handles this request, as an HF checkpoint (plus
+        mezo_history.json, the trajectories from the base). Serving waits while the files are written."""
+        path = Path(request.path)
+        if not path.is_absolute():
+            raise HTTPException(400, f"path must be absolute on the server, got {request.path!r}")
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not request.overwrite)):
+            raise HTTPException(409, f"{request.path} exists and is not an empty folder (set overwrite to write "
+                                     "into it)")
+        if path.resolve() == Path(base_model).resolve():
+            raise HTTPException(409, "refusing to overwrite the base checkpoint: resets re-read it")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            report = await runner.save(str(path))
+        except OSError as exc:
+            raise HTTPException(400, f"cannot write to {request.path}: {exc}") from exc
+        except RuntimeError as exc:
+            raise HTTPException(503, str(exc)) from exc
+        return SaveOut(path=str(path), **report)
 
     return router

@@ -87,3 +87,65 @@ def _read_block(source, piece: TrainablePiece) -> torch.Tensor:
         raise CheckpointError(f"{piece.name}: only 1-D and 2-D tensors can be read back, not {len(shape)}-D")
     rows = data.shape[0] if data.dim() == 2 else 1
     return source[piece.row_offset : piece.row_offset + rows, piece.col_offset : piece.col_offset + data.shape[-1]]
+
+
+# -- saving ---------------------------------------------------------------------------------------------------------
+#
+# Under tensor parallelism each process holds pieces of a tensor. Saving therefore goes in two phases: every
+# process writes its own pieces to a "parts" file (:func:`write_parts`), then one process pastes all parts into the
+# base checkpoint's tensors and writes a complete Hugging Face folder (:func:`assemble`). Tensors no piece covers
+# are copied from the base unchanged: only the trainable tensors ever move.
+
+_PART_KEY = "{name}|{row}|{col}"
+
+
+def write_parts(path: str | Path, pieces: Iterable[TrainablePiece]) -> Path:
+    """Write the pieces' current values (with where they sit in their checkpoint tensors) to one file."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for piece in pieces:
+        key = _PART_KEY.format(name=piece.name, row=piece.row_offset, col=piece.col_offset)
+        tensors[key] = piece.data.detach().to("cpu", copy=True).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path
+
+
+def assemble(base_dir: str | Path, out_dir: str | Path, part_files: Iterable[str | Path]) -> list[str]:
+    """Write ``out_dir``: the base checkpoint folder with every tensor covered by the parts replaced by the pasted
+    parts (in the base tensor's dtype), the other files copied. Returns the names of the replaced tensors."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base, out = Path(base_dir), Path(out_dir)
+    files = tensor_files(base)
+    parts: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+    for part_file in part_files:
+        for key, value in load_file(str(part_file)).items():
+            name, row, col = key.rsplit("|", 2)
+            parts.setdefault(name, []).append((int(row), int(col), value))
+    if "lm_head.weight" in parts and "lm_head.weight" not in files:
+        parts["model.embed_tokens.weight"] = parts.pop("lm_head.weight")  # tied: the file stores the embedding
+    unknown = sorted(set(parts) - set(files))
+    if unknown:
+        raise CheckpointError(f"tensors not in the base checkpoint: {unknown[:5]}")
+    out.mkdir(parents=True, exist_ok=True)
+    for item in base.iterdir():  # config, tokenizer, index, ...: everything but the tensors
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy2(item, out / item.name)
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(file))
+        for name in tensors.keys() & parts.keys():
+            full = tensors[name]
+            view = full.view(-1, full.shape[-1]) if full.dim() > 1 else full.view(1, -1)
+            for row, col, value in parts[name]:
+                block = value.view(-1, value.shape[-1]) if value.dim() > 1 else value.view(1, -1)
+                view[row : row + block.shape[0], col : col + block.shape[1]] = block.to(full.dtype)
+        save_file(tensors, str(out / file.name), metadata=metadata)
+    return sorted(parts)

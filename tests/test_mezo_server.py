@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 from mezo_checks import (PROBE, engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs,
                          served_weights)
 from servers import running_server
@@ -103,6 +105,30 @@ def test_training_lowers_the_loss_and_replays_onto_the_checkpoint(server, model_
     assert max_diff([after_update], hf_logprobs(engine, [CACHEABLE])) <= 1e-4
     with running_server(str(replayed), enable_mezo=False, log_dir=tmp_path) as fresh:
         assert max_diff(trained, served_logprobs(fresh)) <= 1e-4
+
+
+def test_save_writes_a_checkpoint_that_transformers_and_a_fresh_server_load(server, model_path, tmp_path):
+    job = run_job(server, {"examples": TRAIN, "steps": 5, "lr": 1e-2, "batch_size": 2, "seed": 31})
+    assert job["status"] == "succeeded", job
+    target = tmp_path / "saved"
+    status, saved = server.request("POST", "/mezo/save", {"path": str(target)})
+    assert status == 200, saved
+    assert saved["weight_version"] == server.request("GET", "/mezo/weights")[1]["weight_version"]
+    assert "model.layers.1.self_attn.q_proj.weight" in saved["tensors"]
+    # the saved tensors are bit for bit the base checkpoint with the served history replayed
+    expected = engine_for_served(server, model_path).model.state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).state_dict()
+    assert expected.keys() == loaded.keys()
+    for name in expected:
+        assert torch.equal(expected[name], loaded[name]), name
+    provenance = json.loads((target / "mezo_history.json").read_text())
+    assert provenance["weight_version"] == saved["weight_version"] and provenance["history"]
+    with running_server(str(target), enable_mezo=False, log_dir=tmp_path) as fresh:
+        assert served_logprobs(fresh) == served_logprobs(server)
+    # refused: a relative path, a folder that is not empty, the base checkpoint
+    assert server.request("POST", "/mezo/save", {"path": "relative/dir"})[0] == 400
+    assert server.request("POST", "/mezo/save", {"path": str(target)})[0] == 409
+    assert server.request("POST", "/mezo/save", {"path": model_path, "overwrite": True})[0] == 409
 
 
 def run_job_under_load(server, body: dict, clients: list, stop: threading.Event) -> dict:

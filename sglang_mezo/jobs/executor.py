@@ -27,6 +27,7 @@ class ChunkOutcome:
     trainable_names: list[str] = field(default_factory=list)
     weight_version: str | None = None
     """The label the served weights now carry, if they changed (see :func:`weight_version_label`)."""
+    info: dict = field(default_factory=dict)
 
 
 class ChunkExecutor(Protocol):
@@ -41,6 +42,10 @@ class ChunkExecutor(Protocol):
     async def restore(self, history: list[dict], weight_version: str) -> ChunkOutcome:
         """Put the served weights at the base checkpoint plus ``history`` (``Trajectory.to_dict()`` per job, in
         order), exactly, and label them ``weight_version``."""
+        ...
+
+    async def save(self, path: str) -> ChunkOutcome:
+        """Write the served weights to ``path`` as a Hugging Face checkpoint; ``info`` names the saved label."""
         ...
 
 

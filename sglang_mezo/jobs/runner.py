@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import random
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
@@ -31,6 +33,9 @@ from sglang_mezo.core.trajectory import Trajectory
 from .executor import ChunkExecutor, StepChunk, weight_version_label
 
 logger = logging.getLogger(__name__)
+
+PROVENANCE = "mezo_history.json"
+"""Written next to saved weights: the base model, the weight version, and the trajectories that lead there."""
 
 
 class JobStatus(str, enum.Enum):
@@ -140,8 +145,9 @@ class Busy(RuntimeError):
 
 class JobRunner:
     def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64,
-                 yield_s: float = 2.0, base_weight_version: str = "default") -> None:
+                 yield_s: float = 2.0, base_weight_version: str = "default", base_model: str = "") -> None:
         self.executor = executor
+        self.base_model = base_model
         self.base_weight_version = base_weight_version
         self.weight_version = base_weight_version
         """SGLang's label of the weights served now."""
@@ -196,6 +202,32 @@ class JobRunner:
                     kept.records = [r for r in kept.records if r.step < step]
                 history.append(ServedSegment(job_id, kept))
         return await self._restore(history)
+
+    async def save(self, path: str) -> dict:
+        """Write the served weights to ``path`` (a folder) as a Hugging Face checkpoint that transformers and SGLang
+        load, plus ``mezo_history.json``: the trajectories that lead from the base checkpoint to them. Returns the
+        scheduler's report (``weight_version``, ``tensors``). Raises RuntimeError if it failed."""
+        outcome = await self.executor.save(path)
+        if not outcome.success:
+            raise RuntimeError(f"saving the weights failed: {outcome.message}")
+        # the served history as of the save: the scheduler handles messages in order, and a running job's
+        # history may have moved on since; the label written by the scheduler says which weights these are
+        version = outcome.info.get("weight_version", "")
+        history = self._history_at(version)
+        provenance = {"base_model": self.base_model, "weight_version": version,
+                      "history": None if history is None else [s.trajectory.to_dict() for s in history]}
+        Path(path, PROVENANCE).write_text(json.dumps(provenance))
+        return {**outcome.info, "message": outcome.message}
+
+    def _history_at(self, version: str) -> list[ServedSegment] | None:
+        """The served history whose weights carry ``version`` (None if it is not the current one or a prefix)."""
+        if version == self.base_weight_version:
+            return []
+        for n, segment in enumerate(self.served):
+            for aborted in (False, True):
+                if weight_version_label(segment.job_id, segment.steps, aborted) == version:
+                    return self.served[: n + 1]
+        return None
 
     async def _restore(self, history: list[ServedSegment]) -> str:
         version = self.base_weight_version

@@ -10,7 +10,7 @@ from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.jobs.executor import ChunkOutcome, StepChunk
 from sglang_mezo.jobs.runner import JobRunner
 
-from .messages import MezoChunkReqInput, MezoRestoreReqInput
+from .messages import MezoChunkReqInput, MezoRestoreReqInput, MezoSaveReqInput
 from .options import MezoServerOptions
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class TokenizerManagerExecutor:
     async def restore(self, history: list[dict], weight_version: str) -> ChunkOutcome:
         return await self._send(MezoRestoreReqInput(history=history, weight_version=weight_version))
 
+    async def save(self, path: str) -> ChunkOutcome:
+        return await self._send(MezoSaveReqInput(path=path))
+
     async def _send(self, request) -> ChunkOutcome:
         self.tm.auto_create_handle_loop()
         communicator = getattr(self.tm, f"{COMMUNICATOR}_communicator")
@@ -52,7 +55,7 @@ class TokenizerManagerExecutor:
         if r.weight_version is not None:  # what /get_weight_version and responses without spans report
             self.tm._update_weight_version_if_provided(r.weight_version)
         return ChunkOutcome(success=r.success, message=r.message, results=list(r.results),
-                            inconsistent=r.inconsistent, aborted=r.aborted, weight_version=r.weight_version,
+                            inconsistent=r.inconsistent, aborted=r.aborted, weight_version=r.weight_version, info=dict(r.info),
                             trainable_fingerprint=r.trainable_fingerprint,
                             trainable_names=list(r.trainable_names))
 
@@ -64,7 +67,8 @@ def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3,
-                       yield_s=options.yield_ms / 1e3, base_weight_version=str(server_args.weight_version))
+                       yield_s=options.yield_ms / 1e3, base_weight_version=str(server_args.weight_version),
+                       base_model=str(server_args.model_path))
     app.include_router(build_router(
         runner,
         tokenizer=tokenizer_manager.tokenizer,

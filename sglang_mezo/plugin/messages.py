@@ -34,6 +34,11 @@ class MezoRestoreReqInput(BaseReq, kw_only=True):
     :func:`sglang_mezo.jobs.executor.weight_version_label`)."""
 
 
+class MezoSaveReqInput(BaseReq, kw_only=True):
+    path: str
+    """A folder every TP rank can write to (they share it): the served weights go there as an HF checkpoint."""
+
+
 class MezoReqOutput(BaseReq, kw_only=True):
     success: bool
     message: str = ""
@@ -48,4 +53,6 @@ class MezoReqOutput(BaseReq, kw_only=True):
     trainable_names: list[str] = msgspec.field(default_factory=list)
     weight_version: str | None = None
     """The weight version label SGLang now serves with, if the weights changed."""
+    info: dict = msgspec.field(default_factory=dict)
+    """What a request other than a chunk reports (a save: the label of the saved weights, the tensors written)."""
 

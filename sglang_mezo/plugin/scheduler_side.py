@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import NamedTuple
 
-from sglang_mezo.checkpoint import load_pieces, plan_reads
+from sglang_mezo.checkpoint import assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Objective, batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
@@ -40,7 +42,7 @@ from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.jobs.executor import weight_version_label
 from sglang_mezo.kernels import derive_seed, zaxpy_
 
-from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput
+from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
 from .scoring import SchedulerEngine
 
 logger = logging.getLogger(__name__)
@@ -257,6 +259,36 @@ class MezoSchedulerHandler:
         logger.info("MeZO: %s", message)
         return MezoReqOutput(success=True, message=message, weight_version=req.weight_version)
 
+    # -- save ----------------------------------------------------------------------------------------------------
+
+    def save(self, req: MezoSaveReqInput) -> MezoReqOutput:
+        """Write the served weights as an HF checkpoint: each rank writes its trainable pieces, rank 0 pastes them
+        into the base checkpoint's tensors. Runs on the scheduler thread, so the weights cannot change meanwhile."""
+        from sglang.srt.runtime_context import get_serving
+
+        parts = Path(req.path) / ".mezo-parts"
+        error = None
+        started = time.perf_counter()
+        try:
+            write_parts(parts / f"rank{self.engine.tp_rank}.safetensors", self._movable_pieces())
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            logger.exception("MeZO: writing the trainable tensors failed")
+            error = f"{type(exc).__name__}: {exc}"
+        if not self._all_ranks_ok(error is None):  # also a barrier: every rank's parts are on disk now
+            return MezoReqOutput(success=False, message=error or "writing failed on another tensor-parallel rank")
+        info = {"weight_version": str(get_serving().weight_version)}
+        if self.engine.tp_rank == 0:  # the one that replies
+            try:
+                info["tensors"] = assemble(self.scheduler.server_args.model_path, req.path,
+                                           sorted(parts.glob("rank*.safetensors")))
+                shutil.rmtree(parts, ignore_errors=True)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                logger.exception("MeZO: assembling the checkpoint failed")
+                return MezoReqOutput(success=False, message=f"{type(exc).__name__}: {exc}")
+        message = f"saved in {time.perf_counter() - started:.2f} s"
+        logger.info("MeZO: weights %s %s to %s", info["weight_version"], message, req.path)
+        return MezoReqOutput(success=True, message=message, info=info)
+
     def _movable_pieces(self) -> list[TrainablePiece]:
         """The pieces of every trainable set built so far (each distinct block once)."""
         seen: dict[tuple, TrainablePiece] = {}
@@ -344,5 +376,6 @@ def install(scheduler) -> None:
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (MezoChunkReqInput, handler.handle),
         (MezoRestoreReqInput, handler.restore),
+        (MezoSaveReqInput, handler.save),
     ])
     scheduler._mezo_handler = handler
