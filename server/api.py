@@ -35,12 +35,51 @@ class ChoiceExampleIn(_Strict):
         return self
 
 
+ExampleIn = CompletionExampleIn | ChoiceExampleIn
+
+
+def _one_kind(examples: list[ExampleIn], field_name: str) -> None:
+    if len({type(e) for e in examples}) > 1:
+        raise ValueError(f"{field_name} must all be prompt/completion or all prompt/options/label")
+
+
+class EvalRequest(_Strict):
+    """Score examples under the served weights (as user traffic is served: nothing changes)."""
+
+    examples: list[ExampleIn] = Field(min_length=1)
+    objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
+                                                          "classification for prompt/options/label examples")
+
+    @model_validator(mode="after")
+    def _one_kind_of_example(self) -> EvalRequest:
+        _one_kind(self.examples, "examples")
+        return self
+
+
+class EvalOut(BaseModel):
+    n: int
+    loss: float
+    """The objective's mean loss over the examples."""
+    accuracy: float | None = None
+    """For prompt/options/label examples: the share whose most likely option (length-normalised) is the label."""
+    weight_version: str
+    """The weights that were evaluated (see GET /mezo/weights)."""
+
+
+class JobEvalOut(EvalOut):
+    step: int
+    """Committed steps of the job when the evaluation ran (0: before the first)."""
+
+
 class StepRequest(_Strict):
     """A training job. Hyper-parameters left out take the server's ``--mezo-*`` defaults."""
 
-    examples: list[CompletionExampleIn | ChoiceExampleIn] = Field(min_length=1)
+    examples: list[ExampleIn] = Field(min_length=1)
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
+    eval_examples: list[ExampleIn] = Field(default_factory=list, description="held-out examples of the same kind, "
+                                           "evaluated before the first step, every eval_every steps and at the end")
+    eval_every: int = Field(0, ge=0, description="0: evaluate only before and after training")
     steps: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float | None = Field(None, ge=0, le=1.0)
@@ -55,9 +94,9 @@ class StepRequest(_Strict):
 
     @model_validator(mode="after")
     def _one_kind_of_example(self) -> StepRequest:
-        kinds = {type(e) for e in self.examples}
-        if len(kinds) > 1:
-            raise ValueError("examples must all be prompt/completion or all prompt/options/label")
+        _one_kind(self.examples + self.eval_examples, "examples and eval_examples")
+        if self.eval_every and not self.eval_examples:
+            raise ValueError("eval_every needs eval_examples")
         if self.wait and self.steps != 1:
             raise ValueError("wait is only for steps = 1; poll GET /mezo/jobs/{id} for longer jobs")
         return self
@@ -80,6 +119,15 @@ class JobOut(BaseModel):
     total_steps: int
     last: StepOut | None = None
     zero_grad_steps: int
+    """Steps whose every probe had L+ = L- exactly (g = 0): no update. Common with the accuracy objective."""
+    zero_grad_rate: float
+    """The share of probes with g = 0 so far."""
+    abs_grad_quantiles: dict[str, float] = Field(default_factory=dict)
+    """|g| over the probes so far: min, p10, p50, p90, max."""
+    evals: list[JobEvalOut] = Field(default_factory=list)
+    best_eval: JobEvalOut | None = None
+    """The evaluation with the best accuracy (choice examples) or loss; POST /mezo/reset with its step restores
+    those weights exactly."""
     longest_step_ms: float
     """The longest a user request waited for one step of this job."""
     elapsed_s: float

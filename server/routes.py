@@ -12,12 +12,22 @@ from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
 from sglang_mezo.jobs.runner import Busy, Job, JobRunner, JobSpec, JobStatus
 
-from .api import (ChoiceExampleIn, JobListOut, JobOut, ResetRequest, SaveOut, SaveRequest, ServedSegmentOut, StepOut,
-                  StepRequest, WeightsOut)
+from .api import (ChoiceExampleIn, EvalOut, EvalRequest, ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest,
+                  SaveOut, SaveRequest, ServedSegmentOut, StepOut, StepRequest, WeightsOut)
+
+
+def grad_quantiles(history: list[dict]) -> dict[str, float]:
+    grads = sorted(abs(g) for r in history for g in r["projected_grads"])
+    if not grads:
+        return {}
+    at = lambda q: grads[min(len(grads) - 1, int(q * len(grads)))]  # noqa: E731 - nearest rank
+    return {"min": grads[0], "p10": at(0.1), "p50": at(0.5), "p90": at(0.9), "max": grads[-1]}
 
 
 def job_out(job: Job) -> JobOut:
     last = job.history[-1] if job.history else None
+    probes = sum(len(r["projected_grads"]) for r in job.history)
+    zero_probes = sum(1 for r in job.history for g in r["projected_grads"] if g == 0.0)
     return JobOut(
         job_id=job.id,
         status=job.status.value,
@@ -25,6 +35,10 @@ def job_out(job: Job) -> JobOut:
         total_steps=job.spec.steps,
         last=StepOut(**{k: last[k] for k in StepOut.model_fields}) if last else None,
         zero_grad_steps=sum(1 for r in job.history if all(g == 0.0 for g in r["projected_grads"])),
+        zero_grad_rate=zero_probes / probes if probes else 0.0,
+        abs_grad_quantiles=grad_quantiles(job.history),
+        evals=[JobEvalOut(**e) for e in job.evals],
+        best_eval=JobEvalOut(**job.best_eval) if job.best_eval else None,
         longest_step_ms=max((r["step_ms"] for r in job.history), default=0.0),
         elapsed_s=job.elapsed_s(),
         eta_s=job.eta_s(),
@@ -33,16 +47,26 @@ def job_out(job: Job) -> JobOut:
     )
 
 
+def objective_for(examples: list[ExampleIn], requested: Objective | None) -> Objective:
+    """The requested objective, or the default for the kind of examples; 400 if they do not fit."""
+    choice = isinstance(examples[0], ChoiceExampleIn)
+    objective = requested or (Objective.CLASSIFICATION if choice else Objective.CROSS_ENTROPY)
+    if choice == (objective is Objective.CROSS_ENTROPY):
+        raise HTTPException(400, f"objective {objective.value} does not fit "
+                                 f"{'prompt/options/label' if choice else 'prompt/completion'} examples")
+    return objective
+
+
 def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_steps: int, context_len: int,
                  base_model: str) -> APIRouter:
     router = APIRouter(prefix="/mezo", tags=["mezo"])
 
-    def tokenize(request: StepRequest) -> list[dict]:
+    def tokenize(examples: list[ExampleIn], what: str = "example") -> list[dict]:
         def ids(text: str, special: bool) -> list[int]:
             return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
         out = []
-        for i, example in enumerate(request.examples):
+        for i, example in enumerate(examples):
             prompt = ids(example.prompt, True)
             if isinstance(example, ChoiceExampleIn):
                 wire = {"prompt": prompt, "options": [ids(o, False) for o in example.options], "label": example.label}
@@ -51,7 +75,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
                 wire = {"prompt": prompt, "completion": ids(example.completion, False)}
                 longest = len(wire["completion"])
             if len(prompt) + longest > context_len:
-                raise HTTPException(400, f"example {i} has {len(prompt) + longest} tokens; the model's context "
+                raise HTTPException(400, f"{what} {i} has {len(prompt) + longest} tokens; the model's context "
                                          f"length is {context_len}")
             out.append(wire)
         return out
@@ -61,11 +85,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         if request.steps > max_steps:
             raise HTTPException(400, f"steps={request.steps} is more than this server allows per job "
                                      f"(--mezo-max-steps-per-job {max_steps})")
-        choice = isinstance(request.examples[0], ChoiceExampleIn)
-        objective = request.objective or (Objective.CLASSIFICATION if choice else Objective.CROSS_ENTROPY)
-        if choice == (objective is Objective.CROSS_ENTROPY):
-            raise HTTPException(400, f"objective {objective.value} does not fit "
-                                     f"{'prompt/options/label' if choice else 'prompt/completion'} examples")
+        objective = objective_for(request.examples, request.objective)
         # the server's --mezo-* defaults, overridden by what the request sets (replace re-validates)
         config = dataclasses.replace(
             defaults,
@@ -73,15 +93,27 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
             **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
             total_steps=request.steps,
         )
-        examples = await asyncio.to_thread(tokenize, request)  # large example lists: keep the event loop free
+        # large example lists: keep the event loop free
+        examples = await asyncio.to_thread(tokenize, request.examples)
+        eval_examples = await asyncio.to_thread(tokenize, request.eval_examples, "eval example")
         job = runner.submit(JobSpec(examples=examples, objective=objective, config=config,
-                                    batch_size=request.batch_size, base_model=base_model))
+                                    batch_size=request.batch_size, base_model=base_model,
+                                    eval_examples=eval_examples, eval_every=request.eval_every))
         if not request.wait:
             return job_out(job)
         await job.done.wait()
         if job.status is not JobStatus.SUCCEEDED:
             raise HTTPException(409 if job.status is JobStatus.CANCELLED else 422, job.error or job.status.value)
         return StepOut(**{k: job.history[0][k] for k in StepOut.model_fields})
+
+    @router.post("/eval")
+    async def eval_examples(request: EvalRequest) -> EvalOut:
+        """Score examples under the served weights; batched with user traffic, nothing changes. While a job runs,
+        a step may commit meanwhile: ``weight_version`` then lists both."""
+        objective = objective_for(request.examples, request.objective)
+        examples = await asyncio.to_thread(tokenize, request.examples)
+        metrics, version = await runner.evaluate(objective, examples)
+        return EvalOut(**metrics.to_dict(), weight_version=version)
 
     @router.get("/jobs")
     async def list_jobs() -> JobListOut:

@@ -98,3 +98,26 @@ def batch_loss_fn(engine: ScoringEngine, objective: Objective, batch: Sequence[E
         return float(example_losses(objective, batch, engine.score(items)).mean())
 
     return loss
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """An evaluation of a set of examples: the objective's mean loss, and for choice examples the accuracy (the
+    share whose highest length-normalised option log-likelihood is the label)."""
+
+    n: int
+    loss: float
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "loss": self.loss, "accuracy": self.accuracy}
+
+
+def evaluate(objective: Objective, examples: Sequence[Example], scores: CompletionScores) -> EvalMetrics:
+    """Metrics of ``examples`` from the scores of ``scoring_items(examples)``."""
+    loss = float(example_losses(objective, examples, scores).mean())
+    accuracy = None
+    if examples and all(isinstance(e, ChoiceExample) for e in examples):
+        hits = [int(logits.argmax()) == e.label for e, logits in zip(examples, option_logits(examples, scores))]
+        accuracy = sum(hits) / len(hits)
+    return EvalMetrics(n=len(examples), loss=loss, accuracy=accuracy)

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from sglang_mezo.core.interface import CompletionScores, ScoringItem
+from sglang_mezo.core.objectives import ChoiceExample, CompletionExample
+
+
+def example_from_wire(data: dict) -> CompletionExample | ChoiceExample:
+    """A tokenized example as jobs carry it: ``{"prompt": ids, "completion": ids}`` or ``{"prompt": ids,
+    "options": [ids, ...], "label": i}``."""
+    if "options" in data:
+        return ChoiceExample(tuple(data["prompt"]), tuple(tuple(o) for o in data["options"]), int(data["label"]))
+    return CompletionExample(tuple(data["prompt"]), tuple(data["completion"]))
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,13 @@ class ChunkExecutor(Protocol):
 
     async def save(self, path: str) -> ChunkOutcome:
         """Write the served weights to ``path`` as a Hugging Face checkpoint; ``info`` names the saved label."""
+        ...
+
+
+class ServedScorer(Protocol):
+    async def score(self, items: Sequence[ScoringItem]) -> tuple[CompletionScores, set[str]]:
+        """Score the items as user traffic is served; also the weight versions that scored them (more than one
+        if a step committed meanwhile)."""
         ...
 
 

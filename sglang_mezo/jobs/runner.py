@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.objectives import Objective
+from sglang_mezo.core.objectives import EvalMetrics, Objective, evaluate, scoring_items
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
 
-from .executor import ChunkExecutor, StepChunk, weight_version_label
+from .executor import ChunkExecutor, ServedScorer, StepChunk, example_from_wire, weight_version_label
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class JobSpec:
     config: MezoConfig
     batch_size: int
     base_model: str = ""
+    eval_examples: list[dict] = field(default_factory=list)
+    """Held-out examples evaluated before the first step, every ``eval_every`` steps and after the last."""
+    eval_every: int = 0
 
     @property
     def steps(self) -> int:
@@ -104,6 +107,8 @@ class Job:
     cancel_requested: bool = False
     trajectory: Trajectory | None = None
     history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    """``{"step", "n", "loss", "accuracy", "weight_version"}`` per evaluation of the eval examples."""
     served_before: list[ServedSegment] = field(default_factory=list)
     """What the served weights carried when this job started: its steps apply on top of that."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,6 +126,13 @@ class Job:
         if self.status is not JobStatus.RUNNING or not self.steps_done:
             return None
         return self.elapsed_s() / self.steps_done * (self.spec.steps - self.steps_done)
+
+    @property
+    def best_eval(self) -> dict | None:
+        """The evaluation with the highest accuracy (choice examples) or lowest loss; the earliest on a tie."""
+        if not self.evals:
+            return None
+        return max(self.evals, key=lambda e: (e["accuracy"] if e["accuracy"] is not None else -e["loss"], -e["step"]))
 
     def record(self, results: list[dict], fingerprint: str, names: list[str], aborted: dict | None = None) -> None:
         """Add a chunk's committed steps (and the probe passes of a step that failed) to the trajectory."""
@@ -145,8 +157,10 @@ class Busy(RuntimeError):
 
 class JobRunner:
     def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64,
-                 yield_s: float = 2.0, base_weight_version: str = "default", base_model: str = "") -> None:
+                 yield_s: float = 2.0, base_weight_version: str = "default", base_model: str = "",
+                 scorer: ServedScorer | None = None) -> None:
         self.executor = executor
+        self.scorer = scorer
         self.base_model = base_model
         self.base_weight_version = base_weight_version
         self.weight_version = base_weight_version
@@ -259,12 +273,16 @@ class JobRunner:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
         job.served_before = list(self.served)
+        await self._evaluate(job)
         chunk_steps = 1
         while job.steps_done < spec.steps:
             if job.cancel_requested:
                 self._finish(job, JobStatus.CANCELLED)
                 return
-            steps = list(range(job.steps_done, min(spec.steps, job.steps_done + chunk_steps)))
+            end = min(spec.steps, job.steps_done + chunk_steps)
+            if spec.eval_every:  # a chunk ends where an evaluation is due
+                end = min(end, (job.steps_done // spec.eval_every + 1) * spec.eval_every)
+            steps = list(range(job.steps_done, end))
             picks = step_batches(len(spec.examples), spec.batch_size, spec.config.seed, steps)
             chunk = StepChunk(job_id=job.id, config=spec.config.to_dict(), objective=spec.objective.value,
                               steps=steps, batches=[[spec.examples[i] for i in pick] for pick in picks])
@@ -283,9 +301,28 @@ class JobRunner:
                 self._finish(job, JobStatus.FAILED)
                 return
             chunk_steps = max(1, min(self.max_chunk_steps, int(self.chunk_target_s / max(per_step, 1e-6))))
+            if job.steps_done == spec.steps or (spec.eval_every and job.steps_done % spec.eval_every == 0):
+                await self._evaluate(job)
             if job.steps_done < spec.steps and self.yield_s > 0:
                 await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
+
+    async def evaluate(self, objective: Objective, examples: list[dict]) -> tuple[EvalMetrics, str]:
+        """Score ``examples`` as user traffic is served now; the metrics and the weight version that gave them
+        (versions joined by ``,`` if a running job committed a step meanwhile)."""
+        if self.scorer is None:
+            raise RuntimeError("this runner has no scorer for evaluation")
+        batch = [example_from_wire(e) for e in examples]
+        scores, versions = await self.scorer.score(scoring_items(batch))
+        return evaluate(objective, batch, scores), ",".join(sorted(versions))
+
+    async def _evaluate(self, job: Job) -> None:
+        spec = job.spec
+        if not spec.eval_examples:
+            return
+        metrics, version = await self.evaluate(spec.objective, spec.eval_examples)
+        job.evals.append({"step": job.steps_done, **metrics.to_dict(), "weight_version": version})
+        logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)
 
     async def _recover(self) -> str:
         """After a weight pass failed part-way: back to the last committed step, exactly."""

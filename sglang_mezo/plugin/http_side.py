@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections.abc import Sequence
+
+import torch
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.jobs.executor import ChunkOutcome, StepChunk
 from sglang_mezo.jobs.runner import JobRunner
 
@@ -60,6 +65,39 @@ class TokenizerManagerExecutor:
                             trainable_names=list(r.trainable_names))
 
 
+class TokenizerManagerScorer:
+    """Scores sequences through SGLang's own request path, as user traffic: batched with it, through the prefix
+    cache (which only ever holds KV of the served weights), at whichever committed step is served."""
+
+    BATCH = 64
+    """Sequences per request: bounds one request's KV and memory."""
+
+    def __init__(self, tokenizer_manager) -> None:
+        self.tm = tokenizer_manager
+
+    async def score(self, items: Sequence[ScoringItem]) -> tuple[CompletionScores, set[str]]:
+        from sglang.srt.managers.io_struct import GenerateReqInput
+
+        sums: list[float] = []
+        versions: set[str] = set()
+        for start in range(0, len(items), self.BATCH):
+            chunk = items[start : start + self.BATCH]
+            request = GenerateReqInput(
+                input_ids=[list(i.prompt_ids) + list(i.completion_ids) for i in chunk],
+                sampling_params={"max_new_tokens": 0},
+                return_logprob=True,
+                # entries from the last prompt token on: the first is that token's own, the rest the completion's
+                logprob_start_len=[len(i.prompt_ids) - 1 for i in chunk],
+            )
+            outputs = await self.tm.generate_request(request, None).__anext__()
+            for out in outputs:
+                sums.append(math.fsum(e[0] for e in out["meta_info"]["input_token_logprobs"][1:]))
+                versions.add(str(out["meta_info"]["weight_version"]))
+        scores = CompletionScores(sum_logprob=torch.tensor(sums, dtype=torch.float64),
+                                  n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64))
+        return scores, versions
+
+
 def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
     """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts)."""
     from sglang_mezo.server.routes import build_router
@@ -68,7 +106,7 @@ def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3,
                        yield_s=options.yield_ms / 1e3, base_weight_version=str(server_args.weight_version),
-                       base_model=str(server_args.model_path))
+                       base_model=str(server_args.model_path), scorer=TokenizerManagerScorer(tokenizer_manager))
     app.include_router(build_router(
         runner,
         tokenizer=tokenizer_manager.tokenizer,

@@ -35,11 +35,11 @@ from typing import NamedTuple
 
 from sglang_mezo.checkpoint import assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Objective, batch_loss_fn
+from sglang_mezo.core.objectives import Objective, batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn, mezo_step
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.jobs.executor import weight_version_label
+from sglang_mezo.jobs.executor import example_from_wire, weight_version_label
 from sglang_mezo.kernels import derive_seed, zaxpy_
 
 from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
@@ -57,12 +57,6 @@ that precedes that call, on every TP rank or only on the one given. ``raise`` ra
 
 class OtherRankFailed(RuntimeError):
     """Another tensor-parallel rank failed; this rank stops the step with it."""
-
-
-def example_from_wire(data: dict) -> CompletionExample | ChoiceExample:
-    if "options" in data:
-        return ChoiceExample(tuple(data["prompt"]), tuple(tuple(o) for o in data["options"]), int(data["label"]))
-    return CompletionExample(tuple(data["prompt"]), tuple(data["completion"]))
 
 
 class _Verdict(NamedTuple):

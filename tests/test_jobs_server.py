@@ -1,0 +1,93 @@
+"""Training jobs as a user runs them, on a real SGLang server on CPU over HTTP: evaluation (on demand and inside a
+job), best-evaluation tracking with an exact reset to it, and the objectives' telemetry (an accuracy job's
+zero-gradient rate)."""
+
+from __future__ import annotations
+
+import pytest
+from mezo_checks import engine_for_served, run_job
+from servers import running_server
+from tiny_models import save_tiny_llama
+from transformers import AutoTokenizer
+
+from sglang_mezo.core.objectives import ChoiceExample, Objective, evaluate, scoring_items
+
+OPTIONS = [" terrible", " great"]
+REVIEWS = [("a great story with great music", 1), ("the film was terrible", 0), ("great acting, a great cast", 1),
+           ("terrible script, boring scenes", 0), ("the movie was great", 1), ("a terrible, boring film", 0)]
+HELD_OUT = [("great music and a great story", 1), ("boring and terrible", 0), ("the cast was great", 1),
+            ("the scenes were terrible", 0)]
+
+
+def choice(reviews) -> list[dict]:
+    return [{"prompt": f"{text}. It was", "options": OPTIONS, "label": label} for text, label in reviews]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    with running_server(model_path, "--mezo-z-kind", "gaussian", log_dir=tmp_path_factory.mktemp("logs")) as srv:
+        yield srv
+
+
+def reference_eval(server, model_path: str, examples: list[dict], objective: Objective):
+    """The metrics the reference engine gives on the weights the server says it serves."""
+    tok = AutoTokenizer.from_pretrained(model_path)
+    batch = [ChoiceExample(tuple(tok(e["prompt"])["input_ids"]),
+                           tuple(tuple(tok(o, add_special_tokens=False)["input_ids"]) for o in e["options"]),
+                           e["label"]) for e in examples]
+    engine = engine_for_served(server, model_path)
+    return evaluate(objective, batch, engine.score(scoring_items(batch)))
+
+
+def test_eval_matches_the_reference_engine(server, model_path):
+    status, out = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})
+    assert status == 200, out
+    expected = reference_eval(server, model_path, choice(HELD_OUT), Objective.CLASSIFICATION)
+    assert out["n"] == 4 and abs(out["loss"] - expected.loss) <= 1e-4 and out["accuracy"] == expected.accuracy
+    assert out["weight_version"] == server.request("GET", "/mezo/weights")[1]["weight_version"]
+    assert server.request("POST", "/mezo/eval", {"examples": []})[0] == 400
+    assert server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT), "objective": "cross_entropy"})[0] == 400
+
+
+def test_a_job_evaluates_periodically_and_its_best_step_can_be_restored(server, model_path):
+    job = run_job(server, {"examples": choice(REVIEWS), "eval_examples": choice(HELD_OUT), "eval_every": 4,
+                           "steps": 10, "lr": 5e-2, "eps": 1e-2, "batch_size": 4, "seed": 5})
+    assert job["status"] == "succeeded", job
+    evals = job["evals"]
+    assert [e["step"] for e in evals] == [0, 4, 8, 10]
+    assert evals[0]["weight_version"] != evals[-1]["weight_version"]
+    assert len({round(e["loss"], 9) for e in evals}) > 1  # the weights moved between evaluations
+    # the last evaluation is of the served weights, as /mezo/eval and the reference engine see them
+    now = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})[1]
+    # (1e-6, not equality: the prefix cache may now supply the prompts' KV, computed in another batch shape)
+    assert abs(now["loss"] - evals[-1]["loss"]) <= 1e-6 and now["weight_version"] == evals[-1]["weight_version"]
+    expected = reference_eval(server, model_path, choice(HELD_OUT), Objective.CLASSIFICATION)
+    assert abs(now["loss"] - expected.loss) <= 1e-4
+    # best: highest accuracy, then earliest; a reset to its step gives exactly its numbers back
+    best = job["best_eval"]
+    assert best == max(evals, key=lambda e: (e["accuracy"], -e["step"]))
+    status, weights = server.request("POST", "/mezo/reset", {"job_id": job["job_id"], "step": best["step"]})
+    assert status == 200, weights
+    again = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})[1]
+    assert abs(again["loss"] - best["loss"]) <= 1e-6
+    assert (again["accuracy"], again["weight_version"]) == (best["accuracy"], best["weight_version"])
+
+
+def test_an_accuracy_job_reports_its_zero_gradient_rate(server):
+    """Accuracy is piecewise constant: with a small ε almost no probe flips a prediction, so L+ = L- and g = 0.
+    The job says how often, instead of silently not training."""
+    job = run_job(server, {"examples": choice(REVIEWS), "objective": "accuracy", "steps": 12, "lr": 1e-2,
+                           "eps": 1e-4, "batch_size": 6, "seed": 8})
+    assert job["status"] == "succeeded", job
+    trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
+    grads = [g for step in trajectory["steps"]["projected_grads"] for g in step]
+    zero = sum(1 for g in grads if g == 0.0)
+    assert zero >= len(grads) // 2, grads  # most probes: no signal
+    assert job["zero_grad_rate"] == zero / len(grads)
+    assert job["zero_grad_steps"] == zero  # one probe per step
+    assert job["abs_grad_quantiles"]["min"] == 0.0 and job["abs_grad_quantiles"]["max"] == max(map(abs, grads))
