@@ -3,7 +3,7 @@ message naming the field, before anything reaches the scheduler."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,20 +38,66 @@ class ChoiceExampleIn(_Strict):
 ExampleIn = CompletionExampleIn | ChoiceExampleIn
 
 
+class ClassificationTemplateIn(_Strict):
+    """MeZO-style: ``prompt`` formatted from the record, scored against one verbalizer word per class."""
+
+    kind: Literal["classification"]
+    prompt: str = Field("{text} It was", min_length=1, description="str.format over the record's fields")
+    verbalizer: list[str] = Field([" terrible", " great"], min_length=2)
+    label_field: str = "label"
+    labels: list[str] | None = Field(None, description="the label values in class order (default: class indices)")
+
+
+class MultipleChoiceTemplateIn(_Strict):
+    kind: Literal["multiple_choice"]
+    prompt: str = Field("{question}\nAnswer:", min_length=1)
+    choices_field: str = "choices"
+    option: str = Field(" {choice}", description="how each choice is written after the prompt")
+    label_field: str = "answer"
+    labels: list[str] | None = Field(None, description="label values naming choices 0, 1, ... (e.g. A, B, C, D)")
+
+
+class GenerationTemplateIn(_Strict):
+    kind: Literal["generation"]
+    prompt: str = Field("{input}", min_length=1)
+    completion: str = Field(" {output}", min_length=1)
+
+
+TemplateIn = Annotated[ClassificationTemplateIn | MultipleChoiceTemplateIn | GenerationTemplateIn,
+                       Field(discriminator="kind")]
+
+
+class DatasetIn(_Strict):
+    """Examples from a data file or ``datasets`` folder on the server, through a prompt template."""
+
+    path: str = Field(min_length=1, description="JSONL, JSON, CSV, Parquet, or a datasets save_to_disk folder")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "datasets"] = "auto"
+    split: str | None = Field(None, description="the split of a saved DatasetDict")
+    template: TemplateIn
+    eval_size: int = Field(0, ge=0, description="held-out records: per class for classification and multiple "
+                                                "choice (a balanced set), in all for generation")
+    train_size: int | None = Field(None, ge=1, description="default: every record not held out")
+    seed: int = Field(0, ge=0, description="the random split")
+
+
 def _one_kind(examples: list[ExampleIn], field_name: str) -> None:
     if len({type(e) for e in examples}) > 1:
         raise ValueError(f"{field_name} must all be prompt/completion or all prompt/options/label")
 
 
 class EvalRequest(_Strict):
-    """Score examples under the served weights (as user traffic is served: nothing changes)."""
+    """Score examples under the served weights (as user traffic is served: nothing changes): inline ``examples``,
+    or a ``dataset``'s held-out set (its ``eval_size``; all its records if 0)."""
 
-    examples: list[ExampleIn] = Field(min_length=1)
+    examples: list[ExampleIn] = Field(default_factory=list)
+    dataset: DatasetIn | None = None
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
 
     @model_validator(mode="after")
-    def _one_kind_of_example(self) -> EvalRequest:
+    def _one_source(self) -> EvalRequest:
+        if bool(self.examples) == (self.dataset is not None):
+            raise ValueError("give either examples (at least one) or a dataset")
         _one_kind(self.examples, "examples")
         return self
 
@@ -74,7 +120,9 @@ class JobEvalOut(EvalOut):
 class StepRequest(_Strict):
     """A training job. Hyper-parameters left out take the server's ``--mezo-*`` defaults."""
 
-    examples: list[ExampleIn] = Field(min_length=1)
+    examples: list[ExampleIn] = Field(default_factory=list)
+    dataset: DatasetIn | None = Field(None, description="instead of examples: a data file on the server; its "
+                                                        "held-out set becomes eval_examples")
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
     eval_examples: list[ExampleIn] = Field(default_factory=list, description="held-out examples of the same kind, "
@@ -94,9 +142,13 @@ class StepRequest(_Strict):
 
     @model_validator(mode="after")
     def _one_kind_of_example(self) -> StepRequest:
+        if bool(self.examples) == (self.dataset is not None):
+            raise ValueError("give either examples (at least one) or a dataset")
+        if self.dataset is not None and self.eval_examples:
+            raise ValueError("with a dataset, the held-out examples come from its eval_size")
         _one_kind(self.examples + self.eval_examples, "examples and eval_examples")
-        if self.eval_every and not self.eval_examples:
-            raise ValueError("eval_every needs eval_examples")
+        if self.eval_every and not (self.eval_examples or (self.dataset and self.dataset.eval_size)):
+            raise ValueError("eval_every needs eval_examples (or a dataset with eval_size)")
         if self.wait and self.steps != 1:
             raise ValueError("wait is only for steps = 1; poll GET /mezo/jobs/{id} for longer jobs")
         return self

@@ -7,12 +7,15 @@ import dataclasses
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
+from pydantic import TypeAdapter, ValidationError
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
+from sglang_mezo.jobs.data import examples_from_records, load_records
 from sglang_mezo.jobs.runner import Busy, Job, JobRunner, JobSpec, JobStatus
+from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate
 
-from .api import (ChoiceExampleIn, EvalOut, EvalRequest, ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest,
+from .api import (ChoiceExampleIn, DatasetIn, EvalOut, EvalRequest, ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest,
                   SaveOut, SaveRequest, ServedSegmentOut, StepOut, StepRequest, WeightsOut)
 
 
@@ -57,6 +60,24 @@ def objective_for(examples: list[ExampleIn], requested: Objective | None) -> Obj
     return objective
 
 
+_TEMPLATES = {"classification": ClassificationTemplate, "multiple_choice": MultipleChoiceTemplate,
+              "generation": GenerationTemplate}
+
+
+def dataset_examples(spec: DatasetIn) -> tuple[list[ExampleIn], list[ExampleIn]]:
+    """Training and held-out examples from a data file on the server (blocking: run it in a thread)."""
+    fields = spec.template.model_dump(exclude={"kind"})
+    template = _TEMPLATES[spec.template.kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    try:
+        records = load_records(spec.path, spec.format, spec.split)
+        train, held_out = examples_from_records(records, template, eval_size=spec.eval_size,
+                                                train_size=spec.train_size, seed=spec.seed)
+        adapter = TypeAdapter(list[ExampleIn])
+        return adapter.validate_python(train), adapter.validate_python(held_out)
+    except (ValueError, ValidationError) as exc:  # DataError is a ValueError
+        raise HTTPException(400, f"dataset {spec.path}: {exc}") from exc
+
+
 def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_steps: int, context_len: int,
                  base_model: str) -> APIRouter:
     router = APIRouter(prefix="/mezo", tags=["mezo"])
@@ -85,7 +106,10 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         if request.steps > max_steps:
             raise HTTPException(400, f"steps={request.steps} is more than this server allows per job "
                                      f"(--mezo-max-steps-per-job {max_steps})")
-        objective = objective_for(request.examples, request.objective)
+        examples, eval_examples = request.examples, request.eval_examples
+        if request.dataset is not None:
+            examples, eval_examples = await asyncio.to_thread(dataset_examples, request.dataset)
+        objective = objective_for(examples, request.objective)
         # the server's --mezo-* defaults, overridden by what the request sets (replace re-validates)
         config = dataclasses.replace(
             defaults,
@@ -94,11 +118,11 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
             total_steps=request.steps,
         )
         # large example lists: keep the event loop free
-        examples = await asyncio.to_thread(tokenize, request.examples)
-        eval_examples = await asyncio.to_thread(tokenize, request.eval_examples, "eval example")
-        job = runner.submit(JobSpec(examples=examples, objective=objective, config=config,
+        train_ids = await asyncio.to_thread(tokenize, examples)
+        eval_ids = await asyncio.to_thread(tokenize, eval_examples, "eval example")
+        job = runner.submit(JobSpec(examples=train_ids, objective=objective, config=config,
                                     batch_size=request.batch_size, base_model=base_model,
-                                    eval_examples=eval_examples, eval_every=request.eval_every))
+                                    eval_examples=eval_ids, eval_every=request.eval_every))
         if not request.wait:
             return job_out(job)
         await job.done.wait()
@@ -110,8 +134,12 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     async def eval_examples(request: EvalRequest) -> EvalOut:
         """Score examples under the served weights; batched with user traffic, nothing changes. While a job runs,
         a step may commit meanwhile: ``weight_version`` then lists both."""
-        objective = objective_for(request.examples, request.objective)
-        examples = await asyncio.to_thread(tokenize, request.examples)
+        examples = request.examples
+        if request.dataset is not None:
+            train, held_out = await asyncio.to_thread(dataset_examples, request.dataset)
+            examples = held_out if request.dataset.eval_size else train
+        objective = objective_for(examples, request.objective)
+        examples = await asyncio.to_thread(tokenize, examples)
         metrics, version = await runner.evaluate(objective, examples)
         return EvalOut(**metrics.to_dict(), weight_version=version)
 

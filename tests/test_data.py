@@ -1,13 +1,17 @@
-"""Job data: the offline sentiment set loads from its installed package, and balanced splits are balanced,
-disjoint, random (not the first rows) and reproducible."""
+"""Job data: records load from every supported format, templates render examples and hold out balanced sets,
+the offline sentiment set loads from its installed package, and balanced splits are balanced, disjoint, random
+(not the first rows) and reproducible."""
 
 from __future__ import annotations
 
+import csv
+import json
 from collections import Counter
 
 import pytest
 
-from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
+from sglang_mezo.jobs.data import DataError, balanced_split, examples_from_records, load_records, rotten_tomatoes
+from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate
 
 
 def test_balanced_split_is_balanced_disjoint_random_and_seeded():
@@ -31,3 +35,63 @@ def test_rotten_tomatoes_is_read_from_the_installed_package():
     counts = Counter(label for _, label in data)
     assert counts[0] > 1000 and counts[1] > 1000, counts
     assert all(text and label in (0, 1) for text, label in data)
+
+
+RECORDS = [{"text": f"review {i}", "label": i % 2, "sentiment": "pos" if i % 2 else "neg"} for i in range(40)]
+
+
+def write_all_formats(tmp_path, records: list[dict]) -> dict[str, object]:
+    import datasets
+
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    with (tmp_path / "data.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    data = datasets.Dataset.from_list(records)
+    data.to_parquet(str(tmp_path / "data.parquet"))
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "saved"))
+    return {"jsonl": jsonl, "json": tmp_path / "data.json", "csv": tmp_path / "data.csv",
+            "parquet": tmp_path / "data.parquet", "datasets": tmp_path / "saved"}
+
+
+def test_records_load_from_every_format(tmp_path):
+    for fmt, path in write_all_formats(tmp_path, RECORDS).items():
+        records = load_records(path, split="train")
+        # CSV has no types: every value is text
+        expected = [{k: str(v) for k, v in r.items()} for r in RECORDS] if fmt == "csv" else RECORDS
+        assert records == expected, fmt
+    with pytest.raises(DataError, match="pick one with split"):
+        load_records(tmp_path / "saved")
+    with pytest.raises(DataError, match="no such file"):
+        load_records(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(DataError, match="cannot read"):
+        load_records(tmp_path / "bad.jsonl")
+
+
+def test_templates_render_examples_and_hold_out_a_balanced_set():
+    template = ClassificationTemplate(prompt="{text} It was", label_field="sentiment", labels=("neg", "pos"))
+    train, held_out = examples_from_records(RECORDS, template, eval_size=5, train_size=12, seed=1)
+    assert len(train) == 12 and len(held_out) == 10
+    assert Counter(e["label"] for e in held_out) == {0: 5, 1: 5}
+    assert {e["prompt"] for e in train}.isdisjoint(e["prompt"] for e in held_out)
+    assert held_out[0]["options"] == [" terrible", " great"] and held_out[0]["prompt"].endswith(" It was")
+    by_index = examples_from_records(RECORDS, ClassificationTemplate(), eval_size=5, seed=1)
+    assert by_index[1] == held_out  # label values and class indices pick the same records
+
+    choice = MultipleChoiceTemplate(prompt="Q: {q}\nA:", choices_field="c", label_field="a", labels=("A", "B", "C"))
+    (example,), _ = examples_from_records([{"q": "2+2?", "c": ["3", "4", "5"], "a": "B"}], choice)
+    assert example == {"prompt": "Q: 2+2?\nA:", "options": [" 3", " 4", " 5"], "label": 1}
+
+    generation = GenerationTemplate(prompt="Translate: {src}", completion=" {tgt}")
+    train, held_out = examples_from_records([{"src": str(i), "tgt": str(-i)} for i in range(10)], generation,
+                                            eval_size=3, seed=0)
+    assert len(train) == 7 and len(held_out) == 3 and train[0]["completion"].startswith(" ")
+
+    with pytest.raises(DataError, match="needs field"):
+        examples_from_records([{"body": "x", "label": 0}], ClassificationTemplate())
+    with pytest.raises(DataError, match="not one of the labels"):
+        examples_from_records([{"text": "x", "sentiment": "meh"}], template)

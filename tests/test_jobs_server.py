@@ -4,6 +4,8 @@ zero-gradient rate)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mezo_checks import engine_for_served, run_job
 from servers import running_server
@@ -91,3 +93,25 @@ def test_an_accuracy_job_reports_its_zero_gradient_rate(server):
     assert job["zero_grad_rate"] == zero / len(grads)
     assert job["zero_grad_steps"] == zero  # one probe per step
     assert job["abs_grad_quantiles"]["min"] == 0.0 and job["abs_grad_quantiles"]["max"] == max(map(abs, grads))
+
+
+def test_a_job_from_a_data_file_on_the_server(server, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"review": text, "stars": "high" if label else "low"}) + "\n"
+                            for text, label in REVIEWS + HELD_OUT))
+    dataset = {"path": str(data), "eval_size": 2, "seed": 1,
+               "template": {"kind": "classification", "prompt": "{review}. It was", "label_field": "stars",
+                            "labels": ["low", "high"]}}
+    job = run_job(server, {"dataset": dataset, "steps": 4, "eval_every": 2, "lr": 1e-2, "batch_size": 4})
+    assert job["status"] == "succeeded", job
+    assert [(e["step"], e["n"]) for e in job["evals"]] == [(0, 4), (2, 4), (4, 4)]  # 2 held out per class
+    status, out = server.request("POST", "/mezo/eval", {"dataset": dataset})
+    assert status == 200 and out["n"] == 4 and out["weight_version"] == job["evals"][-1]["weight_version"], out
+    assert abs(out["loss"] - job["evals"][-1]["loss"]) <= 1e-6
+    # the data's problems are the client's: a 400 that says what is wrong
+    for bad, words in [({**dataset, "path": str(tmp_path / "nope.jsonl")}, "no such file"),
+                       ({**dataset, "template": {**dataset["template"], "prompt": "{text}"}}, "needs field"),
+                       ({**dataset, "eval_size": 50}, "examples")]:
+        status, out = server.request("POST", "/mezo/step", {"dataset": bad, "steps": 1})
+        assert status == 400 and words in out["message"], (bad, out)
+    assert server.request("POST", "/mezo/step", {"dataset": dataset, "examples": choice(REVIEWS)})[0] == 400

@@ -1,0 +1,108 @@
+"""Prompt templates: from a data record (a dict of fields) to a training example in text.
+
+* :class:`ClassificationTemplate`: MeZO's prompt-based classification. ``"{text} It was"`` is scored against a
+  verbalizer (``" terrible"`` / ``" great"``): a choice example whose label is the record's class.
+* :class:`MultipleChoiceTemplate`: a question and the record's own list of choices.
+* :class:`GenerationTemplate`: a prompt and a completion, both formatted from the record (free generation).
+
+Templates are ``str.format`` strings over the record's fields, so they are also the field mapping: a user-defined
+template is one with other strings. The label of a record is found with :meth:`label_of`.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+class TemplateError(ValueError):
+    """A record does not fit the template (a missing field, a label with no option)."""
+
+
+def _fields(fmt: str) -> set[str]:
+    return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(fmt) if name}
+
+
+def _format(fmt: str, record: Mapping, what: str) -> str:
+    missing = _fields(fmt) - set(record)
+    if missing:
+        raise TemplateError(f"{what} needs field(s) {sorted(missing)}; the record has {sorted(record)}")
+    return fmt.format_map(record)
+
+
+def _label_index(value, labels: Sequence[str] | None, n: int, field: str) -> int:
+    if labels is not None:
+        try:
+            return [str(v) for v in labels].index(str(value))
+        except ValueError:
+            raise TemplateError(f"{field}={value!r} is not one of the labels {list(labels)}") from None
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise TemplateError(f"{field}={value!r} is not a class index; give the template its labels") from None
+    if not 0 <= index < n:
+        raise TemplateError(f"{field}={index} is not an index of the {n} options")
+    return index
+
+
+@dataclass(frozen=True)
+class ClassificationTemplate:
+    prompt: str = "{text} It was"
+    verbalizer: tuple[str, ...] = (" terrible", " great")
+    """One option per class, in class order."""
+    label_field: str = "label"
+    labels: tuple[str, ...] | None = None
+    """The values of ``label_field`` in class order (default: the field holds the class index)."""
+
+    def label_of(self, record: Mapping) -> int:
+        if self.label_field not in record:
+            raise TemplateError(f"the record has no label field {self.label_field!r}")
+        return _label_index(record[self.label_field], self.labels, len(self.verbalizer), self.label_field)
+
+    def example(self, record: Mapping) -> dict:
+        return {"prompt": _format(self.prompt, record, "the prompt"), "options": list(self.verbalizer),
+                "label": self.label_of(record)}
+
+
+@dataclass(frozen=True)
+class MultipleChoiceTemplate:
+    prompt: str = "{question}\nAnswer:"
+    choices_field: str = "choices"
+    option: str = " {choice}"
+    """How each choice is written after the prompt."""
+    label_field: str = "answer"
+    labels: tuple[str, ...] | None = None
+    """If the label is not an index: the label values naming choices 0, 1, … (e.g. ``("A", "B", "C", "D")``)."""
+
+    def _choices(self, record: Mapping) -> list:
+        choices = record.get(self.choices_field)
+        if not isinstance(choices, Sequence) or isinstance(choices, str) or len(choices) < 2:
+            raise TemplateError(f"field {self.choices_field!r} must be a list of at least two choices")
+        return list(choices)
+
+    def label_of(self, record: Mapping) -> int:
+        if self.label_field not in record:
+            raise TemplateError(f"the record has no label field {self.label_field!r}")
+        return _label_index(record[self.label_field], self.labels, len(self._choices(record)), self.label_field)
+
+    def example(self, record: Mapping) -> dict:
+        return {"prompt": _format(self.prompt, record, "the prompt"),
+                "options": [self.option.format(choice=c) for c in self._choices(record)],
+                "label": self.label_of(record)}
+
+
+@dataclass(frozen=True)
+class GenerationTemplate:
+    prompt: str = "{input}"
+    completion: str = " {output}"
+
+    def label_of(self, record: Mapping) -> None:
+        return None  # no classes: splits are plain random draws
+
+    def example(self, record: Mapping) -> dict:
+        return {"prompt": _format(self.prompt, record, "the prompt"),
+                "completion": _format(self.completion, record, "the completion")}
+
+
+Template = ClassificationTemplate | MultipleChoiceTemplate | GenerationTemplate
