@@ -239,5 +239,6 @@ class SaveOut(BaseModel):
     weight_version: str
     """The label of the saved weights (see GET /mezo/weights)."""
     tensors: list[str]
-    """The checkpoint tensors whose values differ from the base (the others are copied from it)."""
+    """The checkpoint tensors written from the served weights: every tensor a job of this server could train
+    (the others are copied from the base checkpoint, unchanged)."""
     message: str

@@ -110,13 +110,19 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         if request.dataset is not None:
             examples, eval_examples = await asyncio.to_thread(dataset_examples, request.dataset)
         objective = objective_for(examples, request.objective)
+        if runner.weights_lost:
+            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
+                                     "/mezo/reset first")
         # the server's --mezo-* defaults, overridden by what the request sets (replace re-validates)
-        config = dataclasses.replace(
-            defaults,
-            **request.model_dump(include={"lr", "eps", "n_probes", "z_kind"}, exclude_none=True),
-            **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
-            total_steps=request.steps,
-        )
+        try:
+            config = dataclasses.replace(
+                defaults,
+                **request.model_dump(include={"lr", "eps", "n_probes", "z_kind"}, exclude_none=True),
+                **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
+                total_steps=request.steps,
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from exc
         # large example lists: keep the event loop free
         train_ids = await asyncio.to_thread(tokenize, examples)
         eval_ids = await asyncio.to_thread(tokenize, eval_examples, "eval example")
@@ -201,16 +207,18 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         path = Path(request.path)
         if not path.is_absolute():
             raise HTTPException(400, f"path must be absolute on the server, got {request.path!r}")
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not request.overwrite)):
-            raise HTTPException(409, f"{request.path} exists and is not an empty folder (set overwrite to write "
-                                     "into it)")
-        if path.resolve() == Path(base_model).resolve():
-            raise HTTPException(409, "refusing to overwrite the base checkpoint: resets re-read it")
         try:
+            if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not request.overwrite)):
+                raise HTTPException(409, f"{request.path} exists and is not an empty folder (set overwrite to "
+                                         "write into it)")
+            if path.resolve() == Path(base_model).resolve():
+                raise HTTPException(409, "refusing to overwrite the base checkpoint: resets re-read it")
             path.mkdir(parents=True, exist_ok=True)
             report = await runner.save(str(path))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # permissions, a NUL byte in the path, ...
             raise HTTPException(400, f"cannot write to {request.path}: {exc}") from exc
+        except Busy as exc:
+            raise HTTPException(409, str(exc)) from exc
         except RuntimeError as exc:
             raise HTTPException(503, str(exc)) from exc
         return SaveOut(path=str(path), **report)

@@ -57,6 +57,17 @@ def plan_reads(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> dict[
         if source not in files:
             raise CheckpointError(f"tensor {piece.name!r} is not in the checkpoint at {model_dir}")
         by_file.setdefault(files[source], []).append((source, piece))
+    from safetensors import safe_open
+
+    for file, items in by_file.items():  # shapes too, before a single element is copied
+        with safe_open(file, framework="pt") as f:
+            for source, piece in items:
+                shape = tuple(f.get_slice(source).get_shape())
+                if shape != tuple(piece.full_shape):
+                    raise CheckpointError(f"{piece.name}: the checkpoint's shape {shape} differs from the served "
+                                          f"{tuple(piece.full_shape)}")
+                if len(shape) > 2:
+                    raise CheckpointError(f"{piece.name}: only 1-D and 2-D tensors can be read back")
     return by_file
 
 
@@ -77,14 +88,10 @@ def load_pieces(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> int:
 
 
 def _read_block(source, piece: TrainablePiece) -> torch.Tensor:
-    shape = tuple(source.get_shape())
-    if shape != tuple(piece.full_shape):
-        raise CheckpointError(f"{piece.name}: checkpoint shape {shape} differs from the served {piece.full_shape}")
+    """The piece's block of a checkpoint tensor (shapes were checked by :func:`plan_reads`)."""
     data = piece.data
-    if len(shape) == 1:
+    if len(piece.full_shape) == 1:
         return source[piece.col_offset : piece.col_offset + data.shape[-1]]
-    if len(shape) != 2:
-        raise CheckpointError(f"{piece.name}: only 1-D and 2-D tensors can be read back, not {len(shape)}-D")
     rows = data.shape[0] if data.dim() == 2 else 1
     return source[piece.row_offset : piece.row_offset + rows, piece.col_offset : piece.col_offset + data.shape[-1]]
 

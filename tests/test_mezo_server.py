@@ -275,6 +275,7 @@ def test_bad_input_is_refused_and_leaves_the_weights_alone(server, model_path):
         (json.dumps({"examples": TRAIN, "steps": 10**6}).encode(), 400),
         (json.dumps({"examples": [{"prompt": "the movie " * 200, "completion": " great"}]}).encode(), 400),
         (json.dumps({"examples": TRAIN, "objective": "classification"}).encode(), 400),
+        (json.dumps({"examples": TRAIN, "lr": 1.0, "weight_decay": 1.0}).encode(), 400),
     ]
     for body, expected in cases:
         req = urllib.request.Request(server.url + "/mezo/step", data=body, method="POST",
@@ -307,19 +308,27 @@ def test_cancel_and_disconnect_leave_the_weights_at_a_committed_step(server, mod
     assert cancelled["status"] == "cancelled" and 3 <= cancelled["step"] < 500, cancelled
     assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4
 
-    # a client that sends a job and hangs up at once: the job still runs to its end, and the weights are there
-    n_jobs = len(server.request("GET", "/mezo/jobs")[1]["jobs"])
-    body = json.dumps({"examples": TRAIN, "steps": 5, "lr": 1e-2, "batch_size": 2, "seed": 22}).encode()
+    # clients that hang up: one right after sending a job, one that was waiting ("wait": true) for a job queued
+    # behind another; each job still runs to its end, and the weights are there
     host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /mezo/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-    deadline = time.monotonic() + 120
-    while True:
-        jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
-        if len(jobs) > n_jobs and jobs[-1]["status"] not in ("queued", "running"):
-            break
-        assert time.monotonic() < deadline, jobs[-1]
-        time.sleep(0.05)
-    assert jobs[-1]["status"] == "succeeded" and jobs[-1]["step"] == 5, jobs[-1]
+    for body, ahead in [({"steps": 5, "seed": 22}, None), ({"steps": 1, "seed": 23, "wait": True}, 8)]:
+        if ahead:
+            status, _ = server.request("POST", "/mezo/step", {"examples": TRAIN, "steps": ahead, "lr": 1e-2,
+                                                             "batch_size": 2, "seed": 24})
+            assert status == 200
+        n_jobs = len(server.request("GET", "/mezo/jobs")[1]["jobs"])
+        raw = json.dumps({"examples": TRAIN, "lr": 1e-2, "batch_size": 2, **body}).encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /mezo/step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n".encode() + raw)
+            while len(server.request("GET", "/mezo/jobs")[1]["jobs"]) == n_jobs:  # accepted: now hang up
+                time.sleep(0.02)
+        deadline = time.monotonic() + 120
+        while True:
+            jobs = server.request("GET", "/mezo/jobs")[1]["jobs"]
+            if jobs[-1]["status"] not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, jobs[-1]
+            time.sleep(0.05)
+        assert jobs[-1]["status"] == "succeeded" and jobs[-1]["step"] == body["steps"], jobs[-1]
     assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4

@@ -17,6 +17,11 @@ def tiny_model_path(tmp_path_factory) -> str:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+MEZO_ROUTES = [("POST", "/mezo/step"), ("GET", "/mezo/jobs"), ("GET", "/mezo/jobs/x"), ("POST", "/mezo/jobs/x/cancel"),
+               ("GET", "/mezo/jobs/x/trajectory"), ("POST", "/mezo/eval"), ("GET", "/mezo/weights"),
+               ("POST", "/mezo/reset"), ("POST", "/mezo/save")]
+
+
 def test_without_enable_mezo_the_server_is_stock(tiny_model_path, tmp_path):
     with running_server(tiny_model_path, enable_mezo=False, log_dir=tmp_path) as server:
         status, out = server.request("POST", "/generate", {
@@ -27,8 +32,8 @@ def test_without_enable_mezo_the_server_is_stock(tiny_model_path, tmp_path):
         })
         assert status == 200
         assert [len(o["meta_info"]["input_token_logprobs"]) for o in out] == [3, 2]
-        for path in ("/mezo/jobs", "/mezo/step"):
-            assert server.request("GET", path)[0] == 404
+        for method, path in MEZO_ROUTES:
+            assert server.request(method, path, {} if method == "POST" else None)[0] == 404, path
         assert "MeZO enabled" not in server.log.read_text()
 
 
@@ -39,6 +44,9 @@ def test_enable_mezo_options_reach_the_server(tiny_model_path, tmp_path):
         assert "MeZO enabled" in log and "last_layers=1" in log and "z_kind='gaussian'" in log
         status, out = server.request("POST", "/generate", {"text": "the movie", "sampling_params": {"max_new_tokens": 2}})
         assert status == 200 and len(out["output_ids"]) == 2
+        # every MeZO route exists here (so the 404s of the stock server above mean something)
+        for method, path in MEZO_ROUTES:
+            assert server.request(method, path, {} if method == "POST" else None)[0] != 404 or "/x" in path, path
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -34,6 +34,9 @@ class MezoConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.eps == 0:
             raise ValueError("eps must be > 0")
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"lr * weight_decay must be < 1 (the decay factor 1 - lr*wd must stay positive), got "
+                             f"{self.lr} * {self.weight_decay}")
         if self.n_probes < 1:
             raise ValueError("n_probes must be >= 1")
         if self.total_steps < 1 or self.warmup_steps < 0:

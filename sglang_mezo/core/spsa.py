@@ -173,6 +173,7 @@ def mezo_step(
     weight_decay: float = 0.0,
     kind: ZKind = ZKind.GAUSSIAN,
     on_abort: Callable[[AbortedProbes], None] | None = None,
+    before_pass: Callable[[], None] | None = None,
 ) -> StepResult:
     """Run one MeZO step on ``params`` in place and return what it measured.
 
@@ -180,7 +181,9 @@ def mezo_step(
     weights are returned to where they were before the step and the exception propagates; a non-finite loss
     raises :class:`NonFiniteLossError` the same way. Nothing is applied unless every probe succeeded. Before such
     an exception leaves, ``on_abort`` (if given) receives the probe passes that were applied and taken off, so a
-    trajectory can record them (see :class:`AbortedProbes`).
+    trajectory can record them (see :class:`AbortedProbes`). ``before_pass`` (if given) runs before every pass over
+    the weights, the commit included; an exception from it aborts the step like any other (engines whose processes
+    must move in lockstep agree there).
     """
     if not seeds:
         raise ValueError("a step needs at least one probe seed")
@@ -193,15 +196,18 @@ def mezo_step(
         raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay}")
 
     probe = _Probe(params, kind)
+    sync = before_pass or (lambda: None)
     loss_plus: list[float] = []
     loss_minus: list[float] = []
     grads: list[float] = []
     try:
         for seed in seeds:
             # -- probe +ε: one pass (it also takes the previous probe's -ε off) ---------------------------------
+            sync()
             probe.move(seed, eps)
             plus = float(loss_fn())  # host sync
             # -- probe -ε: one pass --------------------------------------------------------------------------------
+            sync()
             probe.move(seed, -eps)
             minus = float(loss_fn())  # host sync
             if not (math.isfinite(plus) and math.isfinite(minus)):
@@ -213,6 +219,7 @@ def mezo_step(
         if not all(math.isfinite(lr * g) for g in grads) or not 0.0 < 1.0 - lr * weight_decay <= 1.0:
             raise NonFiniteLossError(f"refusing an update that is not finite or decays past zero: lr={lr}, "
                                      f"weight_decay={weight_decay}, projected gradients={grads}")
+        sync()
         with probe.pass_over_weights():
             commit_update(params, seeds, grads, lr=lr, weight_decay=weight_decay, kind=kind, take_off=eps)
             probe.seed = None  # the commit pass took it off

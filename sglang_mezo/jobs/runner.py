@@ -93,6 +93,12 @@ class ServedSegment:
     def steps(self) -> int:
         return self.trajectory.committed_steps
 
+    @property
+    def weight_version(self) -> str:
+        """The label of the weights after this segment (one label per bit-exact state)."""
+        records = self.trajectory.records
+        return weight_version_label(self.job_id, self.steps, bool(records) and not records[-1].committed)
+
 
 @dataclass
 class Job:
@@ -152,7 +158,8 @@ class Job:
 
 
 class Busy(RuntimeError):
-    """The weights cannot be reset while a job is queued or running."""
+    """The served weights cannot be reset or saved now (a job is queued or running, or they are at no committed
+    step)."""
 
 
 class JobRunner:
@@ -173,6 +180,8 @@ class JobRunner:
         """The served weights = the base checkpoint + these trajectories, replayed in order."""
         self.weights_lost = False
         """A weight pass failed part-way and the restore failed too: the weights are at no known state."""
+        self._weights_lock = asyncio.Lock()
+        """Held by a running job and by a reset: a job starts on the weights a reset left, never during one."""
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -202,6 +211,10 @@ class JobRunner:
         a job is queued or running, KeyError for an unknown job, ValueError for a step the job does not have."""
         if any(not j.status.finished for j in self.jobs.values()):
             raise Busy("a MeZO job is queued or running: cancel it or wait for it before a reset")
+        async with self._weights_lock:
+            return await self._restore(self._history_for(job_id, step))
+
+    def _history_for(self, job_id: str | None, step: int | None) -> list[ServedSegment]:
         history: list[ServedSegment] = []
         if job_id is not None:
             job = self.jobs[job_id]
@@ -215,12 +228,14 @@ class JobRunner:
                     kept = Trajectory.from_dict(kept.to_dict())
                     kept.records = [r for r in kept.records if r.step < step]
                 history.append(ServedSegment(job_id, kept))
-        return await self._restore(history)
+        return history
 
     async def save(self, path: str) -> dict:
         """Write the served weights to ``path`` (a folder) as a Hugging Face checkpoint that transformers and SGLang
         load, plus ``mezo_history.json``: the trajectories that lead from the base checkpoint to them. Returns the
         scheduler's report (``weight_version``, ``tensors``). Raises RuntimeError if it failed."""
+        if self.weights_lost:
+            raise Busy("the served weights are at no committed step (a restore failed): reset them first")
         outcome = await self.executor.save(path)
         if not outcome.success:
             raise RuntimeError(f"saving the weights failed: {outcome.message}")
@@ -238,17 +253,12 @@ class JobRunner:
         if version == self.base_weight_version:
             return []
         for n, segment in enumerate(self.served):
-            for aborted in (False, True):
-                if weight_version_label(segment.job_id, segment.steps, aborted) == version:
-                    return self.served[: n + 1]
+            if segment.weight_version == version:
+                return self.served[: n + 1]
         return None
 
     async def _restore(self, history: list[ServedSegment]) -> str:
-        version = self.base_weight_version
-        if history:
-            last = history[-1]
-            version = weight_version_label(last.job_id, last.steps,
-                                           bool(last.trajectory.records) and not last.trajectory.records[-1].committed)
+        version = history[-1].weight_version if history else self.base_weight_version
         outcome = await self.executor.restore([segment.trajectory.to_dict() for segment in history], version)
         if not outcome.success:
             self.weights_lost = outcome.inconsistent
@@ -263,7 +273,8 @@ class JobRunner:
             job = await self._queue.get()
             if job.status is JobStatus.QUEUED:
                 try:
-                    await self._run(job)
+                    async with self._weights_lock:
+                        await self._run(job)
                 except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the queue
                     logger.exception("MeZO job %s crashed", job.id)
                     job.error = f"{type(exc).__name__}: {exc}"

@@ -140,22 +140,25 @@ class MezoSchedulerHandler:
                 objective = Objective(req.objective)
                 params = self.params_for(config.selection)
                 batches = [[example_from_wire(e) for e in batch] for batch in req.batches]
+                faults = self.faults
             except Exception as exc:  # noqa: BLE001 - reported to the caller
                 logger.exception("MeZO job %s: bad chunk", req.job_id)
                 error = f"bad chunk: {type(exc).__name__}: {exc}"
-        # All ranks agree before any collective runs: a rank that skipped the steps would strand the others.
-        if not self._all_ranks_ok(error is None):
+        # All ranks agree before any collective runs: a rank that skipped the steps would strand the others. A
+        # rank whose weights are inconsistent makes every rank say so, so that rank 0's reply leads to a restore.
+        verdict = self._agree(error is None, in_step=False)
+        if not verdict.ok:
+            self.inconsistent = not verdict.consistent
             return MezoReqOutput(success=False, message=error or "bad chunk on another tensor-parallel rank",
                                  inconsistent=self.inconsistent)
         results: list[dict] = []
         aborted: dict | None = None
-        error = None
         started = time.perf_counter()
         with self._paused(flush=lambda: bool(results) or aborted is not None or self.inconsistent):
             for step, batch in zip(req.steps, batches, strict=True):
                 step_started = time.perf_counter()
-                # a fault is injected before the ranks' agreement: where a failing weight pass would be
-                loss = self.faults.wrap(self._agreeing(batch_loss_fn(self.engine, objective, batch)), step, params)
+                # a fault is injected before the forward's agreement: where a failing weight pass would be
+                loss = faults.wrap(self._agreeing(batch_loss_fn(self.engine, objective, batch)), step, params)
                 abort: list[AbortedProbes] = []
                 try:
                     result = mezo_step(
@@ -167,13 +170,15 @@ class MezoSchedulerHandler:
                         weight_decay=config.weight_decay,
                         kind=config.z_kind,
                         on_abort=abort.append,
+                        before_pass=self._in_step_check,
                     )
-                    verdict = self._agree(True, in_step=False)
+                    verdict = self._agree(True, in_step=False, committed=True)
                 except Exception as exc:  # noqa: BLE001 - reported; the weights are handled below
                     error = self._step_failed(req.job_id, exc)
-                    verdict = self._agree(False, in_step=not isinstance(exc, OtherRankFailed))
+                    passes = abort[0].passes if abort else 0
+                    verdict = self._agree(False, in_step=not isinstance(exc, OtherRankFailed), passes=passes)
                     if verdict.in_step:  # the others were still in the step: they stop now and meet us at its end
-                        verdict = self._agree(False, in_step=False)
+                        verdict = self._agree(False, in_step=False, passes=passes)
                 self.inconsistent = not verdict.consistent
                 if not verdict.ok:
                     error = error or ("the weights on another tensor-parallel rank were left inconsistent"
@@ -188,12 +193,20 @@ class MezoSchedulerHandler:
             if (results or aborted) and not self.inconsistent:
                 version = weight_version_label(req.job_id, results[-1]["step"] + 1 if results else req.steps[0],
                                                aborted is not None)
-                self.scheduler.record_weight_version_change(version)  # while paused: spans split right here
+                self._label(version)
         logger.info("MeZO job %s: %d step(s) in %.1f ms", req.job_id, len(results),
                     1e3 * (time.perf_counter() - started))
         return MezoReqOutput(success=error is None, message=error or "", results=results, aborted=aborted,
                              inconsistent=self.inconsistent, weight_version=version,
                              **self._trainable_header(params))
+
+    def _label(self, version: str) -> None:
+        """Give the served weights SGLang's weight version ``version``; called while serving is paused, so that
+        each request's version spans split exactly at the change."""
+        try:
+            self.scheduler.record_weight_version_change(version)
+        except Exception:  # noqa: BLE001 - a label is bookkeeping: never let it kill the scheduler
+            logger.exception("MeZO: recording the weight version %s failed", version)
 
     def _step_failed(self, job_id: str, exc: Exception) -> str:
         if isinstance(exc, InconsistentWeightsError):
@@ -203,14 +216,18 @@ class MezoSchedulerHandler:
             logger.warning("MeZO job %s: step failed: %s", job_id, exc)
         return f"{type(exc).__name__}: {exc}"
 
+    def _in_step_check(self) -> None:
+        """Under TP, before each weight pass and each forward: every rank says it is still in the step. A rank that
+        failed answers "no" here instead of leaving the others in a collective, and all stop at the same pass."""
+        if self.engine_tp_size() > 1 and not self._agree(True, in_step=True).ok:
+            raise OtherRankFailed("the step failed on another tensor-parallel rank")
+
     def _agreeing(self, loss: LossFn) -> LossFn:
-        """Under TP, each forward starts with every rank saying it is still in the step."""
         if self.engine_tp_size() == 1:
             return loss
 
         def agreed() -> float:
-            if not self._agree(True, in_step=True).ok:
-                raise OtherRankFailed("the step failed on another tensor-parallel rank")
+            self._in_step_check()
             return loss()
 
         return agreed
@@ -237,7 +254,7 @@ class MezoSchedulerHandler:
                 moved = self._movable_pieces()
                 copied = load_pieces(self.scheduler.server_args.model_path, moved)
                 steps = sum(t.replay(p, exact=True) for t, p in zip(history, targets, strict=True))
-                self.scheduler.record_weight_version_change(req.weight_version)
+                self._label(req.weight_version)
                 ok = True
             except Exception as exc:  # noqa: BLE001 - the weights are now at no known state
                 logger.exception("MeZO: restore failed")
@@ -264,6 +281,8 @@ class MezoSchedulerHandler:
         error = None
         started = time.perf_counter()
         try:
+            if self.inconsistent:
+                raise InconsistentWeightsError("the served weights are at no committed step: reset them first")
             write_parts(parts / f"rank{self.engine.tp_rank}.safetensors", self._movable_pieces())
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             logger.exception("MeZO: writing the trainable tensors failed")
@@ -296,10 +315,12 @@ class MezoSchedulerHandler:
     def _all_ranks_ok(self, ok: bool) -> bool:
         return self._agree(ok, in_step=False).ok
 
-    def _agree(self, ok: bool, *, in_step: bool) -> _Verdict:
-        """One all-reduce (MIN) over the TP ranks of (ok, in_step, consistent). ``in_step`` tells a rank that failed
-        mid-step whether the others were still inside the step (at a forward's agreement: they will stop and meet
-        it at the step's end) or already at its end."""
+    def _agree(self, ok: bool, *, in_step: bool, passes: int = 0, committed: bool = False) -> _Verdict:
+        """One all-reduce over the TP ranks. ``ok``: all ranks are fine. ``in_step``: tells a rank that failed
+        mid-step whether the others were still inside the step (at a pass's or a forward's agreement: they will
+        stop and meet it at the step's end) or already at its end. ``consistent``: no rank's weights are at an
+        unknown state, and at a step's end all ranks made the same probe passes (``passes``) and all committed or
+        none did (``committed``) — otherwise their shards no longer belong to one model."""
         local = _Verdict(ok, in_step, not self.inconsistent)
         if self.engine_tp_size() == 1:
             return local
@@ -307,9 +328,13 @@ class MezoSchedulerHandler:
         import torch.distributed as dist
         from sglang.srt.distributed import get_tp_group
 
-        flags = torch.tensor([int(v) for v in local], dtype=torch.int32)
+        flags = torch.tensor([int(ok), int(in_step), int(local.consistent), passes, -passes, int(committed),
+                              -int(committed)], dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=get_tp_group().cpu_group)
-        return _Verdict(*(bool(v) for v in flags.tolist()))
+        all_ok, all_in_step, consistent, min_passes, neg_max_passes, min_committed, neg_max_committed = flags.tolist()
+        if not all_in_step:  # a step's end: the ranks' passes and commits are comparable
+            consistent = consistent and min_passes == -neg_max_passes and min_committed == -neg_max_committed
+        return _Verdict(bool(all_ok), bool(all_in_step), bool(consistent))
 
     def engine_tp_size(self) -> int:
         from sglang.srt.runtime_context import get_parallel
