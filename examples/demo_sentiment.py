@@ -1,10 +1,11 @@
 """The main job, end to end on a CPU: `make demo`.
 
 1. start `sglang-mezo serve` (SGLang on CPU, embedded SmolLM2-135M-Instruct, --enable-mezo);
-2. measure the served model on a balanced held-out set of Rotten Tomatoes reviews (MeZO's prompt:
-   "<review> It was" -> " great" / " terrible"): accuracy and loss, through SGLang's own /generate;
-3. train it over HTTP with MeZO (POST /mezo/step, classification objective), following the job's progress;
-4. measure again, then send one /v1/chat/completions request, served by the fine-tuned weights;
+2. submit a MeZO job over HTTP (POST /mezo/step, classification objective, MeZO's prompt "<review> It was" ->
+   " great" / " terrible") with a balanced held-out set of Rotten Tomatoes reviews, which the server evaluates
+   (accuracy and loss) before the first step and after the last; follow it with a progress bar;
+3. print the before/after table;
+4. send one /v1/chat/completions request, served by the fine-tuned weights;
 5. stop the server.
 """
 
@@ -12,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
-from tqdm import tqdm
-from transformers import AutoTokenizer
-
+from sglang_mezo.client import MezoClient, format_job
 from sglang_mezo.default_model import default_model_path
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
 
@@ -32,35 +29,11 @@ TEMPLATE = "{text} It was"
 OPTIONS = [" terrible", " great"]  # label 0 = rotten, 1 = fresh
 
 
-def call(url: str, path: str, body: dict | None = None, timeout: float = 600) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def evaluate(url: str, tokenizer, examples: list[tuple[str, int]]) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of the length-normalised option log-likelihoods, scored by the server."""
-    prompts = [tokenizer(TEMPLATE.format(text=t))["input_ids"] for t, _ in examples]
-    options = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in OPTIONS]
-    seqs = [(p, o) for p in prompts for o in options]
-    scores = []
-    for start in range(0, len(seqs), 64):
-        batch = seqs[start : start + 64]
-        out = call(url, "/generate", {"input_ids": [p + o for p, o in batch], "sampling_params": {"max_new_tokens": 0},
-                                      "return_logprob": True, "logprob_start_len": 0})
-        for (p, o), r in zip(batch, out):
-            lps = [e[0] for e in r["meta_info"]["input_token_logprobs"][len(p):]]
-            scores.append(sum(lps) / len(lps))
-    correct, loss = 0, 0.0
-    for i, (_, label) in enumerate(examples):
-        logits = scores[i * len(OPTIONS) : (i + 1) * len(OPTIONS)]
-        top = max(logits)
-        log_z = top + math.log(sum(math.exp(s - top) for s in logits))
-        loss += log_z - logits[label]
-        correct += int(logits.index(top) == label)
-    return correct / len(examples), loss / len(examples)
+def _post(url: str, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return response.status, json.loads(response.read())
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
@@ -75,9 +48,9 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> N
         if process.poll() is not None:
             raise SystemExit(f"the server exited ({process.returncode}); see demo-server.log")
         try:
-            call(url, "/model_info", timeout=5)
-            return
-        except (OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url + "/model_info", timeout=5):
+                return
+        except OSError:  # URLError is an OSError
             time.sleep(1)
     raise SystemExit("the server did not start in time; see demo-server.log")
 
@@ -95,7 +68,6 @@ def main() -> None:
     args = parser.parse_args()
 
     model = default_model_path()  # converts the embedded GGUF once
-    tokenizer = AutoTokenizer.from_pretrained(model)
     train, held_out = balanced_split(rotten_tomatoes(), [args.train_per_class, args.eval_per_class], args.seed)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,39 +75,32 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     print(f"starting SGLang on CPU with {model.name} (MeZO enabled, last {args.last_layers} layers trainable)")
     server = start_server(port, ["--model-path", str(model), "--mezo-last-layers", str(args.last_layers)])
+    client = MezoClient(url)
     try:
         wait_ready(url, server)
-        acc0, loss0 = evaluate(url, tokenizer, held_out)
-        print(f"before: accuracy {acc0:.1%}  loss {loss0:.4f}  ({len(held_out)} held-out reviews, balanced)")
-
-        job = call(url, "/mezo/step", {
+        # the server evaluates the held-out reviews before the first step and after the last (POST /mezo/step's
+        # eval_examples), through SGLang's own request path
+        job = client.train({
             "examples": [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in train],
+            "eval_examples": [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in held_out],
             "objective": "classification", "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "eps": args.eps, "seed": args.seed,
         })
-        with tqdm(total=args.steps, desc="MeZO", unit="step") as bar:
-            while job["status"] in ("queued", "running"):
-                time.sleep(0.5)
-                job = call(url, f"/mezo/jobs/{job['job_id']}")
-                bar.update(job["step"] - bar.n)
-                if job["last"]:
-                    bar.set_postfix(loss=f"{(job['last']['loss_plus'][0] + job['last']['loss_minus'][0]) / 2:.4f}")
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {job['error']}")
-        print(f"trained {job['step']} steps in {job['elapsed_s']:.0f} s "
-              f"({job['zero_grad_steps']} with zero projected gradient)")
-
-        acc1, loss1 = evaluate(url, tokenizer, held_out)
-        print(f"after:  accuracy {acc1:.1%}  loss {loss1:.4f}")
-        print(f"| held-out (balanced, n={len(held_out)}) | accuracy | loss |\n|---|---|---|\n"
-              f"| zero-shot | {acc0:.1%} | {loss0:.4f} |\n| after {job['step']} MeZO steps | {acc1:.1%} | {loss1:.4f} |")
+        print(format_job(job))
+        before, after = job["evals"][0], job["evals"][-1]
+        print(f"\n| held-out (balanced, n={before['n']}) | accuracy | loss |\n|---|---|---|\n"
+              f"| zero-shot | {before['accuracy']:.1%} | {before['loss']:.4f} |\n"
+              f"| after {job['step']} MeZO steps | {after['accuracy']:.1%} | {after['loss']:.4f} |")
 
         review = "A warm, funny and beautifully acted film."
-        chat = call(url, "/v1/chat/completions", {
+        _, chat = _post(url, "/v1/chat/completions", {
             "model": "default", "max_tokens": 40, "temperature": 0,
             "messages": [{"role": "user", "content": f"Review: {review}\nWas the reviewer positive or negative?"}],
         })
-        print(f"served by the fine-tuned weights: {chat['choices'][0]['message']['content']!r}")
+        print(f"served by the fine-tuned weights ({client.weights()['weight_version']}): "
+              f"{chat['choices'][0]['message']['content']!r}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)

@@ -5,6 +5,8 @@ zero-gradient rate)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from mezo_checks import engine_for_served, run_job
@@ -115,3 +117,27 @@ def test_a_job_from_a_data_file_on_the_server(server, tmp_path):
         status, out = server.request("POST", "/mezo/step", {"dataset": bad, "steps": 1})
         assert status == 400 and words in out["message"], (bad, out)
     assert server.request("POST", "/mezo/step", {"dataset": dataset, "examples": choice(REVIEWS)})[0] == 400
+
+
+def test_the_train_command_follows_a_job_and_keeps_its_best_weights(server, tmp_path):
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps({"examples": choice(REVIEWS), "eval_examples": choice(HELD_OUT), "eval_every": 3,
+                                    "lr": 5e-2, "eps": 1e-2, "batch_size": 4}))
+    out = subprocess.run([sys.executable, "-m", "sglang_mezo.cli", "train", str(job_file), "--url", server.url,
+                          "--steps", "6", "--seed", "9", "--reset-to-best", "--trajectory", str(tmp_path / "t.json"),
+                          "--save", str(tmp_path / "saved"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    job = server.request("GET", "/mezo/jobs")[1]["jobs"][-1]
+    assert job["status"] == "succeeded" and job["total_steps"] == 6
+    best = job["best_eval"]
+    assert f"| {best['step']} (best) |" in out.stdout and "zero-gradient probes" in out.stdout, out.stdout
+    # --reset-to-best then --save: the saved weights are the best step's
+    assert server.request("GET", "/mezo/weights")[1]["weight_version"] == best["weight_version"]
+    provenance = json.loads((tmp_path / "saved" / "mezo_history.json").read_text())
+    assert provenance["weight_version"] == best["weight_version"]
+    assert json.loads((tmp_path / "t.json").read_text())["steps"]["step"] == list(range(6))
+    # a job the server refuses: a clear message and a non-zero exit
+    job_file.write_text(json.dumps({"examples": []}))
+    out = subprocess.run([sys.executable, "-m", "sglang_mezo.cli", "train", str(job_file), "--url", server.url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "HTTP 400" in out.stderr, out.stderr

@@ -1,0 +1,142 @@
+"""A small Python client for a server started with ``--enable-mezo``: submit a job, follow it with a progress bar,
+evaluate, reset, save. Standard library only (plus tqdm for the bar), so it runs anywhere the server is reachable.
+
+    client = MezoClient("http://localhost:30000")
+    job = client.train({"dataset": {...}, "steps": 200, "eval_every": 50})
+    print(format_job(job))
+    client.save("/models/fine-tuned")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+class MezoError(RuntimeError):
+    """The server answered with an error (``status``: the HTTP status, the message: the server's)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class MezoClient:
+    def __init__(self, url: str = "http://127.0.0.1:30000", *, timeout_s: float = 600.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    # -- the API, one method per route -------------------------------------------------------------------------
+
+    def submit(self, job: dict) -> dict:
+        """POST /mezo/step: queue a job; returns its status (``job_id``, ``status``, ...)."""
+        return self._call("POST", "/mezo/step", job)
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/mezo/jobs/{job_id}")
+
+    def jobs(self) -> list[dict]:
+        return self._call("GET", "/mezo/jobs")["jobs"]
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("POST", f"/mezo/jobs/{job_id}/cancel", {})
+
+    def trajectory(self, job_id: str) -> dict:
+        return self._call("GET", f"/mezo/jobs/{job_id}/trajectory")
+
+    def evaluate(self, examples: list[dict] | None = None, *, dataset: dict | None = None,
+                 objective: str | None = None) -> dict:
+        body: dict[str, Any] = {"examples": examples or []}
+        if dataset is not None:
+            body["dataset"] = dataset
+        if objective is not None:
+            body["objective"] = objective
+        return self._call("POST", "/mezo/eval", body)
+
+    def weights(self) -> dict:
+        return self._call("GET", "/mezo/weights")
+
+    def reset(self, job_id: str | None = None, step: int | None = None) -> dict:
+        body = {k: v for k, v in (("job_id", job_id), ("step", step)) if v is not None}
+        return self._call("POST", "/mezo/reset", body)
+
+    def save(self, path: str, *, overwrite: bool = False) -> dict:
+        return self._call("POST", "/mezo/save", {"path": path, "overwrite": overwrite})
+
+    # -- following a job -----------------------------------------------------------------------------------------
+
+    def wait(self, job_id: str, *, progress: bool = True, poll_s: float = 0.5) -> dict:
+        """Poll a job until it finishes, with a progress bar (steps, loss, last eval); returns its final status.
+        Ctrl-C cancels the job on the server before re-raising."""
+        from tqdm import tqdm
+
+        status = self.job(job_id)
+        bar = tqdm(total=status["total_steps"], desc=f"MeZO {job_id}", unit="step", disable=not progress)
+        try:
+            while True:
+                bar.update(status["step"] - bar.n)
+                bar.set_postfix(_postfix(status), refresh=False)
+                if status["status"] in FINISHED:
+                    return status
+                time.sleep(poll_s)
+                status = self.job(job_id)
+        except KeyboardInterrupt:
+            self.cancel(job_id)
+            raise
+        finally:
+            bar.close()
+
+    def train(self, job: dict, *, progress: bool = True) -> dict:
+        """Submit ``job`` and follow it to its end."""
+        return self.wait(self.submit(job)["job_id"], progress=progress)
+
+    # -- transport -------------------------------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raw = err.read().decode(errors="replace")
+            try:
+                payload = json.loads(raw)
+                message = payload.get("message") or payload.get("detail") or raw
+            except (json.JSONDecodeError, AttributeError):
+                message = raw
+            raise MezoError(err.code, str(message)) from None
+
+
+def _postfix(status: dict) -> dict[str, str]:
+    out = {}
+    last = status.get("last")
+    if last:
+        out["loss"] = f"{(sum(last['loss_plus']) + sum(last['loss_minus'])) / (2 * len(last['loss_plus'])):.4f}"
+    if status.get("evals"):
+        ev = status["evals"][-1]
+        out["eval"] = f"{ev['accuracy']:.1%}" if ev["accuracy"] is not None else f"{ev['loss']:.4f}"
+    return out
+
+
+def format_job(status: dict) -> str:
+    """A job's outcome as a Markdown table: its evaluations (best marked), then the training summary."""
+    lines = [f"job {status['job_id']}: {status['status']} after {status['step']}/{status['total_steps']} steps "
+             f"in {status['elapsed_s']:.0f} s" + (f" ({status['error']})" if status.get("error") else "")]
+    evals = status.get("evals") or []
+    if evals:
+        best = status.get("best_eval") or {}
+        lines += ["", "| step | held-out accuracy | held-out loss | weights |", "|---|---|---|---|"]
+        for ev in evals:
+            accuracy = "-" if ev["accuracy"] is None else f"{ev['accuracy']:.1%}"
+            mark = " (best)" if ev["step"] == best.get("step") else ""
+            lines.append(f"| {ev['step']}{mark} | {accuracy} | {ev['loss']:.4f} | {ev['weight_version']} |")
+    lines += ["", f"zero-gradient probes: {status['zero_grad_rate']:.1%}; "
+                  f"|g| quantiles: {', '.join(f'{k} {v:.3g}' for k, v in status['abs_grad_quantiles'].items())}"]
+    return "\n".join(lines)
