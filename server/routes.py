@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
+from fastapi.responses import StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
 from sglang_mezo.core.config import MezoConfig
@@ -161,6 +162,27 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     @router.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobOut:
         return job_out(find(job_id))
+
+    @router.get("/jobs/{job_id}/events")
+    async def job_events(job_id: str) -> StreamingResponse:
+        """Server-Sent Events: the job's status (as GET /mezo/jobs/{id}) whenever it changes, until it finishes;
+        the last event is named ``end``."""
+        job = find(job_id)
+
+        async def events():
+            seen = None
+            while True:
+                state = (job.status, job.steps_done, len(job.evals))
+                if state != seen:
+                    seen = state
+                    name = "end" if job.status.finished else "status"
+                    yield f"event: {name}\ndata: {job_out(job).model_dump_json()}\n\n"
+                    if job.status.finished:
+                        return
+                await asyncio.sleep(0.1)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.post("/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str) -> JobOut:

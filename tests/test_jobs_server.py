@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 from mezo_checks import engine_for_served, run_job
@@ -141,3 +142,25 @@ def test_the_train_command_follows_a_job_and_keeps_its_best_weights(server, tmp_
     out = subprocess.run([sys.executable, "-m", "sglang_mezo.cli", "train", str(job_file), "--url", server.url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "HTTP 400" in out.stderr, out.stderr
+
+
+def test_progress_streams_as_server_sent_events(server):
+    status, job = server.request("POST", "/mezo/step", {"examples": choice(REVIEWS), "eval_examples": choice(HELD_OUT),
+                                                        "eval_every": 5, "steps": 10, "lr": 1e-2, "seed": 13})
+    assert status == 200
+    events: list[tuple[str, dict]] = []
+    with urllib.request.urlopen(f"{server.url}/mezo/jobs/{job['job_id']}/events", timeout=120) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        name = None
+        for raw in stream:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    assert len(events) >= 2 and [n for n, _ in events[:-1]] == ["status"] * (len(events) - 1)
+    name, last = events[-1]
+    assert name == "end" and last["status"] == "succeeded" and last["step"] == 10 and len(last["evals"]) == 3
+    steps = [e["step"] for _, e in events]
+    assert steps == sorted(steps)
+    assert server.request("GET", "/mezo/jobs/nope/events")[0] == 404
