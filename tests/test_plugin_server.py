@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from mezo_checks import run_job
 from servers import running_server
 from tiny_models import save_tiny_llama
 
@@ -38,7 +39,7 @@ def test_without_enable_mezo_the_server_is_stock(tiny_model_path, tmp_path):
 
 
 def test_enable_mezo_options_reach_the_server(tiny_model_path, tmp_path):
-    with running_server(tiny_model_path, "--mezo-last-layers", "1", "--mezo-z-kind", "gaussian",
+    with running_server(tiny_model_path, "--mezo-last-layers", "1", "--mezo-z-kind", "gaussian", "--enable-metrics",
                         log_dir=tmp_path) as server:
         log = server.log.read_text()
         assert "MeZO enabled" in log and "last_layers=1" in log and "z_kind='gaussian'" in log
@@ -47,6 +48,18 @@ def test_enable_mezo_options_reach_the_server(tiny_model_path, tmp_path):
         # every MeZO route exists here (so the 404s of the stock server above mean something)
         for method, path in MEZO_ROUTES:
             assert server.request(method, path, {} if method == "POST" else None)[0] != 404 or "/x" in path, path
+        # with --enable-metrics, MeZO's metrics are on SGLang's Prometheus endpoint
+        examples = [{"prompt": "the movie was", "options": [" bad", " good"], "label": 1}]
+        job = run_job(server, {"examples": examples, "eval_examples": examples, "steps": 3, "lr": 1e-3})
+        assert job["status"] == "succeeded", job
+        status, text = server.request("GET", "/metrics")
+        assert status == 200
+        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("sglang_mezo_")}
+        assert values["sglang_mezo_steps_total"] == 3 and values["sglang_mezo_probes_total"] == 3
+        assert values["sglang_mezo_zero_grad_probes_total"] == job["zero_grad_rate"] * 3
+        assert values["sglang_mezo_step_seconds_count"] == 3 and values["sglang_mezo_jobs_total"] == 1
+        assert values["sglang_mezo_eval_accuracy"] == job["evals"][-1]["accuracy"]
 
 
 @pytest.mark.parametrize("flag, value, message", [

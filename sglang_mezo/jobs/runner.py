@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
@@ -162,11 +163,22 @@ class Busy(RuntimeError):
     step)."""
 
 
+class JobObserver(Protocol):
+    """Told about a job's progress (metrics, logs); must not raise or block."""
+
+    def on_steps(self, job: Job, results: list[dict]) -> None: ...
+
+    def on_eval(self, job: Job, evaluation: dict) -> None: ...
+
+    def on_finish(self, job: Job) -> None: ...
+
+
 class JobRunner:
     def __init__(self, executor: ChunkExecutor, *, chunk_target_s: float = 0.2, max_chunk_steps: int = 64,
                  yield_s: float = 2.0, base_weight_version: str = "default", base_model: str = "",
-                 scorer: ServedScorer | None = None) -> None:
+                 scorer: ServedScorer | None = None, observers: Sequence[JobObserver] = ()) -> None:
         self.executor = executor
+        self.observers = list(observers)
         self.scorer = scorer
         self.base_model = base_model
         self.base_weight_version = base_weight_version
@@ -301,6 +313,7 @@ class JobRunner:
             outcome = await self.executor.run_chunk(chunk)
             per_step = (time.perf_counter() - started) / max(1, len(outcome.results))
             job.record(outcome.results, outcome.trainable_fingerprint, outcome.trainable_names, outcome.aborted)
+            self._notify("on_steps", job, outcome.results)
             self.weight_version = outcome.weight_version or self.weight_version
             if job.trajectory is not None and not any(s.trajectory is job.trajectory for s in self.served):
                 self.served.append(ServedSegment(job.id, job.trajectory))
@@ -333,6 +346,7 @@ class JobRunner:
             return
         metrics, version = await self.evaluate(spec.objective, spec.eval_examples)
         job.evals.append({"step": job.steps_done, **metrics.to_dict(), "weight_version": version})
+        self._notify("on_eval", job, job.evals[-1])
         logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)
 
     async def _recover(self) -> str:
@@ -344,7 +358,14 @@ class JobRunner:
             logger.error("MeZO: %s", exc)
             return f"{exc}; training stays disabled until POST /mezo/reset succeeds"
 
-    @staticmethod
-    def _finish(job: Job, status: JobStatus) -> None:
+    def _finish(self, job: Job, status: JobStatus) -> None:
         job.status, job.finished = status, time.time()
         job.done.set()
+        self._notify("on_finish", job)
+
+    def _notify(self, event: str, *args) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # noqa: BLE001 - telemetry must never stop training
+                logger.exception("MeZO: observer %s failed on %s", type(observer).__name__, event)

@@ -98,6 +98,14 @@ class TokenizerManagerScorer:
         return scores, versions
 
 
+def _observers(server_args) -> list:
+    if not getattr(server_args, "enable_metrics", False):
+        return []
+    from .metrics import PrometheusObserver
+
+    return [PrometheusObserver({"model_name": str(server_args.served_model_name)})]
+
+
 def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
     """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts)."""
     from sglang_mezo.server.routes import build_router
@@ -106,7 +114,8 @@ def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3,
                        yield_s=options.yield_ms / 1e3, base_weight_version=str(server_args.weight_version),
-                       base_model=str(server_args.model_path), scorer=TokenizerManagerScorer(tokenizer_manager))
+                       base_model=str(server_args.model_path), scorer=TokenizerManagerScorer(tokenizer_manager),
+                       observers=_observers(server_args))
     app.include_router(build_router(
         runner,
         tokenizer=tokenizer_manager.tokenizer,
