@@ -242,3 +242,39 @@ class SaveOut(BaseModel):
     """The checkpoint tensors written from the served weights: every tensor a job of this server could train
     (the others are copied from the base checkpoint, unchanged)."""
     message: str
+
+
+class DiagnoseRequest(_Strict):
+    """An ε diagnostic: for each ε, ``probes`` SPSA probes on the same batch, without any update (lr = 0), to see
+    whether the objective gives a signal at that scale (an accuracy objective usually does not)."""
+
+    examples: list[ExampleIn] = Field(min_length=1, max_length=256, description="the batch, scored whole")
+    objective: Objective | None = None
+    eps: list[float] = Field([1e-4, 1e-3, 1e-2], min_length=1, max_length=8)
+    probes: int = Field(8, ge=1, le=64)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="after")
+    def _valid(self) -> DiagnoseRequest:
+        _one_kind(self.examples, "examples")
+        if any(not 0 < e <= 0.1 for e in self.eps):
+            raise ValueError("every eps must be in (0, 0.1]")
+        return self
+
+
+class EpsDiagnosisOut(BaseModel):
+    eps: float
+    nonzero_rate: float
+    """The share of probes with L+ != L- (a usable gradient estimate)."""
+    median_abs_loss_diff: float
+    """The median |L+ - L-|: how far above the loss's numerical noise the probe moves it."""
+    median_abs_grad: float
+    loss: float
+    """The mean of L+ and L- over the probes (the batch's loss)."""
+    job_id: str
+    """The lr = 0 job that ran the probes (its round trips are in the served history)."""
+
+
+class DiagnoseOut(BaseModel):
+    objective: Objective
+    results: list[EpsDiagnosisOut]

@@ -16,8 +16,9 @@ from sglang_mezo.jobs.data import examples_from_records, load_records
 from sglang_mezo.jobs.runner import Busy, Job, JobRunner, JobSpec, JobStatus
 from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate
 
-from .api import (ChoiceExampleIn, DatasetIn, EvalOut, EvalRequest, ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest,
-                  SaveOut, SaveRequest, ServedSegmentOut, StepOut, StepRequest, WeightsOut)
+from .api import (ChoiceExampleIn, DatasetIn, DiagnoseOut, DiagnoseRequest, EpsDiagnosisOut, EvalOut, EvalRequest,
+                  ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest, SaveOut, SaveRequest, ServedSegmentOut,
+                  StepOut, StepRequest, WeightsOut)
 
 
 def grad_quantiles(history: list[dict]) -> dict[str, float]:
@@ -149,6 +150,31 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         examples = await asyncio.to_thread(tokenize, examples)
         metrics, version = await runner.evaluate(objective, examples)
         return EvalOut(**metrics.to_dict(), weight_version=version)
+
+    @router.post("/diagnose")
+    async def diagnose(request: DiagnoseRequest) -> DiagnoseOut:
+        """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and
+        its probes' round trips are recorded, so the served weights stay exactly described)."""
+        objective = objective_for(request.examples, request.objective)
+        examples = await asyncio.to_thread(tokenize, request.examples)
+        results = []
+        for eps in request.eps:
+            config = dataclasses.replace(defaults, lr=0.0, eps=eps, n_probes=1, weight_decay=0.0,
+                                         total_steps=request.probes, seed=request.seed)
+            job = runner.submit(JobSpec(examples=examples, objective=objective, config=config,
+                                        batch_size=len(examples), base_model=base_model))
+            await job.done.wait()
+            if job.status is not JobStatus.SUCCEEDED:
+                raise HTTPException(409 if job.status is JobStatus.CANCELLED else 422,
+                                    f"the probes at eps={eps} stopped: {job.error or job.status.value}")
+            diffs = sorted(abs(p - m) for r in job.history for p, m in zip(r["loss_plus"], r["loss_minus"]))
+            grads = sorted(abs(g) for r in job.history for g in r["projected_grads"])
+            losses = [(p + m) / 2 for r in job.history for p, m in zip(r["loss_plus"], r["loss_minus"])]
+            results.append(EpsDiagnosisOut(eps=eps, nonzero_rate=sum(1 for d in diffs if d) / len(diffs),
+                                           median_abs_loss_diff=diffs[len(diffs) // 2],
+                                           median_abs_grad=grads[len(grads) // 2],
+                                           loss=sum(losses) / len(losses), job_id=job.id))
+        return DiagnoseOut(objective=objective, results=results)
 
     @router.get("/jobs")
     async def list_jobs() -> JobListOut:

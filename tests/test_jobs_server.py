@@ -164,3 +164,22 @@ def test_progress_streams_as_server_sent_events(server):
     steps = [e["step"] for _, e in events]
     assert steps == sorted(steps)
     assert server.request("GET", "/mezo/jobs/nope/events")[0] == 404
+
+
+def test_the_eps_diagnostic_shows_why_accuracy_gives_no_signal(server, model_path):
+    """For the same batch: the classification loss moves with every probe at any ε, while accuracy (piecewise
+    constant) stays flat at small ε. The probes change nothing (lr = 0): the served scores stay the same."""
+    before = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})[1]
+    body = {"examples": choice(REVIEWS), "eps": [1e-4, 1e-2], "probes": 6, "seed": 2}
+    status, smooth = server.request("POST", "/mezo/diagnose", body)
+    assert status == 200, smooth
+    assert [r["eps"] for r in smooth["results"]] == [1e-4, 1e-2] and smooth["objective"] == "classification"
+    assert all(r["nonzero_rate"] == 1.0 for r in smooth["results"])
+    small, large = smooth["results"]
+    assert large["median_abs_loss_diff"] > 10 * small["median_abs_loss_diff"] > 0  # ~linear in ε
+    status, flat = server.request("POST", "/mezo/diagnose", {**body, "objective": "accuracy"})
+    assert status == 200, flat
+    assert flat["results"][0]["nonzero_rate"] <= 0.5
+    after = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})[1]
+    assert abs(after["loss"] - before["loss"]) <= 1e-5
+    assert server.request("POST", "/mezo/diagnose", {**body, "eps": [0.5]})[0] == 400
