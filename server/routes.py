@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import TypeAdapter, ValidationError
 
 from sglang_mezo.core.config import MezoConfig
@@ -19,6 +19,7 @@ from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplat
 from .api import (ChoiceExampleIn, DatasetIn, DiagnoseOut, DiagnoseRequest, EpsDiagnosisOut, EvalOut, EvalRequest,
                   ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest, SaveOut, SaveRequest, ServedSegmentOut,
                   StepOut, StepRequest, WeightsOut)
+from .plot import job_plot_png
 
 
 def grad_quantiles(history: list[dict]) -> dict[str, float]:
@@ -188,6 +189,16 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     @router.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobOut:
         return job_out(find(job_id))
+
+    @router.get("/jobs/{job_id}/plot", response_class=Response,
+                responses={200: {"content": {"image/png": {}}, "description": "the job's curves"}})
+    async def job_plot(job_id: str) -> Response:
+        """The job's L+/L- per step and its held-out evaluations, as a PNG."""
+        job = find(job_id)
+        if not job.history and not job.evals:
+            raise HTTPException(409, f"job {job_id} has nothing to plot yet")
+        png = await asyncio.to_thread(job_plot_png, job.id, list(job.history), list(job.evals))
+        return Response(png, media_type="image/png")
 
     @router.get("/jobs/{job_id}/events")
     async def job_events(job_id: str) -> StreamingResponse:

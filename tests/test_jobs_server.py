@@ -73,6 +73,11 @@ def test_a_job_evaluates_periodically_and_its_best_step_can_be_restored(server, 
     assert abs(now["loss"] - evals[-1]["loss"]) <= 1e-6 and now["weight_version"] == evals[-1]["weight_version"]
     expected = reference_eval(server, model_path, choice(HELD_OUT), Objective.CLASSIFICATION)
     assert abs(now["loss"] - expected.loss) <= 1e-4
+    # the curves as a PNG
+    with urllib.request.urlopen(f"{server.url}/mezo/jobs/{job['job_id']}/plot", timeout=60) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        png = response.read()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     # best: highest accuracy, then earliest; a reset to its step gives exactly its numbers back
     best = job["best_eval"]
     assert best == max(evals, key=lambda e: (e["accuracy"], -e["step"]))
