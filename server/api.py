@@ -93,6 +93,8 @@ class EvalRequest(_Strict):
     dataset: DatasetIn | None = None
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
+    generate: bool = Field(False, description="prompt/completion examples: also generate greedily and report "
+                                              "exact match and token F1 against the completions")
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalRequest:
@@ -108,6 +110,10 @@ class EvalOut(BaseModel):
     """The objective's mean loss over the examples."""
     accuracy: float | None = None
     """For prompt/options/label examples: the share whose most likely option (length-normalised) is the label."""
+    exact_match: float | None = None
+    """With generation: the share of greedy generations equal to the completion (SQuAD-normalised)."""
+    f1: float | None = None
+    """With generation: the mean token F1 of the greedy generations against the completions (SQuAD's)."""
     weight_version: str
     """The weights that were evaluated (see GET /mezo/weights)."""
 
@@ -128,6 +134,8 @@ class StepRequest(_Strict):
     eval_examples: list[ExampleIn] = Field(default_factory=list, description="held-out examples of the same kind, "
                                            "evaluated before the first step, every eval_every steps and at the end")
     eval_every: int = Field(0, ge=0, description="0: evaluate only before and after training")
+    eval_generate: bool = Field(False, description="prompt/completion eval examples: also report exact match and "
+                                                   "token F1 of greedy generations")
     steps: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float | None = Field(None, ge=0, le=1.0)

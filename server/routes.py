@@ -131,7 +131,8 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         eval_ids = await asyncio.to_thread(tokenize, eval_examples, "eval example")
         job = runner.submit(JobSpec(examples=train_ids, objective=objective, config=config,
                                     batch_size=request.batch_size, base_model=base_model,
-                                    eval_examples=eval_ids, eval_every=request.eval_every))
+                                    eval_examples=eval_ids, eval_every=request.eval_every,
+                                    eval_generate=request.eval_generate))
         if not request.wait:
             return job_out(job)
         await job.done.wait()
@@ -149,7 +150,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
             examples = held_out if request.dataset.eval_size else train
         objective = objective_for(examples, request.objective)
         examples = await asyncio.to_thread(tokenize, examples)
-        metrics, version = await runner.evaluate(objective, examples)
+        metrics, version = await runner.evaluate(objective, examples, request.generate)
         return EvalOut(**metrics.to_dict(), weight_version=version)
 
     @router.post("/diagnose")

@@ -15,7 +15,8 @@ from servers import running_server
 from tiny_models import save_tiny_llama
 from transformers import AutoTokenizer
 
-from sglang_mezo.core.objectives import ChoiceExample, Objective, evaluate, scoring_items
+from sglang_mezo.core.objectives import (ChoiceExample, EvalMetrics, Objective, evaluate, generation_metrics,
+                                         scoring_items, token_f1)
 
 OPTIONS = [" terrible", " great"]
 REVIEWS = [("a great story with great music", 1), ("the film was terrible", 0), ("great acting, a great cast", 1),
@@ -188,3 +189,27 @@ def test_the_eps_diagnostic_shows_why_accuracy_gives_no_signal(server, model_pat
     after = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})[1]
     assert abs(after["loss"] - before["loss"]) <= 1e-5
     assert server.request("POST", "/mezo/diagnose", {**body, "eps": [0.5]})[0] == 400
+
+
+def test_generation_is_evaluated_by_exact_match_and_f1(server, model_path):
+    """The served model's own greedy continuation, used as the reference, must score EM = F1 = 1; an unrelated
+    reference 0; and the numbers must be those of SGLang's /generate with the same length limits."""
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompt = "the film was"
+    status, out = server.request("POST", "/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 6,
+                                                                                           "temperature": 0}})
+    assert status == 200
+    own = out["text"]
+    examples = [{"prompt": prompt, "completion": own}, {"prompt": prompt, "completion": " zebra quartz"}]
+    predictions = []
+    for e in examples:
+        n = len(tok(e["completion"], add_special_tokens=False)["input_ids"])
+        predictions.append(server.request("POST", "/generate", {
+            "text": prompt, "sampling_params": {"max_new_tokens": n, "temperature": 0}})[1]["text"])
+    status, metrics = server.request("POST", "/mezo/eval", {"examples": examples, "generate": True})
+    assert status == 200, metrics
+    expected = generation_metrics(EvalMetrics(n=2, loss=0.0), predictions, [e["completion"] for e in examples])
+    assert metrics["exact_match"] == expected.exact_match and metrics["f1"] == pytest.approx(expected.f1)
+    assert token_f1(predictions[1], examples[1]["completion"]) == 0.0
+    assert metrics["f1"] >= 0.5 * (1 + 0) * token_f1(predictions[0], own) > 0
+    assert server.request("POST", "/mezo/eval", {"examples": examples})[1]["f1"] is None  # only when asked

@@ -5,11 +5,17 @@
   classification: "<text> It was" -> " great" / " terrible").
 * ``accuracy``: 1 - [argmax option == label]. Piecewise constant: most probes give L+ = L- (g = 0), which the
   step counts rather than hides.
+
+Evaluation also has exact match and token F1 of generated text (:func:`generation_metrics`, SQuAD's definitions),
+computed from greedy generations of the serving engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -102,15 +108,51 @@ def batch_loss_fn(engine: ScoringEngine, objective: Objective, batch: Sequence[E
 
 @dataclass(frozen=True)
 class EvalMetrics:
-    """An evaluation of a set of examples: the objective's mean loss, and for choice examples the accuracy (the
-    share whose highest length-normalised option log-likelihood is the label)."""
+    """An evaluation of a set of examples: the objective's mean loss; for choice examples the accuracy (the share
+    whose highest length-normalised option log-likelihood is the label); for completion examples evaluated with
+    generation, the exact match and token F1 of the greedy generations against the completions."""
 
     n: int
     loss: float
     accuracy: float | None = None
+    exact_match: float | None = None
+    f1: float | None = None
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "loss": self.loss, "accuracy": self.accuracy}
+        return {"n": self.n, "loss": self.loss, "accuracy": self.accuracy, "exact_match": self.exact_match,
+                "f1": self.f1}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, words split on white space."""
+    return _ARTICLES.sub(" ", _PUNCTUATION.sub(" ", text.lower())).split()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """The F1 of the normalised words in common (SQuAD's metric)."""
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(metrics: EvalMetrics, predictions: Sequence[str], references: Sequence[str]) -> EvalMetrics:
+    """``metrics`` with the exact match and token F1 of ``predictions`` against ``references`` added."""
+    n = len(references)
+    return dataclasses.replace(metrics, exact_match=sum(map(exact_match, predictions, references)) / n,
+                               f1=sum(map(token_f1, predictions, references)) / n)
 
 
 def evaluate(objective: Objective, examples: Sequence[Example], scores: CompletionScores) -> EvalMetrics:

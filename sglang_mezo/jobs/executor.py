@@ -67,6 +67,11 @@ class ServedScorer(Protocol):
         if a step committed meanwhile)."""
         ...
 
+    async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:
+        """Per item: the greedy generation after its prompt (no longer than its completion, in tokens) and the
+        completion, both as text."""
+        ...
+
 
 def weight_version_label(job_id: str, committed_steps: int, aborted: bool = False) -> str:
     """SGLang's ``weight_version`` for the weights after ``committed_steps`` steps of job ``job_id``: one label per

@@ -27,7 +27,7 @@ from typing import Protocol
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.objectives import EvalMetrics, Objective, evaluate, scoring_items
+from sglang_mezo.core.objectives import EvalMetrics, Objective, evaluate, generation_metrics, scoring_items
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
 
@@ -63,6 +63,8 @@ class JobSpec:
     eval_examples: list[dict] = field(default_factory=list)
     """Held-out examples evaluated before the first step, every ``eval_every`` steps and after the last."""
     eval_every: int = 0
+    eval_generate: bool = False
+    """Also generate for completion eval examples and report exact match and token F1."""
 
     @property
     def steps(self) -> int:
@@ -139,7 +141,13 @@ class Job:
         """The evaluation with the highest accuracy (choice examples) or lowest loss; the earliest on a tie."""
         if not self.evals:
             return None
-        return max(self.evals, key=lambda e: (e["accuracy"] if e["accuracy"] is not None else -e["loss"], -e["step"]))
+        def quality(e: dict) -> float:
+            for metric in ("accuracy", "f1"):
+                if e.get(metric) is not None:
+                    return e[metric]
+            return -e["loss"]
+
+        return max(self.evals, key=lambda e: (quality(e), -e["step"]))
 
     def record(self, results: list[dict], fingerprint: str, names: list[str], aborted: dict | None = None) -> None:
         """Add a chunk's committed steps (and the probe passes of a step that failed) to the trajectory."""
@@ -331,20 +339,27 @@ class JobRunner:
                 await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
 
-    async def evaluate(self, objective: Objective, examples: list[dict]) -> tuple[EvalMetrics, str]:
+    async def evaluate(self, objective: Objective, examples: list[dict],
+                       generate: bool = False) -> tuple[EvalMetrics, str]:
         """Score ``examples`` as user traffic is served now; the metrics and the weight version that gave them
-        (versions joined by ``,`` if a running job committed a step meanwhile)."""
+        (versions joined by ``,`` if a running job committed a step meanwhile). With ``generate``, completion
+        examples also get the exact match and token F1 of greedy generations."""
         if self.scorer is None:
             raise RuntimeError("this runner has no scorer for evaluation")
         batch = [example_from_wire(e) for e in examples]
-        scores, versions = await self.scorer.score(scoring_items(batch))
-        return evaluate(objective, batch, scores), ",".join(sorted(versions))
+        items = scoring_items(batch)
+        scores, versions = await self.scorer.score(items)
+        metrics = evaluate(objective, batch, scores)
+        if generate and objective is Objective.CROSS_ENTROPY:
+            pairs = await self.scorer.generate(items)
+            metrics = generation_metrics(metrics, [p for p, _ in pairs], [r for _, r in pairs])
+        return metrics, ",".join(sorted(versions))
 
     async def _evaluate(self, job: Job) -> None:
         spec = job.spec
         if not spec.eval_examples:
             return
-        metrics, version = await self.evaluate(spec.objective, spec.eval_examples)
+        metrics, version = await self.evaluate(spec.objective, spec.eval_examples, spec.eval_generate)
         job.evals.append({"step": job.steps_done, **metrics.to_dict(), "weight_version": version})
         self._notify("on_eval", job, job.evals[-1])
         logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)

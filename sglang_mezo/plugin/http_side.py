@@ -72,6 +72,7 @@ class TokenizerManagerScorer:
     BATCH = 64
     """Sequences per request: bounds one request's KV and memory."""
 
+
     def __init__(self, tokenizer_manager) -> None:
         self.tm = tokenizer_manager
 
@@ -96,6 +97,24 @@ class TokenizerManagerScorer:
         scores = CompletionScores(sum_logprob=torch.tensor(sums, dtype=torch.float64),
                                   n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64))
         return scores, versions
+
+
+    async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:
+        from sglang.srt.managers.io_struct import GenerateReqInput
+
+        out: list[tuple[str, str]] = []
+        for start in range(0, len(items), self.BATCH):
+            chunk = items[start : start + self.BATCH]
+            request = GenerateReqInput(
+                input_ids=[list(i.prompt_ids) for i in chunk],
+                # as long as the reference at most (or up to the end token): an answer, not an essay
+                sampling_params=[{"max_new_tokens": len(i.completion_ids), "temperature": 0} for i in chunk],
+            )
+            outputs = await self.tm.generate_request(request, None).__anext__()
+            decode = self.tm.tokenizer.decode
+            out += [(o["text"], decode(list(i.completion_ids), skip_special_tokens=True))
+                    for o, i in zip(outputs, chunk, strict=True)]
+        return out
 
 
 def _observers(server_args) -> list:
