@@ -196,6 +196,14 @@ class JobOut(BaseModel):
     weights_inconsistent: bool = False
 
 
+class JobHistoryOut(BaseModel):
+    """Every committed step's measurements (the L+/L- curves) and every evaluation of a job."""
+
+    job_id: str
+    steps: list[StepOut]
+    evals: list[JobEvalOut]
+
+
 class JobListOut(BaseModel):
     jobs: list[JobOut]
 

@@ -17,8 +17,8 @@ from sglang_mezo.jobs.runner import Busy, Job, JobRunner, JobSpec, JobStatus
 from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate
 
 from .api import (ChoiceExampleIn, DatasetIn, DiagnoseOut, DiagnoseRequest, EpsDiagnosisOut, EvalOut, EvalRequest,
-                  ExampleIn, JobEvalOut, JobListOut, JobOut, ResetRequest, SaveOut, SaveRequest, ServedSegmentOut,
-                  StepOut, StepRequest, WeightsOut)
+                  ExampleIn, JobEvalOut, JobHistoryOut, JobListOut, JobOut, ResetRequest, SaveOut, SaveRequest,
+                  ServedSegmentOut, StepOut, StepRequest, WeightsOut)
 from .plot import job_plot_png
 
 
@@ -190,6 +190,13 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     @router.get("/jobs/{job_id}")
     async def get_job(job_id: str) -> JobOut:
         return job_out(find(job_id))
+
+    @router.get("/jobs/{job_id}/history")
+    async def job_history(job_id: str) -> JobHistoryOut:
+        job = find(job_id)
+        return JobHistoryOut(job_id=job.id, steps=[StepOut(**{k: r[k] for k in StepOut.model_fields})
+                                                   for r in job.history],
+                             evals=[JobEvalOut(**e) for e in job.evals])
 
     @router.get("/jobs/{job_id}/plot", response_class=Response,
                 responses={200: {"content": {"image/png": {}}, "description": "the job's curves"}})

@@ -74,7 +74,10 @@ def test_a_job_evaluates_periodically_and_its_best_step_can_be_restored(server, 
     assert abs(now["loss"] - evals[-1]["loss"]) <= 1e-6 and now["weight_version"] == evals[-1]["weight_version"]
     expected = reference_eval(server, model_path, choice(HELD_OUT), Objective.CLASSIFICATION)
     assert abs(now["loss"] - expected.loss) <= 1e-4
-    # the curves as a PNG
+    # the curves: as data, and as a PNG
+    history = server.request("GET", f"/mezo/jobs/{job['job_id']}/history")[1]
+    assert [s["step"] for s in history["steps"]] == list(range(10)) and history["evals"] == evals
+    assert history["steps"][-1] == job["last"]
     with urllib.request.urlopen(f"{server.url}/mezo/jobs/{job['job_id']}/plot", timeout=60) as response:
         assert response.headers["Content-Type"] == "image/png"
         png = response.read()
