@@ -1,11 +1,13 @@
 """Failures inside a scheduler step, and resetting the served weights, on a real SGLang server on CPU over HTTP.
 
-Faults are injected in the scheduler (``SGLANG_MEZO_INJECT_FAULT``): a scorer that raises mid-step, and a weight
-pass that dies half-way ("torn": part of the tensors moved). Afterwards the served weights must be exactly those
+Faults are injected in the scheduler (``SGLANG_MEZO_INJECT_FAULT``), each for the job with a given seed: a scorer
+that raises mid-step, and a weight pass that dies half-way ("torn": part of the tensors moved). Afterwards the served weights must be exactly those
 the kept history describes, and training must go on.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -28,9 +30,9 @@ def model_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    # step 4 (of the first job that reaches it): the 3rd loss call raises; step 7: a weight pass is torn
+    # the job with seed 2: its 3rd loss call of step 4 raises; the job with seed 3: a weight pass of step 7 is torn
     with running_server(model_path, "--mezo-z-kind", "rademacher", log_dir=tmp_path_factory.mktemp("logs"),
-                        env={"SGLANG_MEZO_INJECT_FAULT": "raise@4:3,torn@7:2"}) as srv:
+                        env={"SGLANG_MEZO_INJECT_FAULT": "raise@2/4:3,torn@3/7:2"}) as srv:
         yield srv
 
 
@@ -46,6 +48,7 @@ def reset(server, **body) -> dict:
 
 
 def test_failures_leave_the_weights_exactly_at_the_kept_history(server, model_path):
+    reset(server)  # the base, whatever ran before
     base_weights, base_scores = served_weights(server), served_logprobs(server)
 
     first = run_job(server, {**JOB, "steps": 3, "seed": 1})
@@ -69,7 +72,7 @@ def test_failures_leave_the_weights_exactly_at_the_kept_history(server, model_pa
     assert "restored to the last committed step" in torn["error"] and not torn["weights_inconsistent"], torn
     weights = server.request("GET", "/mezo/weights")[1]
     assert [(s["job_id"], s["steps"]) for s in weights["history"]] == [
-        (first["job_id"], 3), (failed["job_id"], 4), (torn["job_id"], 7)]
+        (first["job_id"], 3), (failed["job_id"], 4), (torn["job_id"], 7)]  # on the base, as the reset left it
     # the half-moved tensors (a 1e-2 move) would show far above 1e-4
     assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4
     after_torn = served_weights(server)
@@ -105,3 +108,5 @@ def test_reset_errors(server):
         assert status == 409 and "queued or running" in out["message"], out
     finally:
         server.request("POST", f"/mezo/jobs/{queued['job_id']}/cancel")
+        while server.request("GET", f"/mezo/jobs/{queued['job_id']}")[1]["status"] in ("queued", "running"):
+            time.sleep(0.05)  # a cancel takes effect at the next chunk boundary

@@ -15,9 +15,9 @@ TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the fi
 def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
     # one KV head for two ranks: SGLang replicates it, and both copies must move identically
     model_path = save_tiny_llama(tmp_path / "model", seed=7, num_key_value_heads=1)
-    # on TP rank 1 only: a scorer failure in step 32, a torn weight pass in step 34
+    # on TP rank 1 only: a scorer failure in step 32 of the job with seed 1, a torn pass in step 34 of seed 2's
     with running_server(model_path, "--tp", "2", "--mezo-z-kind", "gaussian", log_dir=tmp_path,
-                        env={"SGLANG_MEZO_INJECT_FAULT": "raise@32:3#1,torn@34:2#1"}) as server:
+                        env={"SGLANG_MEZO_INJECT_FAULT": "raise@1/32:3#1,torn@2/34:2#1"}) as server:
         before = served_logprobs(server)
         # a sane lr: at 3e-2 the tiny model blows up (log-probs ~ -900), and 1e-4 absolute stops meaning anything
         job = run_job(server, {"examples": TRAIN, "steps": 30, "lr": 3e-3, "eps": 1e-3, "batch_size": 2})

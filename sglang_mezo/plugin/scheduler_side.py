@@ -48,11 +48,11 @@ from .scoring import SchedulerEngine
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "SGLANG_MEZO_INJECT_FAULT"
-"""Testing only: comma-separated ``<kind>@<step>:<call>[#<tp rank>]`` entries, each making the first step numbered
-``step`` fail once per server, just before its loss call ``call`` (1-based), that is after the weight pass
-that precedes that call, on every TP rank or only on the one given. ``raise`` raises, ``nan`` returns NaN,
-``torn`` moves part of the trainable tensors (as a weight pass that died half-way would) and raises
-:class:`InconsistentWeightsError`."""
+"""Testing only: comma-separated ``<kind>@[<seed>/]<step>:<call>[#<tp rank>]`` entries, each making step ``step``
+fail once per server (of the first job with that seed, or of any job), just before its loss call ``call``
+(1-based), that is after the weight pass that precedes that call, on every TP rank or only on the one given.
+``raise`` raises, ``nan`` returns NaN, ``torn`` moves part of the trainable tensors (as a weight pass that died
+half-way would) and raises :class:`InconsistentWeightsError`."""
 
 
 class OtherRankFailed(RuntimeError):
@@ -67,20 +67,22 @@ class _Verdict(NamedTuple):
 
 class _FaultInjector:
     def __init__(self, spec: str | None, tp_rank: int) -> None:
-        self.pending: dict[int, tuple[str, int]] = {}  # step -> (kind, loss call)
+        self.pending: dict[tuple[int | None, int], tuple[str, int]] = {}  # (seed, step) -> (kind, loss call)
         for entry in filter(None, (spec or "").split(",")):
             what, _, rank = entry.strip().partition("#")
             kind, _, where = what.partition("@")
+            seed, _, where = where.rpartition("/")
             step, _, call = where.partition(":")
             if kind not in ("raise", "nan", "torn"):
                 raise ValueError(f"{FAULT_ENV}: {entry!r}: the kind must be raise, nan or torn")
             if not rank or int(rank) == tp_rank:
-                self.pending[int(step)] = (kind, int(call))
+                self.pending[(int(seed) if seed else None, int(step))] = (kind, int(call))
 
-    def wrap(self, loss: LossFn, step: int, params: TrainableSet) -> LossFn:
-        if step not in self.pending:
+    def wrap(self, loss: LossFn, seed: int, step: int, params: TrainableSet) -> LossFn:
+        key = (seed, step) if (seed, step) in self.pending else (None, step)
+        if key not in self.pending:
             return loss
-        kind, fail_at = self.pending.pop(step)  # once per server
+        kind, fail_at = self.pending.pop(key)  # once per server
         calls = 0
 
         def faulty() -> float:
@@ -158,7 +160,8 @@ class MezoSchedulerHandler:
             for step, batch in zip(req.steps, batches, strict=True):
                 step_started = time.perf_counter()
                 # a fault is injected before the forward's agreement: where a failing weight pass would be
-                loss = faults.wrap(self._agreeing(batch_loss_fn(self.engine, objective, batch)), step, params)
+                loss = faults.wrap(self._agreeing(batch_loss_fn(self.engine, objective, batch)), config.seed, step,
+                                   params)
                 abort: list[AbortedProbes] = []
                 try:
                     result = mezo_step(
