@@ -12,6 +12,10 @@ from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.kernels import MAX_SEED, ZKind
 
 
+MAX_EXAMPLES = 100_000
+"""Inline examples per list: larger sets belong in a data file on the server (``dataset``)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -87,9 +91,9 @@ def _one_kind(examples: list[ExampleIn], field_name: str) -> None:
 
 class EvalRequest(_Strict):
     """Score examples under the served weights (as user traffic is served: nothing changes): inline ``examples``,
-    or a ``dataset``'s held-out set (its ``eval_size``; all its records if 0)."""
+    or a ``dataset``'s held-out set (its ``eval_size`` per class; every record if 0)."""
 
-    examples: list[ExampleIn] = Field(default_factory=list)
+    examples: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES)
     dataset: DatasetIn | None = None
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
@@ -126,13 +130,14 @@ class JobEvalOut(EvalOut):
 class StepRequest(_Strict):
     """A training job. Hyper-parameters left out take the server's ``--mezo-*`` defaults."""
 
-    examples: list[ExampleIn] = Field(default_factory=list)
+    examples: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES)
     dataset: DatasetIn | None = Field(None, description="instead of examples: a data file on the server; its "
                                                         "held-out set becomes eval_examples")
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
-    eval_examples: list[ExampleIn] = Field(default_factory=list, description="held-out examples of the same kind, "
-                                           "evaluated before the first step, every eval_every steps and at the end")
+    eval_examples: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES,
+                                           description="held-out examples of the same kind, evaluated before the "
+                                                       "first step, every eval_every steps and at the end")
     eval_every: int = Field(0, ge=0, description="0: evaluate only before and after training")
     eval_generate: bool = Field(False, description="prompt/completion eval examples: also report exact match and "
                                                    "token F1 of greedy generations")
@@ -186,8 +191,8 @@ class JobOut(BaseModel):
     """|g| over the probes so far: min, p10, p50, p90, max."""
     evals: list[JobEvalOut] = Field(default_factory=list)
     best_eval: JobEvalOut | None = None
-    """The evaluation with the best accuracy (choice examples) or loss; POST /mezo/reset with its step restores
-    those weights exactly."""
+    """The evaluation with the best accuracy (choice examples), else F1 (with eval_generate), else loss; POST
+    /mezo/reset with its step restores those weights exactly."""
     longest_step_ms: float
     """The longest a user request waited for one step of this job."""
     elapsed_s: float

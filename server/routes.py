@@ -32,17 +32,14 @@ def grad_quantiles(history: list[dict]) -> dict[str, float]:
 
 def job_out(job: Job) -> JobOut:
     last = job.history[-1] if job.history else None
-    probes = sum(len(r["projected_grads"]) for r in job.history)
-    zero_probes = sum(1 for r in job.history for g in r["projected_grads"] if g == 0.0)
+    stats = job.grad_stats(grad_quantiles)
     return JobOut(
         job_id=job.id,
         status=job.status.value,
         step=job.steps_done,
         total_steps=job.spec.steps,
         last=StepOut(**{k: last[k] for k in StepOut.model_fields}) if last else None,
-        zero_grad_steps=sum(1 for r in job.history if all(g == 0.0 for g in r["projected_grads"])),
-        zero_grad_rate=zero_probes / probes if probes else 0.0,
-        abs_grad_quantiles=grad_quantiles(job.history),
+        **stats,
         evals=[JobEvalOut(**e) for e in job.evals],
         best_eval=JobEvalOut(**job.best_eval) if job.best_eval else None,
         longest_step_ms=max((r["step_ms"] for r in job.history), default=0.0),
@@ -67,17 +64,20 @@ _TEMPLATES = {"classification": ClassificationTemplate, "multiple_choice": Multi
               "generation": GenerationTemplate}
 
 
-def dataset_examples(spec: DatasetIn) -> tuple[list[ExampleIn], list[ExampleIn]]:
-    """Training and held-out examples from a data file on the server (blocking: run it in a thread)."""
+def dataset_examples(spec: DatasetIn, for_training: bool = True) -> tuple[list[ExampleIn], list[ExampleIn]]:
+    """Training and held-out examples from a data file on the server (blocking: run it in a thread). For an
+    evaluation (``for_training`` False) every record may be held out, and with no held-out set the "training"
+    part is every record (``train_size`` does not apply)."""
     fields = spec.template.model_dump(exclude={"kind"})
     template = _TEMPLATES[spec.template.kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     try:
         records = load_records(spec.path, spec.format, spec.split)
         train, held_out = examples_from_records(records, template, eval_size=spec.eval_size,
-                                                train_size=spec.train_size, seed=spec.seed)
+                                                train_size=spec.train_size if for_training else None,
+                                                seed=spec.seed, require_train=for_training)
         adapter = TypeAdapter(list[ExampleIn])
         return adapter.validate_python(train), adapter.validate_python(held_out)
-    except (ValueError, ValidationError) as exc:  # DataError is a ValueError
+    except (ValueError, ValidationError) as exc:  # DataError and TemplateError are ValueErrors
         raise HTTPException(400, f"dataset {spec.path}: {exc}") from exc
 
 
@@ -98,9 +98,9 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
             else:
                 wire = {"prompt": prompt, "completion": ids(example.completion, False)}
                 longest = len(wire["completion"])
-            if len(prompt) + longest > context_len:
-                raise HTTPException(400, f"{what} {i} has {len(prompt) + longest} tokens; the model's context "
-                                         f"length is {context_len}")
+            if len(prompt) + longest >= context_len:  # SGLang refuses an input that fills the whole context
+                raise HTTPException(400, f"{what} {i} has {len(prompt) + longest} tokens; it must be shorter than "
+                                         f"the model's context length, {context_len}")
             out.append(wire)
         return out
 
@@ -144,19 +144,28 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     async def eval_examples(request: EvalRequest) -> EvalOut:
         """Score examples under the served weights; batched with user traffic, nothing changes. While a job runs,
         a step may commit meanwhile: ``weight_version`` then lists both."""
+        if runner.weights_lost:
+            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
+                                     "/mezo/reset first")
         examples = request.examples
         if request.dataset is not None:
-            train, held_out = await asyncio.to_thread(dataset_examples, request.dataset)
+            train, held_out = await asyncio.to_thread(dataset_examples, request.dataset, False)
             examples = held_out if request.dataset.eval_size else train
         objective = objective_for(examples, request.objective)
         examples = await asyncio.to_thread(tokenize, examples)
-        metrics, version = await runner.evaluate(objective, examples, request.generate)
+        try:
+            metrics, version = await runner.evaluate(objective, examples, request.generate)
+        except ValueError as exc:  # SGLang refused an input
+            raise HTTPException(400, str(exc)) from exc
         return EvalOut(**metrics.to_dict(), weight_version=version)
 
     @router.post("/diagnose")
     async def diagnose(request: DiagnoseRequest) -> DiagnoseOut:
         """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and
         its probes' round trips are recorded, so the served weights stay exactly described)."""
+        if runner.weights_lost:
+            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
+                                     "/mezo/reset first")
         objective = objective_for(request.examples, request.objective)
         examples = await asyncio.to_thread(tokenize, request.examples)
         results = []
@@ -164,7 +173,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
             config = dataclasses.replace(defaults, lr=0.0, eps=eps, n_probes=1, weight_decay=0.0,
                                          total_steps=request.probes, seed=request.seed)
             job = runner.submit(JobSpec(examples=examples, objective=objective, config=config,
-                                        batch_size=len(examples), base_model=base_model))
+                                        batch_size=len(examples), base_model=base_model, purpose="diagnose"))
             await job.done.wait()
             if job.status is not JobStatus.SUCCEEDED:
                 raise HTTPException(409 if job.status is JobStatus.CANCELLED else 422,
@@ -215,16 +224,20 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         job = find(job_id)
 
         async def events():
-            seen = None
+            seen, quiet = None, 0.0
             while True:
                 state = (job.status, job.steps_done, len(job.evals))
                 if state != seen:
-                    seen = state
+                    seen, quiet = state, 0.0
                     name = "end" if job.status.finished else "status"
                     yield f"event: {name}\ndata: {job_out(job).model_dump_json()}\n\n"
                     if job.status.finished:
                         return
+                elif quiet >= 15.0:  # a comment line: keeps proxies open, and a gone client ends the stream
+                    quiet = 0.0
+                    yield ": ping\n\n"
                 await asyncio.sleep(0.1)
+                quiet += 0.1
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

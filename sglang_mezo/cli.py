@@ -47,6 +47,8 @@ def train(args: argparse.Namespace) -> int:
     for key in ("steps", "lr", "eps", "seed"):
         if getattr(args, key) is not None:
             job[key] = getattr(args, key)
+    if args.save and not Path(args.save).is_absolute():
+        raise SystemExit("sglang-mezo train: --save is a folder on the server: give an absolute path")
     client = MezoClient(args.url)
     try:
         status = client.train(job, progress=not args.quiet)
@@ -59,12 +61,14 @@ def train(args: argparse.Namespace) -> int:
             Path(args.trajectory).write_text(json.dumps(client.trajectory(status["job_id"])))
             print(f"trajectory: {args.trajectory}")
         if args.save:
-            saved = client.save(str(Path(args.save).resolve()), overwrite=args.overwrite)
+            saved = client.save(args.save, overwrite=args.overwrite)
             print(f"saved {saved['weight_version']} to {saved['path']} ({saved['message']})")
     except MezoError as exc:
         raise SystemExit(f"sglang-mezo train: the server refused: {exc}") from exc
     except OSError as exc:
         raise SystemExit(f"sglang-mezo train: cannot reach {args.url}: {exc}") from exc
+    except KeyboardInterrupt:
+        raise SystemExit("sglang-mezo train: interrupted; the job was cancelled on the server") from None
     return 0 if status["status"] == "succeeded" else 1
 
 

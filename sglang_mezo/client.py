@@ -50,8 +50,8 @@ class MezoClient:
         return self._call("GET", f"/mezo/jobs/{job_id}/trajectory")
 
     def evaluate(self, examples: list[dict] | None = None, *, dataset: dict | None = None,
-                 objective: str | None = None) -> dict:
-        body: dict[str, Any] = {"examples": examples or []}
+                 objective: str | None = None, generate: bool = False) -> dict:
+        body: dict[str, Any] = {"examples": examples or [], "generate": generate}
         if dataset is not None:
             body["dataset"] = dataset
         if objective is not None:
@@ -92,7 +92,8 @@ class MezoClient:
             bar.close()
 
     def train(self, job: dict, *, progress: bool = True) -> dict:
-        """Submit ``job`` and follow it to its end."""
+        """Submit ``job`` and follow it to its end (a ``wait`` in it is dropped: this follows the job instead)."""
+        job = {k: v for k, v in job.items() if k != "wait"}
         return self.wait(self.submit(job)["job_id"], progress=progress)
 
     # -- transport -------------------------------------------------------------------------------------------------
@@ -120,9 +121,17 @@ def _postfix(status: dict) -> dict[str, str]:
     if last:
         out["loss"] = f"{(sum(last['loss_plus']) + sum(last['loss_minus'])) / (2 * len(last['loss_plus'])):.4f}"
     if status.get("evals"):
-        ev = status["evals"][-1]
-        out["eval"] = f"{ev['accuracy']:.1%}" if ev["accuracy"] is not None else f"{ev['loss']:.4f}"
+        out["eval"] = _headline(status["evals"][-1])
     return out
+
+
+def _headline(ev: dict) -> str:
+    """An evaluation's main number: what best_eval ranks by (accuracy, else F1, else loss)."""
+    if ev.get("accuracy") is not None:
+        return f"acc {ev['accuracy']:.1%}"
+    if ev.get("f1") is not None:
+        return f"F1 {ev['f1']:.1%}"
+    return f"loss {ev['loss']:.4f}"
 
 
 def format_job(status: dict) -> str:
@@ -132,11 +141,13 @@ def format_job(status: dict) -> str:
     evals = status.get("evals") or []
     if evals:
         best = status.get("best_eval") or {}
-        lines += ["", "| step | held-out accuracy | held-out loss | weights |", "|---|---|---|---|"]
+        pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        lines += ["", "| step | held-out accuracy | F1 | exact match | held-out loss | weights |",
+                  "|---|---|---|---|---|---|"]
         for ev in evals:
-            accuracy = "-" if ev["accuracy"] is None else f"{ev['accuracy']:.1%}"
             mark = " (best)" if ev["step"] == best.get("step") else ""
-            lines.append(f"| {ev['step']}{mark} | {accuracy} | {ev['loss']:.4f} | {ev['weight_version']} |")
+            lines.append(f"| {ev['step']}{mark} | {pct(ev.get('accuracy'))} | {pct(ev.get('f1'))} | "
+                         f"{pct(ev.get('exact_match'))} | {ev['loss']:.4f} | {ev['weight_version']} |")
     lines += ["", f"zero-gradient probes: {status['zero_grad_rate']:.1%}; "
                   f"|g| quantiles: {', '.join(f'{k} {v:.3g}' for k, v in status['abs_grad_quantiles'].items())}"]
     return "\n".join(lines)

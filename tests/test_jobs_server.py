@@ -123,7 +123,8 @@ def test_a_job_from_a_data_file_on_the_server(server, tmp_path):
     # the data's problems are the client's: a 400 that says what is wrong
     for bad, words in [({**dataset, "path": str(tmp_path / "nope.jsonl")}, "no such file"),
                        ({**dataset, "template": {**dataset["template"], "prompt": "{text}"}}, "needs field"),
-                       ({**dataset, "eval_size": 50}, "examples")]:
+                       ({**dataset, "eval_size": 50}, "examples"),
+                       ({**dataset, "template": {**dataset["template"], "prompt": "{review.upper}"}}, "only plain")]:
         status, out = server.request("POST", "/mezo/step", {"dataset": bad, "steps": 1})
         assert status == 400 and words in out["message"], (bad, out)
     assert server.request("POST", "/mezo/step", {"dataset": dataset, "examples": choice(REVIEWS)})[0] == 400
@@ -216,3 +217,24 @@ def test_generation_is_evaluated_by_exact_match_and_f1(server, model_path):
     assert token_f1(predictions[1], examples[1]["completion"]) == 0.0
     assert metrics["f1"] >= 0.5 * (1 + 0) * token_f1(predictions[0], own) > 0
     assert server.request("POST", "/mezo/eval", {"examples": examples})[1]["f1"] is None  # only when asked
+
+
+def test_multiple_choice_and_generation_jobs_from_files(server, tmp_path):
+    import datasets
+
+    questions = [{"q": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
+                 for a in range(1, 5) for b in range(1, 4)]
+    datasets.Dataset.from_list(questions).to_parquet(str(tmp_path / "mc.parquet"))
+    job = run_job(server, {"dataset": {"path": str(tmp_path / "mc.parquet"), "eval_size": 4,
+                                       "template": {"kind": "multiple_choice", "prompt": "{q}", "choices_field":
+                                                    "choices", "label_field": "answer"}},
+                           "steps": 2, "lr": 1e-2, "batch_size": 4})
+    assert job["status"] == "succeeded" and [e["n"] for e in job["evals"]] == [4, 4], job  # answer 0 only
+    pairs = [{"src": f"the movie number {i}", "tgt": f"great film {i}"} for i in range(8)]
+    (tmp_path / "gen.json").write_text(json.dumps(pairs))
+    job = run_job(server, {"dataset": {"path": str(tmp_path / "gen.json"), "eval_size": 3,
+                                       "template": {"kind": "generation", "prompt": "{src} was", "completion": " {tgt}"}},
+                           "steps": 2, "eval_generate": True, "lr": 1e-2, "batch_size": 4})
+    assert job["status"] == "succeeded", job
+    assert all(e["f1"] is not None and e["exact_match"] is not None and e["n"] == 3 for e in job["evals"])
+    assert job["best_eval"] == max(job["evals"], key=lambda e: (e["f1"], -e["step"]))

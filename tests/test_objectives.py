@@ -28,3 +28,25 @@ def test_generation_metrics_average_over_examples():
     metrics = generation_metrics(EvalMetrics(n=2, loss=1.5), ["Paris", "in 1999"], ["paris", "1999"])
     assert metrics.exact_match == 0.5 and metrics.f1 == pytest.approx((1.0 + 2 * 0.5 / 1.5) / 2)
     assert metrics.loss == 1.5
+
+
+def test_choice_losses_and_accuracy_by_hand():
+    """Two examples, two options each, with summed log-probs and token counts chosen so the length-normalised
+    scores are simple: example 0 prefers option 1 (its label), example 1 prefers option 0 (label 1)."""
+    import math
+
+    import torch
+
+    from sglang_mezo.core.interface import CompletionScores
+    from sglang_mezo.core.objectives import ChoiceExample, Objective, evaluate, example_losses
+
+    batch = [ChoiceExample((1,), ((2,), (3, 4)), label=1), ChoiceExample((1,), ((5,), (6,)), label=1)]
+    # per-token scores: ex0: -2/1 = -2, -2/2 = -1; ex1: -1, -3
+    scores = CompletionScores(sum_logprob=torch.tensor([-2.0, -2.0, -1.0, -3.0], dtype=torch.float64),
+                              n_tokens=torch.tensor([1, 2, 1, 1]))
+    ce = example_losses(Objective.CLASSIFICATION, batch, scores)
+    assert ce[0].item() == pytest.approx(math.log(1 + math.exp(-1)))  # -log softmax([-2, -1])[1]
+    assert ce[1].item() == pytest.approx(math.log(1 + math.exp(2)))  # -log softmax([-1, -3])[1]
+    assert example_losses(Objective.ACCURACY, batch, scores).tolist() == [0.0, 1.0]
+    metrics = evaluate(Objective.CLASSIFICATION, batch, scores)
+    assert metrics.accuracy == 0.5 and metrics.loss == pytest.approx(ce.mean().item())

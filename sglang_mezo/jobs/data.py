@@ -87,8 +87,10 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
         elif fmt == "json":
             records = json.loads(path.read_text(encoding="utf-8"))
         elif fmt == "csv":
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not a field
                 records = list(csv.DictReader(f))
+            if any(None in r for r in records):
+                raise DataError("a CSV row has more values than the header has columns")
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -114,7 +116,8 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
 
 
 def examples_from_records(records: Sequence[dict], template: Template, *, eval_size: int = 0,
-                          train_size: int | None = None, seed: int = 0) -> tuple[list[dict], list[dict]]:
+                          train_size: int | None = None, seed: int = 0,
+                          require_train: bool = True) -> tuple[list[dict], list[dict]]:
     """Train and held-out examples (text) from records. With classes (classification, multiple choice) the
     held-out set has ``eval_size`` random records *of every class*; otherwise ``eval_size`` random records. The
     rest, shuffled with ``seed``, is the training set (its first ``train_size`` if given)."""
@@ -133,7 +136,7 @@ def examples_from_records(records: Sequence[dict], template: Template, *, eval_s
     random.Random(f"train:{seed}").shuffle(rest)
     if train_size is not None:
         rest = rest[:train_size]
-    if not rest:
+    if not rest and require_train:
         raise DataError("no records are left for training")
 
     def render(indices) -> list[dict]:

@@ -65,6 +65,8 @@ class JobSpec:
     eval_every: int = 0
     eval_generate: bool = False
     """Also generate for completion eval examples and report exact match and token F1."""
+    purpose: str = "train"
+    """``train``, or ``diagnose`` for the lr = 0 probes of POST /mezo/diagnose (metrics leave those out)."""
 
     @property
     def steps(self) -> int:
@@ -117,7 +119,8 @@ class Job:
     trajectory: Trajectory | None = None
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
-    """``{"step", "n", "loss", "accuracy", "weight_version"}`` per evaluation of the eval examples."""
+    """``{"step", "n", "loss", "accuracy", "exact_match", "f1", "weight_version"}`` per evaluation."""
+    _stats: tuple[int, dict] | None = field(default=None, repr=False)
     served_before: list[ServedSegment] = field(default_factory=list)
     """What the served weights carried when this job started: its steps apply on top of that."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -136,9 +139,23 @@ class Job:
             return None
         return self.elapsed_s() / self.steps_done * (self.spec.steps - self.steps_done)
 
+    def grad_stats(self, quantiles) -> dict:
+        """Zero-gradient counts and |g| quantiles (``quantiles(history)``) of the steps so far, computed once per
+        new step (status requests, SSE streams and job lists ask often)."""
+        if self._stats is None or self._stats[0] != self.steps_done:
+            probes = sum(len(r["projected_grads"]) for r in self.history)
+            zero = sum(1 for r in self.history for g in r["projected_grads"] if g == 0.0)
+            self._stats = (self.steps_done, {
+                "zero_grad_steps": sum(1 for r in self.history if all(g == 0.0 for g in r["projected_grads"])),
+                "zero_grad_rate": zero / probes if probes else 0.0,
+                "abs_grad_quantiles": quantiles(self.history),
+            })
+        return self._stats[1]
+
     @property
     def best_eval(self) -> dict | None:
-        """The evaluation with the highest accuracy (choice examples) or lowest loss; the earliest on a tie."""
+        """The evaluation with the highest accuracy (choice examples), else the highest F1 (generation evaluated),
+        else the lowest loss; the earliest on a tie."""
         if not self.evals:
             return None
         def quality(e: dict) -> float:

@@ -20,15 +20,28 @@ class TemplateError(ValueError):
     """A record does not fit the template (a missing field, a label with no option)."""
 
 
-def _fields(fmt: str) -> set[str]:
-    return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(fmt) if name}
+def _fields(fmt: str, what: str) -> set[str]:
+    """The field names of a template. Only plain ``{name}`` fields are allowed: no attribute or index access, no
+    conversion, no format spec (a template comes from a request and must not reach into objects or pad)."""
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:
+        raise TemplateError(f"{what} is not a valid template: {exc}") from None
+    names = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise TemplateError(f"{what}: only plain {{field}} placeholders are allowed, not {{{name}...}}")
+        names.add(name)
+    return names
 
 
 def _format(fmt: str, record: Mapping, what: str) -> str:
-    missing = _fields(fmt) - set(record)
+    missing = _fields(fmt, what) - set(record)
     if missing:
-        raise TemplateError(f"{what} needs field(s) {sorted(missing)}; the record has {sorted(record)}")
-    return fmt.format_map(record)
+        raise TemplateError(f"{what} needs field(s) {sorted(missing)}; the record has {sorted(map(str, record))}")
+    return fmt.format_map({name: record[name] for name in _fields(fmt, what)})
 
 
 def _label_index(value, labels: Sequence[str] | None, n: int, field: str) -> int:
@@ -87,8 +100,10 @@ class MultipleChoiceTemplate:
         return _label_index(record[self.label_field], self.labels, len(self._choices(record)), self.label_field)
 
     def example(self, record: Mapping) -> dict:
+        if _fields(self.option, "the option") - {"choice"}:
+            raise TemplateError("the option template may only use {choice}")
         return {"prompt": _format(self.prompt, record, "the prompt"),
-                "options": [self.option.format(choice=c) for c in self._choices(record)],
+                "options": [_format(self.option, {"choice": c}, "the option") for c in self._choices(record)],
                 "label": self.label_of(record)}
 
 

@@ -35,6 +35,8 @@ class PrometheusObserver:
         self.jobs = Counter(_PREFIX + "jobs", "Finished MeZO jobs, by outcome", [*names, "status"])
 
     def on_steps(self, job: Job, results: list[dict]) -> None:
+        if job.spec.purpose != "train":  # the diagnostic's lr = 0 probes are not training
+            return
         for r in results:
             grads = r["projected_grads"]
             self.steps.labels(**self.labels).inc()
@@ -52,4 +54,6 @@ class PrometheusObserver:
             self.eval_accuracy.labels(**self.labels).set(evaluation["accuracy"])
 
     def on_finish(self, job: Job) -> None:
+        if job.spec.purpose != "train":
+            return
         self.jobs.labels(**self.labels, status=job.status.value).inc()
