@@ -95,3 +95,13 @@ def test_templates_render_examples_and_hold_out_a_balanced_set():
         examples_from_records([{"body": "x", "label": 0}], ClassificationTemplate())
     with pytest.raises(DataError, match="not one of the labels"):
         examples_from_records([{"text": "x", "sentiment": "meh"}], template)
+
+
+def test_the_example_job_file_is_a_valid_request():
+    """examples/sentiment_job.json, the README's `sglang-mezo train` example, passes the API's own validation."""
+    from pathlib import Path
+
+    from sglang_mezo.server.api import StepRequest
+
+    job = StepRequest.model_validate_json((Path(__file__).parents[1] / "examples" / "sentiment_job.json").read_text())
+    assert job.examples and job.eval_examples and job.eval_every
