@@ -191,8 +191,8 @@ class JobOut(BaseModel):
     """|g| over the probes so far: min, p10, p50, p90, max."""
     evals: list[JobEvalOut] = Field(default_factory=list)
     best_eval: JobEvalOut | None = None
-    """The evaluation with the best accuracy (choice examples), else F1 (with eval_generate), else loss; POST
-    /mezo/reset with its step restores those weights exactly."""
+    """The evaluation with the best accuracy (choice examples), else F1 (with eval_generate), else loss, ties going
+    to the lower loss; POST /mezo/reset with its step restores those weights exactly."""
     longest_step_ms: float
     """The longest a user request waited for one step of this job."""
     elapsed_s: float

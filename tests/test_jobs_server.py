@@ -82,9 +82,9 @@ def test_a_job_evaluates_periodically_and_its_best_step_can_be_restored(server, 
         assert response.headers["Content-Type"] == "image/png"
         png = response.read()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
-    # best: highest accuracy, then earliest; a reset to its step gives exactly its numbers back
+    # best: highest accuracy, then lowest loss, then earliest; a reset to its step gives exactly its numbers back
     best = job["best_eval"]
-    assert best == max(evals, key=lambda e: (e["accuracy"], -e["step"]))
+    assert best == max(evals, key=lambda e: (e["accuracy"], -e["loss"], -e["step"]))
     status, weights = server.request("POST", "/mezo/reset", {"job_id": job["job_id"], "step": best["step"]})
     assert status == 200, weights
     again = server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT)})[1]
@@ -237,4 +237,4 @@ def test_multiple_choice_and_generation_jobs_from_files(server, tmp_path):
                            "steps": 2, "eval_generate": True, "lr": 1e-2, "batch_size": 4})
     assert job["status"] == "succeeded", job
     assert all(e["f1"] is not None and e["exact_match"] is not None and e["n"] == 3 for e in job["evals"])
-    assert job["best_eval"] == max(job["evals"], key=lambda e: (e["f1"], -e["step"]))
+    assert job["best_eval"] == max(job["evals"], key=lambda e: (e["f1"], -e["loss"], -e["step"]))

@@ -155,16 +155,17 @@ class Job:
     @property
     def best_eval(self) -> dict | None:
         """The evaluation with the highest accuracy (choice examples), else the highest F1 (generation evaluated),
-        else the lowest loss; the earliest on a tie."""
+        else the lowest loss; ties go to the lower loss, then to the earlier step."""
         if not self.evals:
             return None
+
         def quality(e: dict) -> float:
             for metric in ("accuracy", "f1"):
                 if e.get(metric) is not None:
                     return e[metric]
             return -e["loss"]
 
-        return max(self.evals, key=lambda e: (quality(e), -e["step"]))
+        return max(self.evals, key=lambda e: (quality(e), -e["loss"], -e["step"]))
 
     def record(self, results: list[dict], fingerprint: str, names: list[str], aborted: dict | None = None) -> None:
         """Add a chunk's committed steps (and the probe passes of a step that failed) to the trajectory."""
