@@ -22,17 +22,9 @@ from .api import (ChoiceExampleIn, DatasetIn, DiagnoseOut, DiagnoseRequest, EpsD
 from .plot import job_plot_png
 
 
-def grad_quantiles(history: list[dict]) -> dict[str, float]:
-    grads = sorted(abs(g) for r in history for g in r["projected_grads"])
-    if not grads:
-        return {}
-    at = lambda q: grads[min(len(grads) - 1, int(q * len(grads)))]  # noqa: E731 - nearest rank
-    return {"min": grads[0], "p10": at(0.1), "p50": at(0.5), "p90": at(0.9), "max": grads[-1]}
-
-
 def job_out(job: Job) -> JobOut:
     last = job.history[-1] if job.history else None
-    stats = job.grad_stats(grad_quantiles)
+    stats = job.grad_stats()
     return JobOut(
         job_id=job.id,
         status=job.status.value,
@@ -85,6 +77,11 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
                  base_model: str) -> APIRouter:
     router = APIRouter(prefix="/mezo", tags=["mezo"])
 
+    def refuse_if_weights_lost() -> None:
+        if runner.weights_lost:
+            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
+                                     "/mezo/reset first")
+
     def tokenize(examples: list[ExampleIn], what: str = "example") -> list[dict]:
         def ids(text: str, special: bool) -> list[int]:
             return list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -113,9 +110,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
         if request.dataset is not None:
             examples, eval_examples = await asyncio.to_thread(dataset_examples, request.dataset)
         objective = objective_for(examples, request.objective)
-        if runner.weights_lost:
-            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
-                                     "/mezo/reset first")
+        refuse_if_weights_lost()
         # the server's --mezo-* defaults, overridden by what the request sets (replace re-validates)
         try:
             config = dataclasses.replace(
@@ -144,9 +139,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     async def eval_examples(request: EvalRequest) -> EvalOut:
         """Score examples under the served weights; batched with user traffic, nothing changes. While a job runs,
         a step may commit meanwhile: ``weight_version`` then lists both."""
-        if runner.weights_lost:
-            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
-                                     "/mezo/reset first")
+        refuse_if_weights_lost()
         examples = request.examples
         if request.dataset is not None:
             train, held_out = await asyncio.to_thread(dataset_examples, request.dataset, False)
@@ -163,9 +156,7 @@ def build_router(runner: JobRunner, *, tokenizer, defaults: MezoConfig, max_step
     async def diagnose(request: DiagnoseRequest) -> DiagnoseOut:
         """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and
         its probes' round trips are recorded, so the served weights stay exactly described)."""
-        if runner.weights_lost:
-            raise HTTPException(409, "the served weights are at no committed step (a restore failed): POST "
-                                     "/mezo/reset first")
+        refuse_if_weights_lost()
         objective = objective_for(request.examples, request.objective)
         examples = await asyncio.to_thread(tokenize, request.examples)
         results = []

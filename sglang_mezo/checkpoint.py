@@ -71,13 +71,13 @@ def plan_reads(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> dict[
     return by_file
 
 
-def load_pieces(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> int:
-    """Overwrite each piece's storage with its block of the checkpoint tensor; returns the elements copied."""
+def load_pieces(plan: dict[Path, list[tuple[str, TrainablePiece]]]) -> int:
+    """Overwrite each piece's storage with its block of the checkpoint tensor, as :func:`plan_reads` planned (and
+    checked); returns the elements copied."""
     from safetensors import safe_open
 
-    by_file = plan_reads(model_dir, pieces)
     copied = 0
-    for file, items in by_file.items():
+    for file, items in plan.items():
         with safe_open(file, framework="pt") as f:
             for source, piece in items:
                 block = _read_block(f.get_slice(source), piece)

@@ -37,8 +37,6 @@ class ChunkOutcome:
     """A step that failed after perturbing: its probe passes (``{"step", "seeds", "eps", "passes"}``)."""
     trainable_fingerprint: str = ""
     trainable_names: list[str] = field(default_factory=list)
-    weight_version: str | None = None
-    """The label the served weights now carry, if they changed (see :func:`weight_version_label`)."""
     info: dict = field(default_factory=dict)
 
 

@@ -15,6 +15,7 @@ failed part-way, the runner restores the weights to the history at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import json
 import logging
@@ -139,16 +140,18 @@ class Job:
             return None
         return self.elapsed_s() / self.steps_done * (self.spec.steps - self.steps_done)
 
-    def grad_stats(self, quantiles) -> dict:
-        """Zero-gradient counts and |g| quantiles (``quantiles(history)``) of the steps so far, computed once per
-        new step (status requests, SSE streams and job lists ask often)."""
+    def grad_stats(self) -> dict:
+        """Zero-gradient counts and |g| quantiles (min, p10, p50, p90, max; nearest rank) of the steps so far,
+        computed once per new step (status requests, SSE streams and job lists ask often)."""
         if self._stats is None or self._stats[0] != self.steps_done:
-            probes = sum(len(r["projected_grads"]) for r in self.history)
-            zero = sum(1 for r in self.history for g in r["projected_grads"] if g == 0.0)
+            grads = sorted(abs(g) for r in self.history for g in r["projected_grads"])
+            zero = sum(1 for g in grads if g == 0.0)
+            at = lambda q: grads[min(len(grads) - 1, int(q * len(grads)))]  # noqa: E731
             self._stats = (self.steps_done, {
                 "zero_grad_steps": sum(1 for r in self.history if all(g == 0.0 for g in r["projected_grads"])),
-                "zero_grad_rate": zero / probes if probes else 0.0,
-                "abs_grad_quantiles": quantiles(self.history),
+                "zero_grad_rate": zero / len(grads) if grads else 0.0,
+                "abs_grad_quantiles": {"min": grads[0], "p10": at(0.1), "p50": at(0.5), "p90": at(0.9),
+                                       "max": grads[-1]} if grads else {},
             })
         return self._stats[1]
 
@@ -208,8 +211,6 @@ class JobRunner:
         self.scorer = scorer
         self.base_model = base_model
         self.base_weight_version = base_weight_version
-        self.weight_version = base_weight_version
-        """SGLang's label of the weights served now."""
         self.chunk_target_s = chunk_target_s
         self.yield_s = yield_s
         self.max_chunk_steps = max_chunk_steps
@@ -241,6 +242,12 @@ class JobRunner:
             job.cancel_requested = True
         return job
 
+    @property
+    def weight_version(self) -> str:
+        """SGLang's label of the weights served now: that of the last segment of the served history (the same label
+        the scheduler gives them at each commit and restore)."""
+        return self.served[-1].weight_version if self.served else self.base_weight_version
+
     async def reset(self, job_id: str | None = None, step: int | None = None) -> str:
         """Put the served weights at the base checkpoint (no ``job_id``), or at the weights right after ``step``
         committed steps of job ``job_id`` (all it committed if ``step`` is None): what the server held before that
@@ -262,9 +269,8 @@ class JobRunner:
             history = list(job.served_before)
             if job.trajectory is not None and step != 0:
                 kept = job.trajectory
-                if step is not None:
-                    kept = Trajectory.from_dict(kept.to_dict())
-                    kept.records = [r for r in kept.records if r.step < step]
+                if step is not None:  # a copy with the records before that step; the job's own stays whole
+                    kept = dataclasses.replace(kept, records=[r for r in kept.records if r.step < step])
                 history.append(ServedSegment(job_id, kept))
         return history
 
@@ -302,7 +308,6 @@ class JobRunner:
             self.weights_lost = outcome.inconsistent
             raise RuntimeError(f"restoring the weights failed: {outcome.message}")
         self.served, self.weights_lost = list(history), False
-        self.weight_version = version
         return outcome.message
 
     async def _work(self) -> None:
@@ -340,7 +345,6 @@ class JobRunner:
             per_step = (time.perf_counter() - started) / max(1, len(outcome.results))
             job.record(outcome.results, outcome.trainable_fingerprint, outcome.trainable_names, outcome.aborted)
             self._notify("on_steps", job, outcome.results)
-            self.weight_version = outcome.weight_version or self.weight_version
             if job.trajectory is not None and not any(s.trajectory is job.trajectory for s in self.served):
                 self.served.append(ServedSegment(job.id, job.trajectory))
             if not outcome.success:

@@ -60,7 +60,7 @@ class TokenizerManagerExecutor:
         if r.weight_version is not None:  # what /get_weight_version and responses without spans report
             self.tm._update_weight_version_if_provided(r.weight_version)
         return ChunkOutcome(success=r.success, message=r.message, results=list(r.results),
-                            inconsistent=r.inconsistent, aborted=r.aborted, weight_version=r.weight_version, info=dict(r.info),
+                            inconsistent=r.inconsistent, aborted=r.aborted, info=dict(r.info),
                             trainable_fingerprint=r.trainable_fingerprint,
                             trainable_names=list(r.trainable_names))
 

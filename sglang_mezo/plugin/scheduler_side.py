@@ -26,10 +26,12 @@ Every outcome is a reply, never an exception: an exception escaping a handler wo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -222,13 +224,10 @@ class MezoSchedulerHandler:
     def _in_step_check(self) -> None:
         """Under TP, before each weight pass and each forward: every rank says it is still in the step. A rank that
         failed answers "no" here instead of leaving the others in a collective, and all stop at the same pass."""
-        if self.engine_tp_size() > 1 and not self._agree(True, in_step=True).ok:
+        if self.engine.tp_size > 1 and not self._agree(True, in_step=True).ok:
             raise OtherRankFailed("the step failed on another tensor-parallel rank")
 
     def _agreeing(self, loss: LossFn) -> LossFn:
-        if self.engine_tp_size() == 1:
-            return loss
-
         def agreed() -> float:
             self._in_step_check()
             return loss()
@@ -245,7 +244,8 @@ class MezoSchedulerHandler:
             targets = [self.params_for(MezoConfig.from_dict(t.config).selection) for t in history]
             for trajectory, params in zip(history, targets, strict=True):
                 trajectory.check_compatible(params)
-            plan_reads(self.scheduler.server_args.model_path, self._movable_pieces())  # before touching weights
+            moved = self._movable_pieces()
+            plan = plan_reads(self.scheduler.server_args.model_path, moved)  # checked before touching weights
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             error = f"bad history: {type(exc).__name__}: {exc}"
         if not self._all_ranks_ok(error is None):
@@ -254,8 +254,7 @@ class MezoSchedulerHandler:
         started = time.perf_counter()
         with self._paused(flush=lambda: True):
             try:
-                moved = self._movable_pieces()
-                copied = load_pieces(self.scheduler.server_args.model_path, moved)
+                copied = load_pieces(plan)
                 steps = sum(t.replay(p, exact=True) for t, p in zip(history, targets, strict=True))
                 self._label(req.weight_version)
                 ok = True
@@ -325,7 +324,7 @@ class MezoSchedulerHandler:
         unknown state, and at a step's end all ranks made the same probe passes (``passes``) and all committed or
         none did (``committed``) — otherwise their shards no longer belong to one model."""
         local = _Verdict(ok, in_step, not self.inconsistent)
-        if self.engine_tp_size() == 1:
+        if self.engine.tp_size == 1:
             return local
         import torch
         import torch.distributed as dist
@@ -339,19 +338,29 @@ class MezoSchedulerHandler:
             consistent = consistent and min_passes == -neg_max_passes and min_committed == -neg_max_committed
         return _Verdict(bool(all_ok), bool(all_in_step), bool(consistent))
 
-    def engine_tp_size(self) -> int:
-        from sglang.srt.runtime_context import get_parallel
-
-        return int(get_parallel().tp_size)
-
     @staticmethod
     def _trainable_header(params: TrainableSet) -> dict:
         return {"trainable_fingerprint": params.fingerprint(), "trainable_names": sorted(params.manifest)}
 
-    def _paused(self, flush):
+    @contextlib.contextmanager
+    def _paused(self, flush: Callable[[], bool]) -> Iterator[None]:
         """Pause (retract) user traffic for the block; afterwards flush the prefix cache if ``flush()`` says the
         weights changed, and resume unless someone else had paused the engine."""
-        return _PausedServing(self, flush)
+        was_paused = self.scheduler._engine_paused
+        self.pause()
+        try:
+            yield
+        finally:
+            try:
+                if flush() and not self.scheduler.flush_cache(empty_cache=False):
+                    # flush_cache refuses while requests are in flight; after a retract there are none, so this
+                    # means a cache we cannot trust: stop training until a restore, and say so
+                    logger.error("MeZO: the prefix cache could not be flushed after a weight change")
+                    self.inconsistent = True
+                if not was_paused:
+                    self.resume()
+            except Exception:  # noqa: BLE001 - never let cleanup kill the scheduler
+                logger.exception("MeZO: resuming serving failed")
 
     def pause(self) -> None:
         from sglang.srt.managers.io_struct import PauseGenerationReqInput
@@ -366,28 +375,6 @@ class MezoSchedulerHandler:
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput
 
         self.scheduler.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
-
-
-class _PausedServing:
-    def __init__(self, handler: MezoSchedulerHandler, flush) -> None:
-        self.handler, self.flush = handler, flush
-
-    def __enter__(self) -> None:
-        self.was_paused = self.handler.scheduler._engine_paused
-        self.handler.pause()
-
-    def __exit__(self, *exc) -> bool:
-        try:
-            if self.flush() and not self.handler.scheduler.flush_cache(empty_cache=False):
-                # flush_cache refuses while requests are in flight; after a retract there are none, so this means
-                # a cache we cannot trust: stop training until a restore, and say so
-                logger.error("MeZO: the prefix cache could not be flushed after a weight change")
-                self.handler.inconsistent = True
-            if not self.was_paused:
-                self.handler.resume()
-        except Exception:  # noqa: BLE001 - never let cleanup kill the scheduler
-            logger.exception("MeZO: resuming serving failed")
-        return False
 
 
 def install(scheduler) -> None:
