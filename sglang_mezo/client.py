@@ -13,6 +13,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Any
 
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -24,6 +25,21 @@ class MezoError(RuntimeError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer: its status and its body (parsed JSON, or the text when it is not JSON)."""
+
+    status: int
+    body: Any
+
+    @property
+    def message(self) -> str:
+        """An error body's message (``message``, or FastAPI's ``detail``), else the body as text."""
+        if isinstance(self.body, dict):
+            return str(self.body.get("message") or self.body.get("detail") or self.body)
+        return str(self.body)
 
 
 class MezoClient:
@@ -98,28 +114,33 @@ class MezoClient:
 
     # -- transport -------------------------------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None) -> Reply:
+        """One request to any route of the server (``/mezo/*`` or SGLang's own), JSON in and out; any HTTP status
+        is a :class:`Reply`. Raises OSError when the server cannot be reached."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
+            with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
+                status, raw = response.status, response.read().decode()
         except urllib.error.HTTPError as err:
-            raw = err.read().decode(errors="replace")
-            try:
-                payload = json.loads(raw)
-                message = payload.get("message") or payload.get("detail") or raw
-            except (json.JSONDecodeError, AttributeError):
-                message = raw
-            raise MezoError(err.code, str(message)) from None
+            status, raw = err.code, err.read().decode(errors="replace")
+        try:
+            return Reply(status, json.loads(raw))
+        except json.JSONDecodeError:
+            return Reply(status, raw)
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
+        reply = self.request(method, path, body)
+        if reply.status >= 400:
+            raise MezoError(reply.status, reply.message)
+        return reply.body
 
 
 def _postfix(status: dict) -> dict[str, str]:
     out = {}
-    last = status.get("last")
-    if last:
-        out["loss"] = f"{(sum(last['loss_plus']) + sum(last['loss_minus'])) / (2 * len(last['loss_plus'])):.4f}"
+    if status.get("last"):
+        out["loss"] = f"{status['last']['loss']:.4f}"
     if status.get("evals"):
         out["eval"] = _headline(status["evals"][-1])
     return out

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from sglang_mezo.client import MezoClient
 from sglang_mezo.launch import server_command
 
 STARTUP_TIMEOUT_S = 240
@@ -33,20 +31,15 @@ class Server:
     url: str
     process: subprocess.Popen
     log: Path
+    client: MezoClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = MezoClient(self.url)
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, raw = resp.status, resp.read().decode()
-        except urllib.error.HTTPError as err:
-            status, raw = err.code, err.read().decode()
-        try:
-            return status, json.loads(raw)
-        except json.JSONDecodeError:
-            return status, raw
+        """Any route, through the project's own client: the status and the parsed body, whatever the status."""
+        reply = self.client.request(method, path, body, timeout_s=timeout)
+        return reply.status, reply.body
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from sglang_mezo.jobs.data import DataError, balanced_split, examples_from_records, load_records, rotten_tomatoes
-from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate
+from sglang_mezo.jobs.templates import ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate, TextChoice
 
 
 def test_balanced_split_is_balanced_disjoint_random_and_seeded():
@@ -76,20 +76,20 @@ def test_templates_render_examples_and_hold_out_a_balanced_set():
     template = ClassificationTemplate(prompt="{text} It was", label_field="sentiment", labels=("neg", "pos"))
     train, held_out = examples_from_records(RECORDS, template, eval_size=5, train_size=12, seed=1)
     assert len(train) == 12 and len(held_out) == 10
-    assert Counter(e["label"] for e in held_out) == {0: 5, 1: 5}
-    assert {e["prompt"] for e in train}.isdisjoint(e["prompt"] for e in held_out)
-    assert held_out[0]["options"] == [" terrible", " great"] and held_out[0]["prompt"].endswith(" It was")
+    assert Counter(e.label for e in held_out) == {0: 5, 1: 5}
+    assert {e.prompt for e in train}.isdisjoint(e.prompt for e in held_out)
+    assert held_out[0].options == (" terrible", " great") and held_out[0].prompt.endswith(" It was")
     by_index = examples_from_records(RECORDS, ClassificationTemplate(), eval_size=5, seed=1)
     assert by_index[1] == held_out  # label values and class indices pick the same records
 
     choice = MultipleChoiceTemplate(prompt="Q: {q}\nA:", choices_field="c", label_field="a", labels=("A", "B", "C"))
     (example,), _ = examples_from_records([{"q": "2+2?", "c": ["3", "4", "5"], "a": "B"}], choice)
-    assert example == {"prompt": "Q: 2+2?\nA:", "options": [" 3", " 4", " 5"], "label": 1}
+    assert example == TextChoice(prompt="Q: 2+2?\nA:", options=(" 3", " 4", " 5"), label=1)
 
     generation = GenerationTemplate(prompt="Translate: {src}", completion=" {tgt}")
     train, held_out = examples_from_records([{"src": str(i), "tgt": str(-i)} for i in range(10)], generation,
                                             eval_size=3, seed=0)
-    assert len(train) == 7 and len(held_out) == 3 and train[0]["completion"].startswith(" ")
+    assert len(train) == 7 and len(held_out) == 3 and train[0].completion.startswith(" ")
 
     with pytest.raises(DataError, match="needs field"):
         examples_from_records([{"body": "x", "label": 0}], ClassificationTemplate())
@@ -101,7 +101,7 @@ def test_the_example_job_file_is_a_valid_request():
     """examples/sentiment_job.json, the README's `sglang-mezo train` example, passes the API's own validation."""
     from pathlib import Path
 
-    from sglang_mezo.server.api import StepRequest
+    from sglang_mezo.server.schemas import StepRequest
 
     job = StepRequest.model_validate_json((Path(__file__).parents[1] / "examples" / "sentiment_job.json").read_text())
     assert job.examples and job.eval_examples and job.eval_every

@@ -1,17 +1,50 @@
 """A MeZO run: config + trainable set + trajectory, stepping with seeds derived from the run's seed.
 
 This is the whole optimiser state. There is no other: no moments, no stored z, no RNG object. Step k's seeds are
-``derive_seed(config.seed, k, probe)``: they depend on the config alone, never on earlier steps.
+``derive_seed(config.seed, k, probe)``: they depend on the config alone, never on earlier steps. :func:`run_step`
+is the one place that turns (config, step index) into a step; :class:`MezoRun` and the step handler inside
+SGLang's scheduler (:mod:`sglang_mezo.scheduler.handler`) both call it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from sglang_mezo.kernels import derive_seed
 
 from .config import MezoConfig
 from .params import TrainableSet
-from .spsa import LossFn, StepResult, mezo_step
+from .spsa import AbortedProbes, LossFn, StepResult, mezo_step
 from .trajectory import Trajectory
+
+
+def seeds_for(config: MezoConfig, step: int) -> list[int]:
+    """The probe seeds of 0-based ``step`` of a run with ``config``."""
+    return [derive_seed(config.seed, step, probe) for probe in range(config.n_probes)]
+
+
+def run_step(
+    params: TrainableSet,
+    config: MezoConfig,
+    step: int,
+    loss_fn: LossFn,
+    *,
+    on_abort: Callable[[AbortedProbes], None] | None = None,
+    before_pass: Callable[[], None] | None = None,
+) -> StepResult:
+    """Step ``step`` of a run with ``config``: its seeds, its scheduled lr, the config's ε, weight decay and z kind.
+    See :func:`~sglang_mezo.core.spsa.mezo_step` for ``on_abort`` and ``before_pass``."""
+    return mezo_step(
+        params,
+        loss_fn,
+        seeds_for(config, step),
+        eps=config.eps,
+        lr=config.lr_at(step),
+        weight_decay=config.weight_decay,
+        kind=config.z_kind,
+        on_abort=on_abort,
+        before_pass=before_pass,
+    )
 
 
 class MezoRun:
@@ -28,22 +61,13 @@ class MezoRun:
         return self.trajectory.committed_steps
 
     def seeds_for(self, step: int) -> list[int]:
-        return [derive_seed(self.config.seed, step, probe) for probe in range(self.config.n_probes)]
+        return seeds_for(self.config, step)
 
     def step(self, loss_fn: LossFn) -> StepResult:
         """One committed step (or an exception with the weights back at the last committed step); recorded in the
         trajectory either way (a failed step as its aborted probe passes)."""
         k = self.next_step
-        cfg = self.config
-        result = mezo_step(
-            self.params,
-            loss_fn,
-            self.seeds_for(k),
-            eps=cfg.eps,
-            lr=cfg.lr_at(k),
-            weight_decay=cfg.weight_decay,
-            kind=cfg.z_kind,
-            on_abort=lambda aborted: self.trajectory.append_aborted(k, aborted),
-        )
+        result = run_step(self.params, self.config, k, loss_fn,
+                          on_abort=lambda aborted: self.trajectory.append_aborted(k, aborted))
         self.trajectory.append(k, result)
         return result

@@ -76,31 +76,6 @@ class StepResult:
         """The step's loss estimate at the committed weights: the mean of all L+ and L-."""
         return (sum(self.loss_plus) + sum(self.loss_minus)) / (2 * len(self.seeds))
 
-    def to_dict(self) -> dict:
-        """Plain lists and floats (IPC, JSON)."""
-        return {
-            "seeds": list(self.seeds),
-            "loss_plus": list(self.loss_plus),
-            "loss_minus": list(self.loss_minus),
-            "projected_grads": list(self.projected_grads),
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "eps": self.eps,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> StepResult:
-        """Inverse of :meth:`to_dict`; other keys in ``data`` are ignored."""
-        return cls(
-            seeds=tuple(int(s) for s in data["seeds"]),
-            loss_plus=tuple(data["loss_plus"]),
-            loss_minus=tuple(data["loss_minus"]),
-            projected_grads=tuple(data["projected_grads"]),
-            lr=data["lr"],
-            weight_decay=data["weight_decay"],
-            eps=data["eps"],
-        )
-
     @property
     def zero_grad_probes(self) -> int:
         """Probes whose L+ equalled L- exactly (the usual outcome for a piecewise-constant objective)."""

@@ -9,6 +9,7 @@ the kind of z, which tensors trained) and replay refuses a mismatch rather than 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import time
@@ -83,6 +84,11 @@ class Trajectory:
             StepRecord(step=step, seeds=aborted.seeds, projected_grads=(), lr=0.0, weight_decay=0.0,
                        eps=aborted.eps, aborted_passes=aborted.passes)
         )
+
+    def upto(self, step: int) -> Trajectory:
+        """A copy with the records before ``step`` (the weights after ``step`` committed steps); this one stays
+        whole."""
+        return dataclasses.replace(self, records=[r for r in self.records if r.step < step])
 
     @property
     def committed_steps(self) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from .templates import Template, TemplateError
+from .templates import Template, TemplateError, TextExample
 
 T = TypeVar("T")
 
@@ -117,7 +117,7 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
 
 def examples_from_records(records: Sequence[dict], template: Template, *, eval_size: int = 0,
                           train_size: int | None = None, seed: int = 0,
-                          require_train: bool = True) -> tuple[list[dict], list[dict]]:
+                          require_train: bool = True) -> tuple[list[TextExample], list[TextExample]]:
     """Train and held-out examples (text) from records. With classes (classification, multiple choice) the
     held-out set has ``eval_size`` random records *of every class*; otherwise ``eval_size`` random records. The
     rest, shuffled with ``seed``, is the training set (its first ``train_size`` if given)."""
@@ -139,7 +139,7 @@ def examples_from_records(records: Sequence[dict], template: Template, *, eval_s
     if not rest and require_train:
         raise DataError("no records are left for training")
 
-    def render(indices) -> list[dict]:
+    def render(indices) -> list[TextExample]:
         try:
             return [template.example(records[i]) for i in indices]
         except TemplateError as exc:

@@ -20,6 +20,36 @@ class TemplateError(ValueError):
     """A record does not fit the template (a missing field, a label with no option)."""
 
 
+@dataclass(frozen=True)
+class TextCompletion:
+    """Learn ``completion`` after ``prompt`` (text, before tokenization)."""
+
+    prompt: str
+    completion: str
+
+    def __post_init__(self) -> None:
+        if not self.prompt or not self.completion:
+            raise TemplateError("a prompt and its completion must be non-empty text")
+
+
+@dataclass(frozen=True)
+class TextChoice:
+    """Pick option ``label`` among ``options`` after ``prompt`` (text, before tokenization)."""
+
+    prompt: str
+    options: tuple[str, ...]
+    label: int
+
+    def __post_init__(self) -> None:
+        if not self.prompt or len(self.options) < 2 or not all(self.options):
+            raise TemplateError("a choice needs a non-empty prompt and at least two non-empty options")
+        if not 0 <= self.label < len(self.options):
+            raise TemplateError(f"label {self.label} is not an index of options (0..{len(self.options) - 1})")
+
+
+TextExample = TextCompletion | TextChoice
+
+
 def _fields(fmt: str, what: str) -> set[str]:
     """The field names of a template. Only plain ``{name}`` fields are allowed: no attribute or index access, no
     conversion, no format spec (a template comes from a request and must not reach into objects or pad)."""
@@ -73,9 +103,8 @@ class ClassificationTemplate:
             raise TemplateError(f"the record has no label field {self.label_field!r}")
         return _label_index(record[self.label_field], self.labels, len(self.verbalizer), self.label_field)
 
-    def example(self, record: Mapping) -> dict:
-        return {"prompt": _format(self.prompt, record, "the prompt"), "options": list(self.verbalizer),
-                "label": self.label_of(record)}
+    def example(self, record: Mapping) -> TextChoice:
+        return TextChoice(_format(self.prompt, record, "the prompt"), tuple(self.verbalizer), self.label_of(record))
 
 
 @dataclass(frozen=True)
@@ -99,12 +128,12 @@ class MultipleChoiceTemplate:
             raise TemplateError(f"the record has no label field {self.label_field!r}")
         return _label_index(record[self.label_field], self.labels, len(self._choices(record)), self.label_field)
 
-    def example(self, record: Mapping) -> dict:
+    def example(self, record: Mapping) -> TextChoice:
         if _fields(self.option, "the option") - {"choice"}:
             raise TemplateError("the option template may only use {choice}")
-        return {"prompt": _format(self.prompt, record, "the prompt"),
-                "options": [_format(self.option, {"choice": c}, "the option") for c in self._choices(record)],
-                "label": self.label_of(record)}
+        return TextChoice(_format(self.prompt, record, "the prompt"),
+                          tuple(_format(self.option, {"choice": c}, "the option") for c in self._choices(record)),
+                          self.label_of(record))
 
 
 @dataclass(frozen=True)
@@ -115,9 +144,9 @@ class GenerationTemplate:
     def label_of(self, record: Mapping) -> None:
         return None  # no classes: splits are plain random draws
 
-    def example(self, record: Mapping) -> dict:
-        return {"prompt": _format(self.prompt, record, "the prompt"),
-                "completion": _format(self.completion, record, "the completion")}
+    def example(self, record: Mapping) -> TextCompletion:
+        return TextCompletion(_format(self.prompt, record, "the prompt"),
+                              _format(self.completion, record, "the completion"))
 
 
 Template = ClassificationTemplate | MultipleChoiceTemplate | GenerationTemplate

@@ -6,7 +6,11 @@ in the HTTP process, where the job runner lives, after SGLang has set up the mul
 
 from __future__ import annotations
 
-from sglang_mezo.jobs.runner import Job
+from collections.abc import Sequence
+
+from sglang_mezo.jobs.job import Evaluation, Job
+from sglang_mezo.jobs.spec import Purpose
+from sglang_mezo.protocol import StepReport
 
 _PREFIX = "sglang_mezo_"
 
@@ -34,26 +38,23 @@ class PrometheusObserver:
                                    names, multiprocess_mode="mostrecent")
         self.jobs = Counter(_PREFIX + "jobs", "Finished MeZO jobs, by outcome", [*names, "status"])
 
-    def on_steps(self, job: Job, results: list[dict]) -> None:
-        if job.spec.purpose != "train":  # the diagnostic's lr = 0 probes are not training
+    def on_steps(self, job: Job, reports: Sequence[StepReport]) -> None:
+        if job.spec.purpose is not Purpose.TRAIN:  # the diagnostic's lr = 0 probes are not training
             return
-        for r in results:
-            grads = r["projected_grads"]
+        for report in reports:
             self.steps.labels(**self.labels).inc()
-            self.probes.labels(**self.labels).inc(len(grads))
-            self.zero_grad_probes.labels(**self.labels).inc(sum(1 for g in grads if g == 0.0))
-            self.step_seconds.labels(**self.labels).observe(r["step_ms"] / 1e3)
-        if results:
-            last = results[-1]
-            self.loss.labels(**self.labels).set((sum(last["loss_plus"]) + sum(last["loss_minus"]))
-                                                / (2 * len(last["loss_plus"])))
+            self.probes.labels(**self.labels).inc(len(report.result.projected_grads))
+            self.zero_grad_probes.labels(**self.labels).inc(report.result.zero_grad_probes)
+            self.step_seconds.labels(**self.labels).observe(report.step_ms / 1e3)
+        if reports:
+            self.loss.labels(**self.labels).set(reports[-1].result.loss)
 
-    def on_eval(self, job: Job, evaluation: dict) -> None:
-        self.eval_loss.labels(**self.labels).set(evaluation["loss"])
-        if evaluation["accuracy"] is not None:
-            self.eval_accuracy.labels(**self.labels).set(evaluation["accuracy"])
+    def on_eval(self, job: Job, evaluation: Evaluation) -> None:
+        self.eval_loss.labels(**self.labels).set(evaluation.metrics.loss)
+        if evaluation.metrics.accuracy is not None:
+            self.eval_accuracy.labels(**self.labels).set(evaluation.metrics.accuracy)
 
     def on_finish(self, job: Job) -> None:
-        if job.spec.purpose != "train":
+        if job.spec.purpose is not Purpose.TRAIN:
             return
         self.jobs.labels(**self.labels, status=job.status.value).inc()

@@ -1,15 +1,22 @@
-"""Request and response models of the ``/mezo/*`` API. Validation happens here, once: bad input is a 422 with a
-message naming the field, before anything reaches the scheduler."""
+"""Request and response models of the ``/mezo/*`` API (pydantic), and how each response is built from the jobs
+layer's records. Validation happens here, once, before anything reaches the scheduler: bad input is a 400 whose
+message names the field (see :mod:`sglang_mezo.server.errors` for every status)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import dataclasses
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sglang_mezo.core.objectives import Objective
+from sglang_mezo.core.objectives import EvalMetrics, Objective
 from sglang_mezo.core.schedules import LRSchedule
+from sglang_mezo.jobs.diagnose import EpsDiagnosis
+from sglang_mezo.jobs.job import Evaluation, Job
+from sglang_mezo.jobs.served import SaveReport, ServedSegment, ServedWeights
+from sglang_mezo.jobs.templates import TextChoice, TextCompletion
 from sglang_mezo.kernels import MAX_SEED, ZKind
+from sglang_mezo.protocol import FailureKind, StepReport
 
 
 MAX_EXAMPLES = 100_000
@@ -24,6 +31,9 @@ class CompletionExampleIn(_Strict):
     prompt: str = Field(min_length=1)
     completion: str = Field(min_length=1)
 
+    def to_text(self) -> TextCompletion:
+        return TextCompletion(self.prompt, self.completion)
+
 
 class ChoiceExampleIn(_Strict):
     prompt: str = Field(min_length=1)
@@ -37,6 +47,9 @@ class ChoiceExampleIn(_Strict):
         if any(not o for o in self.options):
             raise ValueError("options must be non-empty strings")
         return self
+
+    def to_text(self) -> TextChoice:
+        return TextChoice(self.prompt, tuple(self.options), self.label)
 
 
 ExampleIn = CompletionExampleIn | ChoiceExampleIn
@@ -121,10 +134,18 @@ class EvalOut(BaseModel):
     weight_version: str
     """The weights that were evaluated (see GET /mezo/weights)."""
 
+    @classmethod
+    def of(cls, metrics: EvalMetrics, weight_version: str, **extra) -> Self:
+        return cls(**dataclasses.asdict(metrics), weight_version=weight_version, **extra)
+
 
 class JobEvalOut(EvalOut):
     step: int
     """Committed steps of the job when the evaluation ran (0: before the first)."""
+
+    @classmethod
+    def of_evaluation(cls, evaluation: Evaluation) -> JobEvalOut:
+        return cls.of(evaluation.metrics, evaluation.weight_version, step=evaluation.step)
 
 
 class StepRequest(_Strict):
@@ -169,12 +190,20 @@ class StepRequest(_Strict):
 
 class StepOut(BaseModel):
     step: int
+    loss: float
+    """The step's loss estimate: the mean of its L+ and L-."""
     loss_plus: list[float]
     loss_minus: list[float]
     projected_grads: list[float]
     lr: float
     step_ms: float
     """Wall time of the step inside the scheduler, during which user batches wait."""
+
+    @classmethod
+    def of(cls, report: StepReport) -> StepOut:
+        r = report.result
+        return cls(step=report.step, loss=r.loss, loss_plus=list(r.loss_plus), loss_minus=list(r.loss_minus),
+                   projected_grads=list(r.projected_grads), lr=r.lr, step_ms=report.step_ms)
 
 
 class JobOut(BaseModel):
@@ -198,7 +227,26 @@ class JobOut(BaseModel):
     elapsed_s: float
     eta_s: float | None = None
     error: str | None = None
+    error_kind: FailureKind | None = None
+    """What kind of failure ``error`` describes (``step_failed``, ``weights_inconsistent``, …)."""
     weights_inconsistent: bool = False
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        stats = job.grad_stats()
+        best = job.best_eval
+        quantiles = stats.abs_grad_quantiles
+        return cls(
+            job_id=job.id, status=job.status.value, step=job.steps_done, total_steps=job.spec.steps,
+            last=StepOut.of(job.reports[-1]) if job.reports else None,
+            zero_grad_steps=stats.zero_grad_steps, zero_grad_rate=stats.zero_grad_rate,
+            abs_grad_quantiles=dataclasses.asdict(quantiles) if quantiles else {},
+            evals=[JobEvalOut.of_evaluation(e) for e in job.evals],
+            best_eval=JobEvalOut.of_evaluation(best) if best else None,
+            longest_step_ms=job.longest_step_ms, elapsed_s=job.elapsed_s(), eta_s=job.eta_s(),
+            error=job.failure.message if job.failure else None, error_kind=job.failure.kind if job.failure else None,
+            weights_inconsistent=job.weights_lost,
+        )
 
 
 class JobHistoryOut(BaseModel):
@@ -207,6 +255,11 @@ class JobHistoryOut(BaseModel):
     job_id: str
     steps: list[StepOut]
     evals: list[JobEvalOut]
+
+    @classmethod
+    def of(cls, job: Job) -> JobHistoryOut:
+        return cls(job_id=job.id, steps=[StepOut.of(r) for r in job.reports],
+                   evals=[JobEvalOut.of_evaluation(e) for e in job.evals])
 
 
 class JobListOut(BaseModel):
@@ -218,13 +271,7 @@ class ResetRequest(_Strict):
     of a job the served weights carry (all its steps if ``step`` is left out)."""
 
     job_id: str | None = None
-    step: int | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _step_needs_a_job(self) -> ResetRequest:
-        if self.step is not None and self.job_id is None:
-            raise ValueError("step needs a job_id")
-        return self
+    step: int | None = Field(None, ge=0, description="needs a job_id")
 
 
 class ServedSegmentOut(BaseModel):
@@ -234,6 +281,10 @@ class ServedSegmentOut(BaseModel):
     records: int
     """How many records of the job's trajectory those are (failed steps' probe passes included): replaying the
     first ``records`` of them reproduces the served weights exactly."""
+
+    @classmethod
+    def of(cls, segment: ServedSegment) -> ServedSegmentOut:
+        return cls(job_id=segment.job_id, steps=segment.steps, records=len(segment.trajectory))
 
 
 class WeightsOut(BaseModel):
@@ -246,6 +297,11 @@ class WeightsOut(BaseModel):
     weights_lost: bool = False
     """A weight pass failed part-way and restoring failed too: training is off until a reset succeeds."""
     message: str = ""
+
+    @classmethod
+    def of(cls, weights: ServedWeights, message: str = "") -> WeightsOut:
+        return cls(base_model=weights.base_model, weight_version=weights.weight_version, weights_lost=weights.lost,
+                   message=message, history=[ServedSegmentOut.of(s) for s in weights.segments])
 
 
 class SaveRequest(_Strict):
@@ -263,6 +319,11 @@ class SaveOut(BaseModel):
     """The checkpoint tensors written from the served weights: every tensor a job of this server could train
     (the others are copied from the base checkpoint, unchanged)."""
     message: str
+
+    @classmethod
+    def of(cls, path: str, report: SaveReport) -> SaveOut:
+        return cls(path=path, weight_version=report.weight_version, tensors=list(report.tensors),
+                   message=report.message)
 
 
 class DiagnoseRequest(_Strict):
@@ -283,19 +344,7 @@ class DiagnoseRequest(_Strict):
         return self
 
 
-class EpsDiagnosisOut(BaseModel):
-    eps: float
-    nonzero_rate: float
-    """The share of probes with L+ != L- (a usable gradient estimate)."""
-    median_abs_loss_diff: float
-    """The median |L+ - L-|: how far above the loss's numerical noise the probe moves it."""
-    median_abs_grad: float
-    loss: float
-    """The mean of L+ and L- over the probes (the batch's loss)."""
-    job_id: str
-    """The lr = 0 job that ran the probes (its round trips are in the served history)."""
-
-
 class DiagnoseOut(BaseModel):
     objective: Objective
-    results: list[EpsDiagnosisOut]
+    results: list[EpsDiagnosis]
+    """Per ε (see :class:`sglang_mezo.jobs.diagnose.EpsDiagnosis` for each field)."""

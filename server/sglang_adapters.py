@@ -1,38 +1,39 @@
-"""The HTTP-process side of the plugin: the chunk executor over SGLang's IPC, and mounting the /mezo routes."""
+"""The job runner's interfaces implemented over SGLang's tokenizer manager, in the HTTP process.
+
+:class:`TokenizerManagerExecutor` sends chunks, restores and saves to the scheduler(s) as IPC control messages
+(:mod:`sglang_mezo.scheduler.messages`) and waits for the reply; :class:`TokenizerManagerScorer` scores and
+generates through SGLang's own request path, as user traffic.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import time
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
-from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
-from sglang_mezo.jobs.executor import ChunkOutcome, StepChunk
-from sglang_mezo.jobs.runner import JobRunner
+from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.protocol import ChunkOutcome, RestoreOutcome, SaveOutcome, StepChunk
+from sglang_mezo.scheduler.messages import MezoChunkReqInput, MezoRestoreReqInput, MezoSaveReqInput
 
-from .messages import MezoChunkReqInput, MezoRestoreReqInput, MezoSaveReqInput
-from .options import MezoServerOptions
-
-logger = logging.getLogger(__name__)
+_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome)
 
 COMMUNICATOR = "mezo"
 """``_COMMUNICATOR_SPECS`` entry: the tokenizer manager gets ``mezo_communicator``."""
 
 
 class TokenizerManagerExecutor:
-    """Sends chunks and restores to the scheduler(s) through the tokenizer manager and waits for the reply."""
+    """Implements :class:`sglang_mezo.protocol.ChunkExecutor`: one control message per call, one reply."""
 
     def __init__(self, tokenizer_manager) -> None:
         self.tm = tokenizer_manager
 
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
-        return await self._send(MezoChunkReqInput(job_id=chunk.job_id, config=chunk.config,
-                                                  objective=chunk.objective, steps=chunk.steps, batches=chunk.batches))
+        return await self._send(MezoChunkReqInput(chunk=chunk), ChunkOutcome)
 
     async def drain(self, timeout_s: float) -> None:
         # the tokenizer manager holds one state per user request until it finishes (our own messages go through
@@ -43,35 +44,35 @@ class TokenizerManagerExecutor:
             await asyncio.sleep(0.005)
             in_flight &= self.tm.rid_to_state.keys()
 
-    async def restore(self, history: list[dict], weight_version: str) -> ChunkOutcome:
-        return await self._send(MezoRestoreReqInput(history=history, weight_version=weight_version))
+    async def restore(self, history: Sequence[Trajectory], weight_version: str) -> RestoreOutcome:
+        return await self._send(MezoRestoreReqInput(history=tuple(history), weight_version=weight_version),
+                                RestoreOutcome)
 
-    async def save(self, path: str) -> ChunkOutcome:
-        return await self._send(MezoSaveReqInput(path=path))
+    async def save(self, path: str) -> SaveOutcome:
+        return await self._send(MezoSaveReqInput(path=path), SaveOutcome)
 
-    async def _send(self, request) -> ChunkOutcome:
+    async def _send(self, request, expected: type[_O]) -> _O:
         self.tm.auto_create_handle_loop()
         communicator = getattr(self.tm, f"{COMMUNICATOR}_communicator")
         replies = await communicator(request)
         if len(replies) != 1:
             # each data-parallel replica would draw its own losses; keeping replicas identical is not built yet
             raise RuntimeError(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
-        r = replies[0]
-        if r.weight_version is not None:  # what /get_weight_version and responses without spans report
-            self.tm._update_weight_version_if_provided(r.weight_version)
-        return ChunkOutcome(success=r.success, message=r.message, results=list(r.results),
-                            inconsistent=r.inconsistent, aborted=r.aborted, info=dict(r.info),
-                            trainable_fingerprint=r.trainable_fingerprint,
-                            trainable_names=list(r.trainable_names))
+        outcome = replies[0].outcome
+        if not isinstance(outcome, expected):
+            raise RuntimeError(f"the scheduler answered a {type(request).__name__} with a {type(outcome).__name__}")
+        if outcome.weight_version:  # what /get_weight_version and responses without spans report
+            self.tm._update_weight_version_if_provided(outcome.weight_version)
+        return outcome
 
 
 class TokenizerManagerScorer:
-    """Scores sequences through SGLang's own request path, as user traffic: batched with it, through the prefix
-    cache (which only ever holds KV of the served weights), at whichever committed step is served."""
+    """Implements :class:`sglang_mezo.protocol.ServedScorer`: sequences go through SGLang's own request path, as
+    user traffic: batched with it, through the prefix cache (which only ever holds KV of the served weights), at
+    whichever committed step is served."""
 
     BATCH = 64
     """Sequences per request: bounds one request's KV and memory."""
-
 
     def __init__(self, tokenizer_manager) -> None:
         self.tm = tokenizer_manager
@@ -98,7 +99,6 @@ class TokenizerManagerScorer:
                                   n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64))
         return scores, versions
 
-
     async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:
         from sglang.srt.managers.io_struct import GenerateReqInput
 
@@ -115,33 +115,3 @@ class TokenizerManagerScorer:
             out += [(o["text"], decode(list(i.completion_ids), skip_special_tokens=True))
                     for o, i in zip(outputs, chunk, strict=True)]
         return out
-
-
-def _observers(server_args) -> list:
-    if not getattr(server_args, "enable_metrics", False):
-        return []
-    from .metrics import PrometheusObserver
-
-    return [PrometheusObserver({"model_name": str(server_args.served_model_name)})]
-
-
-def mount_routes(app, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
-    """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts)."""
-    from sglang_mezo.server.routes import build_router
-
-    defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
-                          z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
-    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), chunk_target_s=options.chunk_ms / 1e3,
-                       yield_s=options.yield_ms / 1e3, base_weight_version=str(server_args.weight_version),
-                       base_model=str(server_args.model_path), scorer=TokenizerManagerScorer(tokenizer_manager),
-                       observers=_observers(server_args))
-    app.include_router(build_router(
-        runner,
-        tokenizer=tokenizer_manager.tokenizer,
-        defaults=defaults,
-        max_steps=options.max_steps_per_job,
-        context_len=int(tokenizer_manager.context_len),
-        base_model=str(server_args.model_path),
-    ))
-    app.state.mezo_runner = runner
-    logger.info("MeZO routes mounted under /mezo")

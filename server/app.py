@@ -1,0 +1,52 @@
+"""Putting the ``/mezo/*`` API on a FastAPI app: the job runner over SGLang's tokenizer manager, the routes, the
+error handler, and the context the routes depend on."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.jobs.runner import JobObserver, JobRunner
+from sglang_mezo.options import MezoServerOptions
+
+from . import errors
+from .context import MezoContext
+from .routes import ROUTERS
+from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
+from .translate import Translator
+
+logger = logging.getLogger(__name__)
+
+
+def install(app: FastAPI, context: MezoContext) -> None:
+    """The routes, the error handler and ``context`` on ``app`` (any FastAPI app: SGLang's, or a test's)."""
+    context.attach(app)
+    errors.install(app)
+    for router in ROUTERS:
+        app.include_router(router)
+
+
+def _observers(server_args) -> list[JobObserver]:
+    if not getattr(server_args, "enable_metrics", False):
+        return []
+    from .metrics import PrometheusObserver
+
+    return [PrometheusObserver({"model_name": str(server_args.served_model_name)})]
+
+
+def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
+    """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts), with a job runner that reaches the
+    scheduler(s) through ``tokenizer_manager``."""
+    base_model = str(server_args.model_path)
+    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), TokenizerManagerScorer(tokenizer_manager),
+                       chunk_target_s=options.chunk_ms / 1e3, yield_s=options.yield_ms / 1e3,
+                       base_weight_version=str(server_args.weight_version), base_model=base_model,
+                       observers=_observers(server_args))
+    defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
+                          z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
+    install(app, MezoContext(runner=runner, translator=Translator(tokenizer_manager.tokenizer,
+                                                                  int(tokenizer_manager.context_len)),
+                             defaults=defaults, max_steps=options.max_steps_per_job, base_model=base_model))
+    logger.info("MeZO routes mounted under /mezo")

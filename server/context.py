@@ -1,0 +1,42 @@
+"""What the routes work with, as FastAPI dependencies: the job runner, the request translator and the job
+defaults, held by the app (``app.state.mezo``) rather than by closures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.jobs.job import Job
+from sglang_mezo.jobs.runner import JobRunner
+
+from .translate import Translator
+
+
+@dataclass(frozen=True)
+class MezoContext:
+    runner: JobRunner
+    translator: Translator
+    defaults: MezoConfig
+    """A job's hyper-parameters where the request leaves them out (the ``--mezo-*`` flags)."""
+    max_steps: int
+    """``--mezo-max-steps-per-job``."""
+    base_model: str
+
+    def attach(self, app: FastAPI) -> None:
+        app.state.mezo = self
+
+
+def mezo_context(request: Request) -> MezoContext:
+    return request.app.state.mezo
+
+
+def job_in_path(job_id: str, context: Annotated[MezoContext, Depends(mezo_context)]) -> Job:
+    """The job a ``/jobs/{job_id}`` route names (404 if there is none)."""
+    return context.runner.job(job_id)
+
+
+Context = Annotated[MezoContext, Depends(mezo_context)]
+PathJob = Annotated[Job, Depends(job_in_path)]

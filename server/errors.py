@@ -1,0 +1,88 @@
+"""Every error status of the ``/mezo/*`` API, in one table, and the one shape of an error body.
+
+| status | class (``sglang_mezo.jobs.errors``) | when |
+|---|---|---|
+| 400 | ``InvalidRequest`` | the request does not validate (malformed JSON, unknown fields, NaN or out-of-range numbers, an objective that does not fit the examples, a prompt longer than the context, a data file that does not fit its template, a step a job does not have) |
+| 404 | ``NotFound`` | an unknown job |
+| 409 | ``Conflict`` | the server's state forbids it now: a reset while a job is queued or running, training or a save while the weights are at no committed step, a save over a folder that is not empty or over the base checkpoint, a job cancelled while the request waited for it, nothing to plot yet |
+| 422 | ``JobFailed`` | a job the request waited for (``"wait": true``, ``/mezo/diagnose``) ran and failed |
+| 503 | ``Unavailable`` | what holds the weights could not do it: re-reading the base checkpoint, restoring, writing a checkpoint |
+
+The body is SGLang's own error shape (``{"object": "error", "message", "type", "param", "code"}``), with ``type``
+the error's kind (``invalid_request``, ``not_found``, ``conflict``, ``job_failed``, ``unavailable``). Request
+validation errors are turned into ``InvalidRequest`` by the routes' own route class (:class:`MezoRoute`), so the
+API answers the same in SGLang's app and in any other; SGLang's handlers for its own routes are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from sglang_mezo.jobs.errors import Conflict, InvalidRequest, JobFailed, MezoError, NotFound, Unavailable
+
+logger = logging.getLogger(__name__)
+
+STATUS: dict[type[MezoError], int] = {
+    InvalidRequest: 400,
+    NotFound: 404,
+    Conflict: 409,
+    JobFailed: 422,
+    Unavailable: 503,
+}
+
+
+def status_of(exc: MezoError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_response(exc: MezoError) -> JSONResponse:
+    status = status_of(exc)
+    if status >= 500:
+        logger.warning("MeZO: %s: %s", exc.kind, exc)
+    return JSONResponse({"object": "error", "message": str(exc), "type": exc.kind, "param": None, "code": status},
+                        status_code=status)
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, MezoError)
+    return error_response(exc)
+
+
+def install(app: FastAPI) -> None:
+    """Answer every :class:`MezoError` raised by a route of ``app`` as the table above says."""
+    app.add_exception_handler(MezoError, _handle)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """Where and what, for each problem (pydantic's own words); never the submitted values."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+class MezoRoute(APIRoute):
+    """The routes' class: a body that does not validate raises :class:`InvalidRequest` (a 400 in the shape
+    above) rather than reaching the app's generic validation handler."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def validated(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                raise InvalidRequest(_validation_message(exc)) from None
+
+        return validated

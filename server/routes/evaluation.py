@@ -1,0 +1,42 @@
+"""``/mezo/eval`` and ``/mezo/diagnose``: measure the served weights, and whether an objective gives a signal."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from sglang_mezo.jobs.diagnose import diagnose as run_diagnosis
+
+from ..context import Context
+from ..errors import MezoRoute
+from ..schemas import DiagnoseOut, DiagnoseRequest, EvalOut, EvalRequest
+from ..translate import dataset_texts, objective_for, texts
+
+router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
+
+
+@router.post("/eval")
+async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
+    """Score examples under the served weights; batched with user traffic, nothing changes. While a job runs, a
+    step may commit meanwhile: ``weight_version`` then lists both."""
+    examples = texts(request.examples)
+    if request.dataset is not None:
+        train, held_out = await asyncio.to_thread(dataset_texts, request.dataset, False)
+        examples = held_out if request.dataset.eval_size else train
+    objective = objective_for(examples, request.objective)
+    tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples)
+    metrics, version = await mezo.runner.evaluate(objective, tokenized, request.generate)
+    return EvalOut.of(metrics, version)
+
+
+@router.post("/diagnose")
+async def diagnose(request: DiagnoseRequest, mezo: Context) -> DiagnoseOut:
+    """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and its
+    probes' round trips are recorded, so the served weights stay exactly described)."""
+    examples = texts(request.examples)
+    objective = objective_for(examples, request.objective)
+    tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples)
+    results = await run_diagnosis(mezo.runner, mezo.defaults, tokenized, objective, eps=request.eps,
+                                  probes=request.probes, seed=request.seed, base_model=mezo.base_model)
+    return DiagnoseOut(objective=objective, results=results)

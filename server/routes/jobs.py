@@ -1,0 +1,125 @@
+"""``/mezo/step`` and ``/mezo/jobs/*``: submit a training job, follow it, cancel it, read what it produced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import Response, StreamingResponse
+
+from sglang_mezo.jobs.errors import Conflict, InvalidRequest, JobFailed
+from sglang_mezo.jobs.job import Job, JobStatus
+from sglang_mezo.jobs.spec import JobSpec
+
+from ..context import Context, PathJob
+from ..errors import MezoRoute
+from ..plot import job_plot_png
+from ..schemas import JobHistoryOut, JobListOut, JobOut, StepOut, StepRequest
+from ..translate import dataset_texts, job_config, objective_for, texts
+
+router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
+
+SSE_PING_S = 15.0
+"""A comment line this often when nothing changes: keeps proxies open, and a gone client ends the stream."""
+
+
+@router.post("/step")
+async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
+    """Queue a training job; with ``wait`` (one step), answer with the step's result."""
+    if request.steps > mezo.max_steps:
+        raise InvalidRequest(f"steps={request.steps} is more than this server allows per job "
+                             f"(--mezo-max-steps-per-job {mezo.max_steps})")
+    train, held_out = texts(request.examples), texts(request.eval_examples)
+    if request.dataset is not None:
+        train, held_out = await asyncio.to_thread(dataset_texts, request.dataset)
+    objective = objective_for(train, request.objective)
+    config = job_config(mezo.defaults, request)
+    # large example lists: keep the event loop free
+    examples = await asyncio.to_thread(mezo.translator.tokenize, train)
+    eval_examples = await asyncio.to_thread(mezo.translator.tokenize, held_out, "eval example")
+    job = mezo.runner.submit(JobSpec(examples=examples, objective=objective, config=config,
+                                     batch_size=request.batch_size, base_model=mezo.base_model,
+                                     eval_examples=eval_examples, eval_every=request.eval_every,
+                                     eval_generate=request.eval_generate))
+    if not request.wait:
+        return JobOut.of(job)
+    await finished(job)
+    return StepOut.of(job.reports[0])
+
+
+async def finished(job: Job) -> Job:
+    """Wait for ``job`` to end; refuse with why unless it succeeded."""
+    await job.done.wait()
+    if job.status is JobStatus.CANCELLED:
+        raise Conflict(f"job {job.id} was cancelled")
+    if job.status is not JobStatus.SUCCEEDED:
+        assert job.failure is not None
+        raise JobFailed(job.failure)
+    return job
+
+
+@router.get("/jobs")
+async def list_jobs(mezo: Context) -> JobListOut:
+    return JobListOut(jobs=[JobOut.of(j) for j in mezo.runner.jobs.values()])
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job: PathJob) -> JobOut:
+    return JobOut.of(job)
+
+
+@router.get("/jobs/{job_id}/history")
+async def job_history(job: PathJob) -> JobHistoryOut:
+    """Every committed step's measurements (the L+/L- curves) and every evaluation."""
+    return JobHistoryOut.of(job)
+
+
+@router.get("/jobs/{job_id}/plot", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the job's curves"}})
+async def job_plot(job: PathJob) -> Response:
+    """The job's L+/L- per step and its held-out evaluations, as a PNG."""
+    if not job.reports and not job.evals:
+        raise Conflict(f"job {job.id} has nothing to plot yet")
+    png = await asyncio.to_thread(job_plot_png, job.id, list(job.reports), list(job.evals))
+    return Response(png, media_type="image/png")
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(job: PathJob) -> StreamingResponse:
+    """Server-Sent Events: the job's status (as GET /mezo/jobs/{id}) whenever it changes, until it finishes; the
+    last event is named ``end``."""
+    return StreamingResponse(status_events(job), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def status_events(job: Job, poll_s: float = 0.1) -> AsyncIterator[str]:
+    seen, quiet = None, 0.0
+    while True:
+        state = (job.status, job.steps_done, len(job.evals))
+        if state != seen:
+            seen, quiet = state, 0.0
+            name = "end" if job.status.finished else "status"
+            yield f"event: {name}\ndata: {JobOut.of(job).model_dump_json()}\n\n"
+            if job.status.finished:
+                return
+        elif quiet >= SSE_PING_S:
+            quiet = 0.0
+            yield ": ping\n\n"
+        await asyncio.sleep(poll_s)
+        quiet += poll_s
+
+
+@router.post("/jobs/{job_id}/cancel")
+async def cancel_job(job: PathJob, mezo: Context) -> JobOut:
+    """Cancel a queued job now, a running one at its next chunk boundary."""
+    return JobOut.of(mezo.runner.cancel(job.id))
+
+
+@router.get("/jobs/{job_id}/trajectory")
+async def trajectory(job: PathJob) -> dict:
+    """The job's fine-tune: its seeds and projected gradients (the trajectory format of
+    :mod:`sglang_mezo.core.trajectory`), which replay onto the base checkpoint."""
+    if job.trajectory is None:
+        raise Conflict(f"job {job.id} has no committed step yet")
+    return job.trajectory.to_dict()

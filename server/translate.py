@@ -1,0 +1,98 @@
+"""From a validated request to the jobs layer's records: text examples (inline or from a data file through a
+template), tokenized with the served tokenizer, the objective they imply and the job's hyper-parameters.
+
+Every problem is the request's: an :class:`~sglang_mezo.jobs.errors.InvalidRequest` (400) that names what is
+wrong and where, never the content of a server file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
+from sglang_mezo.jobs.data import examples_from_records, load_records
+from sglang_mezo.jobs.errors import InvalidRequest
+from sglang_mezo.jobs.templates import (ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate,
+                                        TextChoice, TextExample)
+
+from .schemas import DatasetIn, ExampleIn, StepRequest
+
+_TEMPLATES = {"classification": ClassificationTemplate, "multiple_choice": MultipleChoiceTemplate,
+              "generation": GenerationTemplate}
+
+
+def objective_for(examples: Sequence[TextExample], requested: Objective | None) -> Objective:
+    """The requested objective, or the default for the kind of examples; refused if they do not fit."""
+    choice = isinstance(examples[0], TextChoice)
+    objective = requested or (Objective.CLASSIFICATION if choice else Objective.CROSS_ENTROPY)
+    if choice == (objective is Objective.CROSS_ENTROPY):
+        raise InvalidRequest(f"objective {objective.value} does not fit "
+                             f"{'prompt/options/label' if choice else 'prompt/completion'} examples")
+    return objective
+
+
+def job_config(defaults: MezoConfig, request: StepRequest) -> MezoConfig:
+    """The server's ``--mezo-*`` defaults, overridden by what the request sets (``replace`` re-validates)."""
+    try:
+        return dataclasses.replace(
+            defaults,
+            **request.model_dump(include={"lr", "eps", "n_probes", "z_kind"}, exclude_none=True),
+            **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
+            total_steps=request.steps,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def texts(examples: Sequence[ExampleIn]) -> list[TextExample]:
+    return [e.to_text() for e in examples]
+
+
+def dataset_texts(spec: DatasetIn, for_training: bool = True) -> tuple[list[TextExample], list[TextExample]]:
+    """Training and held-out examples from a data file on the server (blocking: run it in a thread). For an
+    evaluation (``for_training`` False) every record may be held out, and with no held-out set the "training"
+    part is every record (``train_size`` does not apply)."""
+    fields = spec.template.model_dump(exclude={"kind"})
+    template = _TEMPLATES[spec.template.kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    try:
+        records = load_records(spec.path, spec.format, spec.split)
+        return examples_from_records(records, template, eval_size=spec.eval_size,
+                                     train_size=spec.train_size if for_training else None, seed=spec.seed,
+                                     require_train=for_training)
+    except (ValueError, ValidationError) as exc:  # DataError and TemplateError are ValueErrors
+        raise InvalidRequest(f"dataset {spec.path}: {exc}") from exc
+
+
+class Translator:
+    """Tokenizes text examples as the server's tokenizer does for user requests."""
+
+    def __init__(self, tokenizer, context_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.context_len = context_len
+
+    def _ids(self, text: str, special: bool) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def tokenize(self, examples: Sequence[TextExample], what: str = "example") -> tuple[Example, ...]:
+        """Token ids of each example (blocking for long lists: run it in a thread). The prompt gets the
+        tokenizer's special tokens, as a user's prompt does; completions and options do not."""
+        out: list[Example] = []
+        for i, example in enumerate(examples):
+            prompt = self._ids(example.prompt, True)
+            if isinstance(example, TextChoice):
+                options = tuple(self._ids(o, False) for o in example.options)
+                tokenized: Example = ChoiceExample(prompt, options, example.label)
+                longest = max(map(len, options))
+            else:
+                completion = self._ids(example.completion, False)
+                tokenized = CompletionExample(prompt, completion)
+                longest = len(completion)
+            if len(prompt) + longest >= self.context_len:  # SGLang refuses an input that fills the whole context
+                raise InvalidRequest(f"{what} {i} has {len(prompt) + longest} tokens; it must be shorter than the "
+                                     f"model's context length, {self.context_len}")
+            out.append(tokenized)
+        return tuple(out)

@@ -1,0 +1,166 @@
+"""Every SGLang 0.5.23 internal sglang-mezo touches, named once: what we hook, call, construct, extend or read, in
+which of our modules, and why. ``tests/test_sglang_internals.py`` checks each against the installed SGLang, and
+that our code imports nothing from SGLang that is not listed here. A new SGLang release is checked by running that
+test against it; the plugin's hooks take their targets from :data:`HOOKS`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Use(str, enum.Enum):
+    HOOK = "hook"
+    """Patched through SGLang's hook registry."""
+    CALL = "call"
+    CONSTRUCT = "construct"
+    EXTEND = "extend"
+    """Subclassed, or a list/dispatcher appended to."""
+    READ = "read"
+    """An attribute or global read (or written), not a documented API."""
+
+
+@dataclass(frozen=True)
+class Internal:
+    target: str
+    """Dotted path: ``module.name`` or ``module.Class.attribute``."""
+    use: Use
+    where: str
+    """Our module that touches it."""
+    why: str
+    instance: bool = False
+    """An attribute its class sets on instances (``self.x = …``), not one the class itself has."""
+
+    @property
+    def owner(self) -> str:
+        return self.target.rsplit(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.target.rsplit(".", 1)[1]
+
+
+_SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+_SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+_TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+_REQ = "sglang.srt.managers.schedule_batch.Req"
+_IO = "sglang.srt.managers.io_struct"
+
+HOOK_ADD_CLI_ARGS = Internal(f"{_SERVER_ARGS}.add_cli_args", Use.HOOK, "plugin", "add --enable-mezo and --mezo-*")
+HOOK_FROM_CLI_ARGS = Internal(f"{_SERVER_ARGS}.from_cli_args", Use.HOOK, "plugin",
+                              "ServerArgs is sealed: keep our values in ServerArgs._mezo, which travels to schedulers")
+HOOK_SCHEDULER_DISPATCHER = Internal(f"{_SCHEDULER}.init_request_dispatcher", Use.HOOK, "plugin",
+                                     "add the handlers of our IPC messages to the scheduler")
+HOOK_HTTP_SETUP = Internal("sglang.srt.entrypoints.http_server._setup_and_run_http_server", Use.HOOK, "plugin",
+                           "mount /mezo/* on SGLang's app before uvicorn starts (main process only)")
+HOOKS = (HOOK_ADD_CLI_ARGS, HOOK_FROM_CLI_ARGS, HOOK_SCHEDULER_DISPATCHER, HOOK_HTTP_SETUP)
+
+INTERNALS: tuple[Internal, ...] = HOOKS + (
+    # -- the plugin machinery
+    Internal("sglang.srt.plugins.hook_registry.HookRegistry.register", Use.CALL, "plugin", "register the hooks"),
+    Internal("sglang.srt.plugins.hook_registry.HookType", Use.READ, "plugin", "BEFORE / AFTER"),
+    Internal("sglang.srt.plugins.hook_registry.HookRegistry._patched", Use.READ, "plugin",
+             "fail loudly: SGLang logs and carries on when a hook does not apply"),
+    Internal("sglang.srt.managers.tokenizer_control_mixin._COMMUNICATOR_SPECS", Use.EXTEND, "plugin",
+             "a fan-out communicator for our reply type (tm.mezo_communicator)"),
+    Internal("sglang.srt.environ.envs", Use.READ, "plugin",
+             "refuse --enable-mezo without pickle IPC (SGLANG_USE_PICKLE_IPC): our records travel pickled"),
+    Internal("sglang.srt.entrypoints.http_server.app", Use.EXTEND, "plugin", "the FastAPI app the routes join"),
+    # -- IPC, in the HTTP process
+    Internal(f"{_IO}.BaseReq", Use.EXTEND, "scheduler.messages", "our envelopes are SGLang control messages"),
+    Internal(f"{_IO}.GenerateReqInput", Use.CONSTRUCT, "server.sglang_adapters",
+             "evaluations score and generate as user traffic"),
+    Internal(f"{_TOKENIZER_MANAGER}.generate_request", Use.CALL, "server.sglang_adapters", "evaluation requests"),
+    Internal(f"{_TOKENIZER_MANAGER}.auto_create_handle_loop", Use.CALL, "server.sglang_adapters",
+             "the reply loop must run before a communicator waits on it"),
+    Internal(f"{_TOKENIZER_MANAGER}._update_weight_version_if_provided", Use.CALL, "server.sglang_adapters",
+             "/get_weight_version reports the label our commits and restores give"),
+    Internal(f"{_TOKENIZER_MANAGER}.rid_to_state", Use.READ, "server.sglang_adapters",
+             "the user requests in flight, which training waits for between chunks", instance=True),
+    Internal(f"{_TOKENIZER_MANAGER}.tokenizer", Use.READ, "server.app", "tokenize examples as requests are",
+             instance=True),
+    Internal(f"{_TOKENIZER_MANAGER}.context_len", Use.READ, "server.app", "refuse examples longer than the context",
+             instance=True),
+    # -- the scheduler: dispatch, serving around a chunk
+    Internal("sglang.utils.TypeBasedDispatcher", Use.CONSTRUCT, "scheduler.handler", "dispatch our messages"),
+    Internal(f"{_SCHEDULER}._request_dispatcher", Use.EXTEND, "scheduler.handler", "our handlers join it",
+             instance=True),
+    Internal(f"{_SCHEDULER}.pause_generation", Use.CALL, "scheduler.handler",
+             "retract user requests: none is computed with perturbed weights"),
+    Internal(f"{_SCHEDULER}.continue_generation", Use.CALL, "scheduler.handler", "resume after a chunk"),
+    Internal(f"{_SCHEDULER}._engine_paused", Use.READ, "scheduler.handler",
+             "do not resume an engine someone else paused", instance=True),
+    Internal(f"{_SCHEDULER}.flush_cache", Use.CALL, "scheduler.handler", "no prefix KV of older weights is reused"),
+    Internal(f"{_SCHEDULER}.record_weight_version_change", Use.CALL, "scheduler.handler",
+             "label every weight change (mezo-JOB-k)"),
+    Internal(f"{_SCHEDULER}.forward_stream", Use.READ, "scheduler.handler",
+             "let an overlapped forward finish before perturbing", instance=True),
+    Internal(f"{_IO}.PauseGenerationReqInput", Use.CONSTRUCT, "scheduler.handler", "pause_generation's argument"),
+    Internal(f"{_IO}.ContinueGenerationReqInput", Use.CONSTRUCT, "scheduler.handler",
+             "continue_generation's argument"),
+    Internal(f"{_SCHEDULER}.server_args", Use.READ, "scheduler.handler", "the checkpoint path to re-read",
+             instance=True),
+    Internal("sglang.srt.runtime_context.get_serving", Use.CALL, "scheduler.handler",
+             "the weight version a save writes"),
+    Internal("sglang.srt.distributed.get_tp_group", Use.CALL, "scheduler.agreement",
+             "the TP ranks' CPU group for agreeing"),
+    # -- the scheduler: the weights and the scoring batch
+    Internal("sglang.srt.runtime_context.get_parallel", Use.CALL, "scheduler.scoring", "this rank's TP rank and size"),
+    Internal(f"{_SCHEDULER}.tp_worker", Use.READ, "scheduler.scoring", "the model and its forward", instance=True),
+    Internal("sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation", Use.CALL, "scheduler.scoring",
+             "SGLang's own forward of our scoring batch"),
+    Internal(f"{_SCHEDULER}.model_config", Use.READ, "scheduler.scoring",
+             "layers, context length, vocabulary, EOS ids, the real head counts", instance=True),
+    Internal(f"{_SCHEDULER}.max_prefill_tokens", Use.READ, "scheduler.scoring", "our batch bypasses chunked "
+             "prefill: split it ourselves", instance=True),
+    Internal(f"{_SCHEDULER}.max_total_num_tokens", Use.READ, "scheduler.scoring", "the KV pool's size",
+             instance=True),
+    Internal(f"{_SCHEDULER}.max_running_requests", Use.READ, "scheduler.scoring", "requests per forward",
+             instance=True),
+    Internal(f"{_SCHEDULER}.req_to_token_pool", Use.READ, "scheduler.scoring", "request rows", instance=True),
+    Internal(f"{_SCHEDULER}.token_to_kv_pool_allocator", Use.READ, "scheduler.scoring", "KV slots", instance=True),
+    Internal(f"{_SCHEDULER}.tree_cache", Use.READ, "scheduler.scoring", "evictable KV; release without insert",
+             instance=True),
+    Internal(f"{_SCHEDULER}.enable_overlap", Use.READ, "scheduler.scoring", "ScheduleBatch.init_new's argument",
+             instance=True),
+    Internal(f"{_SCHEDULER}.spec_algorithm", Use.READ, "scheduler.scoring", "ScheduleBatch.init_new's argument",
+             instance=True),
+    Internal(f"{_SCHEDULER}.future_map", Use.READ, "scheduler.scoring", "resolve_forward_inputs' argument",
+             instance=True),
+    Internal(_REQ, Use.CONSTRUCT, "scheduler.scoring", "one request per scored sequence"),
+    Internal(f"{_REQ}.init_next_round_input", Use.CALL, "scheduler.scoring", "no prefix match (other weights' KV)"),
+    Internal(f"{_REQ}.logprob_start_len", Use.READ, "scheduler.scoring", "log-probs from the completion on",
+             instance=True),
+    Internal(f"{_REQ}.skip_radix_cache_insert", Use.READ, "scheduler.scoring", "keep our KV out of the cache",
+             instance=True),
+    Internal(f"{_REQ}.extend_end", Use.READ, "scheduler.scoring", "extend the whole sequence", instance=True),
+    Internal(f"{_REQ}.full_untruncated_fill_ids", Use.READ, "scheduler.scoring", "the sequence's length",
+             instance=True),
+    Internal(f"{_REQ}.kv", Use.READ, "scheduler.scoring", "release only what the request holds", instance=True),
+    Internal("sglang.srt.managers.schedule_batch.ScheduleBatch.init_new", Use.CALL, "scheduler.scoring",
+             "our scoring batch"),
+    Internal("sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend", Use.CALL, "scheduler.scoring",
+             "a prefill"),
+    Internal("sglang.srt.managers.overlap_utils.resolve_forward_inputs", Use.CALL, "scheduler.scoring",
+             "the batch's forward inputs"),
+    Internal("sglang.srt.mem_cache.common.release_kv_cache", Use.CALL, "scheduler.scoring",
+             "return KV slots and request rows, whatever happens"),
+    Internal("sglang.srt.sampling.sampling_params.SamplingParams", Use.CONSTRUCT, "scheduler.scoring",
+             "max_new_tokens = 0: a prefill only"),
+    Internal("sglang.srt.layers.logits_processor.LogitsProcessorOutput.input_token_logprobs", Use.READ,
+             "scheduler.scoring", "the scored log-probs", instance=True),
+    # -- the served layout of the weights, mapped back to checkpoint tensors
+    *(Internal(f"sglang.srt.layers.linear.QKVParallelLinear.{attr}", Use.READ, "scheduler.weights",
+               "which q/k/v rows of the checkpoint a rank's qkv_proj holds", instance=True)
+      for attr in ("head_size", "v_head_size", "num_heads", "num_kv_heads", "num_kv_head_replicas",
+                   "total_num_heads", "total_num_kv_heads")),
+    *(Internal(f"sglang.srt.layers.vocab_parallel_embedding.VocabParallelEmbedding.{attr}", Use.READ,
+               "scheduler.weights", "which vocabulary rows a rank holds, without its padding", instance=True)
+      for attr in ("shard_indices", "org_vocab_size")),
+    Internal("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp", Use.READ, "scheduler.weights",
+             "on a CPU it pads heads a TP degree does not divide, keeping the real counts in hf_config.original_*"),
+    Internal("sglang.srt.configs.update_config.update_intermediate_size", Use.READ, "scheduler.weights",
+             "pads the MLP width likewise, keeping hf_config.original_intermediate_size"),
+)
+"""Everything, in the order a request meets it."""

@@ -1,0 +1,60 @@
+"""Fault injection for the failure tests (``SGLANG_MEZO_INJECT_FAULT``): a scorer that raises, a NaN loss, or a
+weight pass that dies half-way, at a given step of a given job, on every TP rank or on one."""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.params import TrainableSet
+from sglang_mezo.core.spsa import InconsistentWeightsError, LossFn
+from sglang_mezo.kernels import zaxpy_
+
+logger = logging.getLogger(__name__)
+
+FAULT_ENV = "SGLANG_MEZO_INJECT_FAULT"
+"""Testing only: comma-separated ``<kind>@[<seed>/]<step>:<call>[#<tp rank>]`` entries, each making step ``step``
+fail once per server (of the first job with that seed, or of any job), just before its loss call ``call``
+(1-based), that is after the weight pass that precedes that call, on every TP rank or only on the one given.
+``raise`` raises, ``nan`` returns NaN, ``torn`` moves part of the trainable tensors (as a weight pass that died
+half-way would) and raises :class:`InconsistentWeightsError`."""
+
+KINDS = ("raise", "nan", "torn")
+
+
+class FaultInjector:
+    def __init__(self, spec: str | None, tp_rank: int) -> None:
+        self.pending: dict[tuple[int | None, int], tuple[str, int]] = {}  # (seed, step) -> (kind, loss call)
+        for entry in filter(None, (spec or "").split(",")):
+            what, _, rank = entry.strip().partition("#")
+            kind, _, where = what.partition("@")
+            seed, _, where = where.rpartition("/")
+            step, _, call = where.partition(":")
+            if kind not in KINDS:
+                raise ValueError(f"{FAULT_ENV}: {entry!r}: the kind must be one of {', '.join(KINDS)}")
+            if not rank or int(rank) == tp_rank:
+                self.pending[(int(seed) if seed else None, int(step))] = (kind, int(call))
+
+    def wrap(self, loss: LossFn, seed: int, step: int, params: TrainableSet) -> LossFn:
+        """``loss``, or (once per server) a loss that fails as the spec says at this job seed and step."""
+        key = (seed, step) if (seed, step) in self.pending else (None, step)
+        if key not in self.pending:
+            return loss
+        kind, fail_at = self.pending.pop(key)
+        calls = 0
+
+        def faulty() -> float:
+            nonlocal calls
+            calls += 1
+            if calls != fail_at:
+                return loss()
+            logger.warning("MeZO: injecting a %r fault at step %d, loss call %d (%s)", kind, step, calls, FAULT_ENV)
+            if kind == "nan":
+                return float("nan")
+            if kind == "torn":
+                half = params.targets[: max(1, len(params.targets) // 2)]
+                zaxpy_(half, [12345], [1e-2], kind=MezoConfig().z_kind)
+                raise InconsistentWeightsError("injected: a weight pass died half-way")
+            raise RuntimeError("injected: the scorer failed")
+
+        return faulty

@@ -1,0 +1,332 @@
+"""The MeZO step inside SGLang's scheduler process: chunks of steps, restores and saves of the served weights.
+
+A chunk of steps is handled on the scheduler thread between batches, as one atomic unit with respect to user
+traffic:
+
+1. ``pause_generation(retract)``: running requests go back to the waiting queue and their KV is freed, so no user
+   request is ever computed with perturbed weights; requests that were mid-decode resume afterwards with the KV of
+   their prompt and generated tokens recomputed under the committed weights (tokens generated before the commit
+   stay as they were: our policy for in-flight requests at a commit);
+2. the steps, each :func:`sglang_mezo.core.run.run_step`: perturb, score, perturb, score, commit, with SGLang's own
+   forward (:mod:`.scoring`);
+3. ``flush_cache``: no prefix computed with the old weights can be served again;
+4. ``continue_generation`` (unless the engine had been paused by someone else), and queued requests are served
+   before the next chunk arrives.
+
+A restore (reset to the base weights, or recovery after a weight pass failed part-way) is the same kind of unit:
+the trainable tensors are re-read from the checkpoint on disk and the given history is replayed exactly, which
+reproduces the weights bit for bit (no model reload).
+
+Tensor parallel: every rank runs these handlers on the same message and agrees with the others at every pass,
+forward and step end (:mod:`.agreement`); the reply, which only rank 0 sends, speaks for all ranks.
+
+Every outcome is a reply, never an exception: an exception escaping a handler would kill the scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sglang_mezo.checkpoint import CheckpointError, assemble, load_pieces, plan_reads, write_parts
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.objectives import batch_loss_fn
+from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
+from sglang_mezo.core.run import run_step
+from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
+from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
+                                  StepChunk, StepReport, weight_version_label)
+
+from .agreement import OtherRankFailed, TPAgreement, Verdict
+from .faults import FAULT_ENV, FaultInjector
+from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
+from .scoring import SchedulerEngine
+
+logger = logging.getLogger(__name__)
+
+_DISABLED = ("training is disabled: an earlier weight update failed part-way and the weights have not been "
+             "restored (POST /mezo/reset)")
+
+
+class MezoSchedulerHandler:
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self._engine: SchedulerEngine | None = None
+        self._tp: TPAgreement | None = None
+        self._params: dict[ParamSelection, TrainableSet] = {}
+        self._faults: FaultInjector | None = None
+        self.inconsistent = False
+        """Latched when a weight pass failed part-way: no training until a restore succeeds."""
+
+    @property
+    def engine(self) -> SchedulerEngine:
+        if self._engine is None:  # built on first use: the model is loaded by then
+            self._engine = SchedulerEngine(self.scheduler)
+            self._tp = TPAgreement(self._engine.tp_size)
+        return self._engine
+
+    @property
+    def faults(self) -> FaultInjector:
+        if self._faults is None:
+            self._faults = FaultInjector(os.environ.get(FAULT_ENV), self.engine.tp_rank)
+        return self._faults
+
+    def params_for(self, selection: ParamSelection) -> TrainableSet:
+        if selection not in self._params:
+            self._params[selection] = TrainableSet.from_pieces(self.engine.trainable_pieces(), selection,
+                                                               self.engine.num_layers)
+        return self._params[selection]
+
+    # -- a chunk of steps ----------------------------------------------------------------------------------------
+
+    def handle(self, req: MezoChunkReqInput) -> MezoReqOutput:
+        chunk = req.chunk
+        failure = self._prepare(chunk)
+        # All ranks agree before any collective runs: a rank that skipped the steps would strand the others. A
+        # rank whose weights are inconsistent makes every rank say so, so that rank 0's reply leads to a restore.
+        verdict = self._agree(failure is None, in_step=False)
+        if not verdict.ok:
+            self.inconsistent = not verdict.consistent
+            failure = failure or Failure(FailureKind.TRAINING_DISABLED if self.inconsistent else FailureKind.INVALID,
+                                         "bad chunk on another tensor-parallel rank")
+            return MezoReqOutput(outcome=ChunkOutcome(failure=failure, weights_consistent=not self.inconsistent))
+        params = self.params_for(chunk.config.selection)
+        reports: list[StepReport] = []
+        aborted: AbortedStep | None = None
+        started = time.perf_counter()
+        with self._paused(flush=lambda: bool(reports) or aborted is not None or self.inconsistent):
+            for step, batch in zip(chunk.steps, chunk.batches, strict=True):
+                report, aborted, failure = self._step(chunk, params, step, batch)
+                if report is None:
+                    break
+                reports.append(report)
+            version = None
+            if (reports or aborted) and not self.inconsistent:
+                version = weight_version_label(chunk.job_id, reports[-1].step + 1 if reports else chunk.steps[0],
+                                               aborted is not None)
+                self._label(version)
+        logger.info("MeZO job %s: %d step(s) in %.1f ms", chunk.job_id, len(reports),
+                    1e3 * (time.perf_counter() - started))
+        return MezoReqOutput(outcome=ChunkOutcome(
+            reports=tuple(reports), aborted=aborted, failure=failure, weights_consistent=not self.inconsistent,
+            trainable_fingerprint=params.fingerprint(), trainable_names=tuple(sorted(params.manifest)),
+            weight_version=version))
+
+    def _prepare(self, chunk: StepChunk) -> Failure | None:
+        """Everything a chunk needs before the weights move, or why it cannot run."""
+        if self.inconsistent:
+            return Failure(FailureKind.TRAINING_DISABLED, _DISABLED)
+        try:
+            self.params_for(chunk.config.selection)
+            self.faults  # noqa: B018 - parses the fault spec now, not mid-step
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            logger.exception("MeZO job %s: bad chunk", chunk.job_id)
+            return Failure(FailureKind.INVALID, f"bad chunk: {type(exc).__name__}: {exc}")
+        return None
+
+    def _step(self, chunk: StepChunk, params: TrainableSet, step: int,
+              batch) -> tuple[StepReport | None, AbortedStep | None, Failure | None]:
+        """One step, agreed between the ranks: its report, or (None, the failed step's probe passes, why)."""
+        config = chunk.config
+        started = time.perf_counter()
+        # a fault is injected before the forward's agreement: where a failing weight pass would be
+        loss = self.faults.wrap(self._agreeing(batch_loss_fn(self.engine, chunk.objective, batch)), config.seed, step,
+                                params)
+        abort: list[AbortedProbes] = []
+        failure = None
+        try:
+            result = run_step(params, config, step, loss, on_abort=abort.append, before_pass=self._in_step_check)
+            verdict = self._agree(True, in_step=False, committed=True)
+        except Exception as exc:  # noqa: BLE001 - reported; the weights are handled below
+            failure = self._step_failed(chunk.job_id, exc)
+            passes = abort[0].passes if abort else 0
+            verdict = self._agree(False, in_step=not isinstance(exc, OtherRankFailed), passes=passes)
+            if verdict.in_step:  # the others were still in the step: they stop now and meet us at its end
+                verdict = self._agree(False, in_step=False, passes=passes)
+        self.inconsistent = not verdict.consistent
+        if verdict.ok:
+            return StepReport(step, result, 1e3 * (time.perf_counter() - started)), None, None
+        if self.inconsistent:
+            failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, failure.message if failure else
+                              "the weights on another tensor-parallel rank were left inconsistent")
+        failure = failure or Failure(FailureKind.STEP_FAILED, "the step failed on another tensor-parallel rank")
+        aborted = AbortedStep(step, abort[0]) if abort and not self.inconsistent else None
+        return None, aborted, failure
+
+    def _label(self, version: str) -> None:
+        """Give the served weights SGLang's weight version ``version``; called while serving is paused, so that
+        each request's version spans split exactly at the change."""
+        try:
+            self.scheduler.record_weight_version_change(version)
+        except Exception:  # noqa: BLE001 - a label is bookkeeping: never let it kill the scheduler
+            logger.exception("MeZO: recording the weight version %s failed", version)
+
+    def _step_failed(self, job_id: str, exc: Exception) -> Failure:
+        if isinstance(exc, InconsistentWeightsError):
+            logger.exception("MeZO job %s: weights left inconsistent", job_id)
+            self.inconsistent = True
+            return Failure(FailureKind.WEIGHTS_INCONSISTENT, f"{type(exc).__name__}: {exc}")
+        if not isinstance(exc, OtherRankFailed):
+            logger.warning("MeZO job %s: step failed: %s", job_id, exc)
+        return Failure(FailureKind.STEP_FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _in_step_check(self) -> None:
+        """Under TP, before each weight pass and each forward: every rank says it is still in the step. A rank that
+        failed answers "no" here instead of leaving the others in a collective, and all stop at the same pass."""
+        if self.engine.tp_size > 1 and not self._agree(True, in_step=True).ok:
+            raise OtherRankFailed("the step failed on another tensor-parallel rank")
+
+    def _agreeing(self, loss: LossFn) -> LossFn:
+        def agreed() -> float:
+            self._in_step_check()
+            return loss()
+
+        return agreed
+
+    def _agree(self, ok: bool, *, in_step: bool, passes: int = 0, committed: bool = False) -> Verdict:
+        self.engine  # noqa: B018 - builds the agreement with the engine
+        assert self._tp is not None
+        return self._tp.agree(ok, in_step=in_step, consistent=not self.inconsistent, passes=passes,
+                              committed=committed)
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        return self._agree(ok, in_step=False).ok
+
+    # -- restore -------------------------------------------------------------------------------------------------
+
+    def restore(self, req: MezoRestoreReqInput) -> MezoReqOutput:
+        """Re-read every tensor any job may have moved from the checkpoint, then replay ``req.history`` exactly."""
+        failure = None
+        try:
+            targets = [self.params_for(MezoConfig.from_dict(t.config).selection) for t in req.history]
+            for trajectory, params in zip(req.history, targets, strict=True):
+                trajectory.check_compatible(params)
+            moved = self._movable_pieces()
+            plan = plan_reads(self.scheduler.server_args.model_path, moved)  # checked before touching weights
+        except CheckpointError as exc:
+            failure = Failure(FailureKind.CHECKPOINT, f"cannot re-read the base checkpoint: {exc}")
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            failure = Failure(FailureKind.INVALID, f"bad history: {type(exc).__name__}: {exc}")
+        if not self._all_ranks_ok(failure is None):
+            failure = failure or Failure(FailureKind.INVALID, "bad history on another tensor-parallel rank")
+            return MezoReqOutput(outcome=RestoreOutcome(failure=failure, weights_consistent=not self.inconsistent))
+        started = time.perf_counter()
+        with self._paused(flush=lambda: True):
+            try:
+                copied = load_pieces(plan)
+                steps = sum(t.replay(p, exact=True) for t, p in zip(req.history, targets, strict=True))
+                self._label(req.weight_version)
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - the weights are now at no known state
+                logger.exception("MeZO: restore failed")
+                failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, f"restore failed: {type(exc).__name__}: {exc}")
+                ok = False
+            ok = self._all_ranks_ok(ok)
+            self.inconsistent = not ok
+        if not ok:
+            failure = failure or Failure(FailureKind.WEIGHTS_INCONSISTENT,
+                                         "restore failed on another tensor-parallel rank")
+            return MezoReqOutput(outcome=RestoreOutcome(failure=failure, weights_consistent=False))
+        message = (f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the checkpoint and "
+                   f"replayed {steps} step(s) in {time.perf_counter() - started:.2f} s")
+        logger.info("MeZO: %s", message)
+        return MezoReqOutput(outcome=RestoreOutcome(message=message, weight_version=req.weight_version))
+
+    # -- save ----------------------------------------------------------------------------------------------------
+
+    def save(self, req: MezoSaveReqInput) -> MezoReqOutput:
+        """Write the served weights as an HF checkpoint: each rank writes its trainable pieces, rank 0 pastes them
+        into the base checkpoint's tensors. Runs on the scheduler thread, so the weights cannot change meanwhile."""
+        from sglang.srt.runtime_context import get_serving
+
+        parts = Path(req.path) / ".mezo-parts"
+        failure = None
+        started = time.perf_counter()
+        if self.inconsistent:
+            failure = Failure(FailureKind.TRAINING_DISABLED,
+                              "the served weights are at no committed step: reset them first")
+        else:
+            try:
+                write_parts(parts / f"rank{self.engine.tp_rank}.safetensors", self._movable_pieces())
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                logger.exception("MeZO: writing the trainable tensors failed")
+                failure = Failure(FailureKind.CHECKPOINT, f"{type(exc).__name__}: {exc}")
+        if not self._all_ranks_ok(failure is None):  # also a barrier: every rank's parts are on disk now
+            failure = failure or Failure(FailureKind.CHECKPOINT, "writing failed on another tensor-parallel rank")
+            return MezoReqOutput(outcome=SaveOutcome(failure=failure))
+        version = str(get_serving().weight_version)
+        tensors: list[str] = []
+        if self.engine.tp_rank == 0:  # the one that replies
+            try:
+                tensors = assemble(self.scheduler.server_args.model_path, req.path,
+                                   sorted(parts.glob("rank*.safetensors")))
+                shutil.rmtree(parts, ignore_errors=True)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                logger.exception("MeZO: assembling the checkpoint failed")
+                return MezoReqOutput(outcome=SaveOutcome(failure=Failure(FailureKind.CHECKPOINT,
+                                                                         f"{type(exc).__name__}: {exc}")))
+        message = f"saved in {time.perf_counter() - started:.2f} s"
+        logger.info("MeZO: weights %s %s to %s", version, message, req.path)
+        return MezoReqOutput(outcome=SaveOutcome(weight_version=version, tensors=tuple(tensors), message=message))
+
+    def _movable_pieces(self) -> list[TrainablePiece]:
+        """The pieces of every trainable set built so far (each distinct block once)."""
+        seen: dict[tuple, TrainablePiece] = {}
+        for params in self._params.values():
+            for piece in params.pieces:
+                seen.setdefault((piece.name, piece.row_offset, piece.col_offset, piece.data.data_ptr()), piece)
+        return list(seen.values())
+
+    # -- serving around a unit of work ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _paused(self, flush: Callable[[], bool]) -> Iterator[None]:
+        """Pause (retract) user traffic for the block; afterwards flush the prefix cache if ``flush()`` says the
+        weights changed, and resume unless someone else had paused the engine."""
+        was_paused = self.scheduler._engine_paused
+        self.pause()
+        try:
+            yield
+        finally:
+            try:
+                if flush() and not self.scheduler.flush_cache(empty_cache=False):
+                    # flush_cache refuses while requests are in flight; after a retract there are none, so this
+                    # means a cache we cannot trust: stop training until a restore, and say so
+                    logger.error("MeZO: the prefix cache could not be flushed after a weight change")
+                    self.inconsistent = True
+                if not was_paused:
+                    self.resume()
+            except Exception:  # noqa: BLE001 - never let cleanup kill the scheduler
+                logger.exception("MeZO: resuming serving failed")
+
+    def pause(self) -> None:
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
+        # the overlap scheduler may still have a forward in flight on a GPU stream: let it finish first
+        stream = getattr(self.scheduler, "forward_stream", None)
+        if stream is not None and hasattr(stream, "synchronize"):
+            stream.synchronize()
+
+    def resume(self) -> None:
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
+
+        self.scheduler.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
+
+
+def install(scheduler) -> None:
+    """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook)."""
+    from sglang.utils import TypeBasedDispatcher
+
+    handler = MezoSchedulerHandler(scheduler)
+    scheduler._request_dispatcher += TypeBasedDispatcher([
+        (MezoChunkReqInput, handler.handle),
+        (MezoRestoreReqInput, handler.restore),
+        (MezoSaveReqInput, handler.save),
+    ])
+    scheduler._mezo_handler = handler

@@ -1,0 +1,37 @@
+"""SGLang's envelopes for our messages between the HTTP process and the scheduler(s).
+
+Each envelope carries one record of :mod:`sglang_mezo.protocol` and nothing else: the records are the messages,
+the envelopes only make them SGLang IPC requests (``io_struct.BaseReq`` subclasses, dispatched by type). SGLang
+sends control messages with pickle (``SGLANG_USE_PICKLE_IPC``, on by default; ``--enable-mezo`` refuses to start
+with it off) and its tensor-parallel broadcast always pickles, so the records travel as the dataclasses they are.
+These classes must be importable from every process: they are. Every request is answered with one
+:class:`MezoReqOutput`.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.managers.io_struct import BaseReq
+
+from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.protocol import Outcome, StepChunk
+
+
+class MezoChunkReqInput(BaseReq, kw_only=True):
+    chunk: StepChunk
+
+
+class MezoRestoreReqInput(BaseReq, kw_only=True):
+    history: tuple[Trajectory, ...]
+    """The trajectory of each job whose steps the served weights should carry, in the order they ran (empty: the
+    base checkpoint)."""
+    weight_version: str
+    """SGLang's weight version label of the restored weights."""
+
+
+class MezoSaveReqInput(BaseReq, kw_only=True):
+    path: str
+    """A folder every TP rank can write to (they share it): the served weights go there as an HF checkpoint."""
+
+
+class MezoReqOutput(BaseReq, kw_only=True):
+    outcome: Outcome

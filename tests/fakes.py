@@ -1,0 +1,165 @@
+"""Fakes at our own interfaces, for the fast unit tests: the job runner's executor and scorer
+(:class:`sglang_mezo.protocol.ChunkExecutor`, :class:`~sglang_mezo.protocol.ServedScorer`) over a tiny transformers
+model in this process, and a tokenizer. The steps are real: the core's ``run_step`` on real weights, scored by the
+reference engine, so trajectories, restores and failures can be checked bit for bit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tiny_models import tiny_llama
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.interface import CompletionScores, ScoringItem
+from sglang_mezo.core.objectives import batch_loss_fn
+from sglang_mezo.core.params import ParamSelection, TrainableSet
+from sglang_mezo.core.run import run_step
+from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError
+from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.engines.hf import HFEngine
+from sglang_mezo.kernels import zaxpy_
+from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
+                                  StepChunk, StepReport, weight_version_label)
+
+
+@dataclass
+class Faults:
+    """Scripted failures, each once: at (job id or "*" for any job, step), a scorer that raises on its second call
+    (after the +εz and -εz passes) or a weight pass torn half-way; restores that fail, or leave the weights at no
+    known state."""
+
+    raise_at: set[tuple[str, int]] = field(default_factory=set)
+    torn_at: set[tuple[str, int]] = field(default_factory=set)
+    restore: FailureKind | None = None
+
+    @staticmethod
+    def take(pending: set[tuple[str, int]], job_id: str, step: int) -> bool:
+        for key in ((job_id, step), ("*", step)):
+            if key in pending:
+                pending.discard(key)
+                return True
+        return False
+
+
+class FakeExecutor:
+    """Holds the "served" weights: a tiny Llama's, moved in place by the core as the scheduler would."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.engine = HFEngine(tiny_llama(seed))
+        self.base = {k: v.clone() for k, v in self.engine.model.state_dict().items()}
+        self.version = "default"
+        self.faults = Faults()
+        self.chunks: list[tuple[int, ...]] = []
+        self.drains = 0
+        self.gate: threading.Event | None = None
+        """When set up, each chunk waits for it (a test holds a job mid-run; set from any thread)."""
+
+    def params(self, selection: ParamSelection) -> TrainableSet:
+        return TrainableSet.from_pieces(self.engine.trainable_pieces(), selection, self.engine.num_layers)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.engine.model.state_dict().items()}
+
+    async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
+        while self.gate is not None and not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        self.chunks.append(chunk.steps)
+        params = self.params(chunk.config.selection)
+        reports: list[StepReport] = []
+        for step, batch in zip(chunk.steps, chunk.batches, strict=True):
+            abort: list[AbortedProbes] = []
+            try:
+                loss = self._loss(chunk, step, batch, params)
+                reports.append(StepReport(step, run_step(params, chunk.config, step, loss, on_abort=abort.append),
+                                          1.0))
+            except InconsistentWeightsError as exc:
+                return self._outcome(chunk, params, reports, None, Failure(FailureKind.WEIGHTS_INCONSISTENT,
+                                                                            str(exc)), consistent=False)
+            except RuntimeError as exc:
+                aborted = AbortedStep(step, abort[0]) if abort else None
+                return self._outcome(chunk, params, reports, aborted, Failure(FailureKind.STEP_FAILED, str(exc)))
+        return self._outcome(chunk, params, reports, None, None)
+
+    def _loss(self, chunk: StepChunk, step: int, batch, params: TrainableSet):
+        loss = batch_loss_fn(self.engine, chunk.objective, batch)
+        if self.faults.take(self.faults.torn_at, chunk.job_id, step):
+            zaxpy_(params.targets[: len(params.targets) // 2], [7], [1e-2], kind=chunk.config.z_kind)
+            raise InconsistentWeightsError("torn")
+        if not self.faults.take(self.faults.raise_at, chunk.job_id, step):
+            return loss
+        calls = []
+
+        def failing() -> float:
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("the scorer failed")
+            return loss()
+
+        return failing
+
+    def _outcome(self, chunk, params, reports, aborted, failure, *, consistent: bool = True) -> ChunkOutcome:
+        version = None
+        if (reports or aborted) and consistent:
+            version = weight_version_label(chunk.job_id, reports[-1].step + 1 if reports else chunk.steps[0],
+                                           aborted is not None)
+            self.version = version
+        return ChunkOutcome(reports=tuple(reports), aborted=aborted, failure=failure, weights_consistent=consistent,
+                            trainable_fingerprint=params.fingerprint(),
+                            trainable_names=tuple(sorted(params.manifest)), weight_version=version)
+
+    async def drain(self, timeout_s: float) -> None:
+        self.drains += 1
+
+    async def restore(self, history: Sequence[Trajectory], weight_version: str) -> RestoreOutcome:
+        if self.faults.restore is not None:
+            kind, self.faults.restore = self.faults.restore, None
+            return RestoreOutcome(failure=Failure(kind, "the restore failed"),
+                                  weights_consistent=kind is not FailureKind.WEIGHTS_INCONSISTENT)
+        self.engine.model.load_state_dict(self.base)
+        steps = sum(t.replay(self.params(MezoConfig.from_dict(t.config).selection)) for t in history)
+        self.version = weight_version
+        return RestoreOutcome(message=f"replayed {steps} step(s)", weight_version=weight_version)
+
+    async def save(self, path: str) -> SaveOutcome:
+        self.engine.model.save_pretrained(path)
+        return SaveOutcome(weight_version=self.version, tensors=tuple(sorted(self.base)), message="saved")
+
+
+class FakeScorer:
+    """Scores with the executor's engine, as served now."""
+
+    def __init__(self, executor: FakeExecutor) -> None:
+        self.executor = executor
+
+    async def score(self, items: Sequence[ScoringItem]) -> tuple[CompletionScores, set[str]]:
+        return self.executor.engine.score(items), {self.executor.version}
+
+    async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:
+        # the "generation" is the completion's first token repeated: half right, as text of token ids
+        return [(" ".join(str(i.completion_ids[0]) for _ in i.completion_ids),
+                 " ".join(map(str, i.completion_ids))) for i in items]
+
+
+class CharTokenizer:
+    """A tokenizer with the call signature of transformers' (one id per character, below the tiny vocabulary;
+    id 1 starts a prompt)."""
+
+    def __init__(self, vocab: int = 64) -> None:
+        self.vocab = vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = [4 + ord(c) % (self.vocab - 4) for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def replayed(executor: FakeExecutor, history: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
+    """The base weights with ``history`` replayed, computed apart from the executor's own weights."""
+    copy = FakeExecutor()
+    copy.engine.model.load_state_dict(executor.base)
+    for trajectory in history:
+        trajectory.replay(copy.params(MezoConfig.from_dict(trajectory.config).selection))
+    return copy.weights()

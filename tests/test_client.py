@@ -1,0 +1,78 @@
+"""The Python client (``sglang_mezo.client``) over real HTTP: uvicorn serves the ``/mezo/*`` routes in a thread
+(the real job runner over the fake executor of the unit tests), and the client trains, evaluates, resets, saves and
+reports errors as the server gives them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from fakes import CharTokenizer, FakeExecutor, FakeScorer
+from fastapi import FastAPI
+from servers import free_port
+
+from sglang_mezo.client import MezoClient, MezoError, format_job
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.jobs.runner import JobRunner
+from sglang_mezo.kernels import ZKind
+from sglang_mezo.server.app import install
+from sglang_mezo.server.context import MezoContext
+from sglang_mezo.server.translate import Translator
+
+CHOICES = [{"prompt": "great film. It was", "options": [" bad", " good"], "label": 1},
+           {"prompt": "dull film. It was", "options": [" bad", " good"], "label": 0}]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory) -> Iterator[MezoClient]:
+    executor = FakeExecutor()
+    app = FastAPI()
+    install(app, MezoContext(runner=JobRunner(executor, FakeScorer(executor), yield_s=0.0),
+                             translator=Translator(CharTokenizer(), 64),
+                             defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), max_steps=100,
+                             base_model=str(tmp_path_factory.mktemp("base"))))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield MezoClient(f"http://127.0.0.1:{port}", timeout_s=30)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_train_follows_a_job_to_its_end_and_keeps_what_it_produced(client, tmp_path):
+    status = client.train({"examples": CHOICES, "eval_examples": CHOICES, "eval_every": 2, "steps": 4,
+                           "batch_size": 2, "wait": True}, progress=False)
+    assert status["status"] == "succeeded" and status["step"] == 4, status
+    assert client.job(status["job_id"]) == status and client.jobs()[-1] == status
+    table = format_job(status)
+    best = status["best_eval"]["step"]
+    assert f"job {status['job_id']}: succeeded after 4/4 steps" in table and f"| {best} (best) |" in table
+    assert "zero-gradient probes" in table
+    assert client.trajectory(status["job_id"])["steps"]["step"] == [0, 1, 2, 3]
+    assert client.evaluate(CHOICES)["weight_version"] == client.weights()["weight_version"]
+    assert client.reset(status["job_id"], best)["weight_version"] == status["best_eval"]["weight_version"]
+    saved = client.save(str(tmp_path / "saved"))
+    assert saved["weight_version"] == status["best_eval"]["weight_version"] and (tmp_path / "saved").is_dir()
+    assert client.reset()["history"] == []
+
+
+def test_errors_carry_the_status_and_the_servers_message(client):
+    with pytest.raises(MezoError) as refused:
+        client.submit({"examples": []})
+    assert refused.value.status == 400 and "either examples" in str(refused.value)
+    with pytest.raises(MezoError) as missing:
+        client.job("nope")
+    assert missing.value.status == 404 and "nope" in str(missing.value)
+    reply = client.request("GET", "/mezo/jobs/nope")  # any status is a reply, not an exception
+    assert reply.status == 404 and reply.body["type"] == "not_found" and "nope" in reply.message
+    assert client.request("GET", "/nowhere").status == 404
+    with pytest.raises(OSError):
+        MezoClient(f"http://127.0.0.1:{free_port()}", timeout_s=5).jobs()

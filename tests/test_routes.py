@@ -1,0 +1,189 @@
+"""The ``/mezo/*`` routes (``sglang_mezo.server.routes``) on a plain FastAPI app with FastAPI's TestClient: the real
+job runner over a fake executor (real steps on a tiny model in this process) and a character tokenizer. Every
+status of the error table (``sglang_mezo.server.errors``) is provoked here, with its body."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from fakes import CharTokenizer, FakeExecutor, FakeScorer
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.jobs.runner import JobRunner
+from sglang_mezo.kernels import ZKind
+from sglang_mezo.protocol import FailureKind
+from sglang_mezo.server.app import install
+from sglang_mezo.server.context import MezoContext
+from sglang_mezo.server.translate import Translator
+
+TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the film was", "completion": " bad"},
+         {"prompt": "a story with", "completion": " music"}]
+CHOICES = [{"prompt": "great film. It was", "options": [" bad", " good"], "label": 1},
+           {"prompt": "dull film. It was", "options": [" bad", " good"], "label": 0}]
+MAX_STEPS = 50
+CONTEXT = 64  # the tiny model's positions
+
+
+@pytest.fixture
+def api(tmp_path):
+    executor = FakeExecutor()
+    runner = JobRunner(executor, FakeScorer(executor), yield_s=0.0)
+    app = FastAPI()
+    install(app, MezoContext(runner=runner, translator=Translator(CharTokenizer(), CONTEXT),
+                             defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), max_steps=MAX_STEPS,
+                             base_model=str(tmp_path / "base")))
+    (tmp_path / "base").mkdir()
+    with TestClient(app) as client:
+        yield client, executor
+
+
+def follow(client: TestClient, job: dict, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.02)
+        job = client.get(f"/mezo/jobs/{job['job_id']}").json()
+    return job
+
+
+def assert_error(response, status: int, kind: str, *words: str) -> None:
+    body = response.json()
+    assert response.status_code == status, body
+    assert body["object"] == "error" and body["type"] == kind and body["code"] == status, body
+    for word in words:
+        assert word in body["message"], body
+
+
+def test_a_job_is_submitted_followed_and_its_results_read(api):
+    client, executor = api
+    response = client.post("/mezo/step", json={"examples": CHOICES, "eval_examples": CHOICES, "eval_every": 2,
+                                               "steps": 4, "batch_size": 2, "seed": 3})
+    assert response.status_code == 200, response.json()
+    job = follow(client, response.json())
+    assert job["status"] == "succeeded" and job["step"] == job["total_steps"] == 4, job
+    assert [e["step"] for e in job["evals"]] == [0, 2, 4] and job["best_eval"] in job["evals"]
+    assert all(e["accuracy"] is not None for e in job["evals"])
+    last = job["last"]
+    assert last["step"] == 3 and last["loss"] == pytest.approx((sum(last["loss_plus"]) + sum(last["loss_minus"])) / 2)
+    assert job["error"] is None and job["error_kind"] is None and job["eta_s"] is None
+
+    history = client.get(f"/mezo/jobs/{job['job_id']}/history").json()
+    assert [s["step"] for s in history["steps"]] == [0, 1, 2, 3] and history["steps"][-1] == last
+    assert history["evals"] == job["evals"]
+    trajectory = Trajectory.from_dict(client.get(f"/mezo/jobs/{job['job_id']}/trajectory").json())
+    assert trajectory.committed_steps == 4 and trajectory.z_kind is ZKind.RADEMACHER
+    assert client.get("/mezo/jobs").json()["jobs"] == [job]
+    weights = client.get("/mezo/weights").json()
+    assert weights["weight_version"] == f"mezo-{job['job_id']}-4" == job["evals"][-1]["weight_version"]
+    assert weights["history"] == [{"job_id": job["job_id"], "steps": 4, "records": 4}]
+
+    plot = client.get(f"/mezo/jobs/{job['job_id']}/plot")
+    assert plot.headers["content-type"] == "image/png" and plot.content.startswith(b"\x89PNG")
+    with client.stream("GET", f"/mezo/jobs/{job['job_id']}/events") as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert lines[0] == "event: end" and json.loads(lines[1].removeprefix("data: ")) == job
+
+
+def test_wait_returns_the_step_and_eval_and_diagnose_measure_without_changing(api):
+    client, executor = api
+    step = client.post("/mezo/step", json={"examples": TRAIN, "steps": 1, "wait": True, "lr": 0.0}).json()
+    assert step["step"] == 0 and len(step["loss_plus"]) == 1 and step["projected_grads"][0] != 0.0, step
+    before = executor.weights()
+    evaluated = client.post("/mezo/eval", json={"examples": TRAIN, "generate": True}).json()
+    assert evaluated["n"] == 3 and evaluated["accuracy"] is None and 0 <= evaluated["f1"] <= 1, evaluated
+    assert evaluated["weight_version"] == client.get("/mezo/weights").json()["weight_version"]
+    diagnosis = client.post("/mezo/diagnose", json={"examples": CHOICES, "eps": [1e-4, 1e-2], "probes": 3}).json()
+    assert diagnosis["objective"] == "classification" and [r["eps"] for r in diagnosis["results"]] == [1e-4, 1e-2]
+    small, large = diagnosis["results"]
+    assert large["median_abs_loss_diff"] > small["median_abs_loss_diff"] > 0
+    for name, tensor in executor.weights().items():  # lr = 0: only the probes' fp32 round trips
+        assert (tensor - before[name]).abs().max() <= 1e-6, name
+
+
+def test_a_job_reads_its_examples_from_a_data_file(api, tmp_path):
+    client, _ = api
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"review": f"film {i}", "stars": "high" if i % 2 else "low"}) + "\n"
+                            for i in range(10)))
+    dataset = {"path": str(data), "eval_size": 2, "template": {"kind": "classification", "prompt": "{review}. It was",
+                                                               "label_field": "stars", "labels": ["low", "high"]}}
+    job = follow(client, client.post("/mezo/step", json={"dataset": dataset, "steps": 2, "batch_size": 3}).json())
+    assert job["status"] == "succeeded" and [e["n"] for e in job["evals"]] == [4, 4], job
+    assert client.post("/mezo/eval", json={"dataset": dataset}).json()["n"] == 4
+    assert_error(client.post("/mezo/step", json={"dataset": {**dataset, "path": str(tmp_path / "nope.jsonl")}}),
+                 400, "invalid_request", "no such file")
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"examples": []}, ["either examples"]),
+    ({"examples": TRAIN, "bogus": 1}, ["bogus"]),
+    ({"examples": TRAIN, "eps": 0}, ["eps"]),
+    ({"examples": TRAIN, "steps": MAX_STEPS + 1}, ["--mezo-max-steps-per-job"]),
+    ({"examples": [{"prompt": "x" * CONTEXT, "completion": " y"}]}, ["context length"]),
+    ({"examples": TRAIN, "objective": "classification"}, ["does not fit"]),
+    ({"examples": [{"prompt": "a", "options": ["x", "y"], "label": 2}]}, ["label 2"]),
+    ({"examples": TRAIN, "lr": 1.0, "weight_decay": 1.0}, ["lr * weight_decay"]),
+])
+def test_invalid_requests_are_400s_that_say_why(api, body, words):
+    client, executor = api
+    before = executor.weights()
+    assert_error(client.post("/mezo/step", json=body), 400, "invalid_request", *words)
+    assert client.get("/mezo/jobs").json()["jobs"] == []
+    assert all((executor.weights()[k] == v).all() for k, v in before.items())
+
+
+def test_every_other_status_of_the_error_table(api, tmp_path):
+    client, executor = api
+    assert_error(client.post("/mezo/step", content=b"{not json", headers={"content-type": "application/json"}),
+                 400, "invalid_request")
+    assert_error(client.post("/mezo/step", content=b'{"examples": [], "lr": NaN}',
+                             headers={"content-type": "application/json"}), 400, "invalid_request", "lr")
+    for method, path in [("GET", "/mezo/jobs/nope"), ("GET", "/mezo/jobs/nope/history"),
+                         ("POST", "/mezo/jobs/nope/cancel"), ("GET", "/mezo/jobs/nope/events")]:
+        assert_error(client.request(method, path), 404, "not_found", "nope")
+    assert_error(client.post("/mezo/reset", json={"job_id": "nope"}), 404, "not_found")
+    assert_error(client.post("/mezo/reset", json={"step": 3}), 400, "invalid_request", "job_id")
+
+    executor.faults.raise_at.add(("*", 0))
+    assert_error(client.post("/mezo/step", json={"examples": TRAIN, "wait": True}), 422, "job_failed",
+                 "scorer failed")
+    failed = client.get("/mezo/jobs").json()["jobs"][-1]
+    assert failed["status"] == "failed" and failed["error_kind"] == FailureKind.STEP_FAILED.value
+    assert_error(client.get(f"/mezo/jobs/{failed['job_id']}/plot"), 409, "conflict", "nothing to plot")
+    aborted = client.get(f"/mezo/jobs/{failed['job_id']}/trajectory").json()["steps"]["aborted_passes"]
+    assert aborted == [2]  # no committed step, but the failed step's probe passes moved the weights
+
+    executor.faults.restore = FailureKind.CHECKPOINT
+    assert_error(client.post("/mezo/reset", json={}), 503, "unavailable", "restore failed")
+
+    executor.gate = threading.Event()  # the next job waits at its first chunk
+    running = client.post("/mezo/step", json={"examples": TRAIN, "steps": 3}).json()
+    assert_error(client.post("/mezo/reset", json={}), 409, "conflict", "queued or running")
+    client.post(f"/mezo/jobs/{running['job_id']}/cancel")
+    executor.gate.set()
+    assert follow(client, running)["status"] == "cancelled"
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert_error(client.post("/mezo/save", json={"path": "relative/dir"}), 400, "invalid_request", "absolute")
+    assert_error(client.post("/mezo/save", json={"path": str(tmp_path / "full")}), 409, "conflict", "overwrite")
+    assert_error(client.post("/mezo/save", json={"path": str(tmp_path / "base"), "overwrite": True}), 409, "conflict",
+                 "base checkpoint")
+    saved = client.post("/mezo/save", json={"path": str(tmp_path / "out")}).json()
+    assert saved["weight_version"] == client.get("/mezo/weights").json()["weight_version"], saved
+    assert (tmp_path / "out" / "mezo_history.json").exists()
+
+
+def test_the_api_describes_itself(api):
+    client, _ = api
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/mezo/step", "/mezo/jobs", "/mezo/jobs/{job_id}", "/mezo/jobs/{job_id}/history",
+            "/mezo/jobs/{job_id}/plot", "/mezo/jobs/{job_id}/events", "/mezo/jobs/{job_id}/cancel",
+            "/mezo/jobs/{job_id}/trajectory", "/mezo/eval", "/mezo/diagnose", "/mezo/weights", "/mezo/reset",
+            "/mezo/save"} <= set(paths)
