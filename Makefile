@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench-precision clean
+.PHONY: install demo test test-unit bench-precision clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 ## make test: the whole test suite (CPU; Triton kernels run under Triton's interpreter)
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+## make test-unit: the fast tests alone: no SGLang server, nothing marked slow (under a minute on 2 cores)
+test-unit: $(STAMP)
+	$(PY) -m pytest tests -m "not server and not slow"
 
 ## make bench-precision: what ±εz round trips and small updates do to bf16/fp16 weights
 bench-precision: $(STAMP)

@@ -32,6 +32,7 @@ def setup(seed: int):
     return params, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mezo_lowers_the_training_loss(seed):
     params, loss = setup(seed)

@@ -15,6 +15,8 @@ from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, serve
 from servers import running_server
 from tiny_models import save_tiny_llama
 
+pytestmark = pytest.mark.server  # starts real SGLang servers
+
 TRAIN = [
     {"prompt": "the movie was", "completion": " great"},
     {"prompt": "the film was", "completion": " terrible"},

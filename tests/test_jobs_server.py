@@ -18,6 +18,8 @@ from transformers import AutoTokenizer
 from sglang_mezo.core.objectives import (ChoiceExample, EvalMetrics, Objective, evaluate, generation_metrics,
                                          scoring_items, token_f1)
 
+pytestmark = pytest.mark.server  # starts real SGLang servers
+
 OPTIONS = [" terrible", " great"]
 REVIEWS = [("a great story with great music", 1), ("the film was terrible", 0), ("great acting, a great cast", 1),
            ("terrible script, boring scenes", 0), ("the movie was great", 1), ("a terrible, boring film", 0)]

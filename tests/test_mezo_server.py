@@ -21,6 +21,8 @@ from mezo_checks import (PROBE, engine_for_served, hf_logprobs, max_diff, run_jo
 from servers import running_server
 from tiny_models import save_tiny_llama
 
+pytestmark = pytest.mark.server  # starts real SGLang servers
+
 TRAIN = [
     {"prompt": "the movie was", "completion": " great"},
     {"prompt": "the film was", "completion": " terrible"},

@@ -12,6 +12,8 @@ from tiny_models import save_tiny_llama
 
 from sglang_mezo.launch import server_command
 
+pytestmark = pytest.mark.server  # starts real SGLang servers
+
 
 @pytest.fixture(scope="module")
 def tiny_model_path(tmp_path_factory) -> str:

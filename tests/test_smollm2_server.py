@@ -13,6 +13,8 @@ from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, serve
 from servers import running_server
 from transformers import AutoTokenizer
 
+pytestmark = pytest.mark.server  # starts real SGLang servers
+
 EXAMPLES = [
     {"prompt": "The capital of France is", "completion": " Paris, a city of light"},
     {"prompt": "Two plus two equals", "completion": " four, as everyone knows"},

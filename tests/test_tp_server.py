@@ -5,9 +5,13 @@ rank only stops the step on both (no rank is left waiting in a collective) and t
 
 from __future__ import annotations
 
+import pytest
+
 from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs
 from servers import running_server
 from tiny_models import save_tiny_llama
+
+pytestmark = pytest.mark.server  # starts real SGLang servers
 
 TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the film was", "completion": " terrible"}]
 

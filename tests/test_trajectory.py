@@ -42,6 +42,7 @@ def base_params(selection=CONFIG.selection):
     return engine.model, TrainableSet.from_pieces(engine.trainable_pieces(), selection, engine.num_layers)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(ZKind))
 def test_replay_reproduces_the_trained_weights(kind, tmp_path):
     model, path = trained(kind, tmp_path)
@@ -68,6 +69,7 @@ def test_replay_reproduces_the_trained_weights(kind, tmp_path):
                            untouched.model.layers[1].mlp.down_proj.weight)
 
 
+@pytest.mark.slow
 def test_replay_upto_a_step(tmp_path):
     _, path = trained(ZKind.RADEMACHER, tmp_path)
     trajectory = Trajectory.load(path)

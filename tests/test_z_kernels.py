@@ -134,6 +134,7 @@ def test_strided_1d_views_are_refused():
         zaxpy_([ZTarget(t[::2], ZSlice(KEY, 5))], [1], [1.0])
 
 
+@pytest.mark.slow
 def test_pass_allocates_no_parameter_sized_temporary():
     """Run one Gaussian and one Rademacher pass over a 256 MiB tensor, and over a one-column block of 256k rows, in a
     fresh process and read the peak RSS: the growth must stay far below the tensor's size (a copy of it would add
