@@ -1,7 +1,7 @@
 """The CPU engine: z regenerated and applied in place with plain PyTorch, in bounded chunks.
 
 This is product code, not a test oracle: it is what runs on a laptop and in CI. It must give exactly the
-stream that :mod:`kernels.stream` defines and the Triton kernels compute: the integer stream bit for bit,
+stream that :mod:`sglang_mezo.kernels.stream` defines and the Triton kernels compute: the integer stream bit for bit,
 the normals to the last fp32 bit but for rare
 double-rounding cases.
 

@@ -1,4 +1,5 @@
-"""Triton kernels for z (stream version 1, see :mod:`kernels.stream`). Kernels only: launchers live in ``ops.py``.
+"""Triton kernels for z (stream version 1, see :mod:`sglang_mezo.kernels.stream`). Kernels only: launchers live in
+:mod:`sglang_mezo.kernels.ops`.
 
 Hazard: these kernels update their input *in place*. Never wrap them in ``triton.autotune`` without
 ``restore_value``: autotuning runs the kernel once per candidate config, and the perturbation or update would
