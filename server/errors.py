@@ -1,17 +1,11 @@
-"""Every error status of the ``/mezo/*`` API, in one table, and the one shape of an error body.
+"""Every error status of the ``/mezo/*`` API, from one table (:data:`STATUS`), and the one shape of an error body.
 
-| status | class (``sglang_mezo.jobs.errors``) | when |
-|---|---|---|
-| 400 | ``InvalidRequest`` | the request does not validate (malformed JSON, unknown fields, NaN or out-of-range numbers, an objective that does not fit the examples, a prompt longer than the context, a data file that does not fit its template, a step a job does not have) |
-| 404 | ``NotFound`` | an unknown job |
-| 409 | ``Conflict`` | the server's state forbids it now: a reset while a job is queued or running, training or a save while the weights are at no committed step, a save over a folder that is not empty or over the base checkpoint, a job cancelled while the request waited for it, nothing to plot yet |
-| 422 | ``JobFailed`` | a job the request waited for (``"wait": true``, ``/mezo/diagnose``) ran and failed |
-| 503 | ``Unavailable`` | what holds the weights could not do it: re-reading the base checkpoint, restoring, writing a checkpoint |
-
-The body is SGLang's own error shape (``{"object": "error", "message", "type", "param", "code"}``), with ``type``
-the error's kind (``invalid_request``, ``not_found``, ``conflict``, ``job_failed``, ``unavailable``). Request
-validation errors are turned into ``InvalidRequest`` by the routes' own route class (:class:`MezoRoute`), so the
-API answers the same in SGLang's app and in any other; SGLang's handlers for its own routes are left alone.
+Each kind of answer is an exception class of :mod:`sglang_mezo.jobs.errors`; :data:`STATUS` gives its status. The
+README's "Errors" table says when each is answered (``tests/test_routes.py`` holds it to :data:`STATUS`). The body
+is SGLang's own error shape (``{"object": "error", "message", "type", "param", "code"}``), with ``type`` the
+error's kind. Request validation errors become :class:`InvalidRequest` in the routes' own route class
+(:class:`MezoRoute`), so the API answers the same in SGLang's app and in any other; SGLang's handlers for its own
+routes are left alone.
 """
 
 from __future__ import annotations

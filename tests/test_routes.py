@@ -5,8 +5,10 @@ status of the error table (``sglang_mezo.server.errors``) is provoked here, with
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from fakes import CharTokenizer, FakeExecutor, FakeScorer
@@ -20,6 +22,7 @@ from sglang_mezo.kernels import ZKind
 from sglang_mezo.protocol import FailureKind
 from sglang_mezo.server.app import install
 from sglang_mezo.server.context import MezoContext
+from sglang_mezo.server.errors import STATUS
 from sglang_mezo.server.translate import Translator
 
 TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the film was", "completion": " bad"},
@@ -187,3 +190,10 @@ def test_the_api_describes_itself(api):
             "/mezo/jobs/{job_id}/plot", "/mezo/jobs/{job_id}/events", "/mezo/jobs/{job_id}/cancel",
             "/mezo/jobs/{job_id}/trajectory", "/mezo/eval", "/mezo/diagnose", "/mezo/weights", "/mezo/reset",
             "/mezo/save"} <= set(paths)
+
+
+def test_the_readme_error_table_is_the_servers():
+    """README's "Errors" table lists every status and kind the server answers with, and no other."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = set(re.findall(r"^\s*\| (\d{3}) \| `(\w+)` \|", readme, flags=re.M))
+    assert rows == {(str(status), cls.kind) for cls, status in STATUS.items()}
