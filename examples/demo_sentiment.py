@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -27,13 +26,6 @@ from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
 
 TEMPLATE = "{text} It was"
 OPTIONS = [" terrible", " great"]  # label 0 = rotten, 1 = fresh
-
-
-def _post(url: str, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return response.status, json.loads(response.read())
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen:
@@ -95,12 +87,14 @@ def main() -> None:
               f"| after {job['step']} MeZO steps | {after['accuracy']:.1%} | {after['loss']:.4f} |")
 
         review = "A warm, funny and beautifully acted film."
-        _, chat = _post(url, "/v1/chat/completions", {
+        chat = client.request("POST", "/v1/chat/completions", {
             "model": "default", "max_tokens": 40, "temperature": 0,
             "messages": [{"role": "user", "content": f"Review: {review}\nWas the reviewer positive or negative?"}],
         })
+        if chat.status != 200:
+            raise SystemExit(f"the chat request failed: HTTP {chat.status}: {chat.message}")
         print(f"served by the fine-tuned weights ({client.weights()['weight_version']}): "
-              f"{chat['choices'][0]['message']['content']!r}")
+              f"{chat.body['choices'][0]['message']['content']!r}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)

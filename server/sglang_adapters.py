@@ -17,10 +17,12 @@ import torch
 
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.jobs.errors import InvalidRequest, Unavailable
 from sglang_mezo.protocol import ChunkOutcome, RestoreOutcome, SaveOutcome, StepChunk
 from sglang_mezo.scheduler.messages import MezoChunkReqInput, MezoRestoreReqInput, MezoSaveReqInput
 
 _O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome)
+_Moved = TypeVar("_Moved", ChunkOutcome, RestoreOutcome)
 
 COMMUNICATOR = "mezo"
 """``_COMMUNICATOR_SPECS`` entry: the tokenizer manager gets ``mezo_communicator``."""
@@ -33,7 +35,7 @@ class TokenizerManagerExecutor:
         self.tm = tokenizer_manager
 
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
-        return await self._send(MezoChunkReqInput(chunk=chunk), ChunkOutcome)
+        return self._relabelled(await self._send(MezoChunkReqInput(chunk=chunk), ChunkOutcome))
 
     async def drain(self, timeout_s: float) -> None:
         # the tokenizer manager holds one state per user request until it finishes (our own messages go through
@@ -45,8 +47,8 @@ class TokenizerManagerExecutor:
             in_flight &= self.tm.rid_to_state.keys()
 
     async def restore(self, history: Sequence[Trajectory], weight_version: str) -> RestoreOutcome:
-        return await self._send(MezoRestoreReqInput(history=tuple(history), weight_version=weight_version),
-                                RestoreOutcome)
+        return self._relabelled(await self._send(
+            MezoRestoreReqInput(history=tuple(history), weight_version=weight_version), RestoreOutcome))
 
     async def save(self, path: str) -> SaveOutcome:
         return await self._send(MezoSaveReqInput(path=path), SaveOutcome)
@@ -57,11 +59,15 @@ class TokenizerManagerExecutor:
         replies = await communicator(request)
         if len(replies) != 1:
             # each data-parallel replica would draw its own losses; keeping replicas identical is not built yet
-            raise RuntimeError(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
+            raise Unavailable(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
         outcome = replies[0].outcome
         if not isinstance(outcome, expected):
-            raise RuntimeError(f"the scheduler answered a {type(request).__name__} with a {type(outcome).__name__}")
-        if outcome.weight_version:  # what /get_weight_version and responses without spans report
+            raise Unavailable(f"the scheduler answered a {type(request).__name__} with a {type(outcome).__name__}")
+        return outcome
+
+    def _relabelled(self, outcome: _Moved) -> _Moved:
+        """Weights that moved have a new label: what /get_weight_version and responses without spans report."""
+        if outcome.weight_version:
             self.tm._update_weight_version_if_provided(outcome.weight_version)
         return outcome
 
@@ -91,13 +97,20 @@ class TokenizerManagerScorer:
                 # entries from the last prompt token on: the first is that token's own, the rest the completion's
                 logprob_start_len=[len(i.prompt_ids) - 1 for i in chunk],
             )
-            outputs = await self.tm.generate_request(request, None).__anext__()
+            outputs = await self._first(request)
             for out in outputs:
                 sums.append(math.fsum(e[0] for e in out["meta_info"]["input_token_logprobs"][1:]))
                 versions.add(str(out["meta_info"]["weight_version"]))
         scores = CompletionScores(sum_logprob=torch.tensor(sums, dtype=torch.float64),
                                   n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64))
         return scores, versions
+
+    async def _first(self, request) -> list[dict]:
+        """The outputs of a batch request; SGLang refusing an input (too long, …) is the request's problem."""
+        try:
+            return await self.tm.generate_request(request, None).__anext__()
+        except ValueError as exc:
+            raise InvalidRequest(f"SGLang refused an example: {exc}") from exc
 
     async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:
         from sglang.srt.managers.io_struct import GenerateReqInput
@@ -110,7 +123,7 @@ class TokenizerManagerScorer:
                 # as long as the reference at most (or up to the end token): an answer, not an essay
                 sampling_params=[{"max_new_tokens": len(i.completion_ids), "temperature": 0} for i in chunk],
             )
-            outputs = await self.tm.generate_request(request, None).__anext__()
+            outputs = await self._first(request)
             decode = self.tm.tokenizer.decode
             out += [(o["text"], decode(list(i.completion_ids), skip_special_tokens=True))
                     for o, i in zip(outputs, chunk, strict=True)]

@@ -69,6 +69,14 @@ class StepChunk:
         if list(self.steps) != list(range(self.steps[0], self.steps[0] + len(self.steps))):
             raise ValueError(f"a chunk's steps must be consecutive, got {self.steps}")
 
+    def weight_version_after(self, reports: Sequence[StepReport], aborted: AbortedStep | None) -> str | None:
+        """The label of the weights after this chunk committed ``reports`` and, with ``aborted``, a failed step's
+        probe passes (see :func:`weight_version_label`); None if the weights did not move."""
+        if not reports and aborted is None:
+            return None
+        return weight_version_label(self.job_id, reports[-1].step + 1 if reports else self.steps[0],
+                                    aborted is not None)
+
 
 @dataclass(frozen=True)
 class StepReport:

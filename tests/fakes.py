@@ -23,7 +23,7 @@ from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.engines.hf import HFEngine
 from sglang_mezo.kernels import zaxpy_
 from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
-                                  StepChunk, StepReport, weight_version_label)
+                                  StepChunk, StepReport)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class FakeExecutor:
             except InconsistentWeightsError as exc:
                 return self._outcome(chunk, params, reports, None, Failure(FailureKind.WEIGHTS_INCONSISTENT,
                                                                             str(exc)), consistent=False)
-            except RuntimeError as exc:
+            except Exception as exc:  # noqa: BLE001 - as the scheduler's handler: every failure is a reply
                 aborted = AbortedStep(step, abort[0]) if abort else None
                 return self._outcome(chunk, params, reports, aborted, Failure(FailureKind.STEP_FAILED, str(exc)))
         return self._outcome(chunk, params, reports, None, None)
@@ -102,11 +102,8 @@ class FakeExecutor:
         return failing
 
     def _outcome(self, chunk, params, reports, aborted, failure, *, consistent: bool = True) -> ChunkOutcome:
-        version = None
-        if (reports or aborted) and consistent:
-            version = weight_version_label(chunk.job_id, reports[-1].step + 1 if reports else chunk.steps[0],
-                                           aborted is not None)
-            self.version = version
+        version = chunk.weight_version_after(reports, aborted) if consistent else None
+        self.version = version or self.version
         return ChunkOutcome(reports=tuple(reports), aborted=aborted, failure=failure, weights_consistent=consistent,
                             trainable_fingerprint=params.fingerprint(),
                             trainable_names=tuple(sorted(params.manifest)), weight_version=version)

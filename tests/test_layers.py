@@ -1,6 +1,6 @@
-"""The import structure (docs/architecture.md): each layer imports only the layers below it, and SGLang only where
-the code runs inside SGLang's processes. Read from the source with ``ast``, so a new import that breaks the layering
-fails here, not in a review."""
+"""The import structure (docs/architecture.md): each layer imports only the layers below it, SGLang only where the
+code runs inside SGLang's processes, and no module imports itself through others (no cycles, lazy imports inside
+functions included). Read from the source with ``ast``, so a new import that breaks the structure fails here."""
 
 from __future__ import annotations
 
@@ -10,51 +10,93 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
+SOURCES = {"sglang_mezo": ROOT / "sglang_mezo", "sglang_mezo.kernels": ROOT / "kernels",
+           "sglang_mezo.server": ROOT / "server"}
 
-# layer -> its files, and the layers (and outside packages of note) it may import
-LAYERS: dict[str, tuple[list[Path], set[str]]] = {
-    "kernels": ([ROOT / "kernels"], set()),
-    "core": ([ROOT / "sglang_mezo/core"], {"kernels"}),
-    "engines": ([ROOT / "sglang_mezo/engines"], {"core", "kernels"}),
-    "checkpoint": ([ROOT / "sglang_mezo/checkpoint.py"], {"core", "kernels"}),
-    "protocol": ([ROOT / "sglang_mezo/protocol.py"], {"core", "kernels"}),
-    "options": ([ROOT / "sglang_mezo/options.py"], {"core", "kernels"}),
-    "jobs": ([ROOT / "sglang_mezo/jobs"], {"core", "kernels", "protocol"}),
-    "scheduler": ([ROOT / "sglang_mezo/scheduler"], {"core", "kernels", "protocol", "checkpoint", "sglang"}),
-    "server": ([ROOT / "server"], {"core", "kernels", "protocol", "jobs", "options", "scheduler", "sglang"}),
-    "plugin": ([ROOT / "sglang_mezo/plugin"], {"options", "scheduler", "server", "sglang"}),
-    "client": ([ROOT / "sglang_mezo/client.py"], set()),
+# layer -> the layers (and SGLang) it may import
+ALLOWED: dict[str, set[str]] = {
+    "kernels": set(),
+    "core": {"kernels"},
+    "engines": {"core", "kernels"},
+    "checkpoint": {"core", "kernels"},
+    "protocol": {"core", "kernels"},
+    "options": {"core", "kernels"},
+    "jobs": {"core", "kernels", "protocol"},
+    "scheduler": {"core", "kernels", "protocol", "checkpoint", "sglang"},
+    "server": {"core", "kernels", "protocol", "jobs", "options", "scheduler", "sglang"},
+    "plugin": {"options", "scheduler", "server", "sglang"},
+    "client": set(),
 }
-PACKAGE_OF = {"sglang_mezo.kernels": "kernels", "sglang_mezo.core": "core", "sglang_mezo.engines": "engines",
-              "sglang_mezo.checkpoint": "checkpoint", "sglang_mezo.protocol": "protocol",
-              "sglang_mezo.options": "options", "sglang_mezo.jobs": "jobs", "sglang_mezo.scheduler": "scheduler",
-              "sglang_mezo.server": "server", "sglang_mezo.plugin": "plugin", "sglang_mezo.client": "client",
-              "sglang_mezo.cli": "cli", "sglang_mezo.launch": "launch", "sglang_mezo.cpu_stub": "cpu_stub",
-              "sglang_mezo.default_model": "default_model", "sglang": "sglang"}
 
 
-def _files(paths: list[Path]) -> list[Path]:
-    return [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.py")))]
+def _modules() -> dict[str, Path]:
+    """Every module of the package, by its import path (``kernels/`` and ``server/`` install inside it)."""
+    out: dict[str, Path] = {}
+    for prefix, root in SOURCES.items():
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            name = ".".join([prefix, *parts])
+            if prefix == "sglang_mezo" and name.startswith(("sglang_mezo.kernels", "sglang_mezo.server")):
+                continue
+            out[name] = path
+    return out
 
 
-def _imported_layers(path: Path, layer: str) -> set[str]:
-    """The layers a file imports (relative imports stay in its own layer)."""
+MODULES = _modules()
+
+
+def layer_of(module: str) -> str:
+    if module.split(".")[0] == "sglang":
+        return "sglang"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "sglang_mezo"
+
+
+def imports_of(module: str) -> set[str]:
+    """The modules ``module`` imports (relative imports resolved; ``from pkg import sub`` is ``pkg.sub``)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        modules = []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Import):
-            modules = [a.name for a in node.names]
-        for module in modules:
-            owners = [p for p in PACKAGE_OF if module == p or module.startswith(p + ".")]
-            if owners:
-                found.add(PACKAGE_OF[max(owners, key=len)])
-    return found - {layer}
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return {m for m in found if m.split(".")[0] in ("sglang_mezo", "sglang")}
 
 
-@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("layer", ALLOWED)
 def test_each_layer_imports_only_the_layers_below_it(layer):
-    paths, allowed = LAYERS[layer]
-    wrong = {str(f.relative_to(ROOT)): sorted(_imported_layers(f, layer) - allowed) for f in _files(paths)}
-    assert not {f: w for f, w in wrong.items() if w}, f"{layer} may import only {sorted(allowed)}"
+    wrong = {}
+    for module in (m for m in MODULES if layer_of(m) == layer):
+        bad = {layer_of(i) for i in imports_of(module)} - ALLOWED[layer] - {layer}
+        if bad:
+            wrong[module] = sorted(bad)
+    assert not wrong, f"{layer} may import only {sorted(ALLOWED[layer])}: {wrong}"
+
+
+def test_no_module_imports_itself_through_others():
+    graph = {m: {i for i in imports_of(m) if i in MODULES and i != m} for m in MODULES}
+    # a package's __init__ importing its own submodules is how packages re-export: not a cycle of code
+    graph = {m: {i for i in deps if not (MODULES[m].name == "__init__.py" and i.startswith(m + "."))}
+             for m, deps in graph.items()}
+    done: set[str] = set()
+
+    def visit(module: str, stack: list[str]) -> None:
+        if module in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(module):] + [module]))
+        if module in done:
+            return
+        for dep in sorted(graph[module]):
+            visit(dep, [*stack, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

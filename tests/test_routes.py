@@ -186,10 +186,12 @@ def test_every_other_status_of_the_error_table(api, tmp_path):
 def test_the_api_describes_itself(api):
     client, _ = api
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/mezo/step", "/mezo/jobs", "/mezo/jobs/{job_id}", "/mezo/jobs/{job_id}/history",
-            "/mezo/jobs/{job_id}/plot", "/mezo/jobs/{job_id}/events", "/mezo/jobs/{job_id}/cancel",
-            "/mezo/jobs/{job_id}/trajectory", "/mezo/eval", "/mezo/diagnose", "/mezo/weights", "/mezo/reset",
-            "/mezo/save"} <= set(paths)
+    assert set(paths) == {"/mezo/step", "/mezo/jobs", "/mezo/jobs/{job_id}", "/mezo/jobs/{job_id}/history",
+                          "/mezo/jobs/{job_id}/plot", "/mezo/jobs/{job_id}/events", "/mezo/jobs/{job_id}/cancel",
+                          "/mezo/jobs/{job_id}/trajectory", "/mezo/eval", "/mezo/diagnose", "/mezo/weights",
+                          "/mezo/reset", "/mezo/save"}
+    step = paths["/mezo/step"]["post"]
+    assert step["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/StepRequest")
 
 
 def test_the_readme_error_table_is_the_servers():

@@ -34,7 +34,10 @@ def test_smollm2_trains_in_the_server_and_replays(smollm2_path, tmp_path):
         before = served_logprobs(server, probe)
         job = run_job(server, {"examples": EXAMPLES, "steps": 5, "lr": 0.0, "batch_size": 2})
         assert job["status"] == "succeeded" and job["last"]["projected_grads"][0] != 0.0, job
-        assert max_diff(served_logprobs(server, probe), before) <= 1e-5
+        # lr = 0 leaves only the fp32 rounding of the probes' round trips, which 30 layers turn into log-prob noise:
+        # 1.14e-5 measured 2026-11-30 on the 2-core CPU machine (the same to the last digit with the code before
+        # the typed-records restructure), above the 1e-5 this test first asserted on another machine
+        assert max_diff(served_logprobs(server, probe), before) <= LR_ZERO_NOISE
 
         job = run_job(server, {"examples": EXAMPLES, "steps": 20, "lr": LR, "batch_size": 2, "seed": 1})
         assert job["status"] == "succeeded" and job["step"] == 20, job
@@ -57,3 +60,4 @@ def test_smollm2_trains_in_the_server_and_replays(smollm2_path, tmp_path):
 # the real model (in-server steps, replay, a fresh server on the replayed checkpoint).
 LR = 1e-4
 MARGIN = 0.03
+LR_ZERO_NOISE = 5e-5

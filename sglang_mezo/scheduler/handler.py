@@ -18,7 +18,8 @@ the trainable tensors are re-read from the checkpoint on disk and the given hist
 reproduces the weights bit for bit (no model reload).
 
 Tensor parallel: every rank runs these handlers on the same message and agrees with the others at every pass,
-forward and step end (:mod:`.agreement`); the reply, which only rank 0 sends, speaks for all ranks.
+forward and step end (:mod:`.agreement`); the reply, which only rank 0 sends, speaks for all ranks. Everything the
+handler asks of SGLang goes through :class:`.serving.SchedulerServing`.
 
 Every outcome is a reply, never an exception: an exception escaping a handler would kill the scheduler.
 """
@@ -40,12 +41,12 @@ from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
 from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
-                                  StepChunk, StepReport, weight_version_label)
+                                  StepChunk, StepReport)
 
 from .agreement import OtherRankFailed, TPAgreement, Verdict
 from .faults import FAULT_ENV, FaultInjector
 from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
-from .scoring import SchedulerEngine
+from .serving import SchedulerServing
 
 logger = logging.getLogger(__name__)
 
@@ -54,32 +55,31 @@ _DISABLED = ("training is disabled: an earlier weight update failed part-way and
 
 
 class MezoSchedulerHandler:
-    def __init__(self, scheduler) -> None:
-        self.scheduler = scheduler
-        self._engine: SchedulerEngine | None = None
+    def __init__(self, serving: SchedulerServing, *, faults: FaultInjector | None = None) -> None:
+        self.serving = serving
+        self._faults = faults
         self._tp: TPAgreement | None = None
         self._params: dict[ParamSelection, TrainableSet] = {}
-        self._faults: FaultInjector | None = None
         self.inconsistent = False
         """Latched when a weight pass failed part-way: no training until a restore succeeds."""
 
     @property
-    def engine(self) -> SchedulerEngine:
-        if self._engine is None:  # built on first use: the model is loaded by then
-            self._engine = SchedulerEngine(self.scheduler)
-            self._tp = TPAgreement(self._engine.tp_size)
-        return self._engine
+    def faults(self) -> FaultInjector:
+        if self._faults is None:  # the TP rank is known once the model is loaded
+            self._faults = FaultInjector(os.environ.get(FAULT_ENV), self.serving.tp_rank)
+        return self._faults
 
     @property
-    def faults(self) -> FaultInjector:
-        if self._faults is None:
-            self._faults = FaultInjector(os.environ.get(FAULT_ENV), self.engine.tp_rank)
-        return self._faults
+    def tp(self) -> TPAgreement:
+        if self._tp is None:
+            self._tp = TPAgreement(self.serving.tp_size)
+        return self._tp
 
     def params_for(self, selection: ParamSelection) -> TrainableSet:
         if selection not in self._params:
-            self._params[selection] = TrainableSet.from_pieces(self.engine.trainable_pieces(), selection,
-                                                               self.engine.num_layers)
+            engine = self.serving.engine
+            self._params[selection] = TrainableSet.from_pieces(engine.trainable_pieces(), selection,
+                                                               engine.num_layers)
         return self._params[selection]
 
     # -- a chunk of steps ----------------------------------------------------------------------------------------
@@ -105,10 +105,8 @@ class MezoSchedulerHandler:
                 if report is None:
                     break
                 reports.append(report)
-            version = None
-            if (reports or aborted) and not self.inconsistent:
-                version = weight_version_label(chunk.job_id, reports[-1].step + 1 if reports else chunk.steps[0],
-                                               aborted is not None)
+            version = None if self.inconsistent else chunk.weight_version_after(reports, aborted)
+            if version is not None:
                 self._label(version)
         logger.info("MeZO job %s: %d step(s) in %.1f ms", chunk.job_id, len(reports),
                     1e3 * (time.perf_counter() - started))
@@ -135,8 +133,8 @@ class MezoSchedulerHandler:
         config = chunk.config
         started = time.perf_counter()
         # a fault is injected before the forward's agreement: where a failing weight pass would be
-        loss = self.faults.wrap(self._agreeing(batch_loss_fn(self.engine, chunk.objective, batch)), config.seed, step,
-                                params)
+        loss = self.faults.wrap(self._agreeing(batch_loss_fn(self.serving.engine, chunk.objective, batch)),
+                                config.seed, step, params)
         abort: list[AbortedProbes] = []
         failure = None
         try:
@@ -162,7 +160,7 @@ class MezoSchedulerHandler:
         """Give the served weights SGLang's weight version ``version``; called while serving is paused, so that
         each request's version spans split exactly at the change."""
         try:
-            self.scheduler.record_weight_version_change(version)
+            self.serving.label(version)
         except Exception:  # noqa: BLE001 - a label is bookkeeping: never let it kill the scheduler
             logger.exception("MeZO: recording the weight version %s failed", version)
 
@@ -178,7 +176,7 @@ class MezoSchedulerHandler:
     def _in_step_check(self) -> None:
         """Under TP, before each weight pass and each forward: every rank says it is still in the step. A rank that
         failed answers "no" here instead of leaving the others in a collective, and all stop at the same pass."""
-        if self.engine.tp_size > 1 and not self._agree(True, in_step=True).ok:
+        if self.serving.tp_size > 1 and not self._agree(True, in_step=True).ok:
             raise OtherRankFailed("the step failed on another tensor-parallel rank")
 
     def _agreeing(self, loss: LossFn) -> LossFn:
@@ -189,9 +187,7 @@ class MezoSchedulerHandler:
         return agreed
 
     def _agree(self, ok: bool, *, in_step: bool, passes: int = 0, committed: bool = False) -> Verdict:
-        self.engine  # noqa: B018 - builds the agreement with the engine
-        assert self._tp is not None
-        return self._tp.agree(ok, in_step=in_step, consistent=not self.inconsistent, passes=passes,
+        return self.tp.agree(ok, in_step=in_step, consistent=not self.inconsistent, passes=passes,
                               committed=committed)
 
     def _all_ranks_ok(self, ok: bool) -> bool:
@@ -207,7 +203,7 @@ class MezoSchedulerHandler:
             for trajectory, params in zip(req.history, targets, strict=True):
                 trajectory.check_compatible(params)
             moved = self._movable_pieces()
-            plan = plan_reads(self.scheduler.server_args.model_path, moved)  # checked before touching weights
+            plan = plan_reads(self.serving.model_path, moved)  # checked before touching weights
         except CheckpointError as exc:
             failure = Failure(FailureKind.CHECKPOINT, f"cannot re-read the base checkpoint: {exc}")
         except Exception as exc:  # noqa: BLE001 - reported to the caller
@@ -242,8 +238,6 @@ class MezoSchedulerHandler:
     def save(self, req: MezoSaveReqInput) -> MezoReqOutput:
         """Write the served weights as an HF checkpoint: each rank writes its trainable pieces, rank 0 pastes them
         into the base checkpoint's tensors. Runs on the scheduler thread, so the weights cannot change meanwhile."""
-        from sglang.srt.runtime_context import get_serving
-
         parts = Path(req.path) / ".mezo-parts"
         failure = None
         started = time.perf_counter()
@@ -252,18 +246,18 @@ class MezoSchedulerHandler:
                               "the served weights are at no committed step: reset them first")
         else:
             try:
-                write_parts(parts / f"rank{self.engine.tp_rank}.safetensors", self._movable_pieces())
+                write_parts(parts / f"rank{self.serving.tp_rank}.safetensors", self._movable_pieces())
             except Exception as exc:  # noqa: BLE001 - reported to the caller
                 logger.exception("MeZO: writing the trainable tensors failed")
                 failure = Failure(FailureKind.CHECKPOINT, f"{type(exc).__name__}: {exc}")
         if not self._all_ranks_ok(failure is None):  # also a barrier: every rank's parts are on disk now
             failure = failure or Failure(FailureKind.CHECKPOINT, "writing failed on another tensor-parallel rank")
             return MezoReqOutput(outcome=SaveOutcome(failure=failure))
-        version = str(get_serving().weight_version)
+        version = self.serving.weight_version()
         tensors: list[str] = []
-        if self.engine.tp_rank == 0:  # the one that replies
+        if self.serving.tp_rank == 0:  # the one that replies
             try:
-                tensors = assemble(self.scheduler.server_args.model_path, req.path,
+                tensors = assemble(self.serving.model_path, req.path,
                                    sorted(parts.glob("rank*.safetensors")))
                 shutil.rmtree(parts, ignore_errors=True)
             except Exception as exc:  # noqa: BLE001 - reported to the caller
@@ -288,42 +282,28 @@ class MezoSchedulerHandler:
     def _paused(self, flush: Callable[[], bool]) -> Iterator[None]:
         """Pause (retract) user traffic for the block; afterwards flush the prefix cache if ``flush()`` says the
         weights changed, and resume unless someone else had paused the engine."""
-        was_paused = self.scheduler._engine_paused
-        self.pause()
+        was_paused = self.serving.is_paused()
+        self.serving.pause()
         try:
             yield
         finally:
             try:
-                if flush() and not self.scheduler.flush_cache(empty_cache=False):
+                if flush() and not self.serving.flush_cache():
                     # flush_cache refuses while requests are in flight; after a retract there are none, so this
                     # means a cache we cannot trust: stop training until a restore, and say so
                     logger.error("MeZO: the prefix cache could not be flushed after a weight change")
                     self.inconsistent = True
                 if not was_paused:
-                    self.resume()
+                    self.serving.resume()
             except Exception:  # noqa: BLE001 - never let cleanup kill the scheduler
                 logger.exception("MeZO: resuming serving failed")
-
-    def pause(self) -> None:
-        from sglang.srt.managers.io_struct import PauseGenerationReqInput
-
-        self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
-        # the overlap scheduler may still have a forward in flight on a GPU stream: let it finish first
-        stream = getattr(self.scheduler, "forward_stream", None)
-        if stream is not None and hasattr(stream, "synchronize"):
-            stream.synchronize()
-
-    def resume(self) -> None:
-        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
-
-        self.scheduler.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
 
 
 def install(scheduler) -> None:
     """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook)."""
     from sglang.utils import TypeBasedDispatcher
 
-    handler = MezoSchedulerHandler(scheduler)
+    handler = MezoSchedulerHandler(SchedulerServing(scheduler))
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (MezoChunkReqInput, handler.handle),
         (MezoRestoreReqInput, handler.restore),
