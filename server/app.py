@@ -25,7 +25,10 @@ def install(app: FastAPI, context: MezoContext) -> None:
     context.attach(app)
     errors.install(app)
     for router in ROUTERS:
-        app.include_router(router)
+        # flat, not include_router: SGLang's key middleware (--api-key/--admin-api-key) reads a route's auth level
+        # from the endpoint of the route it matches, and FastAPI matches an included router as one lazy route
+        # whose scope names no endpoint, so every included route would count as NORMAL
+        app.router.routes.extend(router.routes)
 
 
 def _observers(server_args) -> list[JobObserver]:

@@ -49,7 +49,7 @@ def train(args: argparse.Namespace) -> int:
             job[key] = getattr(args, key)
     if args.save and not Path(args.save).is_absolute():
         raise SystemExit("sglang-mezo train: --save is a folder on the server: give an absolute path")
-    client = MezoClient(args.url)
+    client = MezoClient(args.url, api_key=args.api_key)
     try:
         status = client.train(job, progress=not args.quiet)
         print(format_job(status))
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     tr = sub.add_parser("train", help="run a MeZO job on a running server and report it")
     tr.add_argument("job", help="a JSON file: the body of POST /mezo/step (examples or a dataset, steps, lr, ...)")
     tr.add_argument("--url", default="http://127.0.0.1:30000", help="the server (default: %(default)s)")
+    tr.add_argument("--api-key", default=None,
+                    help="the server's --admin-api-key (or --api-key if it has no admin key); default: the "
+                         "SGLANG_API_KEY environment variable. Sent as a Bearer token.")
     tr.add_argument("--steps", type=int, help="override the job's steps")
     tr.add_argument("--lr", type=float, help="override the job's learning rate")
     tr.add_argument("--eps", type=float, help="override the job's perturbation scale")

@@ -1,7 +1,7 @@
 """A small Python client for a server started with ``--enable-mezo``: submit a job, follow it with a progress bar,
 evaluate, reset, save. Standard library only (plus tqdm for the bar), so it runs anywhere the server is reachable.
 
-    client = MezoClient("http://localhost:30000")
+    client = MezoClient("http://localhost:30000", api_key=...)  # or SGLANG_API_KEY in the environment
     job = client.train({"dataset": {...}, "steps": 200, "eval_every": 50})
     print(format_job(job))
     client.save("/models/fine-tuned")
@@ -10,6 +10,7 @@ evaluate, reset, save. Standard library only (plus tqdm for the bar), so it runs
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -36,15 +37,22 @@ class Reply:
 
     @property
     def message(self) -> str:
-        """An error body's message (``message``, or FastAPI's ``detail``), else the body as text."""
+        """An error body's message (``message``, FastAPI's ``detail``, SGLang's auth ``error``), else the body."""
         if isinstance(self.body, dict):
-            return str(self.body.get("message") or self.body.get("detail") or self.body)
+            return str(self.body.get("message") or self.body.get("detail") or self.body.get("error") or self.body)
         return str(self.body)
 
 
+API_KEY_ENV = "SGLANG_API_KEY"
+"""Where the client finds a key when none is given: the server's --api-key, or its --admin-api-key for the routes
+that train, evaluate, reset and save."""
+
+
 class MezoClient:
-    def __init__(self, url: str = "http://127.0.0.1:30000", *, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str = "http://127.0.0.1:30000", *, api_key: str | None = None,
+                 timeout_s: float = 600.0) -> None:
         self.url = url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.timeout_s = timeout_s
 
     # -- the API, one method per route -------------------------------------------------------------------------
@@ -118,8 +126,10 @@ class MezoClient:
         """One request to any route of the server (``/mezo/*`` or SGLang's own), JSON in and out; any HTTP status
         is a :class:`Reply`. Raises OSError when the server cannot be reached."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
                 status, raw = response.status, response.read().decode()

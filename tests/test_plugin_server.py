@@ -41,10 +41,12 @@ def test_without_enable_mezo_the_server_is_stock(tiny_model_path, tmp_path):
 
 
 def test_enable_mezo_options_reach_the_server(tiny_model_path, tmp_path):
+    # on every interface and with no key: the launch says who can train it
     with running_server(tiny_model_path, "--mezo-last-layers", "1", "--mezo-z-kind", "gaussian", "--enable-metrics",
-                        log_dir=tmp_path) as server:
+                        "--host", "0.0.0.0", log_dir=tmp_path) as server:
         log = server.log.read_text()
         assert "MeZO enabled" in log and "last_layers=1" in log and "z_kind='gaussian'" in log
+        assert "anyone who can reach this port can train" in log
         status, out = server.request("POST", "/generate", {"text": "the movie", "sampling_params": {"max_new_tokens": 2}})
         assert status == 200 and len(out["output_ids"]) == 2
         # every MeZO route exists here (so the 404s of the stock server above mean something)

@@ -199,3 +199,50 @@ def test_the_readme_error_table_is_the_servers():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = set(re.findall(r"^\s*\| (\d{3}) \| `(\w+)` \|", readme, flags=re.M))
     assert rows == {(str(status), cls.kind) for cls, status in STATUS.items()}
+
+
+ADMIN, NORMAL = ("POST", "/mezo/reset", {"job_id": "nope"}), ("GET", "/mezo/jobs/nope", None)
+# (api key, admin key) -> per route kind, per token sent: allowed, or SGLang's 401/403
+AUTH = {
+    (None, None): {"admin": {None: True, "A": True, "B": True, "X": True},
+                   "normal": {None: True, "A": True, "B": True, "X": True}},
+    ("A", None): {"admin": {None: 401, "A": True, "B": 401, "X": 401},
+                  "normal": {None: 401, "A": True, "B": 401, "X": 401}},
+    (None, "B"): {"admin": {None: 401, "A": 401, "B": True, "X": 401},
+                  "normal": {None: True, "A": True, "B": True, "X": True}},
+    ("A", "B"): {"admin": {None: 401, "A": 401, "B": True, "X": 401},
+                 "normal": {None: 401, "A": True, "B": 401, "X": 401}},
+}
+
+
+@pytest.mark.parametrize("keys", AUTH, ids=lambda k: f"api={k[0]},admin={k[1]}")
+def test_routes_that_change_or_read_the_server_are_admin_routes(keys, tmp_path):
+    """SGLang's own key middleware on the app (as SGLang adds it with --api-key/--admin-api-key): the admin routes
+    (train, evaluate, diagnose, reset, save, cancel, trajectory) need the admin key where there is one; job status
+    needs the API key where there is one."""
+    from sglang.srt.utils.auth import add_api_key_middleware
+
+    executor = FakeExecutor()
+    app = FastAPI()
+    install(app, MezoContext(runner=JobRunner(executor, FakeScorer(executor)), translator=Translator(CharTokenizer(), 64),
+                             defaults=MezoConfig(), max_steps=MAX_STEPS, base_model=str(tmp_path)))
+    add_api_key_middleware(app, api_key=keys[0], admin_api_key=keys[1])
+    with TestClient(app) as client:
+        for kind, (method, path, body) in (("admin", ADMIN), ("normal", NORMAL)):
+            for token, expected in AUTH[keys][kind].items():
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                response = client.request(method, path, json=body, headers=headers)
+                allowed = response.status_code == 404  # reached the route: the job does not exist
+                assert (allowed if expected is True else response.status_code == expected), (kind, token, response)
+
+
+def test_each_route_declares_its_auth_level():
+    from sglang.srt.utils.auth import AuthLevel
+
+    from sglang_mezo.server.routes import ROUTERS
+
+    levels = {(next(iter(r.methods)), r.path): r.endpoint._auth_level for router in ROUTERS for r in router.routes}
+    admin = {("POST", "/mezo/step"), ("POST", "/mezo/eval"), ("POST", "/mezo/diagnose"), ("POST", "/mezo/reset"),
+             ("POST", "/mezo/save"), ("POST", "/mezo/jobs/{job_id}/cancel"), ("GET", "/mezo/jobs/{job_id}/trajectory")}
+    assert {k for k, v in levels.items() if v is AuthLevel.ADMIN_OPTIONAL} == admin
+    assert all(v is AuthLevel.NORMAL for k, v in levels.items() if k not in admin)

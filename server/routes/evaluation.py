@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
+from sglang.srt.utils.auth import AuthLevel, auth_level
 
 from sglang_mezo.jobs.diagnose import diagnose as run_diagnosis
 
@@ -17,6 +18,7 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
 
 @router.post("/eval")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
     """Score examples under the served weights; batched with user traffic, nothing changes. While a job runs, a
     step may commit meanwhile: ``weight_version`` then lists both."""
@@ -31,6 +33,7 @@ async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
 
 
 @router.post("/diagnose")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def diagnose(request: DiagnoseRequest, mezo: Context) -> DiagnoseOut:
     """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and its
     probes' round trips are recorded, so the served weights stay exactly described)."""

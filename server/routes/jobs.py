@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
+from sglang.srt.utils.auth import AuthLevel, auth_level
 from fastapi.responses import Response, StreamingResponse
 
 from sglang_mezo.jobs.errors import Conflict, InvalidRequest, JobFailed
@@ -25,6 +26,7 @@ SSE_PING_S = 15.0
 
 
 @router.post("/step")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
     if request.steps > mezo.max_steps:
@@ -60,16 +62,19 @@ async def finished(job: Job) -> Job:
 
 
 @router.get("/jobs")
+@auth_level(AuthLevel.NORMAL)
 async def list_jobs(mezo: Context) -> JobListOut:
     return JobListOut(jobs=[JobOut.of(j) for j in mezo.runner.jobs.values()])
 
 
 @router.get("/jobs/{job_id}")
+@auth_level(AuthLevel.NORMAL)
 async def get_job(job: PathJob) -> JobOut:
     return JobOut.of(job)
 
 
 @router.get("/jobs/{job_id}/history")
+@auth_level(AuthLevel.NORMAL)
 async def job_history(job: PathJob) -> JobHistoryOut:
     """Every committed step's measurements (the L+/L- curves) and every evaluation."""
     return JobHistoryOut.of(job)
@@ -77,6 +82,7 @@ async def job_history(job: PathJob) -> JobHistoryOut:
 
 @router.get("/jobs/{job_id}/plot", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "the job's curves"}})
+@auth_level(AuthLevel.NORMAL)
 async def job_plot(job: PathJob) -> Response:
     """The job's L+/L- per step and its held-out evaluations, as a PNG."""
     if not job.reports and not job.evals:
@@ -86,6 +92,7 @@ async def job_plot(job: PathJob) -> Response:
 
 
 @router.get("/jobs/{job_id}/events")
+@auth_level(AuthLevel.NORMAL)
 async def job_events(job: PathJob) -> StreamingResponse:
     """Server-Sent Events: the job's status (as GET /mezo/jobs/{id}) whenever it changes, until it finishes; the
     last event is named ``end``."""
@@ -111,12 +118,14 @@ async def status_events(job: Job, poll_s: float = 0.1) -> AsyncIterator[str]:
 
 
 @router.post("/jobs/{job_id}/cancel")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def cancel_job(job: PathJob, mezo: Context) -> JobOut:
     """Cancel a queued job now, a running one at its next chunk boundary."""
     return JobOut.of(mezo.runner.cancel(job.id))
 
 
 @router.get("/jobs/{job_id}/trajectory")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def trajectory(job: PathJob) -> dict:
     """The job's fine-tune: its seeds and projected gradients (the trajectory format of
     :mod:`sglang_mezo.core.trajectory`), which replay onto the base checkpoint."""

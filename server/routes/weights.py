@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter
+from sglang.srt.utils.auth import AuthLevel, auth_level
 
 from sglang_mezo.jobs.errors import Conflict, InvalidRequest
 
@@ -17,12 +18,14 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
 
 @router.get("/weights")
+@auth_level(AuthLevel.NORMAL)
 async def weights(mezo: Context) -> WeightsOut:
     """The base checkpoint and the jobs' steps the served weights carry, in order, and their SGLang label."""
     return WeightsOut.of(mezo.runner.weights)
 
 
 @router.post("/reset")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def reset(request: ResetRequest, mezo: Context) -> WeightsOut:
     """Re-read the trainable tensors from the checkpoint and replay the kept history exactly: the weights are
     bit-identical to the ones served at that point (no model reload)."""
@@ -31,6 +34,7 @@ async def reset(request: ResetRequest, mezo: Context) -> WeightsOut:
 
 
 @router.post("/save")
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def save(request: SaveRequest, mezo: Context) -> SaveOut:
     """Write the served weights, at the moment the scheduler handles this request, as an HF checkpoint (plus
     mezo_history.json, the trajectories from the base). Serving waits while the files are written."""

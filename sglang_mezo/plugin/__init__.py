@@ -125,3 +125,21 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
         if refusal:
             raise SystemExit(f"sglang-mezo: {refusal}")
         logger.info("MeZO enabled: %s", options)
+        if _open_to_the_network(namespace):
+            logger.warning("MeZO: --enable-mezo on %s with no --api-key or --admin-api-key: anyone who can reach "
+                           "this port can train, reset and save the served model", namespace.host)
+
+
+def _open_to_the_network(namespace) -> bool:
+    """No key protects the admin routes, and the server listens beyond this machine."""
+    import ipaddress
+
+    if getattr(namespace, "api_key", None) or getattr(namespace, "admin_api_key", None):
+        return False
+    host = str(getattr(namespace, "host", "") or "")
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return True

@@ -68,6 +68,12 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
              "refuse --enable-mezo without pickle IPC (SGLANG_USE_PICKLE_IPC): our records travel pickled"),
     Internal("sglang.srt.entrypoints.http_server.app", Use.EXTEND, "plugin", "the FastAPI app the routes join"),
     # -- IPC, in the HTTP process
+    Internal("sglang.srt.utils.auth.auth_level", Use.CALL, "server.routes",
+             "each route's level for SGLang's --api-key/--admin-api-key middleware"),
+    Internal("sglang.srt.utils.auth.AuthLevel", Use.READ, "server.routes",
+             "ADMIN_OPTIONAL for routes that train, evaluate, reset, save; NORMAL for job status"),
+    Internal("sglang.srt.utils.auth.add_api_key_middleware", Use.READ, "server.app",
+             "matches a route and reads its endpoint's level: our routes join the app flat, not as a router"),
     Internal(f"{_IO}.BaseReq", Use.EXTEND, "scheduler.messages", "our envelopes are SGLang control messages"),
     Internal(f"{_IO}.GenerateReqInput", Use.CONSTRUCT, "server.sglang_adapters",
              "evaluations score and generate as user traffic"),
@@ -195,6 +201,9 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
         ("served_model_name", "server.app", "the metrics' label"),
         ("enable_metrics", "server.app", "MeZO metrics only with SGLang's"),
         ("skip_tokenizer_init", "plugin", "training examples are text: refuse without a tokenizer"),
+        ("host", "plugin", "warn when the admin routes are open to the network"),
+        ("api_key", "plugin", "is any key set"),
+        ("admin_api_key", "plugin", "is any key set"),
         ("dp_size", "plugin", "refuse data parallelism"))),
 )
 """Everything, in the order a request meets it."""
