@@ -13,6 +13,8 @@ from sglang_mezo.options import MezoServerOptions
 
 from . import errors
 from .context import MezoContext
+from .files import FileAccess
+from .limits import BodyLimit
 from .routes import ROUTERS
 from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
 from .translate import Translator
@@ -21,9 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 def install(app: FastAPI, context: MezoContext) -> None:
-    """The routes, the error handler and ``context`` on ``app`` (any FastAPI app: SGLang's, or a test's)."""
+    """The routes, the error handler, the body limit and ``context`` on ``app`` (any FastAPI app: SGLang's, or a
+    test's), before it serves."""
     context.attach(app)
     errors.install(app)
+    app.add_middleware(BodyLimit, limit_bytes=int(context.limits.max_body_mb * 2**20))
     for router in ROUTERS:
         # flat, not include_router: SGLang's key middleware (--api-key/--admin-api-key) reads a route's auth level
         # from the endpoint of the route it matches, and FastAPI matches an included router as one lazy route
@@ -46,10 +50,13 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), TokenizerManagerScorer(tokenizer_manager),
                        chunk_target_s=options.chunk_ms / 1e3, yield_s=options.yield_ms / 1e3,
                        base_weight_version=str(server_args.weight_version), base_model=base_model,
-                       observers=_observers(server_args))
+                       observers=_observers(server_args), max_active=options.limits.max_queued_jobs)
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
+    files = FileAccess.of(options.folders, base_model)
     install(app, MezoContext(runner=runner, translator=Translator(tokenizer_manager.tokenizer,
                                                                   int(tokenizer_manager.context_len)),
-                             defaults=defaults, max_steps=options.max_steps_per_job, base_model=base_model))
-    logger.info("MeZO routes mounted under /mezo")
+                             defaults=defaults, limits=options.limits, files=files, base_model=base_model))
+    logger.info("MeZO routes mounted under /mezo; data files from %s; checkpoints to %s",
+                ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
+                files.output_dir or "nowhere (--mezo-output-dir)")

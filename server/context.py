@@ -3,7 +3,7 @@ defaults, held by the app (``app.state.mezo``) rather than by closures."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -11,7 +11,10 @@ from fastapi import Depends, FastAPI, Request
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.jobs.job import Job
 from sglang_mezo.jobs.runner import JobRunner
+from sglang_mezo.options import Limits
 
+from .files import FileAccess
+from .limits import StreamSlots
 from .translate import Translator
 
 
@@ -21,9 +24,13 @@ class MezoContext:
     translator: Translator
     defaults: MezoConfig
     """A job's hyper-parameters where the request leaves them out (the ``--mezo-*`` flags)."""
-    max_steps: int
-    """``--mezo-max-steps-per-job``."""
+    limits: Limits
+    files: FileAccess
     base_model: str
+    streams: StreamSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "streams", StreamSlots(self.limits.max_event_streams))
 
     def attach(self, app: FastAPI) -> None:
         app.state.mezo = self

@@ -19,15 +19,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from sglang_mezo.jobs.errors import Conflict, InvalidRequest, JobFailed, MezoError, NotFound, Unavailable
+from sglang_mezo.jobs.errors import (Conflict, Forbidden, InvalidRequest, JobFailed, MezoError, NotFound, TooLarge,
+                                    TooMany, Unavailable)
 
 logger = logging.getLogger(__name__)
 
 STATUS: dict[type[MezoError], int] = {
     InvalidRequest: 400,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
+    TooLarge: 413,
     JobFailed: 422,
+    TooMany: 429,
     Unavailable: 503,
 }
 

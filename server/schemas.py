@@ -19,8 +19,6 @@ from sglang_mezo.kernels import MAX_SEED, ZKind
 from sglang_mezo.protocol import FailureKind, StepReport
 
 
-MAX_EXAMPLES = 100_000
-"""Inline examples per list: larger sets belong in a data file on the server (``dataset``)."""
 
 
 class _Strict(BaseModel):
@@ -87,7 +85,8 @@ TemplateIn = Annotated[ClassificationTemplateIn | MultipleChoiceTemplateIn | Gen
 class DatasetIn(_Strict):
     """Examples from a data file or ``datasets`` folder on the server, through a prompt template."""
 
-    path: str = Field(min_length=1, description="JSONL, JSON, CSV, Parquet, or a datasets save_to_disk folder")
+    path: str = Field(min_length=1, description="JSONL, JSON, CSV, Parquet, or a datasets save_to_disk folder: "
+                                                "relative to a --mezo-data-dir, or absolute inside one")
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "datasets"] = "auto"
     split: str | None = Field(None, description="the split of a saved DatasetDict")
     template: TemplateIn
@@ -106,7 +105,7 @@ class EvalRequest(_Strict):
     """Score examples under the served weights (as user traffic is served: nothing changes): inline ``examples``,
     or a ``dataset``'s held-out set (its ``eval_size`` per class; every record if 0)."""
 
-    examples: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES)
+    examples: list[ExampleIn] = Field(default_factory=list)
     dataset: DatasetIn | None = None
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
@@ -151,12 +150,12 @@ class JobEvalOut(EvalOut):
 class StepRequest(_Strict):
     """A training job. Hyper-parameters left out take the server's ``--mezo-*`` defaults."""
 
-    examples: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES)
+    examples: list[ExampleIn] = Field(default_factory=list)
     dataset: DatasetIn | None = Field(None, description="instead of examples: a data file on the server; its "
                                                         "held-out set becomes eval_examples")
     objective: Objective | None = Field(None, description="default: cross_entropy for prompt/completion examples, "
                                                           "classification for prompt/options/label examples")
-    eval_examples: list[ExampleIn] = Field(default_factory=list, max_length=MAX_EXAMPLES,
+    eval_examples: list[ExampleIn] = Field(default_factory=list,
                                            description="held-out examples of the same kind, evaluated before the "
                                                        "first step, every eval_every steps and at the end")
     eval_every: int = Field(0, ge=0, description="0: evaluate only before and after training")
@@ -166,7 +165,7 @@ class StepRequest(_Strict):
     batch_size: int = Field(16, ge=1)
     lr: float | None = Field(None, ge=0, le=1.0)
     eps: float | None = Field(None, gt=0, le=0.1, description="a perturbation beyond 0.1 destroys fp32 weights")
-    n_probes: int | None = Field(None, ge=1, le=64)
+    n_probes: int | None = Field(None, ge=1, description="at most --mezo-max-probes")
     z_kind: ZKind | None = None
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     schedule: LRSchedule = LRSchedule.CONSTANT
@@ -307,8 +306,9 @@ class WeightsOut(BaseModel):
 class SaveRequest(_Strict):
     """Where to write the served weights as a Hugging Face checkpoint (a folder on the server)."""
 
-    path: str = Field(min_length=1, description="an absolute folder path on the server, shared by all TP ranks")
-    overwrite: bool = Field(False, description="allow writing into a folder that is not empty")
+    path: str = Field(min_length=1, description="a folder name inside the server's --mezo-output-dir (shared by "
+                                                "all TP ranks)")
+    overwrite: bool = Field(False, description="replace a folder of that name that an earlier save wrote")
 
 
 class SaveOut(BaseModel):

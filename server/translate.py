@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -18,6 +19,7 @@ from sglang_mezo.jobs.data import examples_from_records, load_records
 from sglang_mezo.jobs.errors import InvalidRequest
 from sglang_mezo.jobs.templates import (ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate,
                                         TextChoice, TextExample)
+from sglang_mezo.options import Limits
 
 from .schemas import DatasetIn, ExampleIn, StepRequest
 
@@ -35,10 +37,14 @@ def objective_for(examples: Sequence[TextExample], requested: Objective | None) 
     return objective
 
 
-def job_config(defaults: MezoConfig, request: StepRequest) -> MezoConfig:
-    """The server's ``--mezo-*`` defaults, overridden by what the request sets (``replace`` re-validates)."""
+def job_config(defaults: MezoConfig, request: StepRequest, limits: Limits) -> MezoConfig:
+    """The server's ``--mezo-*`` defaults, overridden by what the request sets (``replace`` re-validates), within
+    the server's limits on steps and probes."""
+    if request.steps > limits.max_steps_per_job:
+        raise InvalidRequest(f"steps={request.steps} is more than this server allows per job "
+                             f"({Limits.flag('max_steps_per_job')} {limits.max_steps_per_job})")
     try:
-        return dataclasses.replace(
+        config = dataclasses.replace(
             defaults,
             **request.model_dump(include={"lr", "eps", "n_probes", "z_kind"}, exclude_none=True),
             **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
@@ -46,20 +52,42 @@ def job_config(defaults: MezoConfig, request: StepRequest) -> MezoConfig:
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
+    if config.n_probes > limits.max_probes:
+        raise InvalidRequest(f"n_probes={config.n_probes} is more than this server allows "
+                             f"({Limits.flag('max_probes')} {limits.max_probes})")
+    return config
+
+
+def check_count(limits: Limits, n: int) -> None:
+    """Before tokenizing: no more examples than a job may have."""
+    if n > limits.max_examples_per_job:
+        raise InvalidRequest(f"{n} examples are more than this server allows per job "
+                             f"({Limits.flag('max_examples_per_job')} {limits.max_examples_per_job})")
+
+
+def check_tokens(limits: Limits, *example_sets: Sequence[Example]) -> None:
+    """After tokenizing: no more tokens than a job may have (prompts, completions and every option)."""
+    tokens = sum(len(e.prompt_ids) + (len(e.completion_ids) if isinstance(e, CompletionExample)
+                                      else sum(map(len, e.option_ids)))
+                 for examples in example_sets for e in examples)
+    if tokens > limits.max_tokens_per_job:
+        raise InvalidRequest(f"the examples hold {tokens} tokens, more than this server allows per job "
+                             f"({Limits.flag('max_tokens_per_job')} {limits.max_tokens_per_job})")
 
 
 def texts(examples: Sequence[ExampleIn]) -> list[TextExample]:
     return [e.to_text() for e in examples]
 
 
-def dataset_texts(spec: DatasetIn, for_training: bool = True) -> tuple[list[TextExample], list[TextExample]]:
-    """Training and held-out examples from a data file on the server (blocking: run it in a thread). For an
-    evaluation (``for_training`` False) every record may be held out, and with no held-out set the "training"
-    part is every record (``train_size`` does not apply)."""
+def dataset_texts(spec: DatasetIn, path: Path,
+                  for_training: bool = True) -> tuple[list[TextExample], list[TextExample]]:
+    """Training and held-out examples from the data file ``path`` (the request's ``spec.path``, resolved inside an
+    allowed folder; blocking: run it in a thread). For an evaluation (``for_training`` False) every record may be
+    held out, and with no held-out set the "training" part is every record (``train_size`` does not apply)."""
     fields = spec.template.model_dump(exclude={"kind"})
     template = _TEMPLATES[spec.template.kind](**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     try:
-        records = load_records(spec.path, spec.format, spec.split)
+        records = load_records(path, spec.format, spec.split)
         return examples_from_records(records, template, eval_size=spec.eval_size,
                                      train_size=spec.train_size if for_training else None, seed=spec.seed,
                                      require_train=for_training)

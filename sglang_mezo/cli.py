@@ -25,13 +25,24 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def serve(sglang_args: list[str]) -> None:
-    from sglang_mezo.launch import server_command
+SERVE_FOLDERS = {"--mezo-data-dir": "mezo-data", "--mezo-output-dir": "mezo-checkpoints"}
+"""``sglang-mezo serve``'s folders, in the working directory, unless the command line names its own."""
 
-    if not any(a == "--model-path" or a.startswith("--model-path=") for a in sglang_args):
+
+def serve(sglang_args: list[str]) -> None:
+    from sglang_mezo.launch import has_flag, server_command
+
+    if not has_flag(sglang_args, "--model-path"):
         from sglang_mezo.default_model import default_model_path
 
         sglang_args = ["--model-path", str(default_model_path()), *sglang_args]
+    for flag, folder in SERVE_FOLDERS.items():
+        if not has_flag(sglang_args, flag):
+            path = Path.cwd() / folder
+            path.mkdir(exist_ok=True)
+            sglang_args = [*sglang_args, flag, str(path)]
+            logger.info("%s %s (data files are read from, and checkpoints written to, only the folders given)",
+                        flag, path)
     cmd, env = server_command(sglang_args, cuda=_cuda_available())
     logger.info("exec: %s", " ".join(cmd))
     os.execvpe(cmd[0], cmd, env)
@@ -47,9 +58,7 @@ def train(args: argparse.Namespace) -> int:
     for key in ("steps", "lr", "eps", "seed"):
         if getattr(args, key) is not None:
             job[key] = getattr(args, key)
-    if args.save and not Path(args.save).is_absolute():
-        raise SystemExit("sglang-mezo train: --save is a folder on the server: give an absolute path")
-    client = MezoClient(args.url, api_key=args.api_key)
+    client = MezoClient(args.url, api_key=args.api_key, admin_api_key=args.admin_api_key)
     try:
         status = client.train(job, progress=not args.quiet)
         print(format_job(status))
@@ -82,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("job", help="a JSON file: the body of POST /mezo/step (examples or a dataset, steps, lr, ...)")
     tr.add_argument("--url", default="http://127.0.0.1:30000", help="the server (default: %(default)s)")
     tr.add_argument("--api-key", default=None,
-                    help="the server's --admin-api-key (or --api-key if it has no admin key); default: the "
-                         "SGLANG_API_KEY environment variable. Sent as a Bearer token.")
+                    help="the server's --api-key (default: the SGLANG_API_KEY environment variable)")
+    tr.add_argument("--admin-api-key", default=None,
+                    help="the server's --admin-api-key, for training, resets and saves (default: the "
+                         "SGLANG_ADMIN_API_KEY environment variable; without one, the API key)")
     tr.add_argument("--steps", type=int, help="override the job's steps")
     tr.add_argument("--lr", type=float, help="override the job's learning rate")
     tr.add_argument("--eps", type=float, help="override the job's perturbation scale")
@@ -91,8 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--reset-to-best", action="store_true",
                     help="afterwards, serve the weights of the best evaluated step (exact replay)")
     tr.add_argument("--trajectory", metavar="FILE", help="write the job's trajectory (seeds and gradients) here")
-    tr.add_argument("--save", metavar="DIR", help="save the served weights as an HF checkpoint (a path on the server)")
-    tr.add_argument("--overwrite", action="store_true", help="with --save: write into a folder that is not empty")
+    tr.add_argument("--save", metavar="NAME",
+                    help="save the served weights as an HF checkpoint: a folder name inside the server's "
+                         "--mezo-output-dir")
+    tr.add_argument("--overwrite", action="store_true", help="with --save: replace a checkpoint saved before")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":

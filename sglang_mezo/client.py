@@ -1,7 +1,7 @@
 """A small Python client for a server started with ``--enable-mezo``: submit a job, follow it with a progress bar,
 evaluate, reset, save. Standard library only (plus tqdm for the bar), so it runs anywhere the server is reachable.
 
-    client = MezoClient("http://localhost:30000", api_key=...)  # or SGLANG_API_KEY in the environment
+    client = MezoClient("http://localhost:30000", api_key=..., admin_api_key=...)  # or SGLANG_(ADMIN_)API_KEY
     job = client.train({"dataset": {...}, "steps": 200, "eval_every": 50})
     print(format_job(job))
     client.save("/models/fine-tuned")
@@ -44,22 +44,28 @@ class Reply:
 
 
 API_KEY_ENV = "SGLANG_API_KEY"
-"""Where the client finds a key when none is given: the server's --api-key, or its --admin-api-key for the routes
-that train, evaluate, reset and save."""
+"""Where the client finds the server's --api-key when none is given (sent to every route)."""
+ADMIN_API_KEY_ENV = "SGLANG_ADMIN_API_KEY"
+"""Where it finds the server's --admin-api-key (sent instead to the routes that train, evaluate, reset and save)."""
 
 
 class MezoClient:
+    """One method per /mezo route. Keys go as Bearer tokens, as SGLang checks them: the admin key (or, without one,
+    the API key) to the admin routes, the API key to the others. An empty string means: no key, whatever the
+    environment says."""
+
     def __init__(self, url: str = "http://127.0.0.1:30000", *, api_key: str | None = None,
-                 timeout_s: float = 600.0) -> None:
+                 admin_api_key: str | None = None, timeout_s: float = 600.0) -> None:
         self.url = url.rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self.api_key = (api_key if api_key is not None else os.environ.get(API_KEY_ENV)) or None
+        self.admin_api_key = (admin_api_key if admin_api_key is not None else os.environ.get(ADMIN_API_KEY_ENV)) or None
         self.timeout_s = timeout_s
 
     # -- the API, one method per route -------------------------------------------------------------------------
 
     def submit(self, job: dict) -> dict:
         """POST /mezo/step: queue a job; returns its status (``job_id``, ``status``, ...)."""
-        return self._call("POST", "/mezo/step", job)
+        return self._call("POST", "/mezo/step", job, admin=True)
 
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/mezo/jobs/{job_id}")
@@ -68,10 +74,10 @@ class MezoClient:
         return self._call("GET", "/mezo/jobs")["jobs"]
 
     def cancel(self, job_id: str) -> dict:
-        return self._call("POST", f"/mezo/jobs/{job_id}/cancel", {})
+        return self._call("POST", f"/mezo/jobs/{job_id}/cancel", {}, admin=True)
 
     def trajectory(self, job_id: str) -> dict:
-        return self._call("GET", f"/mezo/jobs/{job_id}/trajectory")
+        return self._call("GET", f"/mezo/jobs/{job_id}/trajectory", admin=True)
 
     def evaluate(self, examples: list[dict] | None = None, *, dataset: dict | None = None,
                  objective: str | None = None, generate: bool = False) -> dict:
@@ -80,17 +86,17 @@ class MezoClient:
             body["dataset"] = dataset
         if objective is not None:
             body["objective"] = objective
-        return self._call("POST", "/mezo/eval", body)
+        return self._call("POST", "/mezo/eval", body, admin=True)
 
     def weights(self) -> dict:
         return self._call("GET", "/mezo/weights")
 
     def reset(self, job_id: str | None = None, step: int | None = None) -> dict:
         body = {k: v for k, v in (("job_id", job_id), ("step", step)) if v is not None}
-        return self._call("POST", "/mezo/reset", body)
+        return self._call("POST", "/mezo/reset", body, admin=True)
 
     def save(self, path: str, *, overwrite: bool = False) -> dict:
-        return self._call("POST", "/mezo/save", {"path": path, "overwrite": overwrite})
+        return self._call("POST", "/mezo/save", {"path": path, "overwrite": overwrite}, admin=True)
 
     # -- following a job -----------------------------------------------------------------------------------------
 
@@ -122,13 +128,16 @@ class MezoClient:
 
     # -- transport -------------------------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None, *, timeout_s: float | None = None) -> Reply:
-        """One request to any route of the server (``/mezo/*`` or SGLang's own), JSON in and out; any HTTP status
-        is a :class:`Reply`. Raises OSError when the server cannot be reached."""
+    def request(self, method: str, path: str, body: Any = None, *, admin: bool = False,
+                timeout_s: float | None = None) -> Reply:
+        """One request to any route of the server (``/mezo/*`` or SGLang's own), JSON in and out, with the key an
+        ``admin`` route (or an ordinary one) takes; any HTTP status is a :class:`Reply`. Raises OSError when the
+        server cannot be reached."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        key = (self.admin_api_key or self.api_key) if admin else self.api_key
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
@@ -140,8 +149,8 @@ class MezoClient:
         except json.JSONDecodeError:
             return Reply(status, raw)
 
-    def _call(self, method: str, path: str, body: dict | None = None) -> Any:
-        reply = self.request(method, path, body)
+    def _call(self, method: str, path: str, body: dict | None = None, *, admin: bool = False) -> Any:
+        reply = self.request(method, path, body, admin=admin)
         if reply.status >= 400:
             raise MezoError(reply.status, reply.message)
         return reply.body

@@ -24,7 +24,7 @@ CPU_DEFAULTS: dict[str, str | None] = {
 }
 
 
-def _has_flag(args: Sequence[str], flag: str) -> bool:
+def has_flag(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
@@ -46,14 +46,14 @@ def server_command(args: Sequence[str], *, cuda: bool, enable_mezo: bool = True,
     switch and the ``sgl_kernel`` stand-in first on its ``PYTHONPATH``. ``--model-path`` must be in ``args``.
     """
     args = list(args)
-    if not _has_flag(args, "--model-path"):
+    if not has_flag(args, "--model-path"):
         raise ValueError("--model-path is required")
     env = dict(os.environ if environ is None else environ)
-    if enable_mezo and not _has_flag(args, "--enable-mezo"):
+    if enable_mezo and not has_flag(args, "--enable-mezo"):
         args.append("--enable-mezo")
     if not cuda:
         for flag, value in CPU_DEFAULTS.items():
-            if not _has_flag(args, flag):
+            if not has_flag(args, flag):
                 args += [flag] if value is None else [flag, value]
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (stub_path(), env.get("PYTHONPATH", "")) if p)

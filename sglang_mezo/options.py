@@ -1,4 +1,5 @@
-"""The server-wide MeZO options (``--enable-mezo`` and the defaults a job inherits), parsed once at launch.
+"""The server-wide MeZO options (``--enable-mezo``, the defaults a job inherits, its limits and the folders it may
+read and write), parsed once at launch.
 
 SGLang's ``ServerArgs`` is a sealed msgspec struct: plugin flags are added to its argparse parser and their values
 kept in the underscore attribute ``ServerArgs._mezo``, which travels to the scheduler processes with the rest.
@@ -8,12 +9,55 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.kernels import ZKind
 
 ATTRIBUTE = "_mezo"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request or job may ask of the server. Each is a ``--mezo-*`` flag (the field name, dashed); over a
+    limit is a 400, 413 or 429 that names the flag, and the server is left as it was."""
+
+    max_steps_per_job: int = field(default=10_000, metadata={"help": "steps one job may ask for"})
+    max_examples_per_job: int = field(default=100_000, metadata={
+        "help": "training and held-out examples of one job together, inline or from a data file"})
+    max_tokens_per_job: int = field(default=10_000_000, metadata={
+        "help": "tokens of one job's examples together (prompts, completions, every option)"})
+    max_probes: int = field(default=64, metadata={"help": "SPSA probes per step (each costs two forwards)"})
+    max_queued_jobs: int = field(default=16, metadata={"help": "jobs queued or running at once"})
+    max_event_streams: int = field(default=32, metadata={"help": "open GET /mezo/jobs/{id}/events streams at once"})
+    max_body_mb: float = field(default=64.0, metadata={"help": "size of one /mezo request body, in MB"})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and value >= 1):
+                raise ValueError(f"{self.flag(f.name)} must be >= 1, got {value}")
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--mezo-" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Where the API may touch the server's disk: data files are read only inside ``data_dirs``, checkpoints are
+    written only inside ``output_dir``. None (or no folder): that kind of file access is off."""
+
+    data_dirs: tuple[str, ...] = ()
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for d in self.data_dirs:
+            if not Path(d).is_dir():
+                raise ValueError(f"--mezo-data-dir {d}: not a folder")
+        if self.output_dir is not None and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--mezo-output-dir {self.output_dir}: not a folder")
 
 
 @dataclass(frozen=True)
@@ -24,13 +68,14 @@ class MezoServerOptions:
     n_probes: int = 1
     z_kind: str = "auto"
     """``auto``: Rademacher on a CPU (a Gaussian pass over SmolLM2 costs seconds there), Gaussian on a GPU."""
-    max_steps_per_job: int = 10_000
     chunk_ms: float = 200.0
     """Steps are sent to the scheduler in chunks of about this duration; user requests wait at most one chunk."""
     yield_ms: float = 2000.0
     """After each chunk, training waits (at most this long) for the user requests in flight at that moment to
     finish, so a request that arrives during a chunk is served to the end before the next one."""
     selection: ParamSelection = field(default_factory=ParamSelection)
+    limits: Limits = field(default_factory=Limits)
+    folders: Folders = field(default_factory=Folders)
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):
@@ -43,8 +88,8 @@ class MezoServerOptions:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--mezo-{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.n_probes < 1 or self.max_steps_per_job < 1:
-            raise ValueError("--mezo-n-probes and --mezo-max-steps-per-job must be >= 1")
+        if not 1 <= self.n_probes <= self.limits.max_probes:
+            raise ValueError(f"--mezo-n-probes must be >= 1 and <= --mezo-max-probes ({self.limits.max_probes})")
         if self.z_kind != "auto":
             ZKind(self.z_kind)
 
@@ -65,8 +110,6 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="Default number of SPSA probes per step.")
     group.add_argument("--mezo-z-kind", choices=["auto", *(k.value for k in ZKind)], default="auto",
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
-    group.add_argument("--mezo-max-steps-per-job", type=int, default=MezoServerOptions.max_steps_per_job,
-                       help="Upper bound on the steps one job may ask for.")
     group.add_argument("--mezo-chunk-ms", type=float, default=MezoServerOptions.chunk_ms,
                        help="Target duration of a chunk of steps; user requests wait at most one chunk "
                             "(0: one step per chunk).")
@@ -79,6 +122,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="Never train checkpoint tensors whose name matches (repeatable).")
     group.add_argument("--mezo-last-layers", type=int, default=None, metavar="K",
                        help="Train only the last K transformer blocks.")
+    group.add_argument("--mezo-data-dir", action="append", default=[], metavar="DIR",
+                       help="A folder jobs may read data files from (repeatable); without one, data files are off.")
+    group.add_argument("--mezo-output-dir", default=None, metavar="DIR",
+                       help="The folder POST /mezo/save writes checkpoints into; without it, saving is off.")
+    for f in fields(Limits):
+        group.add_argument(Limits.flag(f.name), type=type(f.default), default=f.default, metavar="N",
+                           help=f"Limit: {f.metadata['help']} (default: %(default)s).")
 
 
 def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
@@ -88,11 +138,13 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         eps=ns.mezo_eps,
         n_probes=ns.mezo_n_probes,
         z_kind=ns.mezo_z_kind,
-        max_steps_per_job=ns.mezo_max_steps_per_job,
         chunk_ms=ns.mezo_chunk_ms,
         yield_ms=ns.mezo_yield_ms,
         selection=ParamSelection(include=tuple(ns.mezo_train), exclude=tuple(ns.mezo_freeze),
                                  last_layers=ns.mezo_last_layers),
+        limits=Limits(**{f.name: getattr(ns, "mezo_" + f.name) for f in fields(Limits)}),
+        folders=Folders(data_dirs=tuple(str(Path(d).resolve()) for d in ns.mezo_data_dir),
+                        output_dir=str(Path(ns.mezo_output_dir).resolve()) if ns.mezo_output_dir else None),
     )
 
 

@@ -9,8 +9,10 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from fastapi import FastAPI
 from tiny_models import tiny_llama
 
 from sglang_mezo.core.config import MezoConfig
@@ -21,9 +23,18 @@ from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.engines.hf import HFEngine
-from sglang_mezo.kernels import zaxpy_
-from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
-                                  StepChunk, StepReport)
+from sglang_mezo.kernels import ZKind, zaxpy_
+from sglang_mezo.options import Folders, Limits
+from sglang_mezo.protocol import (
+    AbortedStep,
+    ChunkOutcome,
+    Failure,
+    FailureKind,
+    RestoreOutcome,
+    SaveOutcome,
+    StepChunk,
+    StepReport,
+)
 
 
 @dataclass
@@ -160,3 +171,27 @@ def replayed(executor: FakeExecutor, history: Sequence[Trajectory]) -> dict[str,
     for trajectory in history:
         trajectory.replay(copy.params(MezoConfig.from_dict(trajectory.config).selection))
     return copy.weights()
+
+
+def mezo_app(root: Path, *, limits: Limits = Limits(max_steps_per_job=50), context_len: int = 64,
+             folders: Folders | None = None, **runner_options) -> tuple[FastAPI, FakeExecutor]:
+    """The /mezo API on a plain FastAPI app over the fakes: data files are read from ``root/data``, checkpoints
+    written to ``root/out`` (or as ``folders`` say), and ``root/base`` stands for the base checkpoint."""
+    from sglang_mezo.jobs.runner import JobRunner
+    from sglang_mezo.server.app import install
+    from sglang_mezo.server.context import MezoContext
+    from sglang_mezo.server.files import FileAccess
+    from sglang_mezo.server.translate import Translator
+
+    for folder in ("data", "out", "base"):
+        (root / folder).mkdir(exist_ok=True)
+    executor = FakeExecutor()
+    runner = JobRunner(executor, FakeScorer(executor), **{"yield_s": 0.0, "max_active": limits.max_queued_jobs,
+                                                          **runner_options})
+    app = FastAPI()
+    folders = folders or Folders(data_dirs=(str(root / "data"),), output_dir=str(root / "out"))
+    files = FileAccess.of(folders, str(root / "base"))
+    install(app, MezoContext(runner=runner, translator=Translator(CharTokenizer(), context_len),
+                             defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), limits=limits, files=files,
+                             base_model=str(root / "base")))
+    return app, executor

@@ -59,7 +59,7 @@ def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_di
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
             with contextlib.suppress(OSError):
-                if server.request("GET", "/model_info", timeout=5)[0] == 200:
+                if server.request("GET", "/health", timeout=5)[0] == 200:  # open whatever keys the server has
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")

@@ -20,7 +20,9 @@ TOKENS = (None, "api-key", "admin-key", "wrong")
 
 
 def status(server, method: str, path: str, token: str | None, body: dict | None = None) -> int:
-    return MezoClient(server.url, api_key=token or "", timeout_s=60).request(method, path, body).status
+    """The status of one request that carries ``token`` (or none)."""
+    return MezoClient(server.url, api_key=token or "", admin_api_key="", timeout_s=60).request(method, path,
+                                                                                            body).status
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +51,18 @@ def test_mezo_routes_answer_as_sglangs_own_routes_of_their_level(model_path, tmp
                 ours = status(server, "GET", path, token)
                 assert (ours in (401, 403)) == (sglang_normal in (401, 403)), (token, path, ours, sglang_normal)
 
-        admin = admin_key or api_key
-        job = MezoClient(server.url, api_key=admin).train({"examples": EXAMPLES, "steps": 2}, progress=False)
+        # the client sends each route the key SGLang checks there: it trains and follows the job with both keys
+        client = MezoClient(server.url, api_key=api_key, admin_api_key=admin_key or "")
+        job = client.train({"examples": EXAMPLES, "steps": 2}, progress=False)
         assert job["status"] == "succeeded", job
         with pytest.raises(MezoError) as refused:
-            MezoClient(server.url, api_key="wrong").reset()
+            MezoClient(server.url, api_key="wrong", admin_api_key="").reset()
         assert refused.value.status == 401
         job_file = tmp_path / "job.json"
         job_file.write_text('{"examples": [{"prompt": "the movie was", "completion": " great"}], "steps": 1}')
         command = [sys.executable, "-m", "sglang_mezo.cli", "train", str(job_file), "--url", server.url, "--quiet"]
-        assert subprocess.run([*command, "--api-key", admin], capture_output=True, timeout=120).returncode == 0
-        out = subprocess.run(command, capture_output=True, text=True, timeout=120,
-                             env={"PATH": "", "SGLANG_API_KEY": "wrong"})
+        keys = {"SGLANG_API_KEY": api_key, **({"SGLANG_ADMIN_API_KEY": admin_key} if admin_key else {})}
+        assert subprocess.run(command, capture_output=True, timeout=120, env={"PATH": "", **keys}).returncode == 0
+        out = subprocess.run([*command, "--api-key", "wrong", "--admin-api-key", "wrong"], capture_output=True,
+                             text=True, timeout=120)
         assert out.returncode != 0 and "HTTP 401" in out.stderr, out.stderr

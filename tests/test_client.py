@@ -10,17 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 import uvicorn
-from fakes import CharTokenizer, FakeExecutor, FakeScorer
-from fastapi import FastAPI
+from fakes import mezo_app
 from servers import free_port
 
 from sglang_mezo.client import MezoClient, MezoError, format_job
-from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.jobs.runner import JobRunner
-from sglang_mezo.kernels import ZKind
-from sglang_mezo.server.app import install
-from sglang_mezo.server.context import MezoContext
-from sglang_mezo.server.translate import Translator
 
 CHOICES = [{"prompt": "great film. It was", "options": [" bad", " good"], "label": 1},
            {"prompt": "dull film. It was", "options": [" bad", " good"], "label": 0}]
@@ -28,12 +21,7 @@ CHOICES = [{"prompt": "great film. It was", "options": [" bad", " good"], "label
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[MezoClient]:
-    executor = FakeExecutor()
-    app = FastAPI()
-    install(app, MezoContext(runner=JobRunner(executor, FakeScorer(executor), yield_s=0.0),
-                             translator=Translator(CharTokenizer(), 64),
-                             defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), max_steps=100,
-                             base_model=str(tmp_path_factory.mktemp("base"))))
+    app, _ = mezo_app(tmp_path_factory.mktemp("api"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -47,7 +35,7 @@ def client(tmp_path_factory) -> Iterator[MezoClient]:
     thread.join(timeout=10)
 
 
-def test_train_follows_a_job_to_its_end_and_keeps_what_it_produced(client, tmp_path):
+def test_train_follows_a_job_to_its_end_and_keeps_what_it_produced(client):
     status = client.train({"examples": CHOICES, "eval_examples": CHOICES, "eval_every": 2, "steps": 4,
                            "batch_size": 2, "wait": True}, progress=False)
     assert status["status"] == "succeeded" and status["step"] == 4, status
@@ -59,8 +47,8 @@ def test_train_follows_a_job_to_its_end_and_keeps_what_it_produced(client, tmp_p
     assert client.trajectory(status["job_id"])["steps"]["step"] == [0, 1, 2, 3]
     assert client.evaluate(CHOICES)["weight_version"] == client.weights()["weight_version"]
     assert client.reset(status["job_id"], best)["weight_version"] == status["best_eval"]["weight_version"]
-    saved = client.save(str(tmp_path / "saved"))
-    assert saved["weight_version"] == status["best_eval"]["weight_version"] and (tmp_path / "saved").is_dir()
+    saved = client.save("best")
+    assert saved["weight_version"] == status["best_eval"]["weight_version"] and saved["path"].endswith("/out/best")
     assert client.reset()["history"] == []
 
 

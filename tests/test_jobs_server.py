@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mezo_checks import engine_for_served, run_job
@@ -37,8 +38,18 @@ def model_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
-    with running_server(model_path, "--mezo-z-kind", "gaussian", log_dir=tmp_path_factory.mktemp("logs")) as srv:
+def files(tmp_path_factory) -> Path:
+    """The server's data folder (data/) and output folder (out/)."""
+    root = tmp_path_factory.mktemp("files")
+    (root / "data").mkdir()
+    (root / "out").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_path, files, tmp_path_factory):
+    with running_server(model_path, "--mezo-z-kind", "gaussian", "--mezo-data-dir", str(files / "data"),
+                        "--mezo-output-dir", str(files / "out"), log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 
 
@@ -109,11 +120,11 @@ def test_an_accuracy_job_reports_its_zero_gradient_rate(server):
     assert job["abs_grad_quantiles"]["min"] == 0.0 and job["abs_grad_quantiles"]["max"] == max(map(abs, grads))
 
 
-def test_a_job_from_a_data_file_on_the_server(server, tmp_path):
-    data = tmp_path / "reviews.jsonl"
+def test_a_job_from_a_data_file_on_the_server(server, files):
+    data = files / "data" / "reviews.jsonl"
     data.write_text("".join(json.dumps({"review": text, "stars": "high" if label else "low"}) + "\n"
                             for text, label in REVIEWS + HELD_OUT))
-    dataset = {"path": str(data), "eval_size": 2, "seed": 1,
+    dataset = {"path": "reviews.jsonl", "eval_size": 2, "seed": 1,
                "template": {"kind": "classification", "prompt": "{review}. It was", "label_field": "stars",
                             "labels": ["low", "high"]}}
     job = run_job(server, {"dataset": dataset, "steps": 4, "eval_every": 2, "lr": 1e-2, "batch_size": 4})
@@ -123,7 +134,7 @@ def test_a_job_from_a_data_file_on_the_server(server, tmp_path):
     assert status == 200 and out["n"] == 4 and out["weight_version"] == job["evals"][-1]["weight_version"], out
     assert abs(out["loss"] - job["evals"][-1]["loss"]) <= 1e-6
     # the data's problems are the client's: a 400 that says what is wrong
-    for bad, words in [({**dataset, "path": str(tmp_path / "nope.jsonl")}, "no such file"),
+    for bad, words in [({**dataset, "path": "nope.jsonl"}, "no such file"),
                        ({**dataset, "template": {**dataset["template"], "prompt": "{text}"}}, "needs field"),
                        ({**dataset, "eval_size": 50}, "examples"),
                        ({**dataset, "template": {**dataset["template"], "prompt": "{review.upper}"}}, "only plain")]:
@@ -132,13 +143,13 @@ def test_a_job_from_a_data_file_on_the_server(server, tmp_path):
     assert server.request("POST", "/mezo/step", {"dataset": dataset, "examples": choice(REVIEWS)})[0] == 400
 
 
-def test_the_train_command_follows_a_job_and_keeps_its_best_weights(server, tmp_path):
+def test_the_train_command_follows_a_job_and_keeps_its_best_weights(server, files, tmp_path):
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"examples": choice(REVIEWS), "eval_examples": choice(HELD_OUT), "eval_every": 3,
                                     "lr": 5e-2, "eps": 1e-2, "batch_size": 4}))
     out = subprocess.run([sys.executable, "-m", "sglang_mezo.cli", "train", str(job_file), "--url", server.url,
                           "--steps", "6", "--seed", "9", "--reset-to-best", "--trajectory", str(tmp_path / "t.json"),
-                          "--save", str(tmp_path / "saved"), "--quiet"], capture_output=True, text=True, timeout=300)
+                          "--save", "best", "--quiet"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     job = server.request("GET", "/mezo/jobs")[1]["jobs"][-1]
     assert job["status"] == "succeeded" and job["total_steps"] == 6
@@ -146,7 +157,7 @@ def test_the_train_command_follows_a_job_and_keeps_its_best_weights(server, tmp_
     assert f"| {best['step']} (best) |" in out.stdout and "zero-gradient probes" in out.stdout, out.stdout
     # --reset-to-best then --save: the saved weights are the best step's
     assert server.request("GET", "/mezo/weights")[1]["weight_version"] == best["weight_version"]
-    provenance = json.loads((tmp_path / "saved" / "mezo_history.json").read_text())
+    provenance = json.loads((files / "out" / "best" / "mezo_history.json").read_text())
     assert provenance["weight_version"] == best["weight_version"]
     assert json.loads((tmp_path / "t.json").read_text())["steps"]["step"] == list(range(6))
     # a job the server refuses: a clear message and a non-zero exit
@@ -225,20 +236,20 @@ def test_generation_is_evaluated_by_exact_match_and_f1(server, model_path):
     assert server.request("POST", "/mezo/eval", {"examples": examples})[1]["f1"] is None  # only when asked
 
 
-def test_multiple_choice_and_generation_jobs_from_files(server, tmp_path):
+def test_multiple_choice_and_generation_jobs_from_files(server, files):
     import datasets
 
     questions = [{"q": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)], "answer": 0}
                  for a in range(1, 5) for b in range(1, 4)]
-    datasets.Dataset.from_list(questions).to_parquet(str(tmp_path / "mc.parquet"))
-    job = run_job(server, {"dataset": {"path": str(tmp_path / "mc.parquet"), "eval_size": 4,
+    datasets.Dataset.from_list(questions).to_parquet(str(files / "data" / "mc.parquet"))
+    job = run_job(server, {"dataset": {"path": "mc.parquet", "eval_size": 4,
                                        "template": {"kind": "multiple_choice", "prompt": "{q}", "choices_field":
                                                     "choices", "label_field": "answer"}},
                            "steps": 2, "lr": 1e-2, "batch_size": 4})
     assert job["status"] == "succeeded" and [e["n"] for e in job["evals"]] == [4, 4], job  # answer 0 only
     pairs = [{"src": f"the movie number {i}", "tgt": f"great film {i}"} for i in range(8)]
-    (tmp_path / "gen.json").write_text(json.dumps(pairs))
-    job = run_job(server, {"dataset": {"path": str(tmp_path / "gen.json"), "eval_size": 3,
+    (files / "data" / "gen.json").write_text(json.dumps(pairs))
+    job = run_job(server, {"dataset": {"path": "gen.json", "eval_size": 3,
                                        "template": {"kind": "generation", "prompt": "{src} was", "completion": " {tgt}"}},
                            "steps": 2, "eval_generate": True, "lr": 1e-2, "batch_size": 4})
     assert job["status"] == "succeeded", job

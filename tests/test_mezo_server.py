@@ -37,10 +37,15 @@ def model_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+def output_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("out")
+
+
+@pytest.fixture(scope="module")
+def server(model_path, output_dir, tmp_path_factory):
     # one step per chunk: a user request then waits at most one step (asserted below)
-    with running_server(model_path, "--mezo-z-kind", "gaussian", "--mezo-chunk-ms", "0",
-                        log_dir=tmp_path_factory.mktemp("logs")) as srv:
+    with running_server(model_path, "--mezo-z-kind", "gaussian", "--mezo-chunk-ms", "0", "--mezo-output-dir",
+                        str(output_dir), log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 
 
@@ -109,11 +114,11 @@ def test_training_lowers_the_loss_and_replays_onto_the_checkpoint(server, model_
         assert max_diff(trained, served_logprobs(fresh)) <= 1e-4
 
 
-def test_save_writes_a_checkpoint_that_transformers_and_a_fresh_server_load(server, model_path, tmp_path):
+def test_save_writes_a_checkpoint_that_transformers_and_a_fresh_server_load(server, model_path, output_dir, tmp_path):
     job = run_job(server, {"examples": TRAIN, "steps": 5, "lr": 1e-2, "batch_size": 2, "seed": 31})
     assert job["status"] == "succeeded", job
-    target = tmp_path / "saved"
-    status, saved = server.request("POST", "/mezo/save", {"path": str(target)})
+    target = output_dir / "saved"
+    status, saved = server.request("POST", "/mezo/save", {"path": "saved"})
     assert status == 200, saved
     assert saved["weight_version"] == server.request("GET", "/mezo/weights")[1]["weight_version"]
     assert "model.layers.1.self_attn.q_proj.weight" in saved["tensors"]
@@ -128,9 +133,10 @@ def test_save_writes_a_checkpoint_that_transformers_and_a_fresh_server_load(serv
     with running_server(str(target), enable_mezo=False, log_dir=tmp_path) as fresh:
         assert served_logprobs(fresh) == served_logprobs(server)
     # refused: a relative path, a folder that is not empty, the base checkpoint
-    assert server.request("POST", "/mezo/save", {"path": "relative/dir"})[0] == 400
-    assert server.request("POST", "/mezo/save", {"path": str(target)})[0] == 409
-    assert server.request("POST", "/mezo/save", {"path": model_path, "overwrite": True})[0] == 409
+    # refused: a path that is not a name in the output folder, one outside it, one that exists (without overwrite)
+    assert server.request("POST", "/mezo/save", {"path": str(target)})[0] == 400
+    assert server.request("POST", "/mezo/save", {"path": "../escape", "overwrite": True})[0] == 403
+    assert server.request("POST", "/mezo/save", {"path": "saved"})[0] == 409
 
 
 def run_job_under_load(server, body: dict, clients: list, stop: threading.Event) -> dict:

@@ -11,19 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from fakes import CharTokenizer, FakeExecutor, FakeScorer
-from fastapi import FastAPI
+import torch
+from fakes import mezo_app
 from fastapi.testclient import TestClient
 
-from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.jobs.runner import JobRunner
 from sglang_mezo.kernels import ZKind
+from sglang_mezo.options import Folders, Limits
 from sglang_mezo.protocol import FailureKind
-from sglang_mezo.server.app import install
-from sglang_mezo.server.context import MezoContext
 from sglang_mezo.server.errors import STATUS
-from sglang_mezo.server.translate import Translator
 
 TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the film was", "completion": " bad"},
          {"prompt": "a story with", "completion": " music"}]
@@ -31,17 +27,12 @@ CHOICES = [{"prompt": "great film. It was", "options": [" bad", " good"], "label
            {"prompt": "dull film. It was", "options": [" bad", " good"], "label": 0}]
 MAX_STEPS = 50
 CONTEXT = 64  # the tiny model's positions
+LIMITS = Limits(max_steps_per_job=MAX_STEPS)
 
 
 @pytest.fixture
 def api(tmp_path):
-    executor = FakeExecutor()
-    runner = JobRunner(executor, FakeScorer(executor), yield_s=0.0)
-    app = FastAPI()
-    install(app, MezoContext(runner=runner, translator=Translator(CharTokenizer(), CONTEXT),
-                             defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), max_steps=MAX_STEPS,
-                             base_model=str(tmp_path / "base")))
-    (tmp_path / "base").mkdir()
+    app, executor = mezo_app(tmp_path, limits=LIMITS, context_len=CONTEXT)
     with TestClient(app) as client:
         yield client, executor
 
@@ -111,16 +102,19 @@ def test_wait_returns_the_step_and_eval_and_diagnose_measure_without_changing(ap
 
 def test_a_job_reads_its_examples_from_a_data_file(api, tmp_path):
     client, _ = api
-    data = tmp_path / "reviews.jsonl"
+    data = tmp_path / "data" / "reviews.jsonl"
     data.write_text("".join(json.dumps({"review": f"film {i}", "stars": "high" if i % 2 else "low"}) + "\n"
                             for i in range(10)))
-    dataset = {"path": str(data), "eval_size": 2, "template": {"kind": "classification", "prompt": "{review}. It was",
-                                                               "label_field": "stars", "labels": ["low", "high"]}}
+    dataset = {"path": "reviews.jsonl", "eval_size": 2,
+               "template": {"kind": "classification", "prompt": "{review}. It was", "label_field": "stars",
+                            "labels": ["low", "high"]}}
     job = follow(client, client.post("/mezo/step", json={"dataset": dataset, "steps": 2, "batch_size": 3}).json())
     assert job["status"] == "succeeded" and [e["n"] for e in job["evals"]] == [4, 4], job
     assert client.post("/mezo/eval", json={"dataset": dataset}).json()["n"] == 4
-    assert_error(client.post("/mezo/step", json={"dataset": {**dataset, "path": str(tmp_path / "nope.jsonl")}}),
+    assert_error(client.post("/mezo/step", json={"dataset": {**dataset, "path": "nope.jsonl"}}),
                  400, "invalid_request", "no such file")
+    absolute = client.post("/mezo/eval", json={"dataset": {**dataset, "path": str(data)}})
+    assert absolute.status_code == 200 and absolute.json()["n"] == 4  # absolute, inside the data folder
 
 
 @pytest.mark.parametrize("body, words", [
@@ -172,15 +166,10 @@ def test_every_other_status_of_the_error_table(api, tmp_path):
     executor.gate.set()
     assert follow(client, running)["status"] == "cancelled"
 
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("x")
-    assert_error(client.post("/mezo/save", json={"path": "relative/dir"}), 400, "invalid_request", "absolute")
-    assert_error(client.post("/mezo/save", json={"path": str(tmp_path / "full")}), 409, "conflict", "overwrite")
-    assert_error(client.post("/mezo/save", json={"path": str(tmp_path / "base"), "overwrite": True}), 409, "conflict",
-                 "base checkpoint")
-    saved = client.post("/mezo/save", json={"path": str(tmp_path / "out")}).json()
+    saved = client.post("/mezo/save", json={"path": "ck"}).json()
     assert saved["weight_version"] == client.get("/mezo/weights").json()["weight_version"], saved
-    assert (tmp_path / "out" / "mezo_history.json").exists()
+    assert saved["path"] == str(tmp_path / "out" / "ck") and (tmp_path / "out" / "ck" / "mezo_history.json").exists()
+    assert_error(client.post("/mezo/save", json={"path": "ck"}), 409, "conflict", "set overwrite")
 
 
 def test_the_api_describes_itself(api):
@@ -222,10 +211,7 @@ def test_routes_that_change_or_read_the_server_are_admin_routes(keys, tmp_path):
     needs the API key where there is one."""
     from sglang.srt.utils.auth import add_api_key_middleware
 
-    executor = FakeExecutor()
-    app = FastAPI()
-    install(app, MezoContext(runner=JobRunner(executor, FakeScorer(executor)), translator=Translator(CharTokenizer(), 64),
-                             defaults=MezoConfig(), max_steps=MAX_STEPS, base_model=str(tmp_path)))
+    app, _ = mezo_app(tmp_path)
     add_api_key_middleware(app, api_key=keys[0], admin_api_key=keys[1])
     with TestClient(app) as client:
         for kind, (method, path, body) in (("admin", ADMIN), ("normal", NORMAL)):
@@ -246,3 +232,88 @@ def test_each_route_declares_its_auth_level():
              ("POST", "/mezo/save"), ("POST", "/mezo/jobs/{job_id}/cancel"), ("GET", "/mezo/jobs/{job_id}/trajectory")}
     assert {k for k, v in levels.items() if v is AuthLevel.ADMIN_OPTIONAL} == admin
     assert all(v is AuthLevel.NORMAL for k, v in levels.items() if k not in admin)
+
+
+SECRET = "hunter2"
+
+
+def test_files_only_where_the_operator_allows(api, tmp_path):
+    """Data files are read only inside --mezo-data-dir (after ``..`` and symlinks), checkpoints are written only
+    inside --mezo-output-dir, as a name, and only a folder an earlier save wrote is ever replaced; no message quotes a
+    file."""
+    client, executor = api
+    (tmp_path / "secret.csv").write_text(f"root:{SECRET}:0:0\nuser:{SECRET}:1:1\n")
+    (tmp_path / "data" / "escape").symlink_to(tmp_path / "secret.csv")
+    (tmp_path / "data" / "sub").mkdir()
+    (tmp_path / "data" / "inside.csv").write_text(f"{SECRET},b\n1,2\n")
+    template = {"kind": "generation", "prompt": "{a}", "completion": " {b}"}
+    for path in [str(tmp_path / "secret.csv"), "../secret.csv", "escape", "sub/../../secret.csv", "/etc/passwd"]:
+        response = client.post("/mezo/eval", json={"dataset": {"path": path, "format": "csv", "template": template}})
+        assert_error(response, 403, "forbidden", "--mezo-data-dir")
+        assert SECRET not in response.text and ":0:0" not in response.text
+    inside = client.post("/mezo/eval", json={"dataset": {"path": "sub/../inside.csv", "template": template}})
+    assert_error(inside, 400, "invalid_request", "inside.csv, line 2", "needs field(s) ['a']")
+    assert SECRET not in inside.text
+
+    weights = executor.weights()
+    (tmp_path / "out" / "foreign").mkdir()
+    (tmp_path / "out" / "to-base").symlink_to(tmp_path / "base")
+    for name, status, kind, words in [
+        (str(tmp_path / "out" / "x"), 400, "invalid_request", ["relative"]),
+        ("../x", 403, "forbidden", ["--mezo-output-dir"]),
+        ("to-base", 403, "forbidden", ["--mezo-output-dir"]),
+        ("foreign", 409, "conflict", ["not written by sglang-mezo"]),
+    ]:
+        for overwrite in (False, True):
+            assert_error(client.post("/mezo/save", json={"path": name, "overwrite": overwrite}), status, kind, *words)
+    assert not (tmp_path / "x").exists() and list((tmp_path / "out" / "foreign").iterdir()) == []
+    assert client.post("/mezo/save", json={"path": "nested/ck"}).status_code == 200
+    (tmp_path / "out" / "nested" / "ck" / "stale").write_text("from before")
+    assert client.post("/mezo/save", json={"path": "nested/ck", "overwrite": True}).status_code == 200
+    assert not (tmp_path / "out" / "nested" / "ck" / "stale").exists()  # replaced, not merged
+    assert all(torch.equal(t, weights[k]) for k, t in executor.weights().items())
+
+
+def test_without_folders_file_access_is_off(tmp_path):
+    app, _ = mezo_app(tmp_path, folders=Folders())
+    with TestClient(app) as client:
+        template = {"kind": "generation", "prompt": "{a}", "completion": " {b}"}
+        assert_error(client.post("/mezo/step", json={"dataset": {"path": "x.csv", "template": template}}),
+                     403, "forbidden", "started without --mezo-data-dir")
+        assert_error(client.post("/mezo/save", json={"path": "ck"}), 403, "forbidden",
+                     "started without --mezo-output-dir")
+
+
+def test_each_limit_is_refused_with_its_flag_and_the_server_unchanged(tmp_path):
+    limits = Limits(max_steps_per_job=5, max_examples_per_job=3, max_tokens_per_job=100, max_probes=2,
+                    max_queued_jobs=1, max_event_streams=1, max_body_mb=1)
+    app, executor = mezo_app(tmp_path, limits=limits)
+    weights = executor.weights()
+    with TestClient(app) as client:
+        for body, flag in [({"examples": TRAIN, "steps": 6}, "--mezo-max-steps-per-job"),
+                           ({"examples": TRAIN + TRAIN[:1]}, "--mezo-max-examples-per-job"),
+                           ({"examples": TRAIN, "eval_examples": TRAIN[:1]}, "--mezo-max-examples-per-job"),
+                           ({"examples": [{"prompt": "x" * 40, "completion": " y" * 10}] * 3},
+                            "--mezo-max-tokens-per-job"),
+                           ({"examples": TRAIN, "n_probes": 3}, "--mezo-max-probes")]:
+            assert_error(client.post("/mezo/step", json=body), 400, "invalid_request", flag)
+        too_large = client.post("/mezo/step", content=b"{" + b" " * (2 << 20) + b"}",
+                                headers={"content-type": "application/json"})
+        assert_error(too_large, 413, "too_large", "--mezo-max-body-mb")
+        assert client.get("/mezo/jobs").json()["jobs"] == []
+
+        executor.gate = threading.Event()  # the one job allowed stays running
+        job = client.post("/mezo/step", json={"examples": TRAIN, "steps": 2}).json()
+        assert_error(client.post("/mezo/step", json={"examples": TRAIN}), 429, "too_many", "--mezo-max-queued-jobs")
+        assert_error(client.post("/mezo/diagnose", json={"examples": CHOICES}), 429, "too_many")
+        with client.stream("GET", f"/mezo/jobs/{job['job_id']}/events") as first:
+            lines = first.iter_lines()
+            assert next(lines) == "event: status"  # open, holding the one slot
+            assert_error(client.get(f"/mezo/jobs/{job['job_id']}/events"), 429, "too_many",
+                         "--mezo-max-event-streams")
+            executor.gate.set()
+            assert "event: end" in list(lines)  # the job ends, and so does its stream
+        assert follow(client, job)["status"] == "succeeded"
+        with client.stream("GET", f"/mezo/jobs/{job['job_id']}/events") as again:  # the slot came back
+            assert next(again.iter_lines()) == "event: end"
+    assert len(executor.chunks) == 2 and weights.keys() == executor.weights().keys()

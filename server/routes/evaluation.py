@@ -12,7 +12,7 @@ from sglang_mezo.jobs.diagnose import diagnose as run_diagnosis
 from ..context import Context
 from ..errors import MezoRoute
 from ..schemas import DiagnoseOut, DiagnoseRequest, EvalOut, EvalRequest
-from ..translate import dataset_texts, objective_for, texts
+from ..translate import check_count, check_tokens, dataset_texts, objective_for, texts
 
 router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
@@ -24,10 +24,13 @@ async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
     step may commit meanwhile: ``weight_version`` then lists both."""
     examples = texts(request.examples)
     if request.dataset is not None:
-        train, held_out = await asyncio.to_thread(dataset_texts, request.dataset, False)
+        path = mezo.files.data_file(request.dataset.path)
+        train, held_out = await asyncio.to_thread(dataset_texts, request.dataset, path, False)
         examples = held_out if request.dataset.eval_size else train
+    check_count(mezo.limits, len(examples))
     objective = objective_for(examples, request.objective)
     tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples)
+    check_tokens(mezo.limits, tokenized)
     metrics, version = await mezo.runner.evaluate(objective, tokenized, request.generate)
     return EvalOut.of(metrics, version)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from sglang.srt.utils.auth import AuthLevel, auth_level
 from fastapi.responses import Response, StreamingResponse
 
-from sglang_mezo.jobs.errors import Conflict, InvalidRequest, JobFailed
+from sglang_mezo.jobs.errors import Conflict, JobFailed
 from sglang_mezo.jobs.job import Job, JobStatus
 from sglang_mezo.jobs.spec import JobSpec
 
@@ -17,7 +17,7 @@ from ..context import Context, PathJob
 from ..errors import MezoRoute
 from ..plot import job_plot_png
 from ..schemas import JobHistoryOut, JobListOut, JobOut, StepOut, StepRequest
-from ..translate import dataset_texts, job_config, objective_for, texts
+from ..translate import check_count, check_tokens, dataset_texts, job_config, objective_for, texts
 
 router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
@@ -29,17 +29,17 @@ SSE_PING_S = 15.0
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
-    if request.steps > mezo.max_steps:
-        raise InvalidRequest(f"steps={request.steps} is more than this server allows per job "
-                             f"(--mezo-max-steps-per-job {mezo.max_steps})")
+    config = job_config(mezo.defaults, request, mezo.limits)
     train, held_out = texts(request.examples), texts(request.eval_examples)
     if request.dataset is not None:
-        train, held_out = await asyncio.to_thread(dataset_texts, request.dataset)
+        path = mezo.files.data_file(request.dataset.path)
+        train, held_out = await asyncio.to_thread(dataset_texts, request.dataset, path)
+    check_count(mezo.limits, len(train) + len(held_out))
     objective = objective_for(train, request.objective)
-    config = job_config(mezo.defaults, request)
     # large example lists: keep the event loop free
     examples = await asyncio.to_thread(mezo.translator.tokenize, train)
     eval_examples = await asyncio.to_thread(mezo.translator.tokenize, held_out, "eval example")
+    check_tokens(mezo.limits, examples, eval_examples)
     job = mezo.runner.submit(JobSpec(examples=examples, objective=objective, config=config,
                                      batch_size=request.batch_size, base_model=mezo.base_model,
                                      eval_examples=eval_examples, eval_every=request.eval_every,
@@ -93,10 +93,10 @@ async def job_plot(job: PathJob) -> Response:
 
 @router.get("/jobs/{job_id}/events")
 @auth_level(AuthLevel.NORMAL)
-async def job_events(job: PathJob) -> StreamingResponse:
+async def job_events(job: PathJob, mezo: Context) -> StreamingResponse:
     """Server-Sent Events: the job's status (as GET /mezo/jobs/{id}) whenever it changes, until it finishes; the
-    last event is named ``end``."""
-    return StreamingResponse(status_events(job), media_type="text/event-stream",
+    last event is named ``end``. At most ``--mezo-max-event-streams`` are open at once."""
+    return StreamingResponse(mezo.streams.hold(status_events(job)), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -3,12 +3,12 @@ writing them out as a checkpoint."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import asyncio
 
 from fastapi import APIRouter
 from sglang.srt.utils.auth import AuthLevel, auth_level
 
-from sglang_mezo.jobs.errors import Conflict, InvalidRequest
+from sglang_mezo.jobs.errors import Unavailable
 
 from ..context import Context
 from ..errors import MezoRoute
@@ -37,16 +37,10 @@ async def reset(request: ResetRequest, mezo: Context) -> WeightsOut:
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def save(request: SaveRequest, mezo: Context) -> SaveOut:
     """Write the served weights, at the moment the scheduler handles this request, as an HF checkpoint (plus
-    mezo_history.json, the trajectories from the base). Serving waits while the files are written."""
-    path = Path(request.path)
-    if not path.is_absolute():
-        raise InvalidRequest(f"path must be absolute on the server, got {request.path!r}")
+    mezo_history.json, the trajectories from the base) into a folder of ``--mezo-output-dir``. Serving waits while
+    the files are written."""
     try:
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not request.overwrite)):
-            raise Conflict(f"{request.path} exists and is not an empty folder (set overwrite to write into it)")
-        if path.resolve() == Path(mezo.base_model).resolve():
-            raise Conflict("refusing to overwrite the base checkpoint: resets re-read it")
-        path.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as exc:  # permissions, a NUL byte in the path, ...
-        raise InvalidRequest(f"cannot write to {request.path}: {exc}") from exc
-    return SaveOut.of(str(path), await mezo.runner.weights.save(str(path)))
+        folder = await asyncio.to_thread(mezo.files.checkpoint_dir, request.path, request.overwrite)
+    except OSError as exc:  # permissions, a full disk: the server's problem, not the request's
+        raise Unavailable(f"cannot create {request.path} in the output folder: {exc.strerror}") from exc
+    return SaveOut.of(str(folder), await mezo.runner.weights.save(str(folder)))

@@ -19,6 +19,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -66,15 +67,66 @@ FORMATS = ("jsonl", "json", "csv", "parquet", "datasets")
 
 
 class DataError(ValueError):
-    """The data cannot be read or does not fit the template."""
+    """The data cannot be read or does not fit the template. The message names the file and where in it, and what
+    was expected; it never quotes the file (a request can name any file the server may read)."""
 
 
-def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class Records:
+    """The records of a data file, and where each one starts in it (line numbers for JSON Lines and CSV)."""
+
+    path: Path
+    rows: list[dict]
+    lines: list[int] | None = None
+
+    def where(self, i: int) -> str:
+        """Where record ``i`` (0-based) is, for a message: its line, else its position."""
+        return f"{self.path.name}, line {self.lines[i]}" if self.lines else f"{self.path.name}, record {i + 1}"
+
+
+def _jsonl(path: Path) -> Records:
+    rows, lines = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:  # its position only: msg and column say nothing of the content
+                raise DataError(f"{path.name}, line {number}: not JSON ({exc.msg}, column {exc.colno})") from None
+            lines.append(number)
+    return Records(path, rows, lines)
+
+
+def _csv(path: Path) -> Records:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not a field
+        reader = csv.DictReader(f)
+        rows, lines = [], []
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path.name}, line {reader.line_num}: more values than the header has columns")
+            rows.append(row)
+            lines.append(reader.line_num)
+    return Records(path, rows, lines)
+
+
+def _datasets(path: Path, split: str | None) -> Records:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path.name} holds {len(data)} splits: name one with split")
+        data = data[split]
+    return Records(path, data.to_list())
+
+
+def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) -> Records:
     """Every record of a local data file or ``datasets`` folder, as dicts. ``fmt`` ``auto`` goes by the suffix
     (a folder is a ``datasets`` folder); ``split`` picks one split of a saved ``DatasetDict``."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"no such file or folder on the server: {path}")
+        raise DataError(f"no such file or folder on the server: {path.name}")
     if fmt == "auto":
         fmt = "datasets" if path.is_dir() else path.suffix.lstrip(".").lower()
         fmt = {"ndjson": "jsonl", "pq": "parquet"}.get(fmt, fmt)
@@ -82,67 +134,56 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
         raise DataError(f"cannot tell the format of {path.name}; say which of {FORMATS}")
     try:
         if fmt == "jsonl":
-            with path.open(encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
+            records = _jsonl(path)
         elif fmt == "json":
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = Records(path, json.loads(path.read_text(encoding="utf-8")))
         elif fmt == "csv":
-            with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not a field
-                records = list(csv.DictReader(f))
-            if any(None in r for r in records):
-                raise DataError("a CSV row has more values than the header has columns")
+            records = _csv(path)
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
-            records = pq.read_table(path).to_pylist()
+            records = Records(path, pq.read_table(path).to_pylist())
         else:
-            import datasets
-
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                if split not in data:
-                    raise DataError(f"{path} holds splits {sorted(data)}; pick one with split")
-                data = data[split]
-            records = data.to_list()
+            records = _datasets(path, split)
     except DataError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any reader's failure is the data's problem: say so
-        raise DataError(f"cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise DataError(f"{path} must hold records (objects with fields)")
-    if not records:
-        raise DataError(f"{path} holds no records")
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path.name}, line {exc.lineno}: not JSON ({exc.msg}, column {exc.colno})") from None
+    except Exception as exc:  # noqa: BLE001 - any reader's failure is the data's problem; its words may quote it
+        raise DataError(f"cannot read {path.name} as {fmt} ({type(exc).__name__})") from None
+    if not isinstance(records.rows, list) or not all(isinstance(r, dict) for r in records.rows):
+        raise DataError(f"{path.name} must hold records (objects with fields)")
+    if not records.rows:
+        raise DataError(f"{path.name} holds no records")
     return records
 
 
-def examples_from_records(records: Sequence[dict], template: Template, *, eval_size: int = 0,
+def examples_from_records(records: Records, template: Template, *, eval_size: int = 0,
                           train_size: int | None = None, seed: int = 0,
                           require_train: bool = True) -> tuple[list[TextExample], list[TextExample]]:
     """Train and held-out examples (text) from records. With classes (classification, multiple choice) the
     held-out set has ``eval_size`` random records *of every class*; otherwise ``eval_size`` random records. The
     rest, shuffled with ``seed``, is the training set (its first ``train_size`` if given)."""
-    try:
-        labelled = [(i, template.label_of(r)) for i, r in enumerate(records)]
-    except TemplateError as exc:
-        raise DataError(str(exc)) from exc
+    rows = records.rows
+
+    def at(i: int, what):
+        try:
+            return what(rows[i])
+        except TemplateError as exc:
+            raise DataError(f"{records.where(i)}: {exc}") from None
+
+    labelled = [(i, at(i, template.label_of)) for i in range(len(rows))]
     if labelled and labelled[0][1] is not None:
         (held_out,) = balanced_split(labelled, [eval_size], seed) if eval_size else ([],)
     else:
-        order = list(range(len(records)))
+        order = list(range(len(rows)))
         random.Random(f"split:{seed}").shuffle(order)
         held_out = [(i, None) for i in order[:eval_size]]
     taken = {i for i, _ in held_out}
-    rest = [i for i in range(len(records)) if i not in taken]
+    rest = [i for i in range(len(rows)) if i not in taken]
     random.Random(f"train:{seed}").shuffle(rest)
     if train_size is not None:
         rest = rest[:train_size]
     if not rest and require_train:
         raise DataError("no records are left for training")
-
-    def render(indices) -> list[TextExample]:
-        try:
-            return [template.example(records[i]) for i in indices]
-        except TemplateError as exc:
-            raise DataError(str(exc)) from exc
-
-    return render(rest), render([i for i, _ in held_out])
+    return [at(i, template.example) for i in rest], [at(i, template.example) for i, _ in held_out]

@@ -19,6 +19,25 @@ class InvalidRequest(MezoError, ValueError):
     kind = "invalid_request"
 
 
+class Forbidden(MezoError):
+    """The request asks for a file outside the folders the operator allowed at launch (or for file access that
+    is off)."""
+
+    kind = "forbidden"
+
+
+class TooLarge(MezoError):
+    """The request body is larger than the server takes."""
+
+    kind = "too_large"
+
+
+class TooMany(MezoError):
+    """The server holds as many of these (queued jobs, open event streams) as it allows; try again later."""
+
+    kind = "too_many"
+
+
 class NotFound(MezoError):
     """The request names a job this server does not have."""
 

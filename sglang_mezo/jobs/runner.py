@@ -20,7 +20,7 @@ from typing import Protocol
 from sglang_mezo.core.objectives import EvalMetrics, Example, Objective
 from sglang_mezo.protocol import ChunkExecutor, Failure, FailureKind, ServedScorer, StepChunk, StepReport
 
-from .errors import Conflict, InvalidRequest, NotFound
+from .errors import Conflict, InvalidRequest, NotFound, TooMany
 from .evaluation import evaluate_served
 from .job import Evaluation, Job, JobStatus
 from .served import ServedSegment, ServedWeights
@@ -42,13 +42,15 @@ class JobObserver(Protocol):
 class JobRunner:
     def __init__(self, executor: ChunkExecutor, scorer: ServedScorer, *, chunk_target_s: float = 0.2,
                  max_chunk_steps: int = 64, yield_s: float = 2.0, base_weight_version: str = "default",
-                 base_model: str = "", observers: Sequence[JobObserver] = ()) -> None:
+                 base_model: str = "", observers: Sequence[JobObserver] = (), max_active: int | None = None) -> None:
         self.executor = executor
         self.scorer = scorer
         self.observers = list(observers)
         self.chunk_target_s = chunk_target_s
         self.yield_s = yield_s
         self.max_chunk_steps = max_chunk_steps
+        self.max_active = max_active
+        """Jobs queued or running at once (``--mezo-max-queued-jobs``); None: no bound."""
         self.jobs: dict[str, Job] = {}
         self.weights = ServedWeights(executor, base_weight_version=base_weight_version, base_model=base_model)
         self._queue: asyncio.Queue[Job] | None = None
@@ -60,6 +62,10 @@ class JobRunner:
         """Queue a job; the worker task starts on the running event loop at the first submission."""
         if self.weights.lost:
             raise Conflict("the served weights are at no committed step (a restore failed): POST /mezo/reset first")
+        active = sum(1 for j in self.jobs.values() if not j.status.finished)
+        if self.max_active is not None and active >= self.max_active:
+            raise TooMany(f"{active} jobs are queued or running; this server queues at most {self.max_active} "
+                          f"(--mezo-max-queued-jobs)")
         job = Job(spec)
         self.jobs[job.id] = job
         if self._queue is None:

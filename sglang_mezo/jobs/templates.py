@@ -7,6 +7,9 @@
 
 Templates are ``str.format`` strings over the record's fields, so they are also the field mapping: a user-defined
 template is one with other strings. The label of a record is found with :meth:`label_of`.
+
+A record comes from a file on the server: errors name the field the template expected and never quote the record
+(its values, or the names of its other fields), so that no message carries a file's content.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class TextChoice:
         if not self.prompt or len(self.options) < 2 or not all(self.options):
             raise TemplateError("a choice needs a non-empty prompt and at least two non-empty options")
         if not 0 <= self.label < len(self.options):
-            raise TemplateError(f"label {self.label} is not an index of options (0..{len(self.options) - 1})")
+            raise TemplateError(f"the label is not an index of the {len(self.options)} options")
 
 
 TextExample = TextCompletion | TextChoice
@@ -70,7 +73,7 @@ def _fields(fmt: str, what: str) -> set[str]:
 def _format(fmt: str, record: Mapping, what: str) -> str:
     missing = _fields(fmt, what) - set(record)
     if missing:
-        raise TemplateError(f"{what} needs field(s) {sorted(missing)}; the record has {sorted(map(str, record))}")
+        raise TemplateError(f"{what} needs field(s) {sorted(missing)}, which the record does not have")
     return fmt.format_map({name: record[name] for name in _fields(fmt, what)})
 
 
@@ -79,13 +82,13 @@ def _label_index(value, labels: Sequence[str] | None, n: int, field: str) -> int
         try:
             return [str(v) for v in labels].index(str(value))
         except ValueError:
-            raise TemplateError(f"{field}={value!r} is not one of the labels {list(labels)}") from None
+            raise TemplateError(f"field {field!r} is not one of the labels {list(labels)}") from None
     try:
         index = int(value)
     except (TypeError, ValueError):
-        raise TemplateError(f"{field}={value!r} is not a class index; give the template its labels") from None
+        raise TemplateError(f"field {field!r} is not a class index; give the template its labels") from None
     if not 0 <= index < n:
-        raise TemplateError(f"{field}={index} is not an index of the {n} options")
+        raise TemplateError(f"field {field!r} is not an index of the {n} options")
     return index
 
 

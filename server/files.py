@@ -1,0 +1,83 @@
+"""Where the API may touch the server's disk: data files only inside the folders allowed at launch
+(``--mezo-data-dir``), checkpoints only inside ``--mezo-output-dir``, as a relative name, never over the base
+checkpoint, and a folder replaced only if this project wrote it (it holds :data:`MARKER`).
+
+A path is judged after it is resolved (``..`` and symlinks followed), so neither walks out of an allowed folder.
+Refusals name the flag and the path the request gave; they never say whether something outside exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sglang_mezo.jobs.errors import Conflict, Forbidden, InvalidRequest
+from sglang_mezo.options import Folders
+
+MARKER = ".sglang-mezo-checkpoint"
+"""Written into every folder POST /mezo/save creates: only such a folder may be overwritten."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+@dataclass(frozen=True)
+class FileAccess:
+    data_dirs: tuple[Path, ...]
+    output_dir: Path | None
+    base_model: Path
+
+    @classmethod
+    def of(cls, folders: Folders, base_model: str) -> FileAccess:
+        return cls(tuple(Path(d).resolve() for d in folders.data_dirs),
+                   Path(folders.output_dir).resolve() if folders.output_dir else None, Path(base_model).resolve())
+
+    def data_file(self, requested: str) -> Path:
+        """The data file (or ``datasets`` folder) a request names: relative to an allowed folder (the first that
+        has it), or absolute inside one."""
+        if not self.data_dirs:
+            raise Forbidden("reading data files on the server is off: the server was started without "
+                            "--mezo-data-dir")
+        given = Path(requested)
+        candidates = [given] if given.is_absolute() else [d / given for d in self.data_dirs]
+        inside = [r for r in map(_resolved, candidates) if r is not None and any(_inside(r, d) for d in self.data_dirs)]
+        if not inside:
+            raise Forbidden(f"{requested} is not inside a folder the server may read data from (--mezo-data-dir)")
+        for path in inside:
+            if path.exists():
+                return path
+        raise InvalidRequest(f"no such file or folder in the data folders: {requested}")
+
+    def checkpoint_dir(self, name: str, overwrite: bool) -> Path:
+        """A new (or, with ``overwrite``, a replaced) folder for a checkpoint, created with its marker."""
+        if self.output_dir is None:
+            raise Forbidden("saving on the server is off: the server was started without --mezo-output-dir")
+        if not name or Path(name).is_absolute():
+            raise InvalidRequest(f"give the checkpoint a name relative to the output folder (--mezo-output-dir), "
+                                 f"not {name!r}")
+        target = _resolved(self.output_dir / name)
+        if target is None:
+            raise InvalidRequest(f"{name!r} is not a usable folder name")
+        if target == self.output_dir or not _inside(target, self.output_dir):
+            raise Forbidden(f"{name} is not inside the output folder (--mezo-output-dir)")
+        if _inside(target, self.base_model) or _inside(self.base_model, target):
+            raise Conflict("refusing to write over the base checkpoint: resets re-read it")
+        if target.exists():
+            if not (target / MARKER).is_file():
+                raise Conflict(f"{name} exists and was not written by sglang-mezo: it is never overwritten")
+            if not overwrite:
+                raise Conflict(f"{name} exists (set overwrite to replace it)")
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        (target / MARKER).write_text("a checkpoint written by sglang-mezo (POST /mezo/save)\n")
+        return target
+
+
+def _resolved(path: Path) -> Path | None:
+    """The path with ``..`` and symlinks followed; None if it cannot be (a symlink loop, a NUL byte)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
