@@ -4,10 +4,12 @@ error handler, and the context the routes depend on."""
 from __future__ import annotations
 
 import logging
+import os
 
 from fastapi import FastAPI
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.jobs.journal import Journal
 from sglang_mezo.jobs.runner import JobObserver, JobRunner
 from sglang_mezo.options import MezoServerOptions
 
@@ -47,10 +49,15 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts), with a job runner that reaches the
     scheduler(s) through ``tokenizer_manager``."""
     base_model = str(server_args.model_path)
+    journal, journaled, base_version = None, None, str(server_args.weight_version)
+    if options.state_dir:  # the plugin read it at launch and the schedulers replayed it: the jobs come back too
+        journal = Journal(options.state_dir)
+        journaled = journal.open(os.path.abspath(base_model), base_version)
+        base_version = journaled.base_weight_version
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), TokenizerManagerScorer(tokenizer_manager),
                        chunk_target_s=options.chunk_ms / 1e3, yield_s=options.yield_ms / 1e3,
-                       base_weight_version=str(server_args.weight_version), base_model=base_model,
-                       observers=_observers(server_args), max_active=options.limits.max_queued_jobs)
+                       base_weight_version=base_version, base_model=base_model, observers=_observers(server_args),
+                       max_active=options.limits.max_queued_jobs, journal=journal, journaled=journaled)
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
     files = FileAccess.of(options.folders, base_model)

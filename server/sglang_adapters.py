@@ -66,7 +66,7 @@ class TokenizerManagerExecutor:
         return outcome
 
     def _relabelled(self, outcome: _Moved) -> _Moved:
-        """Weights that moved have a new label: what /get_weight_version and responses without spans report."""
+        """Weights that moved have a new label: what /model_info and responses without spans report."""
         if outcome.weight_version:
             self.tm._update_weight_version_if_provided(outcome.weight_version)
         return outcome

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from sglang_mezo.core.params import ParamSelection
+from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.kernels import ZKind
 
 ATTRIBUTE = "_mezo"
@@ -76,6 +77,11 @@ class MezoServerOptions:
     selection: ParamSelection = field(default_factory=ParamSelection)
     limits: Limits = field(default_factory=Limits)
     folders: Folders = field(default_factory=Folders)
+    state_dir: str | None = None
+    """Where the served history is journaled (``--mezo-state-dir``); None: it lives in memory only."""
+    resume: tuple[Trajectory, ...] = field(default=(), repr=False)
+    """The served history the journal held at launch, one trajectory per job in order: the scheduler replays it onto
+    the weights before serving (set by the plugin when it reads the journal)."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):
@@ -126,6 +132,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="A folder jobs may read data files from (repeatable); without one, data files are off.")
     group.add_argument("--mezo-output-dir", default=None, metavar="DIR",
                        help="The folder POST /mezo/save writes checkpoints into; without it, saving is off.")
+    group.add_argument("--mezo-state-dir", default=None, metavar="DIR",
+                       help="Journal the served history here (fsync'd per committed chunk); a server started again "
+                            "on it and the same base checkpoint serves the same weights. Default: memory only.")
     for f in fields(Limits):
         group.add_argument(Limits.flag(f.name), type=type(f.default), default=f.default, metavar="N",
                            help=f"Limit: {f.metadata['help']} (default: %(default)s).")
@@ -145,6 +154,7 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         limits=Limits(**{f.name: getattr(ns, "mezo_" + f.name) for f in fields(Limits)}),
         folders=Folders(data_dirs=tuple(str(Path(d).resolve()) for d in ns.mezo_data_dir),
                         output_dir=str(Path(ns.mezo_output_dir).resolve()) if ns.mezo_output_dir else None),
+        state_dir=str(Path(ns.mezo_state_dir).resolve()) if ns.mezo_state_dir else None,
     )
 
 

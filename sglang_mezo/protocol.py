@@ -42,6 +42,8 @@ class FailureKind(str, enum.Enum):
     """Reading the base checkpoint or writing a saved one failed."""
     INTERNAL = "internal"
     """A bug: something raised that nothing expected (the runner logs it)."""
+    INTERRUPTED = "interrupted"
+    """The server stopped during the job (a restart read it back from the journal with the steps it committed)."""
 
 
 @dataclass(frozen=True)

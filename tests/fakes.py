@@ -67,7 +67,9 @@ class FakeExecutor:
         self.chunks: list[tuple[int, ...]] = []
         self.drains = 0
         self.gate: threading.Event | None = None
-        """When set up, each chunk waits for it (a test holds a job mid-run; set from any thread)."""
+        """When set up, each chunk waits for it (a test holds a job mid-run; set from any thread)..."""
+        self.hold_from = 0
+        """... each chunk from this step on."""
 
     def params(self, selection: ParamSelection) -> TrainableSet:
         return TrainableSet.from_pieces(self.engine.trainable_pieces(), selection, self.engine.num_layers)
@@ -76,7 +78,7 @@ class FakeExecutor:
         return {k: v.clone() for k, v in self.engine.model.state_dict().items()}
 
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
-        while self.gate is not None and not self.gate.is_set():
+        while self.gate is not None and not self.gate.is_set() and chunk.steps[0] >= self.hold_from:
             await asyncio.sleep(0.01)
         self.chunks.append(chunk.steps)
         params = self.params(chunk.config.selection)

@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": {"core", "kernels", "protocol"},
     "scheduler": {"core", "kernels", "protocol", "checkpoint", "sglang"},
     "server": {"core", "kernels", "protocol", "jobs", "options", "scheduler", "sglang"},
-    "plugin": {"options", "scheduler", "server", "sglang"},
+    "plugin": {"options", "jobs", "scheduler", "server", "sglang"},
     "client": set(),
 }
 

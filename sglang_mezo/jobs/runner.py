@@ -23,8 +23,9 @@ from sglang_mezo.protocol import ChunkExecutor, Failure, FailureKind, ServedScor
 from .errors import Conflict, InvalidRequest, NotFound, TooMany
 from .evaluation import evaluate_served
 from .job import Evaluation, Job, JobStatus
+from .journal import Journal, JournalState
 from .served import ServedSegment, ServedWeights
-from .spec import JobSpec
+from .spec import JobSpec, Purpose
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ class JobObserver(Protocol):
 class JobRunner:
     def __init__(self, executor: ChunkExecutor, scorer: ServedScorer, *, chunk_target_s: float = 0.2,
                  max_chunk_steps: int = 64, yield_s: float = 2.0, base_weight_version: str = "default",
-                 base_model: str = "", observers: Sequence[JobObserver] = (), max_active: int | None = None) -> None:
+                 base_model: str = "", observers: Sequence[JobObserver] = (), max_active: int | None = None,
+                 journal: Journal | None = None, journaled: JournalState | None = None) -> None:
+        """``journal``: where to keep the served history and the jobs as they happen (``--mezo-state-dir``);
+        ``journaled``: what it held at launch (the scheduler has replayed its served history onto the weights)."""
         self.executor = executor
         self.scorer = scorer
         self.observers = list(observers)
@@ -52,7 +56,11 @@ class JobRunner:
         self.max_active = max_active
         """Jobs queued or running at once (``--mezo-max-queued-jobs``); None: no bound."""
         self.jobs: dict[str, Job] = {}
-        self.weights = ServedWeights(executor, base_weight_version=base_weight_version, base_model=base_model)
+        self.journal = journal
+        self.weights = ServedWeights(executor, base_weight_version=base_weight_version, base_model=base_model,
+                                     journal=journal)
+        if journaled is not None:
+            self._restore_from(journaled, base_model)
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -73,6 +81,19 @@ class JobRunner:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="sglang-mezo-jobs")
         self._queue.put_nowait(job)
         return job
+
+    def _restore_from(self, state: JournalState, base_model: str) -> None:
+        """The jobs and served history of a journal, as this runner would have left them."""
+        for entry in state.jobs.values():
+            job = Job(JobSpec(examples=(), objective=entry.objective, config=entry.config,
+                              batch_size=entry.batch_size, base_model=base_model, purpose=Purpose(entry.purpose)),
+                      id=entry.id, status=JobStatus(entry.status), created=entry.created, started=entry.started,
+                      finished=entry.finished, failure=entry.failure, trajectory=entry.trajectory,
+                      reports=list(entry.reports), evals=[Evaluation(*e) for e in entry.evals],
+                      served_before=tuple(ServedSegment(*s) for s in state.history(entry.served_before)))
+            job.done.set()
+            self.jobs[job.id] = job
+        self.weights.segments = [ServedSegment(*s) for s in state.history()]
 
     def job(self, job_id: str) -> Job:
         if job_id not in self.jobs:
@@ -107,6 +128,9 @@ class JobRunner:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
         job.served_before = tuple(self.weights.segments)
+        if self.journal is not None:
+            self.journal.job_started(job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value,
+                                     job.created, [s.journaled() for s in job.served_before])
         await self._evaluate(job)
         chunk_steps = 1
         while job.steps_done < spec.steps:
@@ -119,6 +143,8 @@ class JobRunner:
                                                               batches=spec.batches(steps)))
             per_step = (time.perf_counter() - started) / max(1, len(outcome.reports))
             job.record(outcome)
+            if self.journal is not None:  # on disk before anything else learns of the steps
+                self.journal.chunk(job.id, outcome, spec.config.z_kind)
             self._notify("on_steps", job, outcome.reports)
             if job.trajectory is not None:
                 self.weights.carry(job.id, job.trajectory)
@@ -149,6 +175,11 @@ class JobRunner:
 
     def _finish(self, job: Job, status: JobStatus) -> None:
         job.status, job.finished = status, time.time()
+        if self.journal is not None and job.started is not None:
+            try:
+                self.journal.finished(job.id, status.value, job.failure)
+            except OSError:  # the job is over either way; a restart will list it as interrupted
+                logger.exception("MeZO: could not journal the end of job %s", job.id)
         job.done.set()
         self._notify("on_finish", job)
 
@@ -168,6 +199,8 @@ class JobRunner:
         metrics, version = await evaluate_served(self.scorer, spec.objective, spec.eval_examples,
                                                  spec.eval_generate)
         job.evals.append(Evaluation(job.steps_done, metrics, version))
+        if self.journal is not None:
+            self.journal.evaluated(job.id, job.steps_done, metrics, version)
         self._notify("on_eval", job, job.evals[-1])
         logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)
 

@@ -18,6 +18,7 @@ from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.protocol import ChunkExecutor, weight_version_label
 
 from .errors import Conflict, Unavailable, error_for
+from .journal import Journal, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ class ServedSegment:
     def steps(self) -> int:
         return self.trajectory.committed_steps
 
+    def journaled(self) -> Segment:
+        """As the journal keeps it: the job and how many of its records."""
+        return Segment(self.job_id, len(self.trajectory.records))
+
     @property
     def weight_version(self) -> str:
         """The label of the weights after this segment (one label per bit-exact state)."""
@@ -51,9 +56,10 @@ class SaveReport:
 
 
 class ServedWeights:
-    def __init__(self, executor: ChunkExecutor, *, base_weight_version: str = "default",
-                 base_model: str = "") -> None:
+    def __init__(self, executor: ChunkExecutor, *, base_weight_version: str = "default", base_model: str = "",
+                 journal: Journal | None = None) -> None:
         self.executor = executor
+        self.journal = journal
         self.base_weight_version = base_weight_version
         self.base_model = base_model
         self.segments: list[ServedSegment] = []
@@ -83,6 +89,8 @@ class ServedWeights:
             self.lost = not outcome.weights_consistent
             raise error_for(outcome.failure, "restoring the weights")
         self.segments, self.lost = list(history), False
+        if self.journal is not None:
+            self.journal.served([segment.journaled() for segment in self.segments])
         return outcome.message
 
     async def recover(self) -> str:

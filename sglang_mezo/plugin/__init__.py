@@ -61,10 +61,11 @@ def _add_communicator_spec() -> None:
 def _after_scheduler_dispatcher(result, scheduler) -> None:
     from sglang_mezo.options import options_of
 
-    if options_of(scheduler.server_args).enabled:
+    options = options_of(scheduler.server_args)
+    if options.enabled:
         from sglang_mezo.scheduler.handler import install
 
-        install(scheduler)
+        install(scheduler, options.resume)
 
 
 def _before_http_setup(server_args, tokenizer_manager, *args, **kwargs) -> None:
@@ -119,15 +120,38 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
         options = from_namespace(namespace)
     except ValueError as exc:
         raise SystemExit(f"sglang-mezo: {exc}") from exc
-    setattr(server_args, ATTRIBUTE, options)
     if options.enabled:
         refusal = _refusal(namespace)
         if refusal:
             raise SystemExit(f"sglang-mezo: {refusal}")
+        if options.state_dir:
+            options = _resume(options, server_args)
+    setattr(server_args, ATTRIBUTE, options)
+    if options.enabled:
         logger.info("MeZO enabled: %s", options)
         if _open_to_the_network(namespace):
             logger.warning("MeZO: --enable-mezo on %s with no --api-key or --admin-api-key: anyone who can reach "
                            "this port can train, reset and save the served model", namespace.host)
+
+
+def _resume(options, server_args):
+    """Read the journal once, before any process serves: the served history goes to the schedulers with the options,
+    and SGLang's weight version starts at the label of those weights."""
+    import dataclasses
+    import os
+
+    from sglang_mezo.jobs.journal import Journal, JournalError
+
+    try:
+        state = Journal(options.state_dir).open(os.path.abspath(server_args.model_path), server_args.weight_version)
+    except (JournalError, OSError) as exc:
+        raise SystemExit(f"sglang-mezo: --mezo-state-dir: {exc}") from exc
+    history = state.history()
+    if history:
+        server_args.weight_version = state.weight_version()
+        logger.info("MeZO: the journal in %s serves %s (%d job(s) replayed at launch)", options.state_dir,
+                    server_args.weight_version, len(history))
+    return dataclasses.replace(options, resume=tuple(trajectory for _, trajectory in history))
 
 
 def _open_to_the_network(namespace) -> bool:

@@ -81,7 +81,7 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
     Internal(f"{_TOKENIZER_MANAGER}.auto_create_handle_loop", Use.CALL, "server.sglang_adapters",
              "the reply loop must run before a communicator waits on it"),
     Internal(f"{_TOKENIZER_MANAGER}._update_weight_version_if_provided", Use.CALL, "server.sglang_adapters",
-             "/get_weight_version reports the label our commits and restores give"),
+             "/model_info reports the label our commits and restores give"),
     Internal(f"{_TOKENIZER_MANAGER}.rid_to_state", Use.READ, "server.sglang_adapters",
              "the user requests in flight, which training waits for between chunks", instance=True),
     Internal(f"{_TOKENIZER_MANAGER}.tokenizer", Use.READ, "server.app", "tokenize examples as requests are",

@@ -27,6 +27,7 @@ Every outcome is a reply, never an exception: an exception escaping a handler wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
+from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
                                   StepChunk, StepReport)
 
@@ -197,10 +199,31 @@ class MezoSchedulerHandler:
 
     def restore(self, req: MezoRestoreReqInput) -> MezoReqOutput:
         """Re-read every tensor any job may have moved from the checkpoint, then replay ``req.history`` exactly."""
+        started = time.perf_counter()
+        with self._paused(flush=lambda: True):
+            outcome = self._restore(req.history, lambda: self._label(req.weight_version))
+        if outcome.failure is None:
+            outcome = dataclasses.replace(outcome, message=f"{outcome.message} in {time.perf_counter() - started:.2f} "
+                                                           "s", weight_version=req.weight_version)
+            logger.info("MeZO: %s", outcome.message)
+        return MezoReqOutput(outcome=outcome)
+
+    def restore_at_launch(self, history: tuple[Trajectory, ...]) -> None:
+        """Before the scheduler serves anything: put the weights at the journal's served history (SGLang's weight
+        version was already set to its label at launch). A failure disables training, loudly."""
+        outcome = self._restore(history, lambda: None)
+        if outcome.failure is not None:
+            logger.error("MeZO: the journal's served history could not be replayed at launch: %s; training is off "
+                         "until POST /mezo/reset succeeds", outcome.failure.message)
+        else:
+            logger.info("MeZO: replayed the journal at launch: %s", outcome.message)
+
+    def _restore(self, history: tuple[Trajectory, ...], label: Callable[[], None]) -> RestoreOutcome:
+        """The base weights, re-read, with ``history`` replayed exactly (every rank agreeing before and after)."""
         failure = None
         try:
-            targets = [self.params_for(MezoConfig.from_dict(t.config).selection) for t in req.history]
-            for trajectory, params in zip(req.history, targets, strict=True):
+            targets = [self.params_for(MezoConfig.from_dict(t.config).selection) for t in history]
+            for trajectory, params in zip(history, targets, strict=True):
                 trajectory.check_compatible(params)
             moved = self._movable_pieces()
             plan = plan_reads(self.serving.model_path, moved)  # checked before touching weights
@@ -210,28 +233,24 @@ class MezoSchedulerHandler:
             failure = Failure(FailureKind.INVALID, f"bad history: {type(exc).__name__}: {exc}")
         if not self._all_ranks_ok(failure is None):
             failure = failure or Failure(FailureKind.INVALID, "bad history on another tensor-parallel rank")
-            return MezoReqOutput(outcome=RestoreOutcome(failure=failure, weights_consistent=not self.inconsistent))
-        started = time.perf_counter()
-        with self._paused(flush=lambda: True):
-            try:
-                copied = load_pieces(plan)
-                steps = sum(t.replay(p, exact=True) for t, p in zip(req.history, targets, strict=True))
-                self._label(req.weight_version)
-                ok = True
-            except Exception as exc:  # noqa: BLE001 - the weights are now at no known state
-                logger.exception("MeZO: restore failed")
-                failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, f"restore failed: {type(exc).__name__}: {exc}")
-                ok = False
-            ok = self._all_ranks_ok(ok)
-            self.inconsistent = not ok
+            return RestoreOutcome(failure=failure, weights_consistent=not self.inconsistent)
+        try:
+            copied = load_pieces(plan)
+            steps = sum(t.replay(p, exact=True) for t, p in zip(history, targets, strict=True))
+            label()
+            ok = True
+        except Exception as exc:  # noqa: BLE001 - the weights are now at no known state
+            logger.exception("MeZO: restore failed")
+            failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, f"restore failed: {type(exc).__name__}: {exc}")
+            ok = False
+        ok = self._all_ranks_ok(ok)
+        self.inconsistent = not ok
         if not ok:
             failure = failure or Failure(FailureKind.WEIGHTS_INCONSISTENT,
                                          "restore failed on another tensor-parallel rank")
-            return MezoReqOutput(outcome=RestoreOutcome(failure=failure, weights_consistent=False))
-        message = (f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the checkpoint and "
-                   f"replayed {steps} step(s) in {time.perf_counter() - started:.2f} s")
-        logger.info("MeZO: %s", message)
-        return MezoReqOutput(outcome=RestoreOutcome(message=message, weight_version=req.weight_version))
+            return RestoreOutcome(failure=failure, weights_consistent=False)
+        return RestoreOutcome(message=f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the "
+                                      f"checkpoint and replayed {steps} step(s)")
 
     # -- save ----------------------------------------------------------------------------------------------------
 
@@ -299,11 +318,15 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: resuming serving failed")
 
 
-def install(scheduler) -> None:
-    """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook)."""
+def install(scheduler, resume: tuple[Trajectory, ...] = ()) -> None:
+    """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook, when
+    the model is loaded and nothing has been served yet), after replaying ``resume`` (the journal's served
+    history) onto the weights."""
     from sglang.utils import TypeBasedDispatcher
 
     handler = MezoSchedulerHandler(SchedulerServing(scheduler))
+    if resume:
+        handler.restore_at_launch(resume)
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (MezoChunkReqInput, handler.handle),
         (MezoRestoreReqInput, handler.restore),
