@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
@@ -82,5 +83,10 @@ class MezoRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 raise InvalidRequest(_validation_message(exc)) from None
+            except HTTPException as exc:  # FastAPI's own, reading the body: "There was an error parsing the body", …
+                mapped = {400: InvalidRequest, 413: TooLarge}.get(exc.status_code)
+                if mapped is None:
+                    raise
+                raise mapped(str(exc.detail)) from None
 
         return validated

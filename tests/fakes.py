@@ -6,8 +6,10 @@ reference engine, so trajectories, restores and failures can be checked bit for 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,3 +199,24 @@ def mezo_app(root: Path, *, limits: Limits = Limits(max_steps_per_job=50), conte
                              defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), limits=limits, files=files,
                              base_model=str(root / "base")))
     return app, executor
+
+
+@contextlib.contextmanager
+def served(app: FastAPI) -> Iterator[str]:
+    """``app`` on a real HTTP port (uvicorn, in a thread, one event loop for every request); yields its URL."""
+    import uvicorn
+    from servers import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -78,6 +78,27 @@ def engine_for_served(server, model_path: str, *, last_upto: int | None = None) 
     return engine
 
 
+def fused_replay(server, model_path: str) -> dict[str, torch.Tensor]:
+    """The base checkpoint with the served history replayed by the reference engine, in SGLang's fused layout."""
+    hf = engine_for_served(server, model_path).model.state_dict()
+    out = {"model.embed_tokens.weight": hf["model.embed_tokens.weight"], "model.norm.weight": hf["model.norm.weight"]}
+    for i in range(2):
+        p = f"model.layers.{i}"
+        out[f"{p}.self_attn.qkv_proj.weight"] = torch.cat([hf[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
+        out[f"{p}.mlp.gate_up_proj.weight"] = torch.cat([hf[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
+        for leaf in ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+            out[f"{p}.{leaf}.weight"] = hf[f"{p}.{leaf}.weight"]
+    return out
+
+
+def assert_served_is_replay(server, model_path: str) -> None:
+    """Every served weight is bit for bit the reference engine's replay of the served history (SGLang pads the
+    vocabulary: its extra rows are no weights)."""
+    served = served_weights(server)
+    for name, tensor in fused_replay(server, model_path).items():
+        assert torch.equal(served[name][: tensor.shape[0]], tensor), name
+
+
 def hf_logprobs(engine: HFEngine, probe=PROBE) -> list[list[float]]:
     out = []
     for prompt, completion in probe:

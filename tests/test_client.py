@@ -4,13 +4,10 @@ reports errors as the server gives them."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
-from fakes import mezo_app
+from fakes import mezo_app, served
 from servers import free_port
 
 from sglang_mezo.client import MezoClient, MezoError, format_job
@@ -22,17 +19,8 @@ CHOICES = [{"prompt": "great film. It was", "options": [" bad", " good"], "label
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Iterator[MezoClient]:
     app, _ = mezo_app(tmp_path_factory.mktemp("api"))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield MezoClient(f"http://127.0.0.1:{port}", timeout_s=30)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app) as url:
+        yield MezoClient(url, timeout_s=30)
 
 
 def test_train_follows_a_job_to_its_end_and_keeps_what_it_produced(client):

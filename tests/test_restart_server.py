@@ -11,39 +11,16 @@ import signal
 import time
 
 import pytest
-import torch
-from mezo_checks import base_engine, run_job, served_weights
+from mezo_checks import assert_served_is_replay, run_job
 from servers import running_server
 from tiny_models import save_tiny_llama
 
-from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.params import TrainableSet
-from sglang_mezo.core.trajectory import Trajectory
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
 
 TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the film was", "completion": " bad"},
          {"prompt": "a great story with", "completion": " great music"}]
 JOB = {"examples": TRAIN, "lr": 3e-3, "eps": 1e-3, "batch_size": 2, "n_probes": 2}
-
-
-def expected_weights(server, model_path: str) -> dict[str, torch.Tensor]:
-    """The base checkpoint with the served history replayed by the reference engine, in SGLang's fused layout."""
-    engine = base_engine(model_path)
-    for segment in server.request("GET", "/mezo/weights")[1]["history"]:
-        trajectory = Trajectory.from_dict(server.request("GET", f"/mezo/jobs/{segment['job_id']}/trajectory")[1])
-        trajectory.records = trajectory.records[: segment["records"]]
-        trajectory.replay(TrainableSet.from_pieces(engine.trainable_pieces(),
-                                                   MezoConfig.from_dict(trajectory.config).selection))
-    hf = engine.model.state_dict()
-    out = {"model.embed_tokens.weight": hf["model.embed_tokens.weight"], "model.norm.weight": hf["model.norm.weight"]}
-    for i in range(2):
-        p = f"model.layers.{i}"
-        out[f"{p}.self_attn.qkv_proj.weight"] = torch.cat([hf[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
-        out[f"{p}.mlp.gate_up_proj.weight"] = torch.cat([hf[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
-        for leaf in ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            out[f"{p}.{leaf}.weight"] = hf[f"{p}.{leaf}.weight"]
-    return out
 
 
 def kill_during(server, job_id: str, after_steps: int) -> None:
@@ -79,9 +56,7 @@ def test_a_server_killed_mid_job_comes_back_with_the_weights_it_had_committed(tm
                                               "records": last["step"]}
             # the label SGLang itself serves with, and the weights, exactly
             assert server.request("GET", "/model_info")[1]["weight_version"] == weights["weight_version"]
-            served, expected = served_weights(server), expected_weights(server, model_path)
-            for name, tensor in expected.items():  # (SGLang pads the vocabulary: its extra rows are no weights)
-                assert torch.equal(served[name][: tensor.shape[0]], tensor), (trial, name)
+            assert_served_is_replay(server, model_path)
             if trial < 2:
                 job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "seed": 3 + trial})[1]
                 kill_during(server, job["job_id"], rng.randrange(1, 12))
