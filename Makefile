@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision clean
+.PHONY: install demo test test-unit bench-precision bench-load clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-unit: $(STAMP)
 ## make bench-precision: what ±εz round trips and small updates do to bf16/fp16 weights
 bench-precision: $(STAMP)
 	$(PY) benchmarks/bench_precision.py
+
+## make bench-load: 8 clients' latency with and without a 200-step job, errors, and which weights served each answer
+bench-load: $(STAMP)
+	$(PY) benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

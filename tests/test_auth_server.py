@@ -30,10 +30,11 @@ def model_path(tmp_path_factory) -> str:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=2)
 
 
-@pytest.mark.parametrize("keys", [("api-key", "admin-key"), ("api-key", None)], ids=["both keys", "api key only"])
+@pytest.mark.parametrize("keys", [("api-key", "admin-key"), ("api-key", None), (None, "admin-key")],
+                         ids=["both keys", "api key only", "admin key only"])
 def test_mezo_routes_answer_as_sglangs_own_routes_of_their_level(model_path, tmp_path, keys):
     api_key, admin_key = keys
-    args = ["--api-key", api_key] + (["--admin-api-key", admin_key] if admin_key else [])
+    args = (["--api-key", api_key] if api_key else []) + (["--admin-api-key", admin_key] if admin_key else [])
     with running_server(model_path, *args, log_dir=tmp_path) as server:
         for token in TOKENS:
             # SGLang's own: /flush_cache is ADMIN_OPTIONAL, /get_model_info NORMAL (both harmless to call)
@@ -52,7 +53,7 @@ def test_mezo_routes_answer_as_sglangs_own_routes_of_their_level(model_path, tmp
                 assert (ours in (401, 403)) == (sglang_normal in (401, 403)), (token, path, ours, sglang_normal)
 
         # the client sends each route the key SGLang checks there: it trains and follows the job with both keys
-        client = MezoClient(server.url, api_key=api_key, admin_api_key=admin_key or "")
+        client = MezoClient(server.url, api_key=api_key or "", admin_api_key=admin_key or "")
         job = client.train({"examples": EXAMPLES, "steps": 2}, progress=False)
         assert job["status"] == "succeeded", job
         with pytest.raises(MezoError) as refused:
@@ -61,7 +62,7 @@ def test_mezo_routes_answer_as_sglangs_own_routes_of_their_level(model_path, tmp
         job_file = tmp_path / "job.json"
         job_file.write_text('{"examples": [{"prompt": "the movie was", "completion": " great"}], "steps": 1}')
         command = [sys.executable, "-m", "sglang_mezo.cli", "train", str(job_file), "--url", server.url, "--quiet"]
-        keys = {"SGLANG_API_KEY": api_key, **({"SGLANG_ADMIN_API_KEY": admin_key} if admin_key else {})}
+        keys = {name: key for name, key in (("SGLANG_API_KEY", api_key), ("SGLANG_ADMIN_API_KEY", admin_key)) if key}
         assert subprocess.run(command, capture_output=True, timeout=120, env={"PATH": "", **keys}).returncode == 0
         out = subprocess.run([*command, "--api-key", "wrong", "--admin-api-key", "wrong"], capture_output=True,
                              text=True, timeout=120)

@@ -143,6 +143,23 @@ def test_a_job_from_a_data_file_on_the_server(server, files):
     assert server.request("POST", "/mezo/step", {"dataset": dataset, "examples": choice(REVIEWS)})[0] == 400
 
 
+def test_data_files_only_inside_the_data_folder_and_no_message_quotes_one(server, files):
+    """The /etc/shadow probe: a file outside the data folder is refused whichever way it is named, and a file
+    inside it that does not fit the template gets a message with its name and line, never its content."""
+    secret = "hunter2"
+    (files / "secret.csv").write_text(f"root:{secret}:0:0\nuser:{secret}:1:1\n")
+    (files / "data" / "escape.csv").symlink_to(files / "secret.csv")
+    template = {"kind": "generation", "prompt": "{a}", "completion": " {b}"}
+    for path in [str(files / "secret.csv"), "../secret.csv", "escape.csv", "/etc/shadow", "/etc/passwd"]:
+        for route in ("/mezo/eval", "/mezo/step"):
+            status, out = server.request("POST", route, {"dataset": {"path": path, "format": "csv",
+                                                                     "template": template}})
+            assert status == 403 and "--mezo-data-dir" in out["message"] and secret not in str(out), (path, out)
+    (files / "data" / "inside.csv").write_text(f"root:{secret}:0:0\n1:2\n")
+    status, out = server.request("POST", "/mezo/eval", {"dataset": {"path": "inside.csv", "template": template}})
+    assert status == 400 and "inside.csv, line 2" in out["message"] and secret not in str(out), out
+
+
 def test_the_train_command_follows_a_job_and_keeps_its_best_weights(server, files, tmp_path):
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps({"examples": choice(REVIEWS), "eval_examples": choice(HELD_OUT), "eval_every": 3,

@@ -137,6 +137,8 @@ def test_save_writes_a_checkpoint_that_transformers_and_a_fresh_server_load(serv
     assert server.request("POST", "/mezo/save", {"path": str(target)})[0] == 400
     assert server.request("POST", "/mezo/save", {"path": "../escape", "overwrite": True})[0] == 403
     assert server.request("POST", "/mezo/save", {"path": "saved"})[0] == 409
+    (output_dir / "to-base").symlink_to(model_path)  # never the base checkpoint, whatever the name leads to
+    assert server.request("POST", "/mezo/save", {"path": "to-base", "overwrite": True})[0] == 403
 
 
 def run_job_under_load(server, body: dict, clients: list, stop: threading.Event) -> dict:
