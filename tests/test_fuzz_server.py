@@ -44,8 +44,8 @@ def test_generated_requests_against_a_real_server(tmp_path):
         jobs = len(server.request("GET", "/mezo/jobs")[1]["jobs"])
         for body, flag in [({"examples": TRAIN, "steps": 41}, "--mezo-max-steps-per-job"),
                            ({"examples": TRAIN * 5}, "--mezo-max-examples-per-job"),
-                           ({"examples": [{"prompt": "the movie " * 100, "completion": " great"}] * 2},
-                            "--mezo-max-tokens-per-job"),
+                           ({"examples": [{"prompt": "the movie " * 10, "completion": " great"}] * 8},
+                            "--mezo-max-tokens-per-job"),  # each under the context, together over the limit
                            ({"examples": TRAIN, "n_probes": 3}, "--mezo-max-probes")]:
             status, out = server.request("POST", "/mezo/step", body)
             assert status == 400 and flag in out["message"], (flag, out)
