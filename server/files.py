@@ -2,13 +2,18 @@
 (``--mezo-data-dir``), checkpoints only inside ``--mezo-output-dir``, as a relative name, never over the base
 checkpoint, and a folder replaced only if this project wrote it (it holds :data:`MARKER`).
 
-A path is judged after it is resolved (``..`` and symlinks followed), so neither walks out of an allowed folder.
-Refusals name the flag and the path the request gave; they never say whether something outside exists.
+A path is judged after it is resolved (``..`` and symlinks followed), so neither walks out of an allowed folder; a
+``datasets`` folder is judged by everything below it and every file its ``state.json`` names. Refusals name the flag
+and the path the request gave; they never say whether something outside exists. The folders themselves are the
+operator's: whoever can write into a data folder can make it point elsewhere between this check and the read.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +52,16 @@ class FileAccess:
             raise Forbidden(f"{requested} is not inside a folder the server may read data from (--mezo-data-dir)")
         for path in inside:
             if path.exists():
+                folder = next(d for d in self.data_dirs if _inside(path, d))
+                if path.is_dir() and not _stays_inside(path, folder):
+                    raise Forbidden(f"{requested} refers to files outside the folder the server may read data "
+                                    "from (--mezo-data-dir)")
                 return path
         raise InvalidRequest(f"no such file or folder in the data folders: {requested}")
 
-    def checkpoint_dir(self, name: str, overwrite: bool) -> Path:
-        """A new (or, with ``overwrite``, a replaced) folder for a checkpoint, created with its marker."""
+    def checkpoint_target(self, name: str, overwrite: bool) -> CheckpointTarget:
+        """Where a checkpoint named ``name`` goes: checked now, written into a staging folder beside it, and put in
+        place (replacing an earlier save of that name, with ``overwrite``) only once it is whole."""
         if self.output_dir is None:
             raise Forbidden("saving on the server is off: the server was started without --mezo-output-dir")
         if not name or Path(name).is_absolute():
@@ -69,10 +79,49 @@ class FileAccess:
                 raise Conflict(f"{name} exists and was not written by sglang-mezo: it is never overwritten")
             if not overwrite:
                 raise Conflict(f"{name} exists (set overwrite to replace it)")
-            shutil.rmtree(target)
-        target.mkdir(parents=True)
-        (target / MARKER).write_text("a checkpoint written by sglang-mezo (POST /mezo/save)\n")
-        return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        (staging / MARKER).write_text("a checkpoint written by sglang-mezo (POST /mezo/save)\n")
+        return CheckpointTarget(target, staging)
+
+
+@dataclass(frozen=True)
+class CheckpointTarget:
+    final: Path
+    staging: Path
+
+    def commit(self) -> None:
+        """The staged checkpoint takes the final name; an earlier one of that name goes only then."""
+        old = self.final.with_name(f".{self.final.name}.old-{uuid.uuid4().hex[:8]}")
+        if self.final.exists():
+            self.final.rename(old)
+        self.staging.rename(self.final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _stays_inside(folder: Path, allowed: Path) -> bool:
+    """Whether everything a ``datasets`` folder can make a reader open stays inside ``allowed``: every entry below it
+    (symlinks followed) and every file its ``state.json`` names."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            resolved = _resolved(Path(root, name))
+            if resolved is None or not _inside(resolved, allowed):
+                return False
+        if "state.json" in files:
+            try:
+                state = json.loads(Path(root, "state.json").read_text())
+                named = [f["filename"] for f in state.get("_data_files", [])]
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                return False  # not a state.json we can vouch for
+            for filename in named:
+                resolved = _resolved(Path(root, str(filename)))
+                if resolved is None or not _inside(resolved, allowed):
+                    return False
+    return True
 
 
 def _resolved(path: Path) -> Path | None:

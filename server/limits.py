@@ -26,14 +26,19 @@ def body_limit_message(limit_bytes: int) -> str:
 class BodyLimit:
     """ASGI middleware: a /mezo request whose body is over the limit gets a 413 that names the flag, before a
     handler sees it (a declared length), or as soon as the streamed bytes pass the limit. Other paths pass as they
-    were: SGLang's own routes keep SGLang's rules."""
+    were: SGLang's own routes keep SGLang's rules. It counts the bytes as sent: SGLang's optional request
+    decompression (``SGLANG_ENABLE_REQUEST_DECOMPRESSION``) runs inside it."""
 
     def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
         self.app = app
         self.limit_bytes = limit_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
+        path = str(scope.get("path", ""))
+        root = str(scope.get("root_path", ""))
+        if root and path.startswith(root):  # behind --root-path the route's own path follows it
+            path = path[len(root):]
+        if scope["type"] != "http" or not path.startswith(PREFIX):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit_bytes:

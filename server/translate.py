@@ -11,14 +11,12 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
-from sglang_mezo.jobs.data import examples_from_records, load_records
+from sglang_mezo.jobs.data import DataError, examples_from_records, load_records
 from sglang_mezo.jobs.errors import InvalidRequest
 from sglang_mezo.jobs.templates import (ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate,
-                                        TextChoice, TextExample)
+                                        TemplateError, TextChoice, TextExample)
 from sglang_mezo.options import Limits
 
 from .schemas import DatasetIn, ExampleIn, StepRequest
@@ -91,8 +89,10 @@ def dataset_texts(spec: DatasetIn, path: Path,
         return examples_from_records(records, template, eval_size=spec.eval_size,
                                      train_size=spec.train_size if for_training else None, seed=spec.seed,
                                      require_train=for_training)
-    except (ValueError, ValidationError) as exc:  # DataError and TemplateError are ValueErrors
+    except (DataError, TemplateError) as exc:  # their messages name the file, line and field, never content
         raise InvalidRequest(f"dataset {spec.path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - anything else a reader says may quote the file: say only what failed
+        raise InvalidRequest(f"dataset {spec.path}: cannot be read ({type(exc).__name__})") from None
 
 
 class Translator:

@@ -48,6 +48,7 @@ class Faults:
     raise_at: set[tuple[str, int]] = field(default_factory=set)
     torn_at: set[tuple[str, int]] = field(default_factory=set)
     restore: FailureKind | None = None
+    save: FailureKind | None = None
 
     @staticmethod
     def take(pending: set[tuple[str, int]], job_id: str, step: int) -> bool:
@@ -137,6 +138,9 @@ class FakeExecutor:
         return RestoreOutcome(message=f"replayed {steps} step(s)", weight_version=weight_version)
 
     async def save(self, path: str) -> SaveOutcome:
+        if self.faults.save is not None:
+            kind, self.faults.save = self.faults.save, None
+            return SaveOutcome(failure=Failure(kind, "the save failed"))
         self.engine.model.save_pretrained(path)
         return SaveOutcome(weight_version=self.version, tensors=tuple(sorted(self.base)), message="saved")
 

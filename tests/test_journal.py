@@ -15,6 +15,7 @@ from tiny_models import memorisation_task, tiny_llama
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
+from sglang_mezo.jobs.errors import Unavailable
 from sglang_mezo.jobs.job import JobStatus
 from sglang_mezo.jobs.journal import JOURNAL, Journal, JournalError, read
 from sglang_mezo.jobs.runner import JobRunner
@@ -128,3 +129,30 @@ def test_a_record_cut_short_is_dropped_and_damage_elsewhere_stops_the_launch(tmp
     tiny_llama(1).save_pretrained(tmp_path / "other")
     with pytest.raises(JournalError, match="another base checkpoint"):
         Journal(tmp_path / "state").open(str(tmp_path / "other"), "default")
+
+
+def test_a_journal_that_cannot_be_written_stops_training_and_says_so(tmp_path, base):
+    """/dev/full answers every write with ENOSPC: a real disk-full. The job that could not be journaled stops, with
+    its steps served and listed; nothing more trains until a restart; the reason is in the job and the refusal."""
+    async def main():
+        runner, executor, journal = journaled_runner(tmp_path / "state", base)
+        first = runner.submit(spec(3, seed=7))
+        await first.done.wait()
+        journal.path.unlink()
+        journal.path.symlink_to("/dev/full")
+        second = runner.submit(spec(3, seed=8))
+        await second.done.wait()
+        with pytest.raises(Unavailable, match="cannot be written"):
+            runner.submit(spec(1, seed=9))
+        return runner, executor, first, second
+
+    runner, executor, first, second = asyncio.run(main())
+    assert first.status is JobStatus.SUCCEEDED
+    assert second.status is JobStatus.FAILED and "cannot be written" in second.failure.message
+    assert_same(executor.weights(), replayed(executor, [s.trajectory for s in runner.weights.segments]))
+
+
+def test_only_a_local_safetensors_checkpoint_can_be_a_journals_base(tmp_path):
+    (tmp_path / "hub-like").mkdir()
+    with pytest.raises(JournalError, match="local folder of safetensors"):
+        Journal(tmp_path / "state").open(str(tmp_path / "hub-like"), "default")

@@ -23,14 +23,16 @@ TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the fi
 JOB = {"examples": TRAIN, "lr": 3e-3, "eps": 1e-3, "batch_size": 2, "n_probes": 2}
 
 
-def kill_during(server, job_id: str, after_steps: int) -> None:
-    """SIGKILL the whole server (every process) once the job has committed ``after_steps`` steps."""
+def kill_during(server, job_id: str, after_steps: int) -> int:
+    """SIGKILL the whole server (every process) once the job has committed ``after_steps`` steps; the last step
+    count the server reported before it died."""
     deadline = time.monotonic() + 120
-    while server.request("GET", f"/mezo/jobs/{job_id}")[1]["step"] < after_steps:
+    while (seen := server.request("GET", f"/mezo/jobs/{job_id}")[1]["step"]) < after_steps:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.killpg(server.process.pid, signal.SIGKILL)
     server.process.wait()
+    return seen
 
 
 def test_a_server_killed_mid_job_comes_back_with_the_weights_it_had_committed(tmp_path):
@@ -41,7 +43,7 @@ def test_a_server_killed_mid_job_comes_back_with_the_weights_it_had_committed(tm
         done = run_job(server, {**JOB, "steps": 4, "seed": 1})
         assert done["status"] == "succeeded"
         job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "seed": 2})[1]
-        kill_during(server, job["job_id"], rng.randrange(2, 12))
+        seen = kill_during(server, job["job_id"], rng.randrange(2, 12))
     interrupted = [job["job_id"]]
     for trial in range(3):  # three kill points; each restart picks up the last one's journal
         with running_server(model_path, *state, log_dir=tmp_path) as server:
@@ -50,6 +52,7 @@ def test_a_server_killed_mid_job_comes_back_with_the_weights_it_had_committed(tm
             for job_id in interrupted:
                 assert jobs[job_id]["status"] == "failed" and jobs[job_id]["error_kind"] == "interrupted", jobs[job_id]
             last = jobs[interrupted[-1]]
+            assert last["step"] >= seen  # what a client saw before the crash was already on disk
             weights = server.request("GET", "/mezo/weights")[1]
             assert weights["weight_version"] == f"mezo-{last['job_id']}-{last['step']}", (weights, last)
             assert weights["history"][-1] == {"job_id": last["job_id"], "steps": last["step"],
@@ -59,5 +62,5 @@ def test_a_server_killed_mid_job_comes_back_with_the_weights_it_had_committed(tm
             assert_served_is_replay(server, model_path)
             if trial < 2:
                 job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "seed": 3 + trial})[1]
-                kill_during(server, job["job_id"], rng.randrange(1, 12))
+                seen = kill_during(server, job["job_id"], rng.randrange(1, 12))
                 interrupted.append(job["job_id"])

@@ -297,6 +297,9 @@ def test_each_limit_is_refused_with_its_flag_and_the_server_unchanged(tmp_path):
                             "--mezo-max-tokens-per-job"),
                            ({"examples": TRAIN, "n_probes": 3}, "--mezo-max-probes")]:
             assert_error(client.post("/mezo/step", json=body), 400, "invalid_request", flag)
+        for body, flag in [({"examples": CHOICES, "probes": 6}, "--mezo-max-steps-per-job"),
+                           ({"examples": CHOICES * 2}, "--mezo-max-examples-per-job")]:
+            assert_error(client.post("/mezo/diagnose", json={"probes": 2, **body}), 400, "invalid_request", flag)
         too_large = client.post("/mezo/step", content=b"{" + b" " * (2 << 20) + b"}",
                                 headers={"content-type": "application/json"})
         assert_error(too_large, 413, "too_large", "--mezo-max-body-mb")
@@ -305,7 +308,7 @@ def test_each_limit_is_refused_with_its_flag_and_the_server_unchanged(tmp_path):
         executor.gate = threading.Event()  # the one job allowed stays running
         job = client.post("/mezo/step", json={"examples": TRAIN, "steps": 2}).json()
         assert_error(client.post("/mezo/step", json={"examples": TRAIN}), 429, "too_many", "--mezo-max-queued-jobs")
-        assert_error(client.post("/mezo/diagnose", json={"examples": CHOICES}), 429, "too_many")
+        assert_error(client.post("/mezo/diagnose", json={"examples": CHOICES, "probes": 2}), 429, "too_many")
         with client.stream("GET", f"/mezo/jobs/{job['job_id']}/events") as first:
             lines = first.iter_lines()
             assert next(lines) == "event: status"  # open, holding the one slot
@@ -317,3 +320,55 @@ def test_each_limit_is_refused_with_its_flag_and_the_server_unchanged(tmp_path):
         with client.stream("GET", f"/mezo/jobs/{job['job_id']}/events") as again:  # the slot came back
             assert next(again.iter_lines()) == "event: end"
     assert len(executor.chunks) == 2 and weights.keys() == executor.weights().keys()
+
+
+def test_a_save_that_fails_leaves_the_earlier_checkpoint_of_that_name(api, tmp_path):
+    client, executor = api
+    assert client.post("/mezo/save", json={"path": "ck"}).status_code == 200
+    before = sorted(p.name for p in (tmp_path / "out" / "ck").iterdir())
+    executor.faults.save = FailureKind.CHECKPOINT
+    assert_error(client.post("/mezo/save", json={"path": "ck", "overwrite": True}), 503, "unavailable",
+                 "the save failed")
+    assert sorted(p.name for p in (tmp_path / "out" / "ck").iterdir()) == before
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["ck"]  # no staging folder left behind
+
+
+def test_data_that_could_reach_outside_or_break_a_reader_is_refused(api, tmp_path):
+    client, _ = api
+    import datasets
+
+    template = {"kind": "classification", "prompt": "{text} It was"}
+    saved = tmp_path / "data" / "saved"
+    datasets.Dataset.from_list([{"text": "a", "label": 0}, {"text": "b", "label": 1}]).save_to_disk(str(saved))
+    assert client.post("/mezo/eval", json={"dataset": {"path": "saved", "template": template}}).status_code == 200
+    (saved / "escape").symlink_to(tmp_path / "secret.csv")  # a link inside the folder, out of it
+    assert_error(client.post("/mezo/eval", json={"dataset": {"path": "saved", "template": template}}), 403,
+                 "forbidden", "--mezo-data-dir")
+    (saved / "escape").unlink()
+    original = (saved / "state.json").read_text()
+    state = json.loads(original)
+    state["_data_files"][0]["filename"] = "../../secret.arrow"  # a file the loader would open, out of it
+    (saved / "state.json").write_text(json.dumps(state))
+    assert_error(client.post("/mezo/eval", json={"dataset": {"path": "saved", "template": template}}), 403,
+                 "forbidden")
+    (saved / "state.json").write_text(original)
+    assert_error(client.post("/mezo/eval", json={"dataset": {"path": "saved", "format": "parquet",
+                                                              "template": template}}), 400, "invalid_request",
+                 "only a datasets folder")
+    (tmp_path / "data" / "inf.jsonl").write_text('{"text": "a", "label": Infinity}\n')
+    assert_error(client.post("/mezo/eval", json={"dataset": {"path": "inf.jsonl", "template": template}}), 400,
+                 "invalid_request", "inf.jsonl, line 1", "not a class index")
+
+
+def test_a_streamed_body_over_the_limit_is_a_413(tmp_path):
+    app, _ = mezo_app(tmp_path, limits=Limits(max_body_mb=1))
+
+    def chunks():  # no Content-Length: the bytes are counted as they come
+        yield b'{"examples": ['
+        for _ in range(2 << 10):
+            yield b'{"prompt": "' + b"x" * 1000 + b'", "completion": " y"},'
+        yield b"]}"
+
+    with TestClient(app) as client:
+        response = client.post("/mezo/step", content=chunks(), headers={"content-type": "application/json"})
+        assert_error(response, 413, "too_large", "--mezo-max-body-mb")

@@ -8,6 +8,8 @@ from fastapi import APIRouter
 from sglang.srt.utils.auth import AuthLevel, auth_level
 
 from sglang_mezo.jobs.diagnose import diagnose as run_diagnosis
+from sglang_mezo.jobs.errors import InvalidRequest
+from sglang_mezo.options import Limits
 
 from ..context import Context
 from ..errors import MezoRoute
@@ -40,9 +42,14 @@ async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
 async def diagnose(request: DiagnoseRequest, mezo: Context) -> DiagnoseOut:
     """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and its
     probes' round trips are recorded, so the served weights stay exactly described)."""
+    if request.probes > mezo.limits.max_steps_per_job:  # each ε is a job of that many steps
+        raise InvalidRequest(f"probes={request.probes} is more than this server allows per job "
+                             f"({Limits.flag('max_steps_per_job')} {mezo.limits.max_steps_per_job})")
     examples = texts(request.examples)
+    check_count(mezo.limits, len(examples))
     objective = objective_for(examples, request.objective)
     tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples)
+    check_tokens(mezo.limits, tokenized)
     results = await run_diagnosis(mezo.runner, mezo.defaults, tokenized, objective, eps=request.eps,
                                   probes=request.probes, seed=request.seed, base_model=mezo.base_model)
     return DiagnoseOut(objective=objective, results=results)

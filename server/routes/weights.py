@@ -40,7 +40,15 @@ async def save(request: SaveRequest, mezo: Context) -> SaveOut:
     mezo_history.json, the trajectories from the base) into a folder of ``--mezo-output-dir``. Serving waits while
     the files are written."""
     try:
-        folder = await asyncio.to_thread(mezo.files.checkpoint_dir, request.path, request.overwrite)
+        target = await asyncio.to_thread(mezo.files.checkpoint_target, request.path, request.overwrite)
     except OSError as exc:  # permissions, a full disk: the server's problem, not the request's
         raise Unavailable(f"cannot create {request.path} in the output folder: {exc.strerror}") from exc
-    return SaveOut.of(str(folder), await mezo.runner.weights.save(str(folder)))
+    try:
+        report = await mezo.runner.weights.save(str(target.staging))
+        await asyncio.to_thread(target.commit)
+    except BaseException as exc:
+        await asyncio.to_thread(target.abandon)  # an earlier checkpoint of that name stays as it was
+        if isinstance(exc, OSError):
+            raise Unavailable(f"cannot put {request.path} in place in the output folder: {exc.strerror}") from exc
+        raise
+    return SaveOut.of(str(target.final), report)

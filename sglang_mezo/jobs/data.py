@@ -132,6 +132,8 @@ def load_records(path: str | Path, fmt: str = "auto", split: str | None = None) 
         fmt = {"ndjson": "jsonl", "pq": "parquet"}.get(fmt, fmt)
     if fmt not in FORMATS:
         raise DataError(f"cannot tell the format of {path.name}; say which of {FORMATS}")
+    if path.is_dir() != (fmt == "datasets"):  # (pyarrow would read a whole folder as one parquet dataset)
+        raise DataError(f"{path.name}: only a datasets folder (format datasets) may be a folder")
     try:
         if fmt == "jsonl":
             records = _jsonl(path)
@@ -174,7 +176,10 @@ def examples_from_records(records: Records, template: Template, *, eval_size: in
 
     labelled = [(i, at(i, template.label_of)) for i in range(len(rows))]
     if labelled and labelled[0][1] is not None:
-        (held_out,) = balanced_split(labelled, [eval_size], seed) if eval_size else ([],)
+        try:
+            (held_out,) = balanced_split(labelled, [eval_size], seed) if eval_size else ([],)
+        except ValueError as exc:  # too few records of a class for the held-out set
+            raise DataError(f"{records.path.name}: {exc}") from None
     else:
         order = list(range(len(rows)))
         random.Random(f"split:{seed}").shuffle(order)

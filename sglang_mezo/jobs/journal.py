@@ -41,21 +41,43 @@ class JournalError(ValueError):
     """The state folder cannot be used: written for another base checkpoint, or damaged before its last line."""
 
 
-def base_identity(model_path: str | Path) -> dict:
-    """What identifies the base checkpoint: each safetensors file's name, size, header (tensor names, shapes,
-    dtypes, offsets) and its first and last MiB. A copy of the folder elsewhere is the same base; other weights
-    are not (cheap enough to compute at every launch, also for large checkpoints)."""
-    files = {}
-    for file in sorted(Path(model_path).glob("*.safetensors")):
-        digest = hashlib.sha256()
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header_len + 2**20, size)))
-            f.seek(max(0, size - 2**20))
-            digest.update(f.read())
-        files[file.name] = {"size": size, "sha256": digest.hexdigest()}
-    return {"files": files}
+class JournalWriteError(RuntimeError):
+    """A record could not be written: what happens from now on would not survive a restart."""
+
+
+IDENTITY_CACHE = "base-identity.json"
+
+
+def base_identity(model_path: str | Path, cache_dir: Path | None = None) -> dict:
+    """What identifies the base checkpoint: the SHA-256 of each safetensors file, by name. A copy of the folder
+    elsewhere is the same base; other weights are not. Hashing reads every byte once: the result is kept in
+    ``cache_dir`` by (size, mtime, inode), so a launch on an unchanged checkpoint does not read it again."""
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise JournalError(f"--mezo-state-dir needs the base checkpoint as a local folder of safetensors files, and "
+                           f"{model_path} holds none")
+    cache_file = cache_dir / IDENTITY_CACHE if cache_dir is not None else None
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
+    except (OSError, ValueError):
+        cache = {}
+    identity, fresh = {}, {}
+    for file in files:
+        stat = file.stat()
+        key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+        if key not in cache:
+            digest = hashlib.sha256()
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(2**24), b""):
+                    digest.update(block)
+            cache[key] = digest.hexdigest()
+        fresh[key] = identity[file.name] = cache[key]
+    if cache_file is not None:
+        try:
+            cache_file.write_text(json.dumps(fresh))
+        except OSError:  # only a cache
+            pass
+    return {"sha256": identity}
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,7 @@ class JournalState:
 
     base: dict
     base_weight_version: str
+    base_model: str = ""
     jobs: dict[str, JournaledJob] = field(default_factory=dict)
     served: list[Segment] = field(default_factory=list)
 
@@ -126,17 +149,19 @@ class Journal:
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / JOURNAL
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.failed: str | None = None
+        """Why a record could not be written, once one could not."""
 
     def open(self, model_path: str, weight_version: str) -> JournalState:
         """The state the journal holds (a new journal starts with the base); raises :class:`JournalError` if it
         belongs to another base checkpoint or is damaged."""
-        identity = base_identity(model_path)
+        identity = base_identity(model_path, self.path.parent)
         if not self.path.exists() or self.path.stat().st_size == 0:
             self._append({"kind": "base", "format": FORMAT, "version": FORMAT_VERSION, "model_path": model_path,
                           "identity": identity, "weight_version": weight_version})
             _fsync_dir(self.path.parent)
         state = read(self.path)
-        if state.base != identity:
+        if state.base != identity:  # (a record from before the identity was a whole-file hash also ends here)
             raise JournalError(f"{self.path} was written for another base checkpoint than {model_path}: start with "
                                "that checkpoint, or another --mezo-state-dir")
         return state
@@ -172,11 +197,19 @@ class Journal:
         self._append({"kind": "served", "segments": [asdict(s) for s in segments]})
 
     def _append(self, record: dict) -> None:
+        """On disk before it returns; :class:`JournalWriteError` if it could not be (and for every record after:
+        a journal with a gap would describe weights that never were)."""
+        if self.failed:
+            raise JournalWriteError(self.failed)
         line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            self.failed = f"the journal {self.path} cannot be written ({exc.strerror or exc})"
+            raise JournalWriteError(self.failed) from exc
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -216,15 +249,18 @@ def read(path: str | Path) -> JournalState:
         logger.warning("MeZO: %s ended in a record cut short (the server stopped mid-write); dropped it", path)
         with path.open("r+b") as f:
             f.truncate(good_bytes)
-    if not records or records[0].get("kind") != "base" or records[0].get("format") != FORMAT:
+    first = records[0] if records and isinstance(records[0], dict) else {}
+    if first.get("kind") != "base" or first.get("format") != FORMAT:
         raise JournalError(f"{path} is not an sglang-mezo journal")
-    state = JournalState(base=records[0]["identity"], base_weight_version=records[0]["weight_version"])
+    state = JournalState(base=records[0]["identity"], base_weight_version=records[0]["weight_version"],
+                         base_model=records[0].get("model_path", ""))
     for number, record in enumerate(records[1:], start=2):
         try:
             _apply(state, record)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise JournalError(f"{path}, line {number}: a {record.get('kind')!r} record that does not fit the "
-                               f"journal before it ({type(exc).__name__})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            kind = record.get("kind") if isinstance(record, dict) else type(record).__name__
+            raise JournalError(f"{path}, line {number}: a {kind!r} record that does not fit the journal before it "
+                               f"({type(exc).__name__})") from None
     for job in state.jobs.values():
         if job.status == "running":  # the server stopped during it
             job.status = "failed"
@@ -237,14 +273,16 @@ def _apply(state: JournalState, record: dict) -> None:
     kind = record["kind"]
     if kind == "job":
         state.jobs[record["job_id"]] = JournaledJob(
-            id=record["job_id"], config=MezoConfig.from_dict(record["config"]), objective=Objective(record["objective"]),
+            id=record["job_id"], config=MezoConfig.from_dict(record["config"]),
+            objective=Objective(record["objective"]),
             batch_size=int(record["batch_size"]), purpose=record["purpose"], created=float(record["created"]),
             started=float(record["started"]), served_before=[Segment(**s) for s in record["served_before"]])
     elif kind == "chunk":
         job = state.jobs[record["job_id"]]
         if job.trajectory is None:
             job.trajectory = Trajectory(z_kind=ZKind(record["z_kind"]), trainable_fingerprint=record["fingerprint"],
-                                        trainable_names=list(record["names"]), config=job.config.to_dict())
+                                        trainable_names=list(record["names"]), config=job.config.to_dict(),
+                                        base_model=state.base_model)
         for row in record["steps"]:
             result = StepResult(seeds=tuple(row["seeds"]), loss_plus=tuple(row["loss_plus"]),
                                 loss_minus=tuple(row["loss_minus"]), projected_grads=tuple(row["projected_grads"]),

@@ -14,16 +14,16 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from sglang_mezo.core.objectives import EvalMetrics, Example, Objective
 from sglang_mezo.protocol import ChunkExecutor, Failure, FailureKind, ServedScorer, StepChunk, StepReport
 
-from .errors import Conflict, InvalidRequest, NotFound, TooMany
+from .errors import Conflict, InvalidRequest, NotFound, TooMany, Unavailable
 from .evaluation import evaluate_served
 from .job import Evaluation, Job, JobStatus
-from .journal import Journal, JournalState
+from .journal import Journal, JournalState, JournalWriteError
 from .served import ServedSegment, ServedWeights
 from .spec import JobSpec, Purpose
 
@@ -70,6 +70,8 @@ class JobRunner:
         """Queue a job; the worker task starts on the running event loop at the first submission."""
         if self.weights.lost:
             raise Conflict("the served weights are at no committed step (a restore failed): POST /mezo/reset first")
+        if self.journal is not None and self.journal.failed:
+            raise Unavailable(f"{self.journal.failed}: restart the server with a writable --mezo-state-dir")
         active = sum(1 for j in self.jobs.values() if not j.status.finished)
         if self.max_active is not None and active >= self.max_active:
             raise TooMany(f"{active} jobs are queued or running; this server queues at most {self.max_active} "
@@ -128,9 +130,11 @@ class JobRunner:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
         job.served_before = tuple(self.weights.segments)
-        if self.journal is not None:
-            self.journal.job_started(job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value,
-                                     job.created, [s.journaled() for s in job.served_before])
+        failure = await self._journaled(lambda journal: journal.job_started(
+            job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value, job.created,
+            [s.journaled() for s in job.served_before]))
+        if failure is not None:
+            return await self._fail(job, failure, recover=False)
         await self._evaluate(job)
         chunk_steps = 1
         while job.steps_done < spec.steps:
@@ -142,20 +146,34 @@ class JobRunner:
                                                               objective=spec.objective, steps=steps,
                                                               batches=spec.batches(steps)))
             per_step = (time.perf_counter() - started) / max(1, len(outcome.reports))
+            # on disk before anything here learns of the steps: a status that shows step k survives a restart
+            unjournaled = await self._journaled(lambda journal: journal.chunk(job.id, outcome, spec.config.z_kind))
             job.record(outcome)
-            if self.journal is not None:  # on disk before anything else learns of the steps
-                self.journal.chunk(job.id, outcome, spec.config.z_kind)
             self._notify("on_steps", job, outcome.reports)
             if job.trajectory is not None:
                 self.weights.carry(job.id, job.trajectory)
-            if outcome.failure is not None:
-                return await self._fail(job, outcome.failure, recover=not outcome.weights_consistent)
+            if outcome.failure is not None or unjournaled is not None:
+                return await self._fail(job, outcome.failure or unjournaled,
+                                        recover=not outcome.weights_consistent)
             chunk_steps = max(1, min(self.max_chunk_steps, int(self.chunk_target_s / max(per_step, 1e-6))))
             if job.steps_done == spec.steps or (spec.eval_every and job.steps_done % spec.eval_every == 0):
                 await self._evaluate(job)
             if job.steps_done < spec.steps and self.yield_s > 0:
                 await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
+
+    async def _journaled(self, write: Callable[[Journal], None]) -> Failure | None:
+        """A journal write, off the event loop (it fsyncs); why training must stop, if it could not be written."""
+        if self.journal is None:
+            return None
+        try:
+            await asyncio.to_thread(write, self.journal)
+        except JournalWriteError as exc:
+            logger.error("MeZO: %s", exc)
+            return Failure(FailureKind.INTERNAL, f"{exc}: steps from now on would not survive a restart, so "
+                                                 "training stops until the server restarts with a writable "
+                                                 "--mezo-state-dir")
+        return None
 
     @staticmethod
     def _next_steps(job: Job, chunk_steps: int) -> tuple[int, ...]:
@@ -178,7 +196,7 @@ class JobRunner:
         if self.journal is not None and job.started is not None:
             try:
                 self.journal.finished(job.id, status.value, job.failure)
-            except OSError:  # the job is over either way; a restart will list it as interrupted
+            except JournalWriteError:  # the job is over either way; a restart will list it as interrupted
                 logger.exception("MeZO: could not journal the end of job %s", job.id)
         job.done.set()
         self._notify("on_finish", job)
@@ -199,8 +217,7 @@ class JobRunner:
         metrics, version = await evaluate_served(self.scorer, spec.objective, spec.eval_examples,
                                                  spec.eval_generate)
         job.evals.append(Evaluation(job.steps_done, metrics, version))
-        if self.journal is not None:
-            self.journal.evaluated(job.id, job.steps_done, metrics, version)
+        await self._journaled(lambda journal: journal.evaluated(job.id, job.steps_done, metrics, version))
         self._notify("on_eval", job, job.evals[-1])
         logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)
 

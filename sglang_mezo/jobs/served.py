@@ -18,7 +18,7 @@ from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.protocol import ChunkExecutor, weight_version_label
 
 from .errors import Conflict, Unavailable, error_for
-from .journal import Journal, Segment
+from .journal import Journal, JournalWriteError, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,10 @@ class ServedWeights:
             raise error_for(outcome.failure, "restoring the weights")
         self.segments, self.lost = list(history), False
         if self.journal is not None:
-            self.journal.served([segment.journaled() for segment in self.segments])
+            try:
+                await asyncio.to_thread(self.journal.served, [segment.journaled() for segment in self.segments])
+            except JournalWriteError as exc:
+                raise Unavailable(f"the weights were restored, but {exc}") from exc
         return outcome.message
 
     async def recover(self) -> str:

@@ -85,7 +85,7 @@ def _label_index(value, labels: Sequence[str] | None, n: int, field: str) -> int
             raise TemplateError(f"field {field!r} is not one of the labels {list(labels)}") from None
     try:
         index = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: int(float("inf")), which JSON can hold)
         raise TemplateError(f"field {field!r} is not a class index; give the template its labels") from None
     if not 0 <= index < n:
         raise TemplateError(f"field {field!r} is not an index of the {n} options")

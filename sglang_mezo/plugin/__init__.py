@@ -65,7 +65,7 @@ def _after_scheduler_dispatcher(result, scheduler) -> None:
     if options.enabled:
         from sglang_mezo.scheduler.handler import install
 
-        install(scheduler, options.resume)
+        install(scheduler, options.resume, options.resume_base_version)
 
 
 def _before_http_setup(server_args, tokenizer_manager, *args, **kwargs) -> None:
@@ -151,7 +151,8 @@ def _resume(options, server_args):
         server_args.weight_version = state.weight_version()
         logger.info("MeZO: the journal in %s serves %s (%d job(s) replayed at launch)", options.state_dir,
                     server_args.weight_version, len(history))
-    return dataclasses.replace(options, resume=tuple(trajectory for _, trajectory in history))
+    return dataclasses.replace(options, resume=tuple(trajectory for _, trajectory in history),
+                               resume_base_version=state.base_weight_version)
 
 
 def _open_to_the_network(namespace) -> bool:

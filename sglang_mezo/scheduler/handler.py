@@ -208,15 +208,18 @@ class MezoSchedulerHandler:
             logger.info("MeZO: %s", outcome.message)
         return MezoReqOutput(outcome=outcome)
 
-    def restore_at_launch(self, history: tuple[Trajectory, ...]) -> None:
+    def restore_at_launch(self, history: tuple[Trajectory, ...], base_version: str) -> None:
         """Before the scheduler serves anything: put the weights at the journal's served history (SGLang's weight
-        version was already set to its label at launch). A failure disables training, loudly."""
+        version was already set to its label at launch). If that fails, the weights are labelled ``base_version``
+        again (they are the base's, or at no known state) and training is off until a reset succeeds."""
         outcome = self._restore(history, lambda: None)
-        if outcome.failure is not None:
-            logger.error("MeZO: the journal's served history could not be replayed at launch: %s; training is off "
-                         "until POST /mezo/reset succeeds", outcome.failure.message)
-        else:
+        if outcome.failure is None:
             logger.info("MeZO: replayed the journal at launch: %s", outcome.message)
+            return
+        logger.error("MeZO: the journal's served history could not be replayed at launch: %s; training is off "
+                     "until POST /mezo/reset succeeds", outcome.failure.message)
+        self.inconsistent = True
+        self._label(base_version)
 
     def _restore(self, history: tuple[Trajectory, ...], label: Callable[[], None]) -> RestoreOutcome:
         """The base weights, re-read, with ``history`` replayed exactly (every rank agreeing before and after)."""
@@ -318,7 +321,7 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: resuming serving failed")
 
 
-def install(scheduler, resume: tuple[Trajectory, ...] = ()) -> None:
+def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = "") -> None:
     """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook, when
     the model is loaded and nothing has been served yet), after replaying ``resume`` (the journal's served
     history) onto the weights."""
@@ -326,7 +329,7 @@ def install(scheduler, resume: tuple[Trajectory, ...] = ()) -> None:
 
     handler = MezoSchedulerHandler(SchedulerServing(scheduler))
     if resume:
-        handler.restore_at_launch(resume)
+        handler.restore_at_launch(resume, base_version)
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (MezoChunkReqInput, handler.handle),
         (MezoRestoreReqInput, handler.restore),
