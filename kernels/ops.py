@@ -1,4 +1,5 @@
-"""Launchers: apply Σ c·z(seed) to a list of tensors in place, on CUDA (Triton) or CPU (PyTorch).
+"""Launchers: apply Σ c·z(seed) to a list of tensors in place, on CUDA (Triton) or CPU (numba for fp32, PyTorch for
+the other dtypes).
 
 One call is one *pass* over the trainable weights. It is registered as a torch custom op that declares the
 tensors it mutates, so ``torch.compile`` is not surprised by an in-place write.
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .stream import ZKind, ZSlice, check_seed
+from .z_numba import SUPPORTED as NUMBA_DTYPES
+from .z_numba import zaxpy_numba_
 from .z_torch import zaxpy_torch_
 
 
@@ -69,8 +72,8 @@ def _zaxpy_op(
                 )
             _zaxpy_triton_(as_block(theta), where, *coefficients[theta.device], decay=decay, kind=z_kind)
         else:
-            zaxpy_torch_(as_block(theta), where, seeds=seeds, restore=restore, update=update, decay=decay,
-                         kind=z_kind)
+            cpu_pass = zaxpy_numba_ if theta.dtype in NUMBA_DTYPES else zaxpy_torch_
+            cpu_pass(as_block(theta), where, seeds=seeds, restore=restore, update=update, decay=decay, kind=z_kind)
 
 
 @_zaxpy_op.register_fake
