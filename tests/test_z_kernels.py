@@ -12,6 +12,8 @@ import torch
 from tiny_models import assert_close_report
 
 from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, materialize_z, tensor_key, zaxpy_
+from sglang_mezo.kernels.z_numba import zaxpy_numba_
+from sglang_mezo.kernels.z_torch import zaxpy_torch_
 
 KEY = tensor_key("model.layers.0.self_attn.o_proj.weight")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,6 +76,30 @@ def test_triton_matches_torch_path(kind, dtype):
     else:
         # same z, same operation order, FMA contraction off (enable_fp_fusion=False): identical
         assert torch.equal(tri, cpu)
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+@pytest.mark.parametrize(
+    ("shape", "where", "strided"),
+    [
+        ((37, 61), ZSlice(KEY, 61), False),  # whole tensor: one run
+        ((12, 131), ZSlice(KEY, 200, row_offset=3, col_offset=17), False),  # a row-parallel shard's columns
+        ((9, 50), ZSlice(KEY, 50, row_offset=2**31 + 7), True),  # rows of a wider storage, a far offset
+        ((1, (1 << 20) + 3), ZSlice(KEY, 1 << 21, col_offset=5), False),  # > 1M normals, unaligned start
+        ((3, 1), ZSlice(KEY, 1, row_offset=126), True),  # one-element runs across a Rademacher group edge
+    ],
+)
+def test_compiled_cpu_pass_equals_torch_path(kind, shape, where, strided):
+    """The numba kernel (what fp32 CPU weights take) against the PyTorch path, bit for bit, on the pass that ends
+    every step: several seeds (one with both coefficients zero), restore, update and decay."""
+    gen = torch.Generator().manual_seed(3)
+    storage = torch.randn(shape[0], shape[1] * (2 if strided else 1), generator=gen) * 0.02
+    seeds, restore, update = [3, 2**62 + 5, 8, 77], [0.0, 1e-3, 0.0, -0.5], [-1e-4, 0.0, 0.0, 2e-5]
+    expected, got = storage.clone(), storage.clone()
+    for out, cpu_pass in ((expected, zaxpy_torch_), (got, zaxpy_numba_)):
+        cpu_pass(out[:, : shape[1]], where, seeds=seeds, restore=restore, update=update, decay=0.999, kind=kind)
+    assert not torch.equal(got, storage)
+    assert torch.equal(got, expected)
 
 
 def test_triton_z_equals_torch_z_bit_for_bit():
