@@ -87,22 +87,32 @@ class TokenizerManagerScorer:
         from sglang.srt.managers.io_struct import GenerateReqInput
 
         sums: list[float] = []
+        nexts: list[torch.Tensor] = []
         versions: set[str] = set()
         for start in range(0, len(items), self.BATCH):
             chunk = items[start : start + self.BATCH]
+            asks = any(i.next_token_ids for i in chunk)
             request = GenerateReqInput(
                 input_ids=[list(i.prompt_ids) + list(i.completion_ids) for i in chunk],
                 sampling_params={"max_new_tokens": 0},
                 return_logprob=True,
                 # entries from the last prompt token on: the first is that token's own, the rest the completion's
                 logprob_start_len=[len(i.prompt_ids) - 1 for i in chunk],
+                # SGLang reads a list per request or broadcasts one list to all: items that ask nothing ask for their
+                # own first token, which costs nothing
+                token_ids_logprob=[list(i.next_token_ids or i.completion_ids[:1]) for i in chunk] if asks else None,
             )
             outputs = await self._first(request)
-            for out in outputs:
-                sums.append(math.fsum(e[0] for e in out["meta_info"]["input_token_logprobs"][1:]))
-                versions.add(str(out["meta_info"]["weight_version"]))
+            for out, item in zip(outputs, chunk, strict=True):
+                meta = out["meta_info"]
+                sums.append(math.fsum(e[0] for e in meta["input_token_logprobs"][1:]))
+                versions.add(str(meta["weight_version"]))
+                # entry 1, like the completion's first log-prob: read where the first completion token is predicted
+                asked = {int(e[1]): float(e[0]) for e in meta["input_token_ids_logprobs"][1]} if asks else {}
+                nexts.append(torch.tensor([asked[t] for t in item.next_token_ids], dtype=torch.float64))
         scores = CompletionScores(sum_logprob=torch.tensor(sums, dtype=torch.float64),
-                                  n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64))
+                                  n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64),
+                                  next_token_logprobs=tuple(nexts) if any(i.next_token_ids for i in items) else ())
         return scores, versions
 
     async def _first(self, request) -> list[dict]:

@@ -33,3 +33,25 @@ def test_tied_embeddings_are_one_tensor():
     assert len(names) == len(set(names))
     piece = next(p for p in engine.trainable_pieces() if p.name == "model.embed_tokens.weight")
     assert piece.data.data_ptr() == engine.model.lm_head.weight.data_ptr()
+
+
+def test_one_token_options_share_their_prompt_and_score_as_one_sequence_each():
+    """A choice whose options are one token each is one scored sequence: the options' log-probs are read at the
+    last prompt position. Losses and accuracies equal scoring every option as its own sequence, to 1e-5; a choice
+    with a longer option, in the same batch, keeps one sequence per option."""
+    from sglang_mezo.core.objectives import ChoiceExample, Objective, evaluate, example_losses, scoring_items
+
+    engine = HFEngine(tiny_llama(0), max_batch_tokens=24)  # several padded batches
+    batch = [ChoiceExample((5, 6, 7), ((8,), (9,)), label=1), ChoiceExample((10, 11), ((12,), (13,), (14,)), label=0),
+             ChoiceExample((4, 4, 4, 4), ((5, 6), (7,)), label=1), ChoiceExample((3,), ((9,), (8,)), label=0)]
+    shared, separate = scoring_items(batch), scoring_items(batch, share_prompts=False)
+    assert len(shared) == 1 + 1 + 2 + 1 and len(separate) == 2 + 3 + 2 + 2
+    shared_scores, separate_scores = engine.score(shared), engine.score(separate)
+    for objective in (Objective.CLASSIFICATION, Objective.ACCURACY):
+        a = example_losses(objective, batch, shared_scores)
+        b = example_losses(objective, batch, separate_scores, share_prompts=False)
+        assert (a - b).abs().max().item() <= 1e-5, (objective, a, b)
+    metrics = evaluate(Objective.CLASSIFICATION, batch, shared_scores)
+    assert metrics.accuracy == evaluate(Objective.CLASSIFICATION, batch, separate_scores,
+                                        share_prompts=False).accuracy
+    assert 0.0 < metrics.loss < 10.0

@@ -73,6 +73,59 @@ def test_eval_matches_the_reference_engine(server, model_path):
     assert server.request("POST", "/mezo/eval", {"examples": choice(HELD_OUT), "objective": "cross_entropy"})[0] == 400
 
 
+def test_one_token_options_share_their_prompt_in_evaluation_and_in_steps(server, model_path):
+    """Options of one token each ("n"/"y" are single tokens of the test tokenizer) are read at the last prompt
+    position of one sequence, in /mezo/eval (SGLang's request path) and inside a step (the scheduler's own scoring
+    batch). Evaluation equals the per-option path through the same server (each option scored as its own completion)
+    to 1e-5; a step's L+ and L- equal the reference engine's per-option path under the same probe to 1e-4 (SGLang
+    against transformers, as elsewhere)."""
+    import torch
+
+    from sglang_mezo.core.config import MezoConfig
+    from sglang_mezo.core.objectives import batch_loss_fn, shares_prompt
+    from sglang_mezo.core.params import TrainableSet
+    from sglang_mezo.core.spsa import mezo_step
+    from sglang_mezo.core.trajectory import Trajectory
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    examples = [{"prompt": f"{text}. Good? ", "options": ["n", "y"], "label": label} for text, label in REVIEWS]
+    batch = [ChoiceExample(tuple(tok(e["prompt"])["input_ids"]),
+                           tuple(tuple(tok(o, add_special_tokens=False)["input_ids"]) for o in e["options"]),
+                           e["label"]) for e in examples]
+    assert all(shares_prompt(example) for example in batch)
+    engine = engine_for_served(server, model_path)  # the served weights, before this test's step
+
+    status, shared = server.request("POST", "/mezo/eval", {"examples": examples})
+    assert status == 200, shared
+    logits = []
+    for e in examples:  # the per-option path: every option its own completion, through the same server
+        row = []
+        for option in e["options"]:
+            body = {"examples": [{"prompt": e["prompt"], "completion": option}], "objective": "cross_entropy"}
+            status, out = server.request("POST", "/mezo/eval", body)
+            assert status == 200, out
+            row.append(-out["loss"])
+        logits.append(torch.tensor(row, dtype=torch.float64))
+    losses = [-torch.log_softmax(row, 0)[e["label"]].item() for row, e in zip(logits, examples)]
+    assert abs(shared["loss"] - sum(losses) / len(losses)) <= 1e-5
+    hits = [int(row.argmax()) == e["label"] for row, e in zip(logits, examples)]
+    assert shared["accuracy"] == sum(hits) / len(hits)
+
+    job = run_job(server, {"examples": examples, "steps": 1, "lr": 0.0, "eps": 1e-2, "batch_size": len(examples),
+                           "n_probes": 2, "seed": 4})
+    assert job["status"] == "succeeded", job
+    served_step = server.request("GET", f"/mezo/jobs/{job['job_id']}/history")[1]["steps"][0]
+    trajectory = Trajectory.from_dict(server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1])
+    record = trajectory.records[0]
+    params = TrainableSet.from_pieces(engine.trainable_pieces(), MezoConfig.from_dict(trajectory.config).selection,
+                                      engine.num_layers)
+    reference = mezo_step(params, batch_loss_fn(engine, Objective.CLASSIFICATION, batch, share_prompts=False),
+                          record.seeds, eps=record.eps, lr=0.0, kind=trajectory.z_kind)
+    for served, expected in ((served_step["loss_plus"], reference.loss_plus),
+                             (served_step["loss_minus"], reference.loss_minus)):
+        assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) <= 1e-4, (served, expected)
+
+
 def test_a_job_evaluates_periodically_and_its_best_step_can_be_restored(server, model_path):
     job = run_job(server, {"examples": choice(REVIEWS), "eval_examples": choice(HELD_OUT), "eval_every": 4,
                            "steps": 10, "lr": 5e-2, "eps": 1e-2, "batch_size": 4, "seed": 5})

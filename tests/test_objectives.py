@@ -44,9 +44,17 @@ def test_choice_losses_and_accuracy_by_hand():
     # per-token scores: ex0: -2/1 = -2, -2/2 = -1; ex1: -1, -3
     scores = CompletionScores(sum_logprob=torch.tensor([-2.0, -2.0, -1.0, -3.0], dtype=torch.float64),
                               n_tokens=torch.tensor([1, 2, 1, 1]))
-    ce = example_losses(Objective.CLASSIFICATION, batch, scores)
+    ce = example_losses(Objective.CLASSIFICATION, batch, scores, share_prompts=False)
     assert ce[0].item() == pytest.approx(math.log(1 + math.exp(-1)))  # -log softmax([-2, -1])[1]
     assert ce[1].item() == pytest.approx(math.log(1 + math.exp(2)))  # -log softmax([-1, -3])[1]
-    assert example_losses(Objective.ACCURACY, batch, scores).tolist() == [0.0, 1.0]
-    metrics = evaluate(Objective.CLASSIFICATION, batch, scores)
+    assert example_losses(Objective.ACCURACY, batch, scores, share_prompts=False).tolist() == [0.0, 1.0]
+    metrics = evaluate(Objective.CLASSIFICATION, batch, scores, share_prompts=False)
     assert metrics.accuracy == 0.5 and metrics.loss == pytest.approx(ce.mean().item())
+
+    # shared: example 1's one-token options are one item whose asked log-probs are the option scores; example 0 (a
+    # two-token option) keeps one item per option
+    shared = CompletionScores(sum_logprob=torch.tensor([-2.0, -2.0, -1.0], dtype=torch.float64),
+                              n_tokens=torch.tensor([1, 2, 1]),
+                              next_token_logprobs=(torch.empty(0), torch.empty(0),
+                                                   torch.tensor([-1.0, -3.0], dtype=torch.float64)))
+    assert torch.equal(example_losses(Objective.CLASSIFICATION, batch, shared), ce)

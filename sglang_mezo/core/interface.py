@@ -17,10 +17,14 @@ from .params import TrainablePiece
 
 @dataclass(frozen=True)
 class ScoringItem:
-    """A token sequence to score: the log-probability of ``completion_ids`` given ``prompt_ids``."""
+    """A token sequence to score: the log-probability of ``completion_ids`` given ``prompt_ids``; and, when
+    ``next_token_ids`` is given, log p(t | prompt) of each of those tokens, read at the same position as the
+    completion's first token. That second read is what lets the k one-token options of a choice share one sequence
+    (one forward of the prompt instead of k)."""
 
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
+    next_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.prompt_ids or not self.completion_ids:
@@ -29,10 +33,13 @@ class ScoringItem:
 
 @dataclass(frozen=True)
 class CompletionScores:
-    """Per item: the summed log-probability of the completion tokens (fp32 or wider) and their count."""
+    """Per item: the summed log-probability of the completion tokens (fp32 or wider) and their count; and for items
+    with ``next_token_ids``, the log-probabilities of those tokens after the prompt (float64, in the order asked; an
+    empty tensor for items that asked none). ``next_token_logprobs`` is empty when no item asked."""
 
     sum_logprob: torch.Tensor
     n_tokens: torch.Tensor
+    next_token_logprobs: tuple[torch.Tensor, ...] = ()
 
 
 class ScoringEngine(Protocol):

@@ -2,7 +2,7 @@
 
 * ``cross_entropy``: mean negative log-likelihood of the completion tokens (LM fine-tuning).
 * ``classification``: cross-entropy over the options' length-normalised log-likelihoods (MeZO's prompt-based
-  classification: "<text> It was" -> " great" / " terrible").
+  classification: "<text> It was" -> " great" / " terrible"). One-token options share one scored sequence.
 * ``accuracy``: 1 - [argmax option == label]. Piecewise constant: most probes give L+ = L- (g = 0), which the
   step counts rather than hides.
 
@@ -57,30 +57,50 @@ class ChoiceExample:
 Example = CompletionExample | ChoiceExample
 
 
-def scoring_items(batch: Sequence[Example]) -> list[ScoringItem]:
-    """The sequences to score for a batch, flattened: one per completion, one per option of a choice."""
+def shares_prompt(example: Example) -> bool:
+    """Whether a choice is scored as one sequence: its options are one token each, so their log-probabilities are
+    all read at the position after the prompt (the usual verbalizers, " great"/" terrible"). Options of several
+    tokens are scored one sequence each (the prompt computed once per option: sharing its KV inside a step is not
+    built)."""
+    return isinstance(example, ChoiceExample) and all(len(option) == 1 for option in example.option_ids)
+
+
+def scoring_items(batch: Sequence[Example], *, share_prompts: bool = True) -> list[ScoringItem]:
+    """The sequences to score for a batch, flattened: one per completion; one per choice whose options share its
+    prompt (:func:`shares_prompt`, unless ``share_prompts`` is off), else one per option."""
     items: list[ScoringItem] = []
     for example in batch:
         if isinstance(example, CompletionExample):
             items.append(ScoringItem(example.prompt_ids, example.completion_ids))
+        elif share_prompts and shares_prompt(example):
+            # the first option stands in as the completion: the options are read one position before it
+            items.append(ScoringItem(example.prompt_ids, example.option_ids[0],
+                                     next_token_ids=tuple(option[0] for option in example.option_ids)))
         else:
             items.extend(ScoringItem(example.prompt_ids, option) for option in example.option_ids)
     return items
 
 
-def option_logits(batch: Sequence[ChoiceExample], scores: CompletionScores) -> list[torch.Tensor]:
-    """Per example, the length-normalised log-likelihood of each option (the logits of the classifier)."""
+def option_logits(batch: Sequence[ChoiceExample], scores: CompletionScores, *,
+                  share_prompts: bool = True) -> list[torch.Tensor]:
+    """Per example, the length-normalised log-likelihood of each option (the logits of the classifier), from the
+    scores of ``scoring_items(batch, share_prompts=...)``."""
     per_token = scores.sum_logprob.double() / scores.n_tokens.double()
     out, start = [], 0
     for example in batch:
-        n = len(example.option_ids)
-        out.append(per_token[start : start + n])
-        start += n
+        if share_prompts and shares_prompt(example):
+            out.append(scores.next_token_logprobs[start].double())
+            start += 1
+        else:
+            n = len(example.option_ids)
+            out.append(per_token[start : start + n])
+            start += n
     return out
 
 
-def example_losses(objective: Objective, batch: Sequence[Example], scores: CompletionScores) -> torch.Tensor:
-    """One loss per example (float64), from the scores of ``scoring_items(batch)`` in that order."""
+def example_losses(objective: Objective, batch: Sequence[Example], scores: CompletionScores, *,
+                   share_prompts: bool = True) -> torch.Tensor:
+    """One loss per example (float64), from the scores of ``scoring_items(batch, share_prompts=...)``."""
     if objective is Objective.CROSS_ENTROPY:
         if not all(isinstance(e, CompletionExample) for e in batch):
             raise ValueError("the cross_entropy objective needs prompt/completion examples")
@@ -88,7 +108,7 @@ def example_losses(objective: Objective, batch: Sequence[Example], scores: Compl
     if not all(isinstance(e, ChoiceExample) for e in batch):
         raise ValueError(f"the {objective.value} objective needs prompt/options/label examples")
     losses = []
-    for example, logits in zip(batch, option_logits(batch, scores), strict=True):
+    for example, logits in zip(batch, option_logits(batch, scores, share_prompts=share_prompts), strict=True):
         if objective is Objective.CLASSIFICATION:
             losses.append(-torch.log_softmax(logits, dim=0)[example.label])
         else:
@@ -96,12 +116,14 @@ def example_losses(objective: Objective, batch: Sequence[Example], scores: Compl
     return torch.stack(losses)
 
 
-def batch_loss_fn(engine: ScoringEngine, objective: Objective, batch: Sequence[Example]) -> LossFn:
+def batch_loss_fn(engine: ScoringEngine, objective: Objective, batch: Sequence[Example], *,
+                  share_prompts: bool = True) -> LossFn:
     """The closure a MeZO step calls twice per probe: score ``batch`` now and return its mean loss."""
-    items = scoring_items(batch)
+    items = scoring_items(batch, share_prompts=share_prompts)
 
     def loss() -> float:
-        return float(example_losses(objective, batch, engine.score(items)).mean())
+        scores = engine.score(items)
+        return float(example_losses(objective, batch, scores, share_prompts=share_prompts).mean())
 
     return loss
 
@@ -155,11 +177,13 @@ def generation_metrics(metrics: EvalMetrics, predictions: Sequence[str], referen
                                f1=sum(map(token_f1, predictions, references)) / n)
 
 
-def evaluate(objective: Objective, examples: Sequence[Example], scores: CompletionScores) -> EvalMetrics:
-    """Metrics of ``examples`` from the scores of ``scoring_items(examples)``."""
-    loss = float(example_losses(objective, examples, scores).mean())
+def evaluate(objective: Objective, examples: Sequence[Example], scores: CompletionScores, *,
+             share_prompts: bool = True) -> EvalMetrics:
+    """Metrics of ``examples`` from the scores of ``scoring_items(examples, share_prompts=...)``."""
+    loss = float(example_losses(objective, examples, scores, share_prompts=share_prompts).mean())
     accuracy = None
     if examples and all(isinstance(e, ChoiceExample) for e in examples):
-        hits = [int(logits.argmax()) == e.label for e, logits in zip(examples, option_logits(examples, scores))]
+        logits = option_logits(examples, scores, share_prompts=share_prompts)
+        hits = [int(option.argmax()) == e.label for e, option in zip(examples, logits, strict=True)]
         accuracy = sum(hits) / len(hits)
     return EvalMetrics(n=len(examples), loss=loss, accuracy=accuracy)

@@ -39,14 +39,17 @@ class HFEngine:
 
     @torch.inference_mode()
     def score(self, items: Sequence[ScoringItem]) -> CompletionScores:
-        """Sum of completion-token log-probs per item, right-padded batches of at most ``max_batch_tokens``."""
-        sums, counts = [], []
+        """Sum of completion-token log-probs per item (and the asked next-token log-probs), right-padded batches of
+        at most ``max_batch_tokens``."""
+        sums, nexts = [], []
         for batch in self._batches(items):
-            sums.append(self._score_batch(batch))
-            counts.extend(len(item.completion_ids) for item in batch)
+            batch_sums, batch_nexts = self._score_batch(batch)
+            sums.append(batch_sums)
+            nexts.extend(batch_nexts)
         return CompletionScores(
             sum_logprob=torch.cat(sums).cpu(),
-            n_tokens=torch.tensor(counts, dtype=torch.int64),
+            n_tokens=torch.tensor([len(item.completion_ids) for item in items], dtype=torch.int64),
+            next_token_logprobs=tuple(nexts) if any(item.next_token_ids for item in items) else (),
         )
 
     def _batches(self, items: Sequence[ScoringItem]) -> list[list[ScoringItem]]:
@@ -64,7 +67,7 @@ class HFEngine:
             batches.append(current)
         return batches
 
-    def _score_batch(self, batch: list[ScoringItem]) -> torch.Tensor:
+    def _score_batch(self, batch: list[ScoringItem]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         seqs = [item.prompt_ids + item.completion_ids for item in batch]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
@@ -77,5 +80,10 @@ class HFEngine:
             target_mask[i, len(item.prompt_ids) - 1 : len(seq) - 1] = True
         ids, mask, target_mask = ids.to(self.device), mask.to(self.device), target_mask.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return torch.where(target_mask, logprobs, 0.0).sum(dim=1, dtype=torch.float64)
+        all_logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = all_logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        sums = torch.where(target_mask, logprobs, 0.0).sum(dim=1, dtype=torch.float64)
+        # the asked tokens, read where the completion's first token is predicted (the last prompt position)
+        nexts = [all_logprobs[i, len(item.prompt_ids) - 1, list(item.next_token_ids)].double().cpu()
+                 for i, item in enumerate(batch)]
+        return sums, nexts

@@ -52,11 +52,15 @@ class SchedulerEngine:
 
     def score(self, items: Sequence[ScoringItem]) -> CompletionScores:
         sums: list[torch.Tensor] = []
+        nexts: list[torch.Tensor] = []
         for chunk in self._chunks(items):
-            sums.append(self._score_chunk(chunk))
+            chunk_sums, chunk_nexts = self._score_chunk(chunk)
+            sums.append(chunk_sums)
+            nexts.extend(chunk_nexts)
         return CompletionScores(
             sum_logprob=torch.cat(sums).double().cpu(),
             n_tokens=torch.tensor([len(i.completion_ids) for i in items], dtype=torch.int64),
+            next_token_logprobs=tuple(nexts) if any(i.next_token_ids for i in items) else (),
         )
 
     def _chunks(self, items: Sequence[ScoringItem]) -> list[list[ScoringItem]]:
@@ -84,7 +88,7 @@ class SchedulerEngine:
                                 "use fewer or shorter examples per step, or a larger --max-total-tokens")
         return chunks
 
-    def _score_chunk(self, items: list[ScoringItem]) -> torch.Tensor:
+    def _score_chunk(self, items: list[ScoringItem]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         from sglang.srt.managers.overlap_utils import resolve_forward_inputs
         from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
         from sglang.srt.mem_cache.common import release_kv_cache
@@ -98,7 +102,9 @@ class SchedulerEngine:
             params.normalize(None)
             req = Req(f"mezo-{tag}-{next(self._ids)}", "", array("q", item.prompt_ids + item.completion_ids), params,
                       return_logprob=True, eos_token_ids=s.model_config.hf_eos_token_id,
-                      vocab_size=s.model_config.vocab_size)
+                      vocab_size=s.model_config.vocab_size,
+                      # SGLang's own way to read chosen tokens' log-probs at every scored position (its /v1/score)
+                      token_ids_logprob=list(item.next_token_ids) or None)
             # log p(token k) comes from position k - 1: start one before the completion
             req.logprob_start_len = len(item.prompt_ids) - 1
             req.skip_radix_cache_insert = True
@@ -112,6 +118,7 @@ class SchedulerEngine:
             resolve_forward_inputs(batch, s.future_map)
             result = s.tp_worker.forward_batch_generation(batch)
             logprobs = result.logits_output.input_token_logprobs.float().cpu()  # host sync
+            asked = result.logits_output.input_token_ids_logprobs_val
         finally:
             for req in reqs:
                 if req.kv.holds_kv:
@@ -124,4 +131,19 @@ class SchedulerEngine:
             start += n + 1
         if start != logprobs.numel():
             raise RuntimeError(f"unexpected input log-prob layout: {logprobs.numel()} entries for {start} expected")
-        return torch.stack(sums)
+        nexts = [_first_position(asked[i], len(item.next_token_ids)) if item.next_token_ids else torch.empty(0)
+                 for i, item in enumerate(items)]
+        return torch.stack(sums), nexts
+
+
+def _first_position(rows, k: int) -> torch.Tensor:
+    """The asked tokens' log-probs at a request's first scored position (the last prompt token's), from SGLang's
+    ``input_token_ids_logprobs_val`` entry for it: a list of per-position rows, or (when SGLang copies them to pinned
+    memory asynchronously) a list of ``[positions, k]`` tensors."""
+    if rows and isinstance(rows[0], torch.Tensor):
+        first = torch.cat([r.reshape(-1, k) for r in rows])[0]
+    else:
+        first = torch.tensor(rows[0] if rows else [], dtype=torch.float64)
+    if first.numel() != k:
+        raise RuntimeError(f"unexpected token-id log-prob layout: {first.numel()} values for {k} asked tokens")
+    return first.double().cpu()
