@@ -7,13 +7,18 @@ from dataclasses import asdict, dataclass, field
 
 from sglang_mezo.kernels import ZKind, check_seed
 
+from .estimators import Adaptive, Estimator, ScalarRMS
 from .params import ParamSelection
 from .schedules import LRSchedule, lr_at
 
 
 @dataclass(frozen=True)
 class MezoConfig:
-    """Defaults follow the MeZO paper (ε = 1e-3, constant lr, one probe) except lr, which depends on the model."""
+    """Defaults follow the MeZO paper (ε = 1e-3, constant lr, one probe, two-sided SPSA, plain SGD steps) except lr,
+    which depends on the model. ``estimator`` and ``adaptive`` choose the step's arithmetic (:mod:`.estimators`);
+    ``rms_beta`` and ``rms_floor`` are the ``scalar_rms`` rule's β and ζ. Under ``fzoo`` or ``scalar_rms`` the step
+    is normalised, so lr is the step's size in units of a unit-norm gradient direction rather than a multiple of
+    the gradient: it wants other values than plain MeZO's."""
 
     lr: float = 1e-6
     eps: float = 1e-3
@@ -26,6 +31,10 @@ class MezoConfig:
     total_steps: int = 1000
     seed: int = 0
     selection: ParamSelection = field(default_factory=ParamSelection)
+    estimator: Estimator = Estimator.SPSA
+    adaptive: Adaptive = Adaptive.NONE
+    rms_beta: float = 0.99
+    rms_floor: float = 1e-8
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -44,6 +53,17 @@ class MezoConfig:
         check_seed(self.seed)
         object.__setattr__(self, "z_kind", ZKind(self.z_kind))
         object.__setattr__(self, "schedule", LRSchedule(self.schedule))
+        object.__setattr__(self, "estimator", Estimator(self.estimator))
+        object.__setattr__(self, "adaptive", Adaptive(self.adaptive))
+        if self.n_probes < self.estimator.min_probes:
+            raise ValueError(f"the {self.estimator.value} estimator needs n_probes >= {self.estimator.min_probes} "
+                             f"(it normalises by the spread of the probe losses), got {self.n_probes}")
+        ScalarRMS(self.rms_beta, self.rms_floor)  # raises on constants out of range
+
+    @property
+    def adaptive_rule(self) -> ScalarRMS | None:
+        """The step-size rule's constants, or None for plain SGD steps."""
+        return ScalarRMS(self.rms_beta, self.rms_floor) if self.adaptive is Adaptive.SCALAR_RMS else None
 
     def lr_at(self, step: int) -> float:
         """The learning rate of 0-based ``step`` under this config's schedule."""
@@ -54,6 +74,8 @@ class MezoConfig:
         out = asdict(self)
         out["z_kind"] = self.z_kind.value
         out["schedule"] = self.schedule.value
+        out["estimator"] = self.estimator.value
+        out["adaptive"] = self.adaptive.value
         out["selection"] = self.selection.to_dict()
         return out
 

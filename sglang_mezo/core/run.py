@@ -1,9 +1,10 @@
 """A MeZO run: config + trainable set + trajectory, stepping with seeds derived from the run's seed.
 
-This is the whole optimiser state. There is no other: no moments, no stored z, no RNG object. Step k's seeds are
-``derive_seed(config.seed, k, probe)``: they depend on the config alone, never on earlier steps. :func:`run_step`
-is the one place that turns (config, step index) into a step; :class:`MezoRun` and the step handler inside
-SGLang's scheduler (:mod:`sglang_mezo.scheduler.handler`) both call it.
+This is the whole optimiser state. There is no other: no parameter-sized moments, no stored z, no RNG object;
+with ``adaptive = scalar_rms``, two scalars (:class:`~.estimators.AdaptiveState`, carried by each step's result
+into the next step). Step k's seeds are ``derive_seed(config.seed, k, probe)``: they depend on the config alone,
+never on earlier steps. :func:`run_step` is the one place that turns (config, step index) into a step;
+:class:`MezoRun` and the step handler inside SGLang's scheduler (:mod:`sglang_mezo.scheduler.handler`) both call it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from sglang_mezo.kernels import derive_seed
 
 from .config import MezoConfig
+from .estimators import INITIAL_STATE, AdaptiveState
 from .params import TrainableSet
 from .spsa import AbortedProbes, LossFn, StepResult, mezo_step
 from .trajectory import Trajectory
@@ -29,11 +31,14 @@ def run_step(
     step: int,
     loss_fn: LossFn,
     *,
+    state: AdaptiveState = INITIAL_STATE,
     on_abort: Callable[[AbortedProbes], None] | None = None,
     before_pass: Callable[[], None] | None = None,
 ) -> StepResult:
-    """Step ``step`` of a run with ``config``: its seeds, its scheduled lr, the config's ε, weight decay and z kind.
-    See :func:`~sglang_mezo.core.spsa.mezo_step` for ``on_abort`` and ``before_pass``."""
+    """Step ``step`` of a run with ``config``: its seeds, its scheduled lr, the config's ε, weight decay, z kind,
+    estimator and step-size rule. ``state`` is the rule's state after the previous committed step (the previous
+    result's ``adaptive``; the initial state for step 0, and always for a run without a rule). See
+    :func:`~sglang_mezo.core.spsa.mezo_step` for ``on_abort`` and ``before_pass``."""
     return mezo_step(
         params,
         loss_fn,
@@ -42,6 +47,9 @@ def run_step(
         lr=config.lr_at(step),
         weight_decay=config.weight_decay,
         kind=config.z_kind,
+        estimator=config.estimator,
+        adaptive=config.adaptive_rule,
+        state=state,
         on_abort=on_abort,
         before_pass=before_pass,
     )
@@ -54,6 +62,8 @@ class MezoRun:
         self.trajectory = Trajectory.for_params(
             params, config.z_kind, config=config.to_dict(), base_model=base_model
         )
+        self.state = INITIAL_STATE
+        """The step-size rule's state after the committed steps."""
 
     @property
     def next_step(self) -> int:
@@ -67,7 +77,8 @@ class MezoRun:
         """One committed step (or an exception with the weights back at the last committed step); recorded in the
         trajectory either way (a failed step as its aborted probe passes)."""
         k = self.next_step
-        result = run_step(self.params, self.config, k, loss_fn,
+        result = run_step(self.params, self.config, k, loss_fn, state=self.state,
                           on_abort=lambda aborted: self.trajectory.append_aborted(k, aborted))
         self.trajectory.append(k, result)
+        self.state = result.adaptive
         return result

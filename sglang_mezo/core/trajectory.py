@@ -1,10 +1,13 @@
 """The trajectory log: a fine-tune as "base weights + the list of (seed, projected gradient, lr, …)".
 
-Every committed step appends one record; so does a step that failed after perturbing the weights (its probe
-passes, see :class:`AbortedProbes`), so that exact replay reproduces the served weights bit for bit. Saved as JSON (gzip when the name ends in ``.gz``) with the records in
-columns: a 1,000-step single-probe run is a few tens of KB. Replay regenerates each z from its seed and re-applies
-the updates to the base weights; the header pins what replay needs to be faithful (the z generator's version,
-the kind of z, which tensors trained) and replay refuses a mismatch rather than silently producing other weights.
+Every committed step appends one record: its seeds and scalars (the measured projected gradients, and the update
+coefficients it applied, so that replay never re-derives a float from the losses, whatever the estimator and
+step-size rule). So does a step that failed after perturbing the weights (its probe passes, see
+:class:`AbortedProbes`), so that exact replay reproduces the served weights bit for bit. Saved as JSON (gzip when
+the name ends in ``.gz``) with the records in columns: a 1,000-step single-probe run is a few tens of KB. Replay
+regenerates each z from its seed and re-applies the updates to the base weights; the header pins what replay needs
+to be faithful (the z generator's version, the kind of z, which tensors trained) and replay refuses a mismatch
+rather than silently producing other weights.
 """
 
 from __future__ import annotations
@@ -19,17 +22,22 @@ from pathlib import Path
 
 from sglang_mezo.kernels import GENERATOR_VERSION, ZKind
 
+from .estimators import Estimator, sgd_update
 from .params import TrainableSet
 from .spsa import AbortedProbes, StepResult, replay_aborted, replay_step
 
 FORMAT = "sglang-mezo-trajectory"
-FORMAT_VERSION = 2
-_READS = (1, 2)  # v1 had no aborted steps
+FORMAT_VERSION = 3
+_READS = (1, 2, 3)  # v1 had no aborted steps; v1 and v2 only SPSA steps with MeZO's update, -lr·g_k/n
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One committed update, or (``aborted_passes > 0``) the probe passes of a step that failed and applied none."""
+    """One committed update, or (``aborted_passes > 0``) the probe passes of a step that failed and applied none.
+
+    ``update`` holds the coefficients the commit applied to each z_k, as applied (after the estimator's
+    normalisation and any adaptive step size): replay uses them, never re-deriving a float from the losses.
+    ``estimator`` says which probe passes the step made (exact replay repeats them)."""
 
     step: int
     seeds: tuple[int, ...]
@@ -38,6 +46,8 @@ class StepRecord:
     weight_decay: float
     eps: float
     aborted_passes: int = 0
+    estimator: Estimator = Estimator.SPSA
+    update: tuple[float, ...] = ()
 
     @property
     def committed(self) -> bool:
@@ -76,13 +86,15 @@ class Trajectory:
                 lr=result.lr,
                 weight_decay=result.weight_decay,
                 eps=result.eps,
+                estimator=result.estimator,
+                update=result.applied_update,
             )
         )
 
     def append_aborted(self, step: int, aborted: AbortedProbes) -> None:
         self.records.append(
             StepRecord(step=step, seeds=aborted.seeds, projected_grads=(), lr=0.0, weight_decay=0.0,
-                       eps=aborted.eps, aborted_passes=aborted.passes)
+                       eps=aborted.eps, aborted_passes=aborted.passes, estimator=aborted.estimator)
         )
 
     def upto(self, step: int) -> Trajectory:
@@ -130,17 +142,18 @@ class Trajectory:
                 break
             if not record.committed:
                 if exact:
-                    replay_aborted(params, AbortedProbes(record.seeds, record.eps, record.aborted_passes),
-                                   kind=self.z_kind)
+                    replay_aborted(params, AbortedProbes(record.seeds, record.eps, record.aborted_passes,
+                                                         record.estimator), kind=self.z_kind)
                 continue
             replay_step(
                 params,
                 record.seeds,
-                record.projected_grads,
+                update=record.update,
                 eps=record.eps,
                 lr=record.lr,
                 weight_decay=record.weight_decay,
                 kind=self.z_kind,
+                estimator=record.estimator,
                 exact=exact,
             )
             applied += 1
@@ -168,6 +181,11 @@ class Trajectory:
                 "weight_decay": [r.weight_decay for r in self.records],
                 "eps": [r.eps for r in self.records],
                 "aborted_passes": [r.aborted_passes for r in self.records],
+                "estimator": [r.estimator.value for r in self.records],
+                # null where the step applied MeZO's -lr·g_k/n (reading derives the same floats the run derived):
+                # a default run's log stays as small as before v3
+                "update": [None if r.update == sgd_update(r.projected_grads, r.lr) else list(r.update)
+                           for r in self.records],
             },
         }
 
@@ -176,13 +194,22 @@ class Trajectory:
         if data.get("format") != FORMAT or data.get("format_version") not in _READS:
             raise ValueError(f"not a {FORMAT} document of version {' or '.join(map(str, _READS))}")
         cols = data["steps"]
-        aborted = cols.get("aborted_passes") or [0] * len(cols["step"])
+        count = len(cols["step"])
+        aborted = cols.get("aborted_passes") or [0] * count
+        estimators = cols.get("estimator") or [Estimator.SPSA.value] * count
+        # null (and every step before v3): MeZO's -lr·g_k/n, the same floats, derived as the run derived them
+        updates = [
+            update if update is not None else () if passes else sgd_update([float(g) for g in grads], float(lr))
+            for update, grads, lr, passes in zip(cols.get("update") or [None] * count, cols["projected_grads"],
+                                                 cols["lr"], aborted, strict=True)
+        ]
         records = [
             StepRecord(step=int(s), seeds=tuple(int(x) for x in seeds), projected_grads=tuple(float(g) for g in grads),
-                       lr=float(lr), weight_decay=float(wd), eps=float(eps), aborted_passes=int(passes))
-            for s, seeds, grads, lr, wd, eps, passes in zip(
+                       lr=float(lr), weight_decay=float(wd), eps=float(eps), aborted_passes=int(passes),
+                       estimator=Estimator(estimator), update=tuple(float(u) for u in update))
+            for s, seeds, grads, lr, wd, eps, passes, estimator, update in zip(
                 cols["step"], cols["seeds"], cols["projected_grads"], cols["lr"], cols["weight_decay"], cols["eps"],
-                aborted, strict=True,
+                aborted, estimators, updates, strict=True,
             )
         ]
         return cls(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.objectives import Example, Objective
 
 from .errors import Conflict, JobFailed
@@ -49,8 +50,9 @@ async def diagnose(runner: JobRunner, defaults: MezoConfig, examples: Sequence[E
     """``probes`` single-probe lr = 0 steps on the whole batch for each ε in turn."""
     out = []
     for e in eps:
+        # two-sided SPSA whatever the defaults: L+ - L- is the signal this diagnostic measures
         config = dataclasses.replace(defaults, lr=0.0, eps=e, n_probes=1, weight_decay=0.0, total_steps=probes,
-                                     seed=seed)
+                                     seed=seed, estimator=Estimator.SPSA, adaptive=Adaptive.NONE)
         job = runner.submit(JobSpec(examples=tuple(examples), objective=objective, config=config,
                                     batch_size=len(examples), base_model=base_model, purpose=Purpose.DIAGNOSE))
         await job.done.wait()

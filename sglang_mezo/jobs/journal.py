@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.estimators import AdaptiveState, Estimator
 from sglang_mezo.core.objectives import EvalMetrics, Objective
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
@@ -181,7 +182,7 @@ class Journal:
                       "fingerprint": outcome.trainable_fingerprint, "names": list(outcome.trainable_names),
                       "steps": rows, "aborted": None if aborted is None else {
                           "step": aborted.step, "seeds": list(aborted.probes.seeds), "eps": aborted.probes.eps,
-                          "passes": aborted.probes.passes}})
+                          "passes": aborted.probes.passes, "estimator": aborted.probes.estimator.value}})
 
     def evaluated(self, job_id: str, step: int, metrics: EvalMetrics, weight_version: str) -> None:
         self._append({"kind": "eval", "job_id": job_id, "step": step, "metrics": metrics.to_dict(),
@@ -223,7 +224,18 @@ def _fsync_dir(folder: Path) -> None:
 def _result_row(result: StepResult) -> dict:
     return {"seeds": list(result.seeds), "loss_plus": list(result.loss_plus), "loss_minus": list(result.loss_minus),
             "projected_grads": list(result.projected_grads), "lr": result.lr, "weight_decay": result.weight_decay,
-            "eps": result.eps}
+            "eps": result.eps, "estimator": result.estimator.value, "update": list(result.update),
+            "adaptive": [result.adaptive.second_moment, result.adaptive.updates]}
+
+
+def _result_of(row: dict) -> StepResult:
+    """A row back to its result; rows written before the estimators existed are SPSA steps with MeZO's update."""
+    second_moment, updates = row.get("adaptive", (0.0, 0))
+    return StepResult(seeds=tuple(row["seeds"]), loss_plus=tuple(row["loss_plus"]),
+                      loss_minus=tuple(row["loss_minus"]), projected_grads=tuple(row["projected_grads"]),
+                      lr=row["lr"], weight_decay=row["weight_decay"], eps=row["eps"],
+                      estimator=Estimator(row.get("estimator", Estimator.SPSA.value)),
+                      update=tuple(row.get("update", ())), adaptive=AdaptiveState(second_moment, updates))
 
 
 # -- reading ----------------------------------------------------------------------------------------------------------
@@ -284,14 +296,13 @@ def _apply(state: JournalState, record: dict) -> None:
                                         trainable_names=list(record["names"]), config=job.config.to_dict(),
                                         base_model=state.base_model)
         for row in record["steps"]:
-            result = StepResult(seeds=tuple(row["seeds"]), loss_plus=tuple(row["loss_plus"]),
-                                loss_minus=tuple(row["loss_minus"]), projected_grads=tuple(row["projected_grads"]),
-                                lr=row["lr"], weight_decay=row["weight_decay"], eps=row["eps"])
+            result = _result_of(row)
             job.trajectory.append(row["step"], result)
             job.reports.append(StepReport(row["step"], result, row["step_ms"]))
         if record["aborted"] is not None:
             a = record["aborted"]
-            job.trajectory.append_aborted(a["step"], AbortedProbes(tuple(a["seeds"]), a["eps"], a["passes"]))
+            job.trajectory.append_aborted(a["step"], AbortedProbes(tuple(a["seeds"]), a["eps"], a["passes"],
+                                                                   Estimator(a.get("estimator", "spsa"))))
         if not any(s.job_id == job.id and s.records is None for s in state.served):
             state.served.append(Segment(job.id))
     elif kind == "eval":
