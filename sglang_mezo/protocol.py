@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.estimators import INITIAL_STATE, AdaptiveState
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.objectives import Example, Objective
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
@@ -64,6 +65,9 @@ class StepChunk:
     """0-based step indices, consecutive."""
     batches: tuple[tuple[Example, ...], ...]
     """Per step, its tokenized examples."""
+    adaptive: AdaptiveState = INITIAL_STATE
+    """The step-size rule's state after the job's last committed step, which the chunk's first step continues
+    from (the initial state for a job's first chunk, and always for a config without a rule)."""
 
     def __post_init__(self) -> None:
         if not self.steps or len(self.steps) != len(self.batches):

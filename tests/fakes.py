@@ -90,8 +90,9 @@ class FakeExecutor:
             abort: list[AbortedProbes] = []
             try:
                 loss = self._loss(chunk, step, batch, params)
-                reports.append(StepReport(step, run_step(params, chunk.config, step, loss, on_abort=abort.append),
-                                          1.0))
+                state = reports[-1].result.adaptive if reports else chunk.adaptive
+                reports.append(StepReport(step, run_step(params, chunk.config, step, loss, state=state,
+                                                         on_abort=abort.append), 1.0))
             except InconsistentWeightsError as exc:
                 return self._outcome(chunk, params, reports, None, Failure(FailureKind.WEIGHTS_INCONSISTENT,
                                                                             str(exc)), consistent=False)

@@ -9,6 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from sglang_mezo.core.estimators import INITIAL_STATE, AdaptiveState
 from sglang_mezo.core.objectives import EvalMetrics
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.protocol import ChunkOutcome, Failure, StepReport
@@ -123,6 +124,11 @@ class Job:
     def best_eval(self) -> Evaluation | None:
         """The evaluation ranked best (see :attr:`Evaluation.rank`)."""
         return max(self.evals, key=lambda e: e.rank, default=None)
+
+    @property
+    def adaptive(self) -> AdaptiveState:
+        """The step-size rule's state after the last committed step: where the next chunk continues from."""
+        return self.reports[-1].result.adaptive if self.reports else INITIAL_STATE
 
     @property
     def longest_step_ms(self) -> float:

@@ -144,7 +144,7 @@ class JobRunner:
             started = time.perf_counter()
             outcome = await self.executor.run_chunk(StepChunk(job_id=job.id, config=spec.config,
                                                               objective=spec.objective, steps=steps,
-                                                              batches=spec.batches(steps)))
+                                                              batches=spec.batches(steps), adaptive=job.adaptive))
             per_step = (time.perf_counter() - started) / max(1, len(outcome.reports))
             # on disk before anything here learns of the steps: a status that shows step k survives a restart
             unjournaled = await self._journaled(lambda journal: journal.chunk(job.id, outcome, spec.config.z_kind))

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from sglang_mezo.checkpoint import CheckpointError, assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.estimators import AdaptiveState
 from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
@@ -102,11 +103,13 @@ class MezoSchedulerHandler:
         aborted: AbortedStep | None = None
         started = time.perf_counter()
         with self._paused(flush=lambda: bool(reports) or aborted is not None or self.inconsistent):
+            state = chunk.adaptive
             for step, batch in zip(chunk.steps, chunk.batches, strict=True):
-                report, aborted, failure = self._step(chunk, params, step, batch)
+                report, aborted, failure = self._step(chunk, params, step, batch, state)
                 if report is None:
                     break
                 reports.append(report)
+                state = report.result.adaptive
             version = None if self.inconsistent else chunk.weight_version_after(reports, aborted)
             if version is not None:
                 self._label(version)
@@ -129,8 +132,8 @@ class MezoSchedulerHandler:
             return Failure(FailureKind.INVALID, f"bad chunk: {type(exc).__name__}: {exc}")
         return None
 
-    def _step(self, chunk: StepChunk, params: TrainableSet, step: int,
-              batch) -> tuple[StepReport | None, AbortedStep | None, Failure | None]:
+    def _step(self, chunk: StepChunk, params: TrainableSet, step: int, batch,
+              state: AdaptiveState) -> tuple[StepReport | None, AbortedStep | None, Failure | None]:
         """One step, agreed between the ranks: its report, or (None, the failed step's probe passes, why)."""
         config = chunk.config
         started = time.perf_counter()
@@ -140,7 +143,8 @@ class MezoSchedulerHandler:
         abort: list[AbortedProbes] = []
         failure = None
         try:
-            result = run_step(params, config, step, loss, on_abort=abort.append, before_pass=self._in_step_check)
+            result = run_step(params, config, step, loss, state=state, on_abort=abort.append,
+                              before_pass=self._in_step_check)
             verdict = self._agree(True, in_step=False, committed=True)
         except Exception as exc:  # noqa: BLE001 - reported; the weights are handled below
             failure = self._step_failed(chunk.job_id, exc)
