@@ -75,34 +75,137 @@ def _uniform(w):  # pragma: no cover - compiled
     return (np.float64(w) + 0.5) * UNIFORM_SCALE
 
 
-@numba.njit(cache=True)
+# -- Gaussian z: Box–Muller in float64 with our own libm-grade log, sin and cos, written so that LLVM vectorises
+# them (a call to libm in a loop does not vectorise, and the transform then costs ~40x a copy of the weights).
+# fdlibm's algorithms (Sun Microsystems, 1993; as in FreeBSD's msun): log with < 1 ulp error, sin and cos of an
+# argument reduced by π/2 in two parts, with < 1 ulp error. Results may differ from another libm in the last float64
+# bit, which the rounding to fp32 hides but for values within that bit of an fp32 rounding boundary (stream.py).
+
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_LG1 = 6.666666666666735130e-01
+_LG2 = 3.999999999940941908e-01
+_LG3 = 2.857142874366239149e-01
+_LG4 = 2.222219843214978396e-01
+_LG5 = 1.818357216161805012e-01
+_LG6 = 1.531383769920937332e-01
+_LG7 = 1.479819860511658591e-01
+_S1 = -1.66666666666666324348e-01
+_S2 = 8.33333333332248946124e-03
+_S3 = -1.98412698298579493134e-04
+_S4 = 2.75573137070700676789e-06
+_S5 = -2.50507602534068634195e-08
+_S6 = 1.58969099521155010221e-10
+_C1 = 4.16666666666666019037e-02
+_C2 = -1.38888888888741095749e-03
+_C3 = 2.48015872894767294178e-05
+_C4 = -2.75573143513906633035e-07
+_C5 = 2.08757232129817482790e-09
+_C6 = -1.13596475577881948265e-11
+_INV_PIO2 = 6.36619772367581382433e-01
+_PIO2_1 = 1.57079632673412561417e+00  # the first 33 bits of π/2: n·_PIO2_1 is exact for small n
+_PIO2_1T = 6.07710050650619224932e-11  # π/2 - _PIO2_1
+_MANT = np.uint64((1 << 52) - 1)
+_TWO52 = 4503599627370496.0  # 2^52: an integer e < 2^52 is the double with bits (bits(2^52) | e), minus 2^52
+_TWO52_BITS = np.uint64(0x4330000000000000)
+
+
+# The loops below use only operations AVX2 has for 4 doubles at once (unsigned shifts, bitwise ops, float
+# arithmetic, sqrt, floor, selects): no int64 <-> double conversion and no arithmetic shift, which it lacks and
+# which would turn a loop back into scalar code.
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _radii(bits, scratch, out):  # pragma: no cover - compiled
+    """out[q] = sqrt(-2·ln u[q]) for u in (0, 1), all normal, given as their bits: fdlibm's log."""
+    mant = scratch[0].view(np.uint64)
+    expo = scratch[1].view(np.uint64)
+    for q in range(bits.shape[0]):  # u = 2^k·m with m in [sqrt(2)/2, sqrt(2)): m's bits and k + 1023 + 2^52
+        hx = bits[q]
+        m = hx & _MANT
+        i = ((m >> _S32) + np.uint64(0x95F64)) & np.uint64(0x100000)
+        mant[q] = m | ((i ^ np.uint64(0x3FF00000)) << _S32)
+        expo[q] = _TWO52_BITS | ((hx >> np.uint64(52)) + (i >> np.uint64(20)))
+    m_values = scratch[0]
+    k_values = scratch[1]
+    for q in range(bits.shape[0]):
+        f = m_values[q] - 1.0
+        dk = (k_values[q] - _TWO52) - 1023.0
+        hx = (mant[q] >> _S32) & np.uint64(0xFFFFF)
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        t1 = w * (_LG2 + w * (_LG4 + w * _LG6))
+        t2 = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+        r = t2 + t1
+        hfsq = 0.5 * f * f
+        # fdlibm's choice of formula: (hx - 0x6147a) | (0x6b851 - hx) > 0 as signed 32-bit, i.e. hx outside
+        # [0x6147a, 0x6b851]
+        big = (hx < np.uint64(0x6147A)) | (hx > np.uint64(0x6B851))
+        log_big = dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
+        log_small = dk * _LN2_HI - ((s * (f - r) - dk * _LN2_LO) - f)
+        out[q] = math.sqrt(-2.0 * (log_big if big else log_small))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sincos(u, sin_out, cos_out):  # pragma: no cover - compiled
+    """sin and cos of x = 2π·u[q] (x in [0, 2π)): reduced by π/2 in two parts (fdlibm's medium case, ample for
+    |x| < 2π but within ~1e-9 of a multiple of π/2), then fdlibm's kernels, then the quadrant's signs."""
+    for q in range(u.shape[0]):
+        x = TWO_PI * u[q]
+        fn = math.floor(x * _INV_PIO2 + 0.5)
+        r = x - fn * _PIO2_1
+        w = fn * _PIO2_1T
+        y0 = r - w
+        y1 = (r - y0) - w
+        z = y0 * y0
+        v = z * y0
+        sr = _S2 + z * (_S3 + z * (_S4 + z * (_S5 + z * _S6)))
+        sin_r = y0 - ((z * (0.5 * y1 - v * sr) - y1) - v * _S1)
+        ww = z * z
+        cr = z * (_C1 + z * (_C2 + z * _C3)) + ww * ww * (_C4 + z * (_C5 + z * _C6))
+        hz = 0.5 * z
+        one_hz = 1.0 - hz
+        cos_r = one_hz + (((1.0 - one_hz) - hz) + (z * cr - y0 * y1))
+        quadrant = fn - 4.0 * math.floor(fn * 0.25)  # fn mod 4, in floats
+        swap = (quadrant == 1.0) | (quadrant == 3.0)
+        s_val = cos_r if swap else sin_r
+        c_val = sin_r if swap else cos_r
+        sin_out[q] = -s_val if quadrant >= 2.0 else s_val
+        cos_out[q] = -c_val if (quadrant == 1.0) | (quadrant == 2.0) else c_val
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _fill_gaussian(seed, key, start, n, z):  # pragma: no cover - compiled
-    """z[j] = z(start + j) for j < n, Gaussian z of stream version 1 (lanes 0, 1 from (u0, u1); 2, 3 from (u2, u3))."""
+    """z[j] = z(start + j) for j < n, Gaussian z of stream version 1 (lanes 0, 1 from (u0, u1); 2, 3 from (u2, u3)):
+    Philox for every group first, then the transform over all of them, in loops that vectorise."""
     s0, s1 = seed & _MASK, seed >> _S32
     k2, k3 = key & _MASK, key >> _S32
-    first = start & np.uint64(3)
-    groups = (first + np.uint64(n) + np.uint64(3)) >> np.uint64(2)
+    first = np.int64(start & np.uint64(3))
+    groups = (first + n + 3) >> 2
     g0 = start >> np.uint64(2)
+    u = np.empty((4, groups), dtype=np.float64)
     for q in range(groups):
         g = g0 + np.uint64(q)
         w0, w1, w2, w3 = _philox(g & _MASK, g >> _S32, k2, k3, s0, s1)
-        r01 = math.sqrt(-2.0 * math.log(_uniform(w0)))
-        p01 = TWO_PI * _uniform(w1)
-        r23 = math.sqrt(-2.0 * math.log(_uniform(w2)))
-        p23 = TWO_PI * _uniform(w3)
-        base = 4 * q - np.int64(first)  # index in z of this group's lane 0
-        if base >= 0 and base + 4 <= n:
-            z[base] = np.float32(r01 * math.cos(p01))
-            z[base + 1] = np.float32(r01 * math.sin(p01))
-            z[base + 2] = np.float32(r23 * math.cos(p23))
-            z[base + 3] = np.float32(r23 * math.sin(p23))
-        else:  # the first or last group of a run: only the lanes inside it
-            for lane in range(4):
-                j = base + lane
-                if 0 <= j < n:
-                    r = r01 if lane < 2 else r23
-                    p = p01 if lane < 2 else p23
-                    z[j] = np.float32(r * (math.cos(p) if lane % 2 == 0 else math.sin(p)))
+        u[0, q] = _uniform(w0)
+        u[1, q] = _uniform(w1)
+        u[2, q] = _uniform(w2)
+        u[3, q] = _uniform(w3)
+    scratch = np.empty((2, groups), dtype=np.float64)
+    out = np.empty((6, groups), dtype=np.float64)  # r01, r23, sin01, cos01, sin23, cos23
+    _radii(u[0].view(np.uint64), scratch, out[0])
+    _radii(u[2].view(np.uint64), scratch, out[1])
+    _sincos(u[1], out[2], out[3])
+    _sincos(u[3], out[4], out[5])
+    full = np.empty(4 * groups, dtype=np.float32)
+    for q in range(groups):
+        full[4 * q] = np.float32(out[0, q] * out[3, q])
+        full[4 * q + 1] = np.float32(out[0, q] * out[2, q])
+        full[4 * q + 2] = np.float32(out[1, q] * out[5, q])
+        full[4 * q + 3] = np.float32(out[1, q] * out[4, q])
+    for j in range(n):
+        z[j] = full[first + j]
 
 
 @numba.njit(cache=True, inline="always")
@@ -112,7 +215,7 @@ def _signs(w, z, at):  # pragma: no cover - compiled
         z[at + b] = np.float32(1) - np.float32(2) * np.float32((w >> np.uint64(b)) & _ONE)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _fill_rademacher(seed, key, start, n, z):  # pragma: no cover - compiled
     """z[j] = z(start + j) for j < n, Rademacher z of stream version 1: bit (i & 31) of word ((i >> 5) & 3) of
     group i >> 7, +1 for 0 and -1 for 1."""
@@ -139,7 +242,7 @@ def _fill_rademacher(seed, key, start, n, z):  # pragma: no cover - compiled
             z[base + e] = np.float32(1 - 2 * np.int64((w >> np.uint64(e & 31)) & _ONE))
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, error_model="numpy")
 def _zaxpy_kernel(theta, full_cols, row_offset, col_offset, key, seeds, restore, update, decay,
                   gaussian):  # pragma: no cover - compiled
     rows, cols = theta.shape
