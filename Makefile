@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-load clean
+.PHONY: install demo test test-unit bench-precision bench-load bench-step clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-precision: $(STAMP)
 ## make bench-load: 8 clients' latency with and without a 200-step job, errors, and which weights served each answer
 bench-load: $(STAMP)
 	$(PY) benchmarks/bench_load.py
+
+## make bench-step: one step's cost side by side: the paper's plain PyTorch loop, our core, the server, forwards, a copy
+bench-step: $(STAMP)
+	$(PY) benchmarks/bench_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

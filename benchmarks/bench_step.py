@@ -175,11 +175,40 @@ def cold_eval_seconds(client: MezoClient, examples: list[dict]) -> float:
     return timed(lambda: client.evaluate(examples))
 
 
+@dataclass(frozen=True)
+class Drift:
+    """Whether a step gets slower as a job goes on, and whose fault it would be: a long job's step times, the cold
+    forward before and after it (the machine, or the server, slowing down), and a short job right after it (state
+    kept per job would start afresh there)."""
+
+    steps: list[float]
+    forward_before: float
+    forward_after: float
+    next_job: list[float]
+
+    def report(self) -> str:
+        first, last = statistics.median(self.steps[:10]), statistics.median(self.steps[-10:])
+        again = statistics.median(self.next_job[:10])
+        return (f"drift: a {len(self.steps)}-step job (last 4 blocks, rademacher, lr 1e-4, the batch above): median "
+                f"step of the first 10 {first:.3f} s, of the last 10 {last:.3f} s: **ratio {last / first:.3f}**; "
+                f"the next job's first 10: {again:.3f} s ({again / first:.3f}); cold forward before "
+                f"{self.forward_before:.3f} s, after {self.forward_after:.3f} s "
+                f"({self.forward_after / self.forward_before:.3f})")
+
+
+def measure_drift(client: MezoClient, examples: list[dict], eps: float, steps: int) -> Drift:
+    job = {"examples": examples, "batch_size": len(examples), "lr": 1e-4, "eps": eps, "z_kind": "rademacher"}
+    before = statistics.median(cold_eval_seconds(client, examples) for _ in range(3))
+    long_job = job_step_seconds(client, {**job, "steps": steps, "seed": 99})
+    after = statistics.median(cold_eval_seconds(client, examples) for _ in range(3))
+    next_job = job_step_seconds(client, {**job, "steps": 10, "seed": 100})
+    return Drift(long_job, before, after, next_job)
+
+
 def measure_server(model_path: Path, reviews: list[tuple[str, int]], rows: list[Row], steps: int, reps: int,
-                   eps: float, drift_steps: int) -> tuple[list[float], str]:
+                   eps: float, drift_steps: int) -> Drift | None:
     examples = [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in reviews]
-    drift: list[float] = []
-    drift_kind = ""
+    drift = None
     for trainable, last_layers in SELECTIONS.items():
         with served(model_path, last_layers, Path(f"bench-step-server-{last_layers or 'all'}.log")) as client:
             mine = [r for r in rows if r.trainable == trainable]
@@ -191,11 +220,8 @@ def measure_server(model_path: Path, reviews: list[tuple[str, int]], rows: list[
                         row.add("server", seconds)
                     row.add("server fwd", cold_eval_seconds(client, examples))
             if last_layers == 4 and drift_steps:
-                drift_kind = ZKind.RADEMACHER.value
-                job = {"examples": examples, "steps": drift_steps, "batch_size": len(examples), "lr": 1e-4,
-                       "eps": eps, "z_kind": drift_kind, "seed": 99}
-                drift = job_step_seconds(client, job)
-    return drift, drift_kind
+                drift = measure_drift(client, examples, eps, drift_steps)
+    return drift
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -240,7 +266,7 @@ def main() -> None:
     reviews = snippets(16, words=24, seed=0)
     rows = [Row(trainable, kind) for trainable in SELECTIONS for kind in (ZKind.RADEMACHER, ZKind.GAUSSIAN)]
     measure_transformers(model_path, reviews, rows, args.reps, args.eps)
-    drift, drift_kind = ([], "") if args.skip_server else measure_server(
+    drift = None if args.skip_server else measure_server(
         model_path, reviews, rows, args.server_steps, args.server_reps, args.eps, args.drift_steps)
 
     print(f"\n{time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -250,11 +276,8 @@ def main() -> None:
     print(table(rows))
     print("\nmedian seconds (this run only)\n")
     print(absolute(rows))
-    if drift:
-        first, last = statistics.median(drift[:10]), statistics.median(drift[-10:])
-        print(f"\ndrift: a {len(drift)}-step job (last 4 blocks, {drift_kind}, lr 1e-4): median step of the first 10 "
-              f"{first:.3f} s, of the last 10 {last:.3f} s: ratio {last / first:.3f}")
-
+    if drift is not None:
+        print("\n" + drift.report())
 
 if __name__ == "__main__":
     main()
