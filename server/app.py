@@ -59,7 +59,8 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                        base_weight_version=base_version, base_model=base_model, observers=_observers(server_args),
                        max_active=options.limits.max_queued_jobs, journal=journal, journaled=journaled)
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
-                          z_kind=options.resolved_z_kind(str(server_args.device)), selection=options.selection)
+                          z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
+                          adaptive=options.adaptive, selection=options.selection)
     files = FileAccess.of(options.folders, base_model)
     install(app, MezoContext(runner=runner, translator=Translator(tokenizer_manager.tokenizer,
                                                                   int(tokenizer_manager.context_len)),

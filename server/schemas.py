@@ -9,6 +9,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.objectives import EvalMetrics, Objective
 from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.jobs.diagnose import EpsDiagnosis
@@ -167,6 +168,11 @@ class StepRequest(_Strict):
     eps: float | None = Field(None, gt=0, le=0.1, description="a perturbation beyond 0.1 destroys fp32 weights")
     n_probes: int | None = Field(None, ge=1, description="at most --mezo-max-probes")
     z_kind: ZKind | None = None
+    estimator: Estimator | None = Field(None, description="spsa: MeZO's two-sided probes (2n forwards a step); "
+                                                          "fzoo: one forward at the weights and n one-sided "
+                                                          "probes, normalised by their spread (n + 1; n >= 2)")
+    adaptive: Adaptive | None = Field(None, description="none: lr as given; scalar_rms: lr divided by a running "
+                                                        "RMS of the projected gradients (two scalars of state)")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     schedule: LRSchedule = LRSchedule.CONSTANT
     warmup_steps: int = Field(0, ge=0)

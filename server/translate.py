@@ -44,7 +44,8 @@ def job_config(defaults: MezoConfig, request: StepRequest, limits: Limits) -> Me
     try:
         config = dataclasses.replace(
             defaults,
-            **request.model_dump(include={"lr", "eps", "n_probes", "z_kind"}, exclude_none=True),
+            **request.model_dump(include={"lr", "eps", "n_probes", "z_kind", "estimator", "adaptive"},
+                                 exclude_none=True),
             **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
             total_steps=request.steps,
         )

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.kernels import ZKind
@@ -69,6 +70,8 @@ class MezoServerOptions:
     n_probes: int = 1
     z_kind: str = "auto"
     """``auto``: Rademacher on a CPU (a Gaussian pass over SmolLM2 costs seconds there), Gaussian on a GPU."""
+    estimator: str = "spsa"
+    adaptive: str = "none"
     chunk_ms: float = 200.0
     """Steps are sent to the scheduler in chunks of about this duration; user requests wait at most one chunk."""
     yield_ms: float = 2000.0
@@ -100,6 +103,10 @@ class MezoServerOptions:
             raise ValueError(f"--mezo-n-probes must be >= 1 and <= --mezo-max-probes ({self.limits.max_probes})")
         if self.z_kind != "auto":
             ZKind(self.z_kind)
+        Adaptive(self.adaptive)
+        if self.n_probes < Estimator(self.estimator).min_probes:
+            raise ValueError(f"--mezo-estimator {self.estimator} needs --mezo-n-probes >= "
+                             f"{Estimator(self.estimator).min_probes}")
 
     def resolved_z_kind(self, device: str) -> ZKind:
         if self.z_kind != "auto":
@@ -118,6 +125,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="Default number of SPSA probes per step.")
     group.add_argument("--mezo-z-kind", choices=["auto", *(k.value for k in ZKind)], default="auto",
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
+    group.add_argument("--mezo-estimator", choices=[e.value for e in Estimator], default=MezoServerOptions.estimator,
+                       help="Default estimator of a job: spsa (MeZO) or fzoo (one-sided probes, needs n_probes >= 2).")
+    group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=MezoServerOptions.adaptive,
+                       help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS).")
     group.add_argument("--mezo-chunk-ms", type=float, default=MezoServerOptions.chunk_ms,
                        help="Target duration of a chunk of steps; user requests wait at most one chunk "
                             "(0: one step per chunk).")
@@ -149,6 +160,8 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         eps=ns.mezo_eps,
         n_probes=ns.mezo_n_probes,
         z_kind=ns.mezo_z_kind,
+        estimator=ns.mezo_estimator,
+        adaptive=ns.mezo_adaptive,
         chunk_ms=ns.mezo_chunk_ms,
         yield_ms=ns.mezo_yield_ms,
         selection=ParamSelection(include=tuple(ns.mezo_train), exclude=tuple(ns.mezo_freeze),

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mezo_checks import engine_for_served, run_job
+from mezo_checks import assert_served_is_replay, engine_for_served, run_job
 from servers import running_server
 from tiny_models import save_tiny_llama
 from transformers import AutoTokenizer
@@ -124,6 +124,22 @@ def test_one_token_options_share_their_prompt_in_evaluation_and_in_steps(server,
     for served, expected in ((served_step["loss_plus"], reference.loss_plus),
                              (served_step["loss_minus"], reference.loss_minus)):
         assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) <= 1e-4, (served, expected)
+
+
+@pytest.mark.parametrize("estimator, adaptive", [("spsa", "scalar_rms"), ("fzoo", "none"), ("fzoo", "scalar_rms")])
+def test_each_estimator_trains_through_the_api_and_replays_bit_for_bit(server, model_path, estimator, adaptive):
+    """Each method, chosen per job, runs a few steps through the HTTP API in chunks of one step (so the step-size
+    rule's state crosses chunks); its trajectory names the method, and the served weights are bit for bit the
+    reference engine's replay of the served history."""
+    job = run_job(server, {"examples": choice(REVIEWS), "steps": 3, "batch_size": 4, "lr": 1e-3, "eps": 1e-3,
+                           "n_probes": 2, "estimator": estimator, "adaptive": adaptive, "seed": 5})
+    assert job["status"] == "succeeded" and job["step"] == 3, job
+    trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
+    assert trajectory["config"]["estimator"] == estimator and trajectory["config"]["adaptive"] == adaptive
+    assert_served_is_replay(server, model_path)
+    status, out = server.request("POST", "/mezo/step", {"examples": choice(REVIEWS), "estimator": "fzoo",
+                                                        "n_probes": 1})
+    assert status == 400 and "n_probes" in out["message"], out
 
 
 def test_a_job_evaluates_periodically_and_its_best_step_can_be_restored(server, model_path):

@@ -27,12 +27,16 @@ def test_flags_reach_the_options_and_folders_resolve(tmp_path):
     assert options.folders.data_dirs == (str(tmp_path / "data"),)
     assert options.folders.output_dir == str(tmp_path / "out")
     assert parse().folders.data_dirs == () and parse().folders.output_dir is None  # file access off
+    method = parse("--mezo-estimator", "fzoo", "--mezo-n-probes", "4", "--mezo-adaptive", "scalar_rms")
+    assert (method.estimator, method.n_probes, method.adaptive) == ("fzoo", 4, "scalar_rms")
+    assert (parse().estimator, parse().adaptive) == ("spsa", "none")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--mezo-max-probes", "0"], "--mezo-max-probes must be >= 1"),
     (["--mezo-n-probes", "9", "--mezo-max-probes", "8"], "--mezo-max-probes (8)"),
     (["--mezo-data-dir", "/nonexistent/folder"], "not a folder"),
+    (["--mezo-estimator", "fzoo"], "--mezo-estimator fzoo needs --mezo-n-probes >= 2"),
 ])
 def test_bad_values_stop_the_launch(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
