@@ -111,3 +111,36 @@ def hf_logprobs(engine: HFEngine, probe=PROBE) -> list[list[float]]:
 
 def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+
+
+def choice_batch(model_path: str, examples: list[dict]):
+    """``examples`` ({"prompt", "options", "label"}) tokenized as the server does."""
+    from transformers import AutoTokenizer
+
+    from sglang_mezo.core.objectives import ChoiceExample
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return [ChoiceExample(tuple(tok(e["prompt"])["input_ids"]),
+                          tuple(tuple(tok(o, add_special_tokens=False)["input_ids"]) for o in e["options"]),
+                          e["label"]) for e in examples]
+
+
+def assert_step_scores_per_option(server, model_path: str, examples: list[dict], **job) -> None:
+    """One lr = 0 classification step through the server, whose L+ and L- must equal (to 1e-4, SGLang against
+    transformers) what the reference engine gives under the same probes scoring every option as its own sequence."""
+    from sglang_mezo.core.objectives import Objective, batch_loss_fn
+    from sglang_mezo.core.spsa import mezo_step
+
+    engine = engine_for_served(server, model_path)  # the served weights, before the step
+    done = run_job(server, {"examples": examples, "steps": 1, "lr": 0.0, "batch_size": len(examples), **job})
+    assert done["status"] == "succeeded", done
+    served_step = server.request("GET", f"/mezo/jobs/{done['job_id']}/history")[1]["steps"][0]
+    trajectory = Trajectory.from_dict(server.request("GET", f"/mezo/jobs/{done['job_id']}/trajectory")[1])
+    record = trajectory.records[0]
+    params = TrainableSet.from_pieces(engine.trainable_pieces(), MezoConfig.from_dict(trajectory.config).selection,
+                                      engine.num_layers)
+    loss = batch_loss_fn(engine, Objective.CLASSIFICATION, choice_batch(model_path, examples), share_prompts=False)
+    reference = mezo_step(params, loss, record.seeds, eps=record.eps, lr=0.0, kind=trajectory.z_kind)
+    for served, expected in ((served_step["loss_plus"], reference.loss_plus),
+                             (served_step["loss_minus"], reference.loss_minus)):
+        assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) <= 1e-4, (served, expected)

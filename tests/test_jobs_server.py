@@ -11,12 +11,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mezo_checks import assert_served_is_replay, engine_for_served, run_job
+from mezo_checks import (assert_served_is_replay, assert_step_scores_per_option, choice_batch, engine_for_served,
+                         run_job)
 from servers import running_server
 from tiny_models import save_tiny_llama
 from transformers import AutoTokenizer
 
-from sglang_mezo.core.objectives import (ChoiceExample, EvalMetrics, Objective, evaluate, generation_metrics,
+from sglang_mezo.core.objectives import (EvalMetrics, Objective, evaluate, generation_metrics,
                                          scoring_items, token_f1)
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
@@ -55,10 +56,7 @@ def server(model_path, files, tmp_path_factory):
 
 def reference_eval(server, model_path: str, examples: list[dict], objective: Objective):
     """The metrics the reference engine gives on the weights the server says it serves."""
-    tok = AutoTokenizer.from_pretrained(model_path)
-    batch = [ChoiceExample(tuple(tok(e["prompt"])["input_ids"]),
-                           tuple(tuple(tok(o, add_special_tokens=False)["input_ids"]) for o in e["options"]),
-                           e["label"]) for e in examples]
+    batch = choice_batch(model_path, examples)
     engine = engine_for_served(server, model_path)
     return evaluate(objective, batch, engine.score(scoring_items(batch)))
 
@@ -81,19 +79,10 @@ def test_one_token_options_share_their_prompt_in_evaluation_and_in_steps(server,
     against transformers, as elsewhere)."""
     import torch
 
-    from sglang_mezo.core.config import MezoConfig
-    from sglang_mezo.core.objectives import batch_loss_fn, shares_prompt
-    from sglang_mezo.core.params import TrainableSet
-    from sglang_mezo.core.spsa import mezo_step
-    from sglang_mezo.core.trajectory import Trajectory
+    from sglang_mezo.core.objectives import shares_prompt
 
-    tok = AutoTokenizer.from_pretrained(model_path)
     examples = [{"prompt": f"{text}. Good? ", "options": ["n", "y"], "label": label} for text, label in REVIEWS]
-    batch = [ChoiceExample(tuple(tok(e["prompt"])["input_ids"]),
-                           tuple(tuple(tok(o, add_special_tokens=False)["input_ids"]) for o in e["options"]),
-                           e["label"]) for e in examples]
-    assert all(shares_prompt(example) for example in batch)
-    engine = engine_for_served(server, model_path)  # the served weights, before this test's step
+    assert all(shares_prompt(example) for example in choice_batch(model_path, examples))
 
     status, shared = server.request("POST", "/mezo/eval", {"examples": examples})
     assert status == 200, shared
@@ -111,19 +100,7 @@ def test_one_token_options_share_their_prompt_in_evaluation_and_in_steps(server,
     hits = [int(row.argmax()) == e["label"] for row, e in zip(logits, examples)]
     assert shared["accuracy"] == sum(hits) / len(hits)
 
-    job = run_job(server, {"examples": examples, "steps": 1, "lr": 0.0, "eps": 1e-2, "batch_size": len(examples),
-                           "n_probes": 2, "seed": 4})
-    assert job["status"] == "succeeded", job
-    served_step = server.request("GET", f"/mezo/jobs/{job['job_id']}/history")[1]["steps"][0]
-    trajectory = Trajectory.from_dict(server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1])
-    record = trajectory.records[0]
-    params = TrainableSet.from_pieces(engine.trainable_pieces(), MezoConfig.from_dict(trajectory.config).selection,
-                                      engine.num_layers)
-    reference = mezo_step(params, batch_loss_fn(engine, Objective.CLASSIFICATION, batch, share_prompts=False),
-                          record.seeds, eps=record.eps, lr=0.0, kind=trajectory.z_kind)
-    for served, expected in ((served_step["loss_plus"], reference.loss_plus),
-                             (served_step["loss_minus"], reference.loss_minus)):
-        assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) <= 1e-4, (served, expected)
+    assert_step_scores_per_option(server, model_path, examples, eps=1e-2, n_probes=2, seed=4)
 
 
 @pytest.mark.parametrize("estimator, adaptive", [("spsa", "scalar_rms"), ("fzoo", "none"), ("fzoo", "scalar_rms")])

@@ -1,13 +1,15 @@
 """Tensor parallel on CPU: with --tp 2 every rank perturbs its own shards with the z of the *checkpoint* tensor
 (split q/k/v and gate/up rows, split o/down columns, a padded vocabulary shard, a KV head replicated on both
-ranks), so the job's trajectory replays onto the plain HF checkpoint and gives the served scores. A failure on one
+ranks), so the job's trajectory replays onto the plain HF checkpoint and gives the served scores; one-token options
+are scored as one sequence on both ranks. A failure on one
 rank only stops the step on both (no rank is left waiting in a collective) and the weights are restored."""
 
 from __future__ import annotations
 
 import pytest
 
-from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs
+from mezo_checks import (assert_step_scores_per_option, engine_for_served, hf_logprobs, max_diff, run_job,
+                         served_logprobs)
 from servers import running_server
 from tiny_models import save_tiny_llama
 
@@ -40,3 +42,7 @@ def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
         assert "restored to the last committed step" in torn["error"] and not torn["weights_inconsistent"], torn
         assert max_diff(served_logprobs(server), hf_logprobs(engine_for_served(server, model_path))) <= 1e-4
         assert run_job(server, {**body, "steps": 2, "seed": 3})["status"] == "succeeded"
+
+        # one-token options share their prompt on both ranks: the option log-probs come from the gathered logits
+        choices = [{"prompt": f"{e['prompt']}? ", "options": ["n", "y"], "label": i % 2} for i, e in enumerate(TRAIN)]
+        assert_step_scores_per_option(server, model_path, choices, eps=1e-2, n_probes=2, seed=4)
