@@ -112,6 +112,8 @@ class EvalRequest(_Strict):
                                                           "classification for prompt/options/label examples")
     generate: bool = Field(False, description="prompt/completion examples: also generate greedily and report "
                                               "exact match and token F1 against the completions")
+    chat: bool = Field(False, description="wrap each prompt as the user's turn of the model's chat template, the "
+                                          "options or completion following the assistant's turn start")
 
     @model_validator(mode="after")
     def _one_source(self) -> EvalRequest:
@@ -178,6 +180,8 @@ class StepRequest(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     wait: bool = Field(False, description="with steps = 1: answer with the step's result instead of a job id")
+    chat: bool = Field(False, description="wrap each prompt as the user's turn of the model's chat template, the "
+                                          "options or completion following the assistant's turn start")
 
     @model_validator(mode="after")
     def _one_kind_of_example(self) -> StepRequest:
@@ -341,6 +345,8 @@ class DiagnoseRequest(_Strict):
     eps: list[float] = Field([1e-4, 1e-3, 1e-2], min_length=1, max_length=8)
     probes: int = Field(8, ge=1, le=64)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    chat: bool = Field(False, description="wrap each prompt as the user's turn of the model's chat template, the "
+                                          "options or completion following the assistant's turn start")
 
     @model_validator(mode="after")
     def _valid(self) -> DiagnoseRequest:

@@ -106,12 +106,25 @@ class Translator:
     def _ids(self, text: str, special: bool) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def tokenize(self, examples: Sequence[TextExample], what: str = "example") -> tuple[Example, ...]:
+    def _prompt_ids(self, prompt: str, chat: bool) -> tuple[int, ...]:
+        if not chat:
+            return self._ids(prompt, True)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("chat: the served model's tokenizer has no chat template")
+        # the template writes its own special tokens; the answer (an option, a completion) follows its assistant
+        # turn start, as a chat reply would
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+        return self._ids(text, False)
+
+    def tokenize(self, examples: Sequence[TextExample], what: str = "example", *,
+                 chat: bool = False) -> tuple[Example, ...]:
         """Token ids of each example (blocking for long lists: run it in a thread). The prompt gets the
-        tokenizer's special tokens, as a user's prompt does; completions and options do not."""
+        tokenizer's special tokens, as a user's prompt does (with ``chat``, it is the user's turn of the chat
+        template instead); completions and options do not."""
         out: list[Example] = []
         for i, example in enumerate(examples):
-            prompt = self._ids(example.prompt, True)
+            prompt = self._prompt_ids(example.prompt, chat)
             if isinstance(example, TextChoice):
                 options = tuple(self._ids(o, False) for o in example.options)
                 tokenized: Example = ChoiceExample(prompt, options, example.label)

@@ -126,6 +126,8 @@ def test_a_job_reads_its_examples_from_a_data_file(api, tmp_path):
     ({"examples": TRAIN, "objective": "classification"}, ["does not fit"]),
     ({"examples": [{"prompt": "a", "options": ["x", "y"], "label": 2}]}, ["label 2"]),
     ({"examples": TRAIN, "lr": 1.0, "weight_decay": 1.0}, ["lr * weight_decay"]),
+    ({"examples": TRAIN, "chat": True}, ["no chat template"]),
+    ({"examples": TRAIN, "estimator": "fzoo", "n_probes": 1}, ["n_probes >= 2"]),
 ])
 def test_invalid_requests_are_400s_that_say_why(api, body, words):
     client, executor = api

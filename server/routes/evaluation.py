@@ -31,7 +31,7 @@ async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
         examples = held_out if request.dataset.eval_size else train
     check_count(mezo.limits, len(examples))
     objective = objective_for(examples, request.objective)
-    tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples)
+    tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples, chat=request.chat)
     check_tokens(mezo.limits, tokenized)
     metrics, version = await mezo.runner.evaluate(objective, tokenized, request.generate)
     return EvalOut.of(metrics, version)
@@ -48,7 +48,7 @@ async def diagnose(request: DiagnoseRequest, mezo: Context) -> DiagnoseOut:
     examples = texts(request.examples)
     check_count(mezo.limits, len(examples))
     objective = objective_for(examples, request.objective)
-    tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples)
+    tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples, chat=request.chat)
     check_tokens(mezo.limits, tokenized)
     results = await run_diagnosis(mezo.runner, mezo.defaults, tokenized, objective, eps=request.eps,
                                   probes=request.probes, seed=request.seed, base_model=mezo.base_model)

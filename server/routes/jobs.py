@@ -37,8 +37,8 @@ async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     check_count(mezo.limits, len(train) + len(held_out))
     objective = objective_for(train, request.objective)
     # large example lists: keep the event loop free
-    examples = await asyncio.to_thread(mezo.translator.tokenize, train)
-    eval_examples = await asyncio.to_thread(mezo.translator.tokenize, held_out, "eval example")
+    examples = await asyncio.to_thread(mezo.translator.tokenize, train, chat=request.chat)
+    eval_examples = await asyncio.to_thread(mezo.translator.tokenize, held_out, "eval example", chat=request.chat)
     check_tokens(mezo.limits, examples, eval_examples)
     job = mezo.runner.submit(JobSpec(examples=examples, objective=objective, config=config,
                                      batch_size=request.batch_size, base_model=mezo.base_model,
