@@ -72,18 +72,23 @@ class HFEngine:
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        # predict position t from logits at t - 1: only completion positions count
-        target_mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-        for i, (item, seq) in enumerate(zip(batch, seqs, strict=True)):
+        for i, seq in enumerate(seqs):
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
-            target_mask[i, len(item.prompt_ids) - 1 : len(seq) - 1] = True
+        # log p(token t) comes from the logits at t - 1: only positions from the shortest prompt's last token to the
+        # longest sequence's second-to-last are needed (the vocabulary projection and its log-softmax are a large
+        # share of a small model's forward)
+        lo, hi = min(len(item.prompt_ids) for item in batch) - 1, width - 1
+        target_mask = torch.zeros((len(seqs), hi - lo), dtype=torch.bool)
+        for i, (item, seq) in enumerate(zip(batch, seqs, strict=True)):
+            target_mask[i, len(item.prompt_ids) - 1 - lo : len(seq) - 1 - lo] = True
         ids, mask, target_mask = ids.to(self.device), mask.to(self.device), target_mask.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        keep = torch.arange(lo, hi, device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float()
         all_logprobs = torch.log_softmax(logits, dim=-1)
-        logprobs = all_logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logprobs = all_logprobs.gather(-1, ids[:, lo + 1 : hi + 1, None]).squeeze(-1)
         sums = torch.where(target_mask, logprobs, 0.0).sum(dim=1, dtype=torch.float64)
         # the asked tokens, read where the completion's first token is predicted (the last prompt position)
-        nexts = [all_logprobs[i, len(item.prompt_ids) - 1, list(item.next_token_ids)].double().cpu()
+        nexts = [all_logprobs[i, len(item.prompt_ids) - 1 - lo, list(item.next_token_ids)].double().cpu()
                  for i, item in enumerate(batch)]
         return sums, nexts
