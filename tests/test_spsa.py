@@ -205,8 +205,15 @@ def test_ctrl_c_during_a_pass_is_held_until_the_pass_is_recorded(monkeypatch):
     params, tensors = make_set(("a.weight", (16, 8)), ("b.weight", (16, 8)))
     before = {n: t.clone() for n, t in tensors.items()}
     monkeypatch.setattr(spsa, "zaxpy_", _partial_pass_after(1, 2, lambda: os.kill(os.getpid(), signal.SIGINT)))
-    with pytest.raises(KeyboardInterrupt):
-        spsa.mezo_step(params, lambda: float(sum(t.sum() for t in tensors.values())), [1], eps=1e-3, lr=1.0)
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left installed: once, in a full-suite
+    # run (2026-11-30), no KeyboardInterrupt came here although the test passes alone and after every non-server
+    # test; a handler left behind by an earlier test is the likely cause (not confirmed)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            spsa.mezo_step(params, lambda: float(sum(t.sum() for t in tensors.values())), [1], eps=1e-3, lr=1.0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for name, t in tensors.items():
         assert (t - before[name]).abs().max().item() <= 1e-6 * before[name].abs().max().item(), name
 
