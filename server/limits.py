@@ -23,6 +23,19 @@ def body_limit_message(limit_bytes: int) -> str:
     return f"the request body is larger than this server takes: {limit_bytes} bytes (--mezo-max-body-mb)"
 
 
+DRAIN_BYTES = 16 << 20
+"""A body declared over the limit by at most this much is read and dropped before the 413: a client that sends its
+whole body before reading the answer (urllib, requests) then gets the 413 and its message, not a broken pipe.
+Beyond it, the 413 goes out at once and the connection closes under the sender."""
+
+
+async def _drain(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
 class BodyLimit:
     """ASGI middleware: a /mezo request whose body is over the limit gets a 413 that names the flag, before a
     handler sees it (a declared length), or as soon as the streamed bytes pass the limit. Other paths pass as they
@@ -42,6 +55,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit_bytes:
+            if int(declared) <= self.limit_bytes + DRAIN_BYTES:
+                await _drain(receive)
             return await error_response(TooLarge(body_limit_message(self.limit_bytes)))(scope, receive, send)
         received = 0
 
