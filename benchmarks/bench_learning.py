@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import served  # noqa: E402
-from reference_mezo import ChoiceBatch, paper_step  # noqa: E402
+from reference_mezo import ChoiceBatch, choice_logits, paper_step  # noqa: E402
 
 from sglang_mezo.core.params import ParamSelection, TrainableSet  # noqa: E402
 from sglang_mezo.default_model import default_model_path  # noqa: E402
@@ -115,15 +115,7 @@ class Reference:
 
     def logits(self, batch: ChoiceBatch, *, grad: bool = False) -> torch.Tensor:
         """[examples, 2] option logits at the last prompt position."""
-        width = max(map(len, batch.prompts))
-        ids = torch.zeros((len(batch.prompts), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, prompt in enumerate(batch.prompts):
-            ids[i, : len(prompt)] = torch.tensor(prompt)
-            mask[i, : len(prompt)] = 1
-        with torch.set_grad_enabled(grad):
-            out = self.model(input_ids=ids, attention_mask=mask).logits
-        return out[torch.arange(len(batch.prompts)), mask.sum(1) - 1][:, list(batch.option_ids)].float()
+        return choice_logits(self.model, batch, grad=grad).float()
 
     def gaps(self, reviews: list[tuple[str, int]]) -> torch.Tensor:
         """logit(great) - logit(terrible) per review, in batches."""

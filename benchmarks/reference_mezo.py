@@ -9,6 +9,7 @@ Rademacher, ``torch.randint`` mapped to ±1), one parameter at a time, as the pa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,17 +27,23 @@ class ChoiceBatch:
     labels: tuple[int, ...]
 
 
-def choice_loss(model: torch.nn.Module, batch: ChoiceBatch) -> float:
-    """Mean cross-entropy over the options' logits at the last prompt position: one right-padded forward."""
+def choice_logits(model: torch.nn.Module, batch: ChoiceBatch, *, grad: bool = False) -> torch.Tensor:
+    """[examples, options] logits of the options at the last prompt position: one right-padded forward (with
+    autograd only when ``grad``)."""
     width = max(map(len, batch.prompts))
     ids = torch.zeros((len(batch.prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, prompt in enumerate(batch.prompts):
         ids[i, : len(prompt)] = torch.tensor(prompt)
         mask[i, : len(prompt)] = 1
-    with torch.inference_mode():
+    with contextlib.nullcontext() if grad else torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits
-    last = logits[torch.arange(len(batch.prompts)), mask.sum(1) - 1][:, list(batch.option_ids)].double()
+    return logits[torch.arange(len(batch.prompts)), mask.sum(1) - 1][:, list(batch.option_ids)]
+
+
+def choice_loss(model: torch.nn.Module, batch: ChoiceBatch) -> float:
+    """Mean cross-entropy over the options' logits at the last prompt position."""
+    last = choice_logits(model, batch).double()
     return float(torch.nn.functional.cross_entropy(last, torch.tensor(batch.labels)))
 
 
