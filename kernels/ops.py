@@ -1,8 +1,12 @@
 """Launchers: apply Σ c·z(seed) to a list of tensors in place, on CUDA (Triton) or CPU (numba for fp32, PyTorch for
 the other dtypes).
 
-One call is one *pass* over the trainable weights. It is registered as a torch custom op that declares the
-tensors it mutates, so ``torch.compile`` is not surprised by an in-place write.
+One call is one *pass* over the trainable weights. A target may carry an fp32 *master* of half-precision weights:
+the pass then reads the master and writes the served weights rounded from the fp32 result, and writes the master
+too only when asked (a commit), so a probe never rounds the truth.
+
+A pass is registered as a torch custom op that declares the tensors it mutates, so ``torch.compile`` is not surprised
+by an in-place write.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ class ZTarget:
     theta: torch.Tensor
     where: ZSlice
     decay: bool = True
+    master: torch.Tensor | None = None
+    """An fp32 block of theta's shape, contiguous, that holds the weights' truth: passes read it instead of theta.
+    It may live in host memory while theta is on a GPU (streamed to the device for each pass)."""
 
 
 def as_block(t: torch.Tensor) -> torch.Tensor:
@@ -45,9 +52,42 @@ def as_block(t: torch.Tensor) -> torch.Tensor:
     return block
 
 
-@torch.library.custom_op("sglang_mezo::zaxpy_", mutates_args=("thetas",))
+# A master's pass on the CPU works through a scratch copy of this many elements at a time (1 MiB: in cache), so the
+# master is read once and the served weights written once, with the compiled kernel's arithmetic.
+_MASTER_TILE = 1 << 18
+
+
+def _tiles(master: torch.Tensor, served: torch.Tensor, where: ZSlice):
+    rows, cols = master.shape
+    if rows == 1:
+        for c0 in range(0, cols, _MASTER_TILE):
+            c1 = min(cols, c0 + _MASTER_TILE)
+            yield master[:, c0:c1], served[:, c0:c1], ZSlice(where.key, where.full_cols, where.row_offset,
+                                                              where.col_offset + c0)
+        return
+    step = max(1, _MASTER_TILE // cols)
+    for r0 in range(0, rows, step):
+        yield (master[r0 : r0 + step], served[r0 : r0 + step],
+               ZSlice(where.key, where.full_cols, where.row_offset + r0, where.col_offset))
+
+
+def _master_pass_cpu(master: torch.Tensor, served: torch.Tensor, where: ZSlice, *, commit: bool,
+                     **coefficients) -> None:
+    if commit:
+        zaxpy_numba_(master, where, **coefficients)
+        served.copy_(master)  # round to nearest even, as Triton's store does
+        return
+    for m, s, w in _tiles(master, served, where):
+        scratch = m.clone()
+        zaxpy_numba_(scratch, w, **coefficients)
+        s.copy_(scratch)
+
+
+@torch.library.custom_op("sglang_mezo::zaxpy_", mutates_args=("thetas", "masters"))
 def _zaxpy_op(
     thetas: list[torch.Tensor],
+    masters: list[torch.Tensor],
+    commit: bool,
     keys: list[int],
     full_cols: list[int],
     row_offsets: list[int],
@@ -61,8 +101,11 @@ def _zaxpy_op(
 ) -> None:
     z_kind = ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER
     coefficients: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # per device, built once per pass
-    for theta, key, fc, ro, co, decay in zip(thetas, keys, full_cols, row_offsets, col_offsets, decays, strict=True):
+    for i, (theta, key, fc, ro, co, decay) in enumerate(
+        zip(thetas, keys, full_cols, row_offsets, col_offsets, decays, strict=True)
+    ):
         where = ZSlice(key, fc, ro, co)
+        master = masters[i] if masters else None
         if theta.is_cuda or force_triton:
             if theta.device not in coefficients:
                 coefficients[theta.device] = (
@@ -70,14 +113,26 @@ def _zaxpy_op(
                     torch.tensor(restore, dtype=torch.float32, device=theta.device),
                     torch.tensor(update, dtype=torch.float32, device=theta.device),
                 )
-            _zaxpy_triton_(as_block(theta), where, *coefficients[theta.device], decay=decay, kind=z_kind)
+            if master is None:
+                _zaxpy_triton_(as_block(theta), where, *coefficients[theta.device], decay=decay, kind=z_kind)
+                continue
+            # a master in host memory is streamed through the device, one tensor at a time
+            source = master.to(theta.device, non_blocking=True)
+            _zaxpy_triton_(source, where, *coefficients[theta.device], decay=decay, kind=z_kind,
+                           out=as_block(theta), write_back=commit)
+            if commit and source is not master:
+                master.copy_(source)
+        elif master is not None:
+            _master_pass_cpu(master, as_block(theta), where, commit=commit, seeds=seeds, restore=restore,
+                             update=update, decay=decay, kind=z_kind)
         else:
             cpu_pass = zaxpy_numba_ if theta.dtype in NUMBA_DTYPES else zaxpy_torch_
             cpu_pass(as_block(theta), where, seeds=seeds, restore=restore, update=update, decay=decay, kind=z_kind)
 
 
 @_zaxpy_op.register_fake
-def _(thetas, keys, full_cols, row_offsets, col_offsets, decays, seeds, restore, update, kind, force_triton) -> None:
+def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decays, seeds, restore, update, kind,
+      force_triton) -> None:
     return None
 
 
@@ -90,9 +145,13 @@ def zaxpy_(
     decay: float = 1.0,
     kind: ZKind = ZKind.GAUSSIAN,
     force_triton: bool = False,
+    commit: bool = True,
 ) -> None:
     """For every target: θ ← (θ + Σ_k restore[k]·z_k)·d + Σ_k update[k]·z_k, with d = ``decay`` for targets whose
     ``decay`` flag is set and 1 otherwise. In place, fp32 math, no parameter-sized temporaries.
+
+    Targets with a ``master`` (all of them or none): the right side reads the master for θ, the result is
+    written rounded to the served ``theta``, and to the master as well only with ``commit``.
 
     A perturbation is ``restore=[ε]``; MeZO's last pass of a step, "undo the probe and apply the update" in one
     read and one write of the weights, is ``restore=[0, …, ε]``, ``update=[-lr·g_k/n …]``, ``decay=1-lr·wd``.
@@ -106,8 +165,13 @@ def zaxpy_(
         raise ValueError("seeds, restore and update must have the same length")
     if not targets:
         return
+    masters = [t.master for t in targets if t.master is not None]
+    if masters and len(masters) != len(targets):
+        raise ValueError("a pass takes targets that all have a master, or none that has")
     _zaxpy_op(
         [t.theta for t in targets],
+        masters,
+        commit,
         [t.where.key for t in targets],
         [t.where.full_cols for t in targets],
         [t.where.row_offset for t in targets],
@@ -151,6 +215,8 @@ def _zaxpy_triton_(
     *,
     decay: float,
     kind: ZKind,
+    out: torch.Tensor | None = None,
+    write_back: bool = True,
 ) -> None:
     import triton
 
@@ -174,9 +240,13 @@ def _zaxpy_triton_(
         restore_t,
         update_t,
         decay,
+        block if out is None else out,
+        block.stride(0) if out is None else out.stride(0),
         N_SEEDS=seeds_t.numel(),
         KIND=kind.code,
         BLOCK=_triton_block_size(),
+        HAS_OUT=out is not None,
+        WRITE_BACK=write_back,
         num_warps=4,
         # no FMA contraction: the same roundings as the PyTorch path, so the two agree bit for bit
         enable_fp_fusion=False,

@@ -72,6 +72,18 @@ def z_at(seed, key, index, KIND: tl.constexpr):
 
 
 @triton.jit
+def rounded(x, dtype: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest even. For bf16 that is spelled out on the bits: a GPU's convert
+    does the same, but Triton's interpreter truncates, and the tests compare the two paths bit for bit. (Finite
+    values only; MeZO refuses non-finite updates before they reach the weights.)"""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def zaxpy_kernel(
     theta_ptr,
     n_rows,
@@ -85,11 +97,19 @@ def zaxpy_kernel(
     restore_ptr,
     update_ptr,
     decay,
+    out_ptr,
+    out_row_stride,
     N_SEEDS: tl.constexpr,
     KIND: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    WRITE_BACK: tl.constexpr,
 ):
     """theta ← (theta + Σ_k restore[k]·z_k)·decay + Σ_k update[k]·z_k, in place, in fp32.
+
+    With ``HAS_OUT`` the result is also written, rounded to its dtype, to ``out_ptr`` (a block of the same shape,
+    ``out_row_stride`` between rows): theta is then an fp32 master and out the weights served from it; a probe
+    leaves the master as it is (``WRITE_BACK`` off), a commit writes both in the same read.
 
     theta_ptr   -- [n_rows, n_cols] block, unit stride along columns, ``row_stride`` between rows; any float dtype
     full_cols   -- row length of the full (unsharded) tensor viewed as 2-D
@@ -115,4 +135,7 @@ def zaxpy_kernel(
         restore_acc += tl.load(restore_ptr + k) * z
         update_acc += tl.load(update_ptr + k) * z
     theta = (theta + restore_acc) * decay + update_acc
-    tl.store(ptrs, theta.to(theta_ptr.dtype.element_ty), mask=mask)
+    if WRITE_BACK:
+        tl.store(ptrs, rounded(theta, theta_ptr.dtype.element_ty), mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + r * out_row_stride + c, rounded(theta, out_ptr.dtype.element_ty), mask=mask)

@@ -14,6 +14,7 @@ import torch
 from fakes import FakeExecutor, FakeScorer, replayed
 from tiny_models import memorisation_task, tiny_llama
 
+from sglang_mezo.core import params as params_module
 from sglang_mezo.core import spsa
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import (
@@ -159,7 +160,7 @@ def test_forwards_and_passes_per_step(estimator, monkeypatch):
     """SPSA: 2n forwards and 2n + 1 passes; FZOO: n + 1 of each (each probe pass takes the previous probe off, the
     commit takes the last one off)."""
     passes = []
-    monkeypatch.setattr(spsa, "zaxpy_", lambda *a, **k: passes.append(1) or zaxpy_(*a, **k))
+    monkeypatch.setattr(params_module, "zaxpy_", lambda *a, **k: passes.append(1) or zaxpy_(*a, **k))
     params, _, loss, _ = quadratic()
     calls = []
     n = 5

@@ -200,11 +200,12 @@ def test_ctrl_c_during_a_pass_is_held_until_the_pass_is_recorded(monkeypatch):
     import os
     import signal
 
+    import sglang_mezo.core.params as params_module
     import sglang_mezo.core.spsa as spsa
 
     params, tensors = make_set(("a.weight", (16, 8)), ("b.weight", (16, 8)))
     before = {n: t.clone() for n, t in tensors.items()}
-    monkeypatch.setattr(spsa, "zaxpy_", _partial_pass_after(1, 2, lambda: os.kill(os.getpid(), signal.SIGINT)))
+    monkeypatch.setattr(params_module, "zaxpy_", _partial_pass_after(1, 2, lambda: os.kill(os.getpid(), signal.SIGINT)))
     # Python's own Ctrl-C handler, whatever an earlier test in this process left installed: once, in a full-suite
     # run (2026-11-30), no KeyboardInterrupt came here although the test passes alone and after every non-server
     # test; a handler left behind by an earlier test is the likely cause (not confirmed)
@@ -219,6 +220,7 @@ def test_ctrl_c_during_a_pass_is_held_until_the_pass_is_recorded(monkeypatch):
 
 
 def test_a_pass_failing_part_way_is_reported_not_papered_over(monkeypatch):
+    import sglang_mezo.core.params as params_module
     import sglang_mezo.core.spsa as spsa
 
     params, tensors = make_set(("a.weight", (16, 8)), ("b.weight", (16, 8)))
@@ -226,7 +228,7 @@ def test_a_pass_failing_part_way_is_reported_not_papered_over(monkeypatch):
     def boom():
         raise MemoryError("tile allocation failed")
 
-    monkeypatch.setattr(spsa, "zaxpy_", _partial_pass_after(1, 2, boom))
+    monkeypatch.setattr(params_module, "zaxpy_", _partial_pass_after(1, 2, boom))
     with pytest.raises(spsa.InconsistentWeightsError) as info:
         spsa.mezo_step(params, lambda: 0.0, [1], eps=1e-3, lr=1.0)
     assert isinstance(info.value.__cause__, MemoryError)

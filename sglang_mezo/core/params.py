@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_mezo.kernels import ZSlice, ZTarget, as_block, tensor_key
+from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, as_block, tensor_key, zaxpy_
+
+from .master import MasterWeights
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -94,6 +96,8 @@ class TrainableSet:
 
     manifest: dict[str, tuple[int, ...]]
     pieces: list[TrainablePiece]
+    masters: MasterWeights | None = None
+    """fp32 masters of half-precision weights (see :mod:`.master`); None: the pieces are trained in place."""
     targets: list[ZTarget] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +117,24 @@ class TrainableSet:
             )
             for p in self.pieces
         ]
+        if self.masters is not None:
+            self.targets = self.masters.attach(self.targets)
+
+    def apply(
+        self,
+        seeds: Sequence[int],
+        restore: Sequence[float],
+        update: Sequence[float] | None = None,
+        *,
+        decay: float = 1.0,
+        kind: ZKind,
+    ) -> None:
+        """One pass over the trainable weights (:func:`~sglang_mezo.kernels.zaxpy_`'s arguments), in place or
+        through the masters."""
+        if self.masters is None:
+            zaxpy_(self.targets, seeds, restore, update, decay=decay, kind=kind)
+        else:
+            self.masters.apply(self.targets, seeds, restore, update, decay=decay, kind=kind)
 
     @classmethod
     def from_pieces(
@@ -120,6 +142,7 @@ class TrainableSet:
         pieces: Sequence[TrainablePiece],
         selection: ParamSelection | None = None,
         num_layers: int | None = None,
+        masters: MasterWeights | None = None,
     ) -> TrainableSet:
         """Select among an engine's pieces. The manifest is built from the pieces themselves, so this is for
         engines that hold every tensor (transformers, TP 1); sharded engines pass their full manifest."""
@@ -132,6 +155,7 @@ class TrainableSet:
         return cls(
             manifest={n: s for n, s in manifest.items() if n in chosen},
             pieces=[p for p in pieces if p.name in chosen],
+            masters=masters,
         )
 
     @property

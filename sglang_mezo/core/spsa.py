@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from sglang_mezo.kernels import ZKind, check_seed, zaxpy_
+from sglang_mezo.kernels import ZKind, check_seed
 
 from .estimators import (
     INITIAL_STATE,
@@ -159,7 +159,7 @@ class _Probe:
         else:
             seeds, coefs = [self.seed, seed], [-self.scale, scale]
         with self.pass_over_weights():
-            zaxpy_(self.params.targets, seeds, coefs, kind=self.kind)
+            self.params.apply(seeds, coefs, kind=self.kind)
             self.seed, self.scale = seed, scale
             self.moves += 1
 
@@ -167,7 +167,7 @@ class _Probe:
         """Back to the committed weights (in fp32, to within a rounding of the round trip)."""
         if self.seed is not None and not self.broken:
             with self.pass_over_weights():
-                zaxpy_(self.params.targets, [self.seed], [-self.scale], kind=self.kind)
+                self.params.apply([self.seed], [-self.scale], kind=self.kind)
                 self.seed, self.scale = None, 0.0
 
 
@@ -299,7 +299,7 @@ def apply_update(
     """θ ← (θ + take_off·z_n)·decay + Σ_k update_k·z_k in one pass: a step's update, fused with taking its last
     probe off (``take_off`` = minus the probe's scale: +ε after SPSA's -εz_n, -ε after FZOO's +εz_n)."""
     n = len(seeds)
-    zaxpy_(params.targets, seeds, [0.0] * (n - 1) + [take_off], list(update), decay=decay, kind=kind)
+    params.apply(seeds, [0.0] * (n - 1) + [take_off], list(update), decay=decay, kind=kind)
 
 
 def commit_update(
