@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.jobs.journal import Journal
 from sglang_mezo.jobs.runner import JobObserver, JobRunner
-from sglang_mezo.options import MezoServerOptions
+from sglang_mezo.options import MezoServerOptions, Precision
 
 from . import errors
 from .context import MezoContext
@@ -62,9 +62,13 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                           z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
                           adaptive=options.adaptive, selection=options.selection)
     files = FileAccess.of(options.folders, base_model)
+    precision = Precision(str(tokenizer_manager.model_config.dtype).removeprefix("torch."), options.master)
+    if precision.refusal:
+        logger.warning("MeZO: training is off: %s", precision.refusal)
     install(app, MezoContext(runner=runner, translator=Translator(tokenizer_manager.tokenizer,
                                                                   int(tokenizer_manager.context_len)),
-                             defaults=defaults, limits=options.limits, files=files, base_model=base_model))
+                             defaults=defaults, limits=options.limits, files=files, base_model=base_model,
+                             precision=precision))
     logger.info("MeZO routes mounted under /mezo; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.jobs.job import Job
 from sglang_mezo.jobs.runner import JobRunner
-from sglang_mezo.options import Limits
+from sglang_mezo.options import Limits, Precision
 
 from .files import FileAccess
 from .limits import StreamSlots
@@ -27,6 +27,7 @@ class MezoContext:
     limits: Limits
     files: FileAccess
     base_model: str
+    precision: Precision = Precision("float32")
     streams: StreamSlots = field(init=False)
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.jobs.diagnose import EpsDiagnosis
 from sglang_mezo.jobs.job import Evaluation, Job
 from sglang_mezo.jobs.served import SaveReport, ServedSegment, ServedWeights
+from sglang_mezo.options import Precision
 from sglang_mezo.jobs.templates import TextChoice, TextCompletion
 from sglang_mezo.kernels import MAX_SEED, ZKind
 from sglang_mezo.protocol import FailureKind, StepReport
@@ -296,6 +297,24 @@ class ServedSegmentOut(BaseModel):
         return cls(job_id=segment.job_id, steps=segment.steps, records=len(segment.trajectory))
 
 
+class PrecisionOut(BaseModel):
+    """How the served weights are held, and what training costs on top of them."""
+
+    served_dtype: str
+    master: str
+    """Where the fp32 masters of half-precision trainable weights live: ``device``, ``host``, or ``none``."""
+    master_bytes_per_parameter: int
+    """Memory training adds per trainable parameter (4 with masters, 0 without)."""
+    can_train: bool
+    reason: str = ""
+
+    @classmethod
+    def of(cls, precision: Precision) -> PrecisionOut:
+        return cls(served_dtype=precision.served_dtype, master=precision.master,
+                   master_bytes_per_parameter=precision.master_bytes_per_parameter,
+                   can_train=precision.refusal is None, reason=precision.refusal or "")
+
+
 class WeightsOut(BaseModel):
     """What the served weights are: the base checkpoint plus these jobs' steps, in order."""
 
@@ -306,11 +325,13 @@ class WeightsOut(BaseModel):
     weights_lost: bool = False
     """A weight pass failed part-way and restoring failed too: training is off until a reset succeeds."""
     message: str = ""
+    precision: PrecisionOut | None = None
 
     @classmethod
-    def of(cls, weights: ServedWeights, message: str = "") -> WeightsOut:
+    def of(cls, weights: ServedWeights, message: str = "", precision: Precision | None = None) -> WeightsOut:
         return cls(base_model=weights.base_model, weight_version=weights.weight_version, weights_lost=weights.lost,
-                   message=message, history=[ServedSegmentOut.of(s) for s in weights.segments])
+                   message=message, history=[ServedSegmentOut.of(s) for s in weights.segments],
+                   precision=None if precision is None else PrecisionOut.of(precision))
 
 
 class SaveRequest(_Strict):

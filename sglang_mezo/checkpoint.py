@@ -9,7 +9,7 @@ way the engine's loader did (``Tensor.to``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -71,9 +71,11 @@ def plan_reads(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> dict[
     return by_file
 
 
-def load_pieces(plan: dict[Path, list[tuple[str, TrainablePiece]]]) -> int:
+def load_pieces(plan: dict[Path, list[tuple[str, TrainablePiece]]],
+                write: Callable[[TrainablePiece, torch.Tensor], None] | None = None) -> int:
     """Overwrite each piece's storage with its block of the checkpoint tensor, as :func:`plan_reads` planned (and
-    checked); returns the elements copied."""
+    checked); returns the elements copied. ``write`` (piece, block in the checkpoint's dtype) replaces the copy
+    (fp32 masters take the block before the served weights are rounded from it)."""
     from safetensors import safe_open
 
     copied = 0
@@ -82,7 +84,10 @@ def load_pieces(plan: dict[Path, list[tuple[str, TrainablePiece]]]) -> int:
             for source, piece in items:
                 block = _read_block(f.get_slice(source), piece)
                 with torch.no_grad():
-                    piece.data.copy_(block.to(piece.data.dtype))
+                    if write is None:
+                        piece.data.copy_(block.to(piece.data.dtype))
+                    else:
+                        write(piece, block)
                 copied += block.numel()
     return copied
 
@@ -106,14 +111,17 @@ def _read_block(source, piece: TrainablePiece) -> torch.Tensor:
 _PART_KEY = "{name}|{row}|{col}"
 
 
-def write_parts(path: str | Path, pieces: Iterable[TrainablePiece]) -> Path:
-    """Write the pieces' current values (with where they sit in their checkpoint tensors) to one file."""
+def write_parts(path: str | Path, pieces: Iterable[TrainablePiece],
+                read: Callable[[TrainablePiece], torch.Tensor] | None = None) -> Path:
+    """Write the pieces' current values (with where they sit in their checkpoint tensors) to one file. ``read``
+    gives a piece's values instead of its storage (an fp32 master, for half-precision weights)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for piece in pieces:
         key = _PART_KEY.format(name=piece.name, row=piece.row_offset, col=piece.col_offset)
-        tensors[key] = piece.data.detach().to("cpu", copy=True).contiguous()
+        values = piece.data if read is None else read(piece).view(piece.data.shape)
+        tensors[key] = values.detach().to("cpu", copy=True).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))

@@ -80,6 +80,10 @@ class MezoServerOptions:
     selection: ParamSelection = field(default_factory=ParamSelection)
     limits: Limits = field(default_factory=Limits)
     folders: Folders = field(default_factory=Folders)
+    master: str = "none"
+    """``device`` / ``host``: fp32 masters of the trainable weights of a bf16/fp16 server (``--mezo-master``), see
+    :mod:`sglang_mezo.core.master`; ``none``: weights are trained in place, and a half-precision server refuses
+    to train."""
     state_dir: str | None = None
     """Where the served history is journaled (``--mezo-state-dir``); None: it lives in memory only."""
     resume: tuple[Trajectory, ...] = field(default=(), repr=False)
@@ -104,6 +108,8 @@ class MezoServerOptions:
         if self.z_kind != "auto":
             ZKind(self.z_kind)
         Adaptive(self.adaptive)
+        if self.master not in MASTER_CHOICES:
+            raise ValueError(f"--mezo-master must be one of {', '.join(MASTER_CHOICES)}, got {self.master!r}")
         if self.n_probes < Estimator(self.estimator).min_probes:
             raise ValueError(f"--mezo-estimator {self.estimator} needs --mezo-n-probes >= "
                              f"{Estimator(self.estimator).min_probes}")
@@ -112,6 +118,36 @@ class MezoServerOptions:
         if self.z_kind != "auto":
             return ZKind(self.z_kind)
         return ZKind.RADEMACHER if device == "cpu" else ZKind.GAUSSIAN
+
+
+MASTER_CHOICES = ("none", "device", "host")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the served weights are held: their dtype and where their fp32 masters live (``--mezo-master``)."""
+
+    served_dtype: str
+    """``float32``, ``bfloat16``, ``float16`` (torch's name without ``torch.``)."""
+    master: str = "none"
+
+    @property
+    def half(self) -> bool:
+        return self.served_dtype in ("bfloat16", "float16")
+
+    @property
+    def master_bytes_per_parameter(self) -> int:
+        """What training adds per trainable parameter (masters exist only for half-precision weights)."""
+        return 4 if self.half and self.master != "none" else 0
+
+    @property
+    def refusal(self) -> str | None:
+        """Why this server cannot train, if it cannot."""
+        if self.half and self.master == "none":
+            return (f"this server serves {self.served_dtype} weights, in which MeZO's updates (~1e-6) round away "
+                    f"and probes do not come back exactly: start it with --mezo-master device (or host) to train "
+                    f"through fp32 masters")
+        return None
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -129,6 +165,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="Default estimator of a job: spsa (MeZO) or fzoo (one-sided probes, needs n_probes >= 2).")
     group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=MezoServerOptions.adaptive,
                        help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS).")
+    group.add_argument("--mezo-master", choices=MASTER_CHOICES, default=MezoServerOptions.master,
+                       help="For a bf16/fp16 server: keep an fp32 master of every trainable weight (4 bytes per "
+                            "trainable parameter) on the device or in host memory, so that updates and probes are "
+                            "exact; without it such a server refuses to train (updates would round away).")
     group.add_argument("--mezo-chunk-ms", type=float, default=MezoServerOptions.chunk_ms,
                        help="Target duration of a chunk of steps; user requests wait at most one chunk "
                             "(0: one step per chunk).")
@@ -170,6 +210,7 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         folders=Folders(data_dirs=tuple(str(Path(d).resolve()) for d in ns.mezo_data_dir),
                         output_dir=str(Path(ns.mezo_output_dir).resolve()) if ns.mezo_output_dir else None),
         state_dir=str(Path(ns.mezo_state_dir).resolve()) if ns.mezo_state_dir else None,
+        master=ns.mezo_master,
     )
 
 

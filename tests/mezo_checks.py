@@ -13,6 +13,14 @@ from sglang_mezo.core.params import TrainableSet
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.engines.hf import HFEngine
 
+# a small completion task the server tests train on
+TRAIN = [
+    {"prompt": "the movie was", "completion": " great"},
+    {"prompt": "the film was", "completion": " terrible"},
+    {"prompt": "a great story with", "completion": " great music"},
+    {"prompt": "a terrible script,", "completion": " boring scenes"},
+]
+
 # fixed token sequences of the tiny test tokenizer, scored through /generate: (prompt ids, completion ids)
 PROBE = [([80, 82, 89, 76, 72], [224, 90, 68, 86]), ([87, 75, 72], [224, 80, 82, 89]), ([68, 224], [74, 85, 72])]
 
@@ -78,17 +86,22 @@ def engine_for_served(server, model_path: str, *, last_upto: int | None = None) 
     return engine
 
 
-def fused_replay(server, model_path: str) -> dict[str, torch.Tensor]:
-    """The base checkpoint with the served history replayed by the reference engine, in SGLang's fused layout."""
-    hf = engine_for_served(server, model_path).model.state_dict()
-    out = {"model.embed_tokens.weight": hf["model.embed_tokens.weight"], "model.norm.weight": hf["model.norm.weight"]}
+def fused(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers state dict of the tiny Llama in SGLang's fused layout (qkv_proj, gate_up_proj)."""
+    out = {"model.embed_tokens.weight": state["model.embed_tokens.weight"],
+           "model.norm.weight": state["model.norm.weight"]}
     for i in range(2):
         p = f"model.layers.{i}"
-        out[f"{p}.self_attn.qkv_proj.weight"] = torch.cat([hf[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
-        out[f"{p}.mlp.gate_up_proj.weight"] = torch.cat([hf[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
+        out[f"{p}.self_attn.qkv_proj.weight"] = torch.cat([state[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
+        out[f"{p}.mlp.gate_up_proj.weight"] = torch.cat([state[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
         for leaf in ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
-            out[f"{p}.{leaf}.weight"] = hf[f"{p}.{leaf}.weight"]
+            out[f"{p}.{leaf}.weight"] = state[f"{p}.{leaf}.weight"]
     return out
+
+
+def fused_replay(server, model_path: str) -> dict[str, torch.Tensor]:
+    """The base checkpoint with the served history replayed by the reference engine, in SGLang's fused layout."""
+    return fused(engine_for_served(server, model_path).model.state_dict())
 
 
 def assert_served_is_replay(server, model_path: str) -> None:

@@ -16,19 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from mezo_checks import (PROBE, engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs,
+from mezo_checks import (PROBE, TRAIN, engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs,
                          served_weights)
 from servers import running_server
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
-
-TRAIN = [
-    {"prompt": "the movie was", "completion": " great"},
-    {"prompt": "the film was", "completion": " terrible"},
-    {"prompt": "a great story with", "completion": " great music"},
-    {"prompt": "a terrible script,", "completion": " boring scenes"},
-]
 
 
 @pytest.fixture(scope="module")

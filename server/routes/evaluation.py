@@ -42,6 +42,8 @@ async def evaluate(request: EvalRequest, mezo: Context) -> EvalOut:
 async def diagnose(request: DiagnoseRequest, mezo: Context) -> DiagnoseOut:
     """For each ε: ``probes`` probes of the batch with lr = 0 (an ordinary job: it queues behind others, and its
     probes' round trips are recorded, so the served weights stay exactly described)."""
+    if mezo.precision.refusal:
+        raise InvalidRequest(mezo.precision.refusal)
     if request.probes > mezo.limits.max_steps_per_job:  # each ε is a job of that many steps
         raise InvalidRequest(f"probes={request.probes} is more than this server allows per job "
                              f"({Limits.flag('max_steps_per_job')} {mezo.limits.max_steps_per_job})")

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from sglang.srt.utils.auth import AuthLevel, auth_level
 from fastapi.responses import Response, StreamingResponse
 
-from sglang_mezo.jobs.errors import Conflict, JobFailed
+from sglang_mezo.jobs.errors import Conflict, InvalidRequest, JobFailed
 from sglang_mezo.jobs.job import Job, JobStatus
 from sglang_mezo.jobs.spec import JobSpec
 
@@ -29,6 +29,8 @@ SSE_PING_S = 15.0
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
+    if mezo.precision.refusal:
+        raise InvalidRequest(mezo.precision.refusal)
     config = job_config(mezo.defaults, request, mezo.limits)
     train, held_out = texts(request.examples), texts(request.eval_examples)
     if request.dataset is not None:

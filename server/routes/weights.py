@@ -21,7 +21,7 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 @auth_level(AuthLevel.NORMAL)
 async def weights(mezo: Context) -> WeightsOut:
     """The base checkpoint and the jobs' steps the served weights carry, in order, and their SGLang label."""
-    return WeightsOut.of(mezo.runner.weights)
+    return WeightsOut.of(mezo.runner.weights, precision=mezo.precision)
 
 
 @router.post("/reset")

@@ -69,6 +69,10 @@ class MasterWeights:
             self._masters[key] = master
         return master
 
+    def has(self, theta: torch.Tensor) -> bool:
+        """Whether theta (a piece's storage or its block) has a master yet."""
+        return _storage_key(as_block(theta)) in self._masters
+
     @property
     def nbytes(self) -> int:
         """Bytes the masters take (4 per trainable element held by this process)."""

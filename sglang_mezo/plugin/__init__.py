@@ -65,7 +65,7 @@ def _after_scheduler_dispatcher(result, scheduler) -> None:
     if options.enabled:
         from sglang_mezo.scheduler.handler import install
 
-        install(scheduler, options.resume, options.resume_base_version)
+        install(scheduler, options.resume, options.resume_base_version, options.master)
 
 
 def _before_http_setup(server_args, tokenizer_manager, *args, **kwargs) -> None:

@@ -88,6 +88,7 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
              instance=True),
     Internal(f"{_TOKENIZER_MANAGER}.context_len", Use.READ, "server.app", "refuse examples longer than the context",
              instance=True),
+    Internal(f"{_TOKENIZER_MANAGER}.model_config", Use.READ, "server.app", "the served dtype", instance=True),
     # -- the scheduler: dispatch, serving around a chunk
     Internal("sglang.utils.TypeBasedDispatcher", Use.CONSTRUCT, "scheduler.handler", "dispatch our messages"),
     Internal(f"{_SCHEDULER}._request_dispatcher", Use.EXTEND, "scheduler.handler", "our handlers join it",
@@ -186,6 +187,8 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
     *(Internal(f"sglang.srt.configs.model_config.ModelConfig.{attr}", Use.READ, "scheduler.scoring",
                "the served model's shape and vocabulary", instance=True)
       for attr in ("hf_config", "context_len", "vocab_size", "hf_eos_token_id")),
+    Internal("sglang.srt.configs.model_config.ModelConfig.dtype", Use.READ, "server.app",
+             "the served dtype: half-precision weights train only through fp32 masters", instance=True),
     Internal("sglang.srt.runtime_context.ParallelContext.tp_rank", Use.READ, "scheduler.scoring",
              "this rank's place in tensor parallelism"),
     Internal("sglang.srt.server_args.ServerArgs.tp_size", Use.READ, "scheduler.scoring",

@@ -35,14 +35,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
+
 from sglang_mezo.checkpoint import CheckpointError, assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import AdaptiveState
+from sglang_mezo.core.master import HALF, MasterWeights, Placement
 from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
 from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.options import Precision
 from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
                                   StepChunk, StepReport)
 
@@ -58,11 +62,16 @@ _DISABLED = ("training is disabled: an earlier weight update failed part-way and
 
 
 class MezoSchedulerHandler:
-    def __init__(self, serving: SchedulerServing, *, faults: FaultInjector | None = None) -> None:
+    def __init__(self, serving: SchedulerServing, *, faults: FaultInjector | None = None,
+                 master: str = "none") -> None:
         self.serving = serving
         self._faults = faults
         self._tp: TPAgreement | None = None
         self._params: dict[ParamSelection, TrainableSet] = {}
+        self._master = master
+        self._masters: MasterWeights | None = None
+        """fp32 masters of half-precision trainable weights, one per block whichever set moves it (made with the
+        first trainable set of a half-precision model, when ``--mezo-master`` asks for them)."""
         self.inconsistent = False
         """Latched when a weight pass failed part-way: no training until a restore succeeds."""
 
@@ -81,9 +90,31 @@ class MezoSchedulerHandler:
     def params_for(self, selection: ParamSelection) -> TrainableSet:
         if selection not in self._params:
             engine = self.serving.engine
-            self._params[selection] = TrainableSet.from_pieces(engine.trainable_pieces(), selection,
-                                                               engine.num_layers)
+            pieces = engine.trainable_pieces()
+            masters = self._masters_for(pieces)
+            fresh = [] if masters is None else [p for p in pieces if not masters.has(p.data)]
+            params = TrainableSet.from_pieces(pieces, selection, engine.num_layers, masters=masters)
+            if masters is not None:
+                # a new master's truth is the base checkpoint (fp32 or wider than served), not the rounded weights;
+                # a block no trainable set had yet was never moved, so it still is the base
+                chosen = {p.name for p in params.pieces}
+                fresh = [p for p in fresh if p.name in chosen]
+                load_pieces(plan_reads(self.serving.model_path, fresh), self._load_into_master)
+                logger.info("MeZO: fp32 masters (%s) hold %.1f MiB on this rank (4 bytes per trainable parameter)",
+                            self._master, masters.nbytes / 2**20)
+            self._params[selection] = params
         return self._params[selection]
+
+    def _masters_for(self, pieces: list[TrainablePiece]) -> MasterWeights | None:
+        dtype = pieces[0].data.dtype if pieces else torch.float32
+        if dtype not in HALF:
+            return None
+        precision = Precision(str(dtype).removeprefix("torch."), self._master)
+        if precision.refusal:  # the HTTP side refuses first; this guards the weights whatever sends a chunk
+            raise ValueError(precision.refusal)
+        if self._masters is None:
+            self._masters = MasterWeights(Placement(self._master))
+        return self._masters
 
     # -- a chunk of steps ----------------------------------------------------------------------------------------
 
@@ -242,7 +273,7 @@ class MezoSchedulerHandler:
             failure = failure or Failure(FailureKind.INVALID, "bad history on another tensor-parallel rank")
             return RestoreOutcome(failure=failure, weights_consistent=not self.inconsistent)
         try:
-            copied = load_pieces(plan)
+            copied = load_pieces(plan, None if self._masters is None else self._load_into_master)
             steps = sum(t.replay(p, exact=True) for t, p in zip(history, targets, strict=True))
             label()
             ok = True
@@ -272,7 +303,8 @@ class MezoSchedulerHandler:
                               "the served weights are at no committed step: reset them first")
         else:
             try:
-                write_parts(parts / f"rank{self.serving.tp_rank}.safetensors", self._movable_pieces())
+                read = None if self._masters is None else (lambda piece: self._masters.master_of(piece.data))
+                write_parts(parts / f"rank{self.serving.tp_rank}.safetensors", self._movable_pieces(), read)
             except Exception as exc:  # noqa: BLE001 - reported to the caller
                 logger.exception("MeZO: writing the trainable tensors failed")
                 failure = Failure(FailureKind.CHECKPOINT, f"{type(exc).__name__}: {exc}")
@@ -293,6 +325,11 @@ class MezoSchedulerHandler:
         message = f"saved in {time.perf_counter() - started:.2f} s"
         logger.info("MeZO: weights %s %s to %s", version, message, req.path)
         return MezoReqOutput(outcome=SaveOutcome(weight_version=version, tensors=tuple(tensors), message=message))
+
+    def _load_into_master(self, piece: TrainablePiece, block: torch.Tensor) -> None:
+        """A checkpoint block becomes the piece's master; the served weights are rounded from it."""
+        self._masters.load(piece.data, block)
+        self._masters.forget_probe()
 
     def _movable_pieces(self) -> list[TrainablePiece]:
         """The pieces of every trainable set built so far (each distinct block once)."""
@@ -325,13 +362,13 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: resuming serving failed")
 
 
-def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = "") -> None:
+def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = "", master: str = "none") -> None:
     """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook, when
     the model is loaded and nothing has been served yet), after replaying ``resume`` (the journal's served
     history) onto the weights."""
     from sglang.utils import TypeBasedDispatcher
 
-    handler = MezoSchedulerHandler(SchedulerServing(scheduler))
+    handler = MezoSchedulerHandler(SchedulerServing(scheduler), master=master)
     if resume:
         handler.restore_at_launch(resume, base_version)
     scheduler._request_dispatcher += TypeBasedDispatcher([
