@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-load bench-step bench-learning clean
+.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-step bench-learning clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-unit: $(STAMP)
 ## make bench-precision: what ±εz round trips and small updates do to bf16/fp16 weights
 bench-precision: $(STAMP)
 	$(PY) benchmarks/bench_precision.py
+
+## make bench-half: a bf16 server with fp32 masters against an fp32 one on this machine: forward and step
+bench-half: $(STAMP)
+	$(PY) benchmarks/bench_half.py
 
 ## make bench-load: 8 clients' latency with and without a 200-step job, errors, and which weights served each answer
 bench-load: $(STAMP)

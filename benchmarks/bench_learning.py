@@ -42,9 +42,23 @@ from sglang_mezo.engines.hf import HFEngine  # noqa: E402
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes  # noqa: E402
 from sglang_mezo.kernels import ZKind  # noqa: E402
 
-TEMPLATE = "{text} It was"
-OPTIONS = (" terrible", " great")
 BATCH = 16
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """How a review is asked: the prompt's template, the options (negative first) and whether the prompt is the
+    user's turn of the model's chat template (the job's ``chat`` option)."""
+
+    name: str
+    template: str
+    options: tuple[str, str]
+    chat: bool = False
+
+
+PLAIN = Prompt("plain", "{text} It was", (" terrible", " great"))
+CHAT = Prompt("chat", "{text}\nIs this movie review positive or negative?", (" negative", " positive"), chat=True)
+PROMPTS = (PLAIN, CHAT)
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,7 @@ class Method:
     name: str
     job: dict
     flags: tuple[str, ...] = ("--mezo-last-layers", "4")
+    prompt: Prompt = PLAIN
 
     @property
     def forwards_per_step(self) -> int:
@@ -61,6 +76,7 @@ class Method:
         return n + 1 if self.job.get("estimator") == "fzoo" else 2 * n
 
 
+NORMS = ("--mezo-train", "norm")  # every RMSNorm gain: 61 vectors, 35k numbers in SmolLM2-135M
 DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1}
 METHODS = {m.name: m for m in [
     Method("mezo (demo settings)", DEMO),
@@ -68,6 +84,9 @@ METHODS = {m.name: m for m in [
     Method("spsa + scalar_rms", {**DEMO, "adaptive": "scalar_rms", "lr": 2e-4}),
     Method("fzoo n=4 + scalar_rms", {**DEMO, "estimator": "fzoo", "n_probes": 4, "adaptive": "scalar_rms",
                                      "lr": 2e-4}),
+    Method("mezo norms lr 3e-4", {**DEMO, "lr": 3e-4}, NORMS),
+    Method("mezo norms lr 1e-3", {**DEMO, "lr": 1e-3}, NORMS),
+    Method("mezo chat (demo settings)", DEMO, prompt=CHAT),
 ]}
 
 
@@ -94,8 +113,9 @@ def split(train: int, held_out: int) -> tuple[list[tuple[str, int]], list[tuple[
     return train_set, test_set
 
 
-def as_examples(reviews: list[tuple[str, int]]) -> list[dict]:
-    return [{"prompt": TEMPLATE.format(text=t), "options": list(OPTIONS), "label": y} for t, y in reviews]
+def as_examples(reviews: list[tuple[str, int]], prompt: Prompt) -> list[dict]:
+    return [{"prompt": prompt.template.format(text=t), "options": list(prompt.options), "label": y}
+            for t, y in reviews]
 
 
 # -- transformers references ---------------------------------------------------------------------------------------
@@ -104,13 +124,23 @@ def as_examples(reviews: list[tuple[str, int]]) -> list[dict]:
 class Reference:
     """The model on transformers, and the scoring every reference row shares (one forward per example)."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: Path, prompt: Prompt = PLAIN) -> None:
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.option_ids = tuple(self.tok(o, add_special_tokens=False)["input_ids"][0] for o in OPTIONS)
+        self.prompt = prompt
+        self.option_ids = tuple(self.tok(o, add_special_tokens=False)["input_ids"][0] for o in prompt.options)
+
+    def text(self, review: str) -> str:
+        """The prompt as the server builds it (``server/translate.py``: the chat template's user turn)."""
+        text = self.prompt.template.format(text=review)
+        if not self.prompt.chat:
+            return text
+        return self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
 
     def batch(self, reviews: list[tuple[str, int]]) -> ChoiceBatch:
-        prompts = tuple(tuple(self.tok(TEMPLATE.format(text=t))["input_ids"]) for t, _ in reviews)
+        prompts = tuple(tuple(self.tok(self.text(t), add_special_tokens=not self.prompt.chat)["input_ids"])
+                        for t, _ in reviews)
         return ChoiceBatch(prompts, self.option_ids, tuple(y for _, y in reviews))
 
     def logits(self, batch: ChoiceBatch, *, grad: bool = False) -> torch.Tensor:
@@ -184,8 +214,9 @@ def full_finetune(model_path: Path, train, test, lr: float = 1e-5) -> tuple[floa
 
 def server_curve(model_path: Path, method: Method, train, test, budget: int, evals: int) -> Curve:
     steps = max(1, budget // (BATCH * method.forwards_per_step))
-    job = {**method.job, "examples": as_examples(train), "eval_examples": as_examples(test), "steps": steps,
-           "batch_size": BATCH, "eval_every": max(1, steps // evals), "objective": "classification", "seed": 0}
+    job = {**method.job, "examples": as_examples(train, method.prompt), "eval_examples": as_examples(test, method.prompt),
+           "steps": steps, "batch_size": BATCH, "eval_every": max(1, steps // evals), "objective": "classification",
+           "seed": 0, "chat": method.prompt.chat}
     slug = "".join(c if c.isalnum() else "-" for c in method.name)
     with served(model_path, method.flags, Path(f"bench-learning-{slug}.log")) as client:
         done = client.train(job)
@@ -215,7 +246,7 @@ def plot(curves: list[Curve], flat: dict[str, float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for curve in curves:
         ax.plot(curve.forwards, [100 * a for a in curve.accuracy], marker="o", markersize=3, label=curve.name)
-    for (name, value), style in zip(flat.items(), (":", "--", "-."), strict=False):
+    for (name, value), style in zip(flat.items(), (":", "--", ":", "--", "-."), strict=False):
         ax.axhline(100 * value, linestyle=style, color="grey", label=f"{name} ({value:.1%})")
     ax.set_xlabel("example-forwards")
     ax.set_ylabel("held-out accuracy (%)")
@@ -232,16 +263,26 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=10, help="evaluations of the held-out set per curve")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--skip-paper", action="store_true", help="leave out the paper's MeZO curve (slow)")
+    parser.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning (the ceiling; ~8 min)")
+    parser.add_argument("--skip-references", action="store_true",
+                        help="leave out every transformers row (zero-shot, bias only, full fine-tuning, paper MeZO)")
     args = parser.parse_args()
 
     model_path = default_model_path()
     train, test = split(1000, 200)
-    ref = Reference(model_path)
-    flat = {"zero-shot": ref.accuracy(test), "bias only": bias_only(ref, train, test)}
-    full_acc, full_s = full_finetune(model_path, train, test)
-    flat["full fine-tune (backprop, 1 epoch)"] = full_acc
-    curves = [] if args.skip_paper else [paper_curve(ref, train, test, args.budget, args.evals)]
-    curves += [server_curve(model_path, METHODS[m], train, test, args.budget, args.evals) for m in args.methods]
+    methods = [METHODS[m] for m in args.methods]
+    flat: dict[str, float] = {}
+    prompts = [] if args.skip_references else [PLAIN] + [m.prompt for m in methods]
+    for prompt in dict.fromkeys(prompts):  # the references of every prompt in use
+        ref = Reference(model_path, prompt)
+        flat[f"zero-shot ({prompt.name})"] = ref.accuracy(test)
+        flat[f"bias only ({prompt.name})"] = bias_only(ref, train, test)
+    full_s = 0.0
+    if not (args.skip_full or args.skip_references):
+        full_acc, full_s = full_finetune(model_path, train, test)
+        flat["full fine-tune (backprop, 1 epoch)"] = full_acc
+    curves = [] if args.skip_paper or args.skip_references else [paper_curve(Reference(model_path), train, test, args.budget, args.evals)]
+    curves += [server_curve(model_path, m, train, test, args.budget, args.evals) for m in methods]
 
     Path("bench-learning.json").write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
                                                        "curves": [asdict(c) for c in curves]}, indent=1))

@@ -160,6 +160,8 @@ def assemble(base_dir: str | Path, out_dir: str | Path, part_files: Iterable[str
             full = tensors[name]
             view = full.view(-1, full.shape[-1]) if full.dim() > 1 else full.view(1, -1)
             for row, col, value in parts[name]:
+                if value.numel() == 0:  # a TP shard made only of padding (e.g. no columns): nothing to paste
+                    continue
                 block = value.view(-1, value.shape[-1]) if value.dim() > 1 else value.view(1, -1)
                 view[row : row + block.shape[0], col : col + block.shape[1]] = block.to(full.dtype)
         save_file(tensors, str(out / file.name), metadata=metadata)

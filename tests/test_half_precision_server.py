@@ -49,6 +49,21 @@ def update_only_replay(server, model_path: str) -> dict[str, torch.Tensor]:
     return engine.model.state_dict()
 
 
+def assert_saved_masters_are_the_replay(server, model_path: str, folder: Path) -> dict[str, torch.Tensor]:
+    """POST /mezo/save into ``folder`` (inside the output dir): the saved tensors are the masters, in the base
+    checkpoint's fp32, and equal the update-only replay bit for bit. Returns the replay's state dict."""
+    status, saved = server.request("POST", "/mezo/save", {"path": folder.name})
+    assert status == 200, saved
+    written = {}
+    for file in folder.glob("*.safetensors"):
+        written.update(load_file(str(file)))
+    expected = update_only_replay(server, model_path)
+    for name in saved["tensors"]:
+        assert written[name].dtype == torch.float32
+        assert torch.equal(written[name], expected[name]), name
+    return expected
+
+
 def test_a_bf16_server_without_masters_refuses_to_train_and_says_which_flag(model_path, tmp_path):
     with running_server(model_path, "--dtype", "bfloat16", log_dir=tmp_path) as srv:
         before = served_weights(srv)
@@ -83,15 +98,7 @@ def test_a_trained_master_is_the_fp32_update_only_replay_and_saves_and_resets_ex
     served = served_weights(server)
     assert not torch.equal(served["model.layers.1.mlp.down_proj.weight"], start["model.layers.1.mlp.down_proj.weight"])
 
-    status, saved = server.request("POST", "/mezo/save", {"path": "bf16-run"})
-    assert status == 200, saved
-    written = {}
-    for file in (output_dir / "bf16-run").glob("*.safetensors"):
-        written.update(load_file(str(file)))
-    expected = update_only_replay(server, model_path)
-    for name in saved["tensors"]:  # the masters, in the base checkpoint's fp32: the replay bit for bit
-        assert written[name].dtype == torch.float32
-        assert torch.equal(written[name], expected[name]), name
+    expected = assert_saved_masters_are_the_replay(server, model_path, output_dir / "bf16-run")
 
     # the served weights are the masters rounded once
     assert_served_rounds(served, expected)
@@ -110,3 +117,20 @@ def assert_served_rounds(served: dict[str, torch.Tensor], masters: dict[str, tor
     """Every served weight is the bf16 rounding of its fp32 master (SGLang pads the vocabulary: no weights)."""
     for name, master in fused(masters).items():
         assert torch.equal(served[name][: master.shape[0]], master.to(torch.bfloat16).float()), name
+
+
+def test_tp2_bf16_masters_shard_tear_recover_and_save_as_the_fp32_replay(tmp_path):
+    """--tp 2 in bf16: each rank's masters hold its shards (a KV head replicated on both); a torn pass on rank 1
+    (through the masters: both copies torn) is recovered by re-reading the checkpoint into the masters; the saved
+    masters are the fp32 update-only replay of the kept history, bit for bit."""
+    model_path = save_tiny_llama(tmp_path / "model", seed=7, num_key_value_heads=1)
+    out = tmp_path / "out"
+    with running_server(model_path, "--tp", "2", "--dtype", "bfloat16", "--mezo-master", "device",
+                        "--mezo-z-kind", "gaussian", "--mezo-output-dir", str(out), log_dir=tmp_path,
+                        env={"SGLANG_MEZO_INJECT_FAULT": "torn@2/12:2#1"}) as server:
+        body = {"examples": TRAIN, "lr": 3e-3, "eps": 1e-3, "batch_size": 2}
+        assert run_job(server, {**body, "steps": 30, "seed": 1})["status"] == "succeeded"
+        torn = run_job(server, {**body, "steps": 20, "seed": 2})
+        assert torn["status"] == "failed" and torn["step"] == 12, torn
+        assert "restored to the last committed step" in torn["error"] and not torn["weights_inconsistent"], torn
+        assert_saved_masters_are_the_replay(server, model_path, out / "tp2")

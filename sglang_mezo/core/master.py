@@ -1,8 +1,8 @@
 """Half-precision weights trained exactly: an fp32 master of every trainable block, the served weights rounded from it.
 
-A bf16 weight can hold neither MeZO's update (lr·g·z ≈ 1e-6 against a spacing of 2^-8 ≈ 4e-3 at 1.0: it rounds
-away) nor come back from a ±εz probe (each move rounds). So the truth lives in fp32 and the served tensors are only
-ever *written from it*:
+A bf16 weight can hold neither MeZO's update (lr·g·z ≈ 1e-6 against a spacing of 2^-7 ≈ 8e-3 above 1.0: it
+rounds away) nor come back from a ±εz probe (each move rounds). So the truth lives in fp32 and the served tensors
+are only ever *written from it*:
 
 - a probe:   served ← round(master + Σ_k c_k·z_k), the master untouched;
 - a restore: served ← round(master), the served weights of before, bit for bit;

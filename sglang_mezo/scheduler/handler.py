@@ -92,14 +92,14 @@ class MezoSchedulerHandler:
             engine = self.serving.engine
             pieces = engine.trainable_pieces()
             masters = self._masters_for(pieces)
-            fresh = [] if masters is None else [p for p in pieces if not masters.has(p.data)]
-            params = TrainableSet.from_pieces(pieces, selection, engine.num_layers, masters=masters)
+            params = TrainableSet.from_pieces(pieces, selection, engine.num_layers)
             if masters is not None:
-                # a new master's truth is the base checkpoint (fp32 or wider than served), not the rounded weights;
-                # a block no trainable set had yet was never moved, so it still is the base
-                chosen = {p.name for p in params.pieces}
-                fresh = [p for p in fresh if p.name in chosen]
+                # a new master's truth is the base checkpoint (fp32, or whatever it holds), not the rounded served
+                # weights: masters are only ever made by reading it (a block no set had yet was never moved, so it
+                # still is the base), before the set attaches them; a failed read leaves no master half-made
+                fresh = [p for p in params.pieces if not masters.has(p.data)]
                 load_pieces(plan_reads(self.serving.model_path, fresh), self._load_into_master)
+                params = TrainableSet.from_pieces(pieces, selection, engine.num_layers, masters=masters)
                 logger.info("MeZO: fp32 masters (%s) hold %.1f MiB on this rank (4 bytes per trainable parameter)",
                             self._master, masters.nbytes / 2**20)
             self._params[selection] = params
@@ -369,6 +369,14 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
     from sglang.utils import TypeBasedDispatcher
 
     handler = MezoSchedulerHandler(SchedulerServing(scheduler), master=master)
+    pieces = handler.serving.engine.trainable_pieces()
+    precision = Precision(str(pieces[0].data.dtype).removeprefix("torch.") if pieces else "float32", master)
+    if precision.master_bytes_per_parameter:
+        numel = sum({p.data.data_ptr(): p.data.numel() for p in pieces}.values())  # tied weights once
+        logger.info("MeZO: %s weights train through fp32 masters (%s): %d more bytes per trainable parameter, "
+                    "%.1f MiB on this rank if every weight trains", precision.served_dtype, master,
+                    precision.master_bytes_per_parameter,
+                    precision.master_bytes_per_parameter * numel / 2**20)
     if resume:
         handler.restore_at_launch(resume, base_version)
     scheduler._request_dispatcher += TypeBasedDispatcher([
