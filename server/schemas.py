@@ -340,6 +340,9 @@ class SaveRequest(_Strict):
     path: str = Field(min_length=1, description="a folder name inside the server's --mezo-output-dir (shared by "
                                                 "all TP ranks)")
     overwrite: bool = Field(False, description="replace a folder of that name that an earlier save wrote")
+    dtype: Literal["checkpoint", "float32"] = Field(
+        "checkpoint", description="the trained tensors in the base checkpoint's dtype, or in float32 (a "
+                                  "half-precision server's fp32 masters as they are, not rounded)")
 
 
 class SaveOut(BaseModel):

@@ -50,8 +50,8 @@ class TokenizerManagerExecutor:
         return self._relabelled(await self._send(
             MezoRestoreReqInput(history=tuple(history), weight_version=weight_version), RestoreOutcome))
 
-    async def save(self, path: str) -> SaveOutcome:
-        return await self._send(MezoSaveReqInput(path=path), SaveOutcome)
+    async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
+        return await self._send(MezoSaveReqInput(path=path, float32=float32), SaveOutcome)
 
     async def _send(self, request, expected: type[_O]) -> _O:
         self.tm.auto_create_handle_loop()

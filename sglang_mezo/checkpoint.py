@@ -128,9 +128,11 @@ def write_parts(path: str | Path, pieces: Iterable[TrainablePiece],
     return path
 
 
-def assemble(base_dir: str | Path, out_dir: str | Path, part_files: Iterable[str | Path]) -> list[str]:
+def assemble(base_dir: str | Path, out_dir: str | Path, part_files: Iterable[str | Path],
+             dtype: torch.dtype | None = None) -> list[str]:
     """Write ``out_dir``: the base checkpoint folder with every tensor covered by the parts replaced by the pasted
-    parts (in the base tensor's dtype), the other files copied. Returns the names of the replaced tensors."""
+    parts (in ``dtype``, default the base tensor's), the other files copied. Returns the names of the replaced
+    tensors."""
     import shutil
 
     from safetensors import safe_open
@@ -157,6 +159,8 @@ def assemble(base_dir: str | Path, out_dir: str | Path, part_files: Iterable[str
             metadata = f.metadata()
         tensors = load_file(str(file))
         for name in tensors.keys() & parts.keys():
+            if dtype is not None:
+                tensors[name] = tensors[name].to(dtype)
             full = tensors[name]
             view = full.view(-1, full.shape[-1]) if full.dim() > 1 else full.view(1, -1)
             for row, col, value in parts[name]:

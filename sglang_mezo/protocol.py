@@ -165,8 +165,9 @@ class ChunkExecutor(Protocol):
         exactly, and label them ``weight_version``."""
         ...
 
-    async def save(self, path: str) -> SaveOutcome:
-        """Write the served weights to ``path`` as a Hugging Face checkpoint."""
+    async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
+        """Write the served weights to ``path`` as a Hugging Face checkpoint (the trained tensors in fp32 with
+        ``float32``, else in the base checkpoint's dtype)."""
         ...
 
 

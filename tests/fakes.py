@@ -138,7 +138,7 @@ class FakeExecutor:
         self.version = weight_version
         return RestoreOutcome(message=f"replayed {steps} step(s)", weight_version=weight_version)
 
-    async def save(self, path: str) -> SaveOutcome:
+    async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
         if self.faults.save is not None:
             kind, self.faults.save = self.faults.save, None
             return SaveOutcome(failure=Failure(kind, "the save failed"))

@@ -92,6 +92,28 @@ def test_sharded_parts_assemble_into_a_checkpoint_transformers_loads(base, tmp_p
     assert torch.equal(loaded[q_name], moved[q_name])
 
 
+def test_fp32_parts_of_a_bf16_checkpoint_are_rounded_to_it_or_kept_in_fp32_by_choice(tmp_path):
+    """A bf16 base, fp32 parts (a half-precision server's masters, with an empty TP shard among them): by default
+    the trained tensors are written in bf16, rounded once; with ``dtype=float32`` as the parts hold them, and the
+    tensors no part covers stay as they were."""
+    base = tmp_path / "base"
+    tiny_llama(seed=4).to(torch.bfloat16).save_pretrained(base)
+    name = "model.layers.1.mlp.down_proj.weight"
+    tensors = load_file(str(base / "model.safetensors"))
+    master = tensors[name].float() + 1e-4 * torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(0))
+    pieces = [TrainablePiece(name, master, tuple(master.shape)),
+              TrainablePiece(name, master[:, :0], tuple(master.shape), col_offset=master.shape[1])]
+    parts = [write_parts(tmp_path / "parts" / "rank0.safetensors", pieces)]
+    assemble(base, tmp_path / "rounded", parts)
+    assemble(base, tmp_path / "fp32", parts, dtype=torch.float32)
+    rounded = load_file(str(tmp_path / "rounded" / "model.safetensors"))
+    exact = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    assert rounded[name].dtype == torch.bfloat16 and torch.equal(rounded[name], master.to(torch.bfloat16))
+    assert exact[name].dtype == torch.float32 and torch.equal(exact[name], master)
+    other = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(exact[other], tensors[other]) and torch.equal(rounded[other], tensors[other])
+
+
 def test_a_sharded_checkpoint_is_read_through_its_index(tmp_path):
     a, b = torch.arange(6.0).view(2, 3), torch.arange(4.0)
     save_file({"a.weight": a}, str(tmp_path / "one.safetensors"))

@@ -44,7 +44,7 @@ async def save(request: SaveRequest, mezo: Context) -> SaveOut:
     except OSError as exc:  # permissions, a full disk: the server's problem, not the request's
         raise Unavailable(f"cannot create {request.path} in the output folder: {exc.strerror}") from exc
     try:
-        report = await mezo.runner.weights.save(str(target.staging))
+        report = await mezo.runner.weights.save(str(target.staging), float32=request.dtype == "float32")
         await asyncio.to_thread(target.commit)
     except BaseException as exc:
         await asyncio.to_thread(target.abandon)  # an earlier checkpoint of that name stays as it was

@@ -105,12 +105,13 @@ class ServedWeights:
             logger.error("MeZO: %s", exc)
             return f"{exc}; training stays disabled until POST /mezo/reset succeeds"
 
-    async def save(self, path: str) -> SaveReport:
+    async def save(self, path: str, *, float32: bool = False) -> SaveReport:
         """Write the served weights to ``path`` (a folder) as a Hugging Face checkpoint that transformers and SGLang
-        load, plus ``mezo_history.json``: the trajectories that lead from the base checkpoint to them."""
+        load, plus ``mezo_history.json``: the trajectories that lead from the base checkpoint to them. ``float32``
+        writes the trained tensors in fp32 instead of the base checkpoint's dtype."""
         if self.lost:
             raise Conflict("the served weights are at no committed step (a restore failed): reset them first")
-        outcome = await self.executor.save(path)
+        outcome = await self.executor.save(path, float32=float32)
         if outcome.failure is not None:
             raise error_for(outcome.failure, "saving the weights")
         # the served history as of the save: the scheduler handles messages in order, and a running job's

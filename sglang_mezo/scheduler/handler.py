@@ -316,7 +316,8 @@ class MezoSchedulerHandler:
         if self.serving.tp_rank == 0:  # the one that replies
             try:
                 tensors = assemble(self.serving.model_path, req.path,
-                                   sorted(parts.glob("rank*.safetensors")))
+                                   sorted(parts.glob("rank*.safetensors")),
+                                   dtype=torch.float32 if req.float32 else None)
                 shutil.rmtree(parts, ignore_errors=True)
             except Exception as exc:  # noqa: BLE001 - reported to the caller
                 logger.exception("MeZO: assembling the checkpoint failed")

@@ -31,6 +31,8 @@ class MezoRestoreReqInput(BaseReq, kw_only=True):
 class MezoSaveReqInput(BaseReq, kw_only=True):
     path: str
     """A folder every TP rank can write to (they share it): the served weights go there as an HF checkpoint."""
+    float32: bool = False
+    """The trained tensors in fp32 (else in the base checkpoint's dtype)."""
 
 
 class MezoReqOutput(BaseReq, kw_only=True):
