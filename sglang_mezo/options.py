@@ -87,10 +87,10 @@ class MezoServerOptions:
     state_dir: str | None = None
     """Where the served history is journaled (``--mezo-state-dir``); None: it lives in memory only."""
     resume: tuple[Trajectory, ...] = field(default=(), repr=False)
-    resume_base_version: str = field(default="", repr=False)
-    """The base weights' own label, which the weights keep if that history cannot be replayed."""
     """The served history the journal held at launch, one trajectory per job in order: the scheduler replays it onto
     the weights before serving (set by the plugin when it reads the journal)."""
+    resume_base_version: str = field(default="", repr=False)
+    """The base weights' own label, which the weights keep if that history cannot be replayed."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):
