@@ -9,9 +9,10 @@ import os
 from fastapi import FastAPI
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.master import Precision
 from sglang_mezo.jobs.journal import Journal
 from sglang_mezo.jobs.runner import JobObserver, JobRunner
-from sglang_mezo.options import MezoServerOptions, Precision
+from sglang_mezo.options import MezoServerOptions
 
 from . import errors
 from .context import MezoContext

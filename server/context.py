@@ -9,9 +9,10 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.master import Precision
 from sglang_mezo.jobs.job import Job
 from sglang_mezo.jobs.runner import JobRunner
-from sglang_mezo.options import Limits, Precision
+from sglang_mezo.options import Limits
 
 from .files import FileAccess
 from .limits import StreamSlots

@@ -10,17 +10,15 @@ from typing import Annotated, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sglang_mezo.core.estimators import Adaptive, Estimator
+from sglang_mezo.core.master import Precision
 from sglang_mezo.core.objectives import EvalMetrics, Objective
 from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.jobs.diagnose import EpsDiagnosis
 from sglang_mezo.jobs.job import Evaluation, Job
 from sglang_mezo.jobs.served import SaveReport, ServedSegment, ServedWeights
-from sglang_mezo.options import Precision
 from sglang_mezo.jobs.templates import TextChoice, TextCompletion
 from sglang_mezo.kernels import MAX_SEED, ZKind
 from sglang_mezo.protocol import FailureKind, StepReport
-
-
 
 
 class _Strict(BaseModel):

@@ -123,33 +123,6 @@ class MezoServerOptions:
 MASTER_CHOICES = ("none", "device", "host")
 
 
-@dataclass(frozen=True)
-class Precision:
-    """How the served weights are held: their dtype and where their fp32 masters live (``--mezo-master``)."""
-
-    served_dtype: str
-    """``float32``, ``bfloat16``, ``float16`` (torch's name without ``torch.``)."""
-    master: str = "none"
-
-    @property
-    def half(self) -> bool:
-        return self.served_dtype in ("bfloat16", "float16")
-
-    @property
-    def master_bytes_per_parameter(self) -> int:
-        """What training adds per trainable parameter (masters exist only for half-precision weights)."""
-        return 4 if self.half and self.master != "none" else 0
-
-    @property
-    def refusal(self) -> str | None:
-        """Why this server cannot train, if it cannot."""
-        if self.half and self.master == "none":
-            return (f"this server serves {self.served_dtype} weights, in which MeZO's updates (~1e-6) round away "
-                    f"and probes do not come back exactly: start it with --mezo-master device (or host) to train "
-                    f"through fp32 masters")
-        return None
-
-
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("MeZO fine-tuning (sglang-mezo)")
     group.add_argument("--enable-mezo", action="store_true",

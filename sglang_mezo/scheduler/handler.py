@@ -40,13 +40,12 @@ import torch
 from sglang_mezo.checkpoint import CheckpointError, assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import AdaptiveState
-from sglang_mezo.core.master import HALF, MasterWeights, Placement
+from sglang_mezo.core.master import HALF, MasterWeights, Placement, Precision
 from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.options import Precision
 from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
                                   StepChunk, StepReport)
 
