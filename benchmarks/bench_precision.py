@@ -31,7 +31,8 @@ import time
 import torch
 
 from sglang_mezo.core.master import MasterWeights
-from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, tensor_key, zaxpy_
+from sglang_mezo.core.params import TrainablePiece, TrainableSet
+from sglang_mezo.kernels import ZKind, ZTarget, zaxpy_
 
 EPS = 1e-3
 LR_G = 1e-6
@@ -66,26 +67,24 @@ class Weights:
     def __init__(self, base: torch.Tensor, dtype: torch.dtype, master: bool, stochastic: bool = False) -> None:
         self.stochastic = stochastic
         self.served = base.to(dtype).view(1, -1)
-        target = ZTarget(self.served, ZSlice(tensor_key("bench"), base.numel()), decay=False)
-        self.masters = MasterWeights() if master else None
-        if self.masters is not None:
-            [target] = self.masters.attach([target])
-            self.masters.load(self.served, base.view(1, -1))  # the truth starts from the fp32 values
-        self.target = target
+        masters = MasterWeights() if master else None
+        if masters is not None:
+            masters.load(self.served, base)  # the truth starts from the fp32 values, as a server's from its checkpoint
+        self.params = TrainableSet.from_pieces([TrainablePiece("bench", self.served, (base.numel(),))],
+                                               masters=masters)
+        [self.target] = self.params.targets
 
     def apply(self, seeds, restore, update=None, *, kind: ZKind) -> None:
         if self.stochastic and update is not None and any(update):
             exact = self.served.float()
             zaxpy_([ZTarget(exact, self.target.where, decay=False)], seeds, restore, update, kind=kind)
             self.served.copy_(stochastic_round(exact, seed=seeds[0]))
-        elif self.masters is None:
-            zaxpy_([self.target], seeds, restore, update, kind=kind)
         else:
-            self.masters.apply([self.target], seeds, restore, update, kind=kind)
+            self.params.apply(seeds, restore, update, kind=kind)
 
     @property
     def truth(self) -> torch.Tensor:
-        return self.served if self.masters is None else self.target.master
+        return self.served if self.target.master is None else self.target.master
 
 
 def stochastic_round(x: torch.Tensor, seed: int) -> torch.Tensor:

@@ -52,8 +52,8 @@ def as_block(t: torch.Tensor) -> torch.Tensor:
     return block
 
 
-# A master's pass on the CPU works through a scratch copy of this many elements at a time (1 MiB: in cache), so the
-# master is read once and the served weights written once, with the compiled kernel's arithmetic.
+# A probe from a master on the CPU goes a tile of this many elements at a time through a scratch copy (1 MiB: in
+# cache), so the master is read once and the served weights written once, with the compiled kernel's arithmetic.
 _MASTER_TILE = 1 << 18
 
 
@@ -74,11 +74,13 @@ def _tiles(master: torch.Tensor, served: torch.Tensor, where: ZSlice):
 def _master_pass_cpu(master: torch.Tensor, served: torch.Tensor, where: ZSlice, *, commit: bool,
                      **coefficients) -> None:
     if commit:
+        # in place over the whole block, then rounded: measured faster here (1.41x an fp32 pass against 1.54x) than
+        # per tile, whose kernel calls are too small to spread over the cores
         zaxpy_numba_(master, where, **coefficients)
         served.copy_(master)  # round to nearest even, as Triton's store does
         return
     for m, s, w in _tiles(master, served, where):
-        scratch = m.clone()
+        scratch = m.clone()  # a probe leaves the master as it is
         zaxpy_numba_(scratch, w, **coefficients)
         s.copy_(scratch)
 

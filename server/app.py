@@ -63,7 +63,7 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                           z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
                           adaptive=options.adaptive, selection=options.selection)
     files = FileAccess.of(options.folders, base_model)
-    precision = Precision(str(tokenizer_manager.model_config.dtype).removeprefix("torch."), options.master)
+    precision = Precision.of(tokenizer_manager.model_config.dtype, options.master)
     if precision.refusal:
         logger.warning("MeZO: training is off: %s", precision.refusal)
     install(app, MezoContext(runner=runner, translator=Translator(tokenizer_manager.tokenizer,

@@ -24,9 +24,6 @@ import torch
 
 from sglang_mezo.kernels import ZKind, ZTarget, as_block, zaxpy_
 
-HALF = (torch.bfloat16, torch.float16)
-
-
 class Placement(enum.Enum):
     """Where the masters live: beside the served weights, or in (pinned) host memory, streamed to the device one
     tensor at a time for each pass (for a trainable set whose fp32 copy does not fit on the device)."""
@@ -42,6 +39,10 @@ class Precision:
     served_dtype: str
     """``float32``, ``bfloat16``, ``float16`` (torch's name without ``torch.``)."""
     master: str = "none"
+
+    @classmethod
+    def of(cls, dtype: torch.dtype, master: str) -> Precision:
+        return cls(str(dtype).removeprefix("torch."), master)
 
     @property
     def half(self) -> bool:
@@ -83,14 +84,16 @@ class MasterWeights:
         every bf16 and fp16 value)."""
         return [replace(t, master=self.master_of(t.theta)) for t in targets]
 
-    def master_of(self, theta: torch.Tensor) -> torch.Tensor:
-        """theta's master (theta: a trainable piece's storage, or its 2-D block), as a 2-D fp32 block."""
+    def master_of(self, theta: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """theta's master (theta: a trainable piece's storage, or its 2-D block), as a 2-D fp32 block; one not
+        made yet is made from ``values`` (any dtype, theta's number of elements), or from theta's own."""
         theta = as_block(theta)
         key = _storage_key(theta)
         master = self._masters.get(key)
         if master is None:
+            source = theta if values is None else values.reshape(theta.shape)
             device = "cpu" if self.placement is Placement.HOST else theta.device
-            master = theta.detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
+            master = source.detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
             if self.placement is Placement.HOST and theta.is_cuda:
                 master = master.pin_memory()
             self._masters[key] = master
@@ -153,7 +156,9 @@ class MasterWeights:
 
     def load(self, theta: torch.Tensor, block: torch.Tensor) -> None:
         """A block read from the checkpoint (any dtype) becomes theta's master, and theta its rounding."""
-        master = self.master_of(theta)
+        fresh = not self.has(theta)
+        master = self.master_of(theta, block)
         with torch.no_grad():
-            master.copy_(block.reshape(master.shape))
+            if not fresh:
+                master.copy_(block.reshape(master.shape))
             theta.copy_(master.view(theta.shape))

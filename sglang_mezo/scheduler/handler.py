@@ -40,7 +40,7 @@ import torch
 from sglang_mezo.checkpoint import CheckpointError, assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import AdaptiveState
-from sglang_mezo.core.master import HALF, MasterWeights, Placement, Precision
+from sglang_mezo.core.master import MasterWeights, Placement, Precision
 from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
@@ -91,24 +91,23 @@ class MezoSchedulerHandler:
             engine = self.serving.engine
             pieces = engine.trainable_pieces()
             masters = self._masters_for(pieces)
-            params = TrainableSet.from_pieces(pieces, selection, engine.num_layers)
             if masters is not None:
                 # a new master's truth is the base checkpoint (fp32, or whatever it holds), not the rounded served
                 # weights: masters are only ever made by reading it (a block no set had yet was never moved, so it
                 # still is the base), before the set attaches them; a failed read leaves no master half-made
-                fresh = [p for p in params.pieces if not masters.has(p.data)]
+                chosen = set(selection.select(dict.fromkeys(p.name for p in pieces), engine.num_layers))
+                fresh = [p for p in pieces if p.name in chosen and not masters.has(p.data)]
                 load_pieces(plan_reads(self.serving.model_path, fresh), self._load_into_master)
-                params = TrainableSet.from_pieces(pieces, selection, engine.num_layers, masters=masters)
+            self._params[selection] = TrainableSet.from_pieces(pieces, selection, engine.num_layers, masters=masters)
+            if masters is not None:
                 logger.info("MeZO: fp32 masters (%s) hold %.1f MiB on this rank (4 bytes per trainable parameter)",
                             self._master, masters.nbytes / 2**20)
-            self._params[selection] = params
         return self._params[selection]
 
     def _masters_for(self, pieces: list[TrainablePiece]) -> MasterWeights | None:
-        dtype = pieces[0].data.dtype if pieces else torch.float32
-        if dtype not in HALF:
+        precision = Precision.of(pieces[0].data.dtype if pieces else torch.float32, self._master)
+        if not precision.half:
             return None
-        precision = Precision(str(dtype).removeprefix("torch."), self._master)
         if precision.refusal:  # the HTTP side refuses first; this guards the weights whatever sends a chunk
             raise ValueError(precision.refusal)
         if self._masters is None:
@@ -370,7 +369,7 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
 
     handler = MezoSchedulerHandler(SchedulerServing(scheduler), master=master)
     pieces = handler.serving.engine.trainable_pieces()
-    precision = Precision(str(pieces[0].data.dtype).removeprefix("torch.") if pieces else "float32", master)
+    precision = Precision.of(pieces[0].data.dtype if pieces else torch.float32, master)
     if precision.master_bytes_per_parameter:
         numel = sum({p.data.data_ptr(): p.data.numel() for p in pieces}.values())  # tied weights once
         logger.info("MeZO: %s weights train through fp32 masters (%s): %d more bytes per trainable parameter, "
