@@ -66,9 +66,7 @@ def check_count(limits: Limits, n: int) -> None:
 
 def check_tokens(limits: Limits, *example_sets: Sequence[Example]) -> None:
     """After tokenizing: no more tokens than a job may have (prompts, completions and every option)."""
-    tokens = sum(len(e.prompt_ids) + (len(e.completion_ids) if isinstance(e, CompletionExample)
-                                      else sum(map(len, e.option_ids)))
-                 for examples in example_sets for e in examples)
+    tokens = sum(e.tokens for examples in example_sets for e in examples)
     if tokens > limits.max_tokens_per_job:
         raise InvalidRequest(f"the examples hold {tokens} tokens, more than this server allows per job "
                              f"({Limits.flag('max_tokens_per_job')} {limits.max_tokens_per_job})")
@@ -106,7 +104,7 @@ class Translator:
     def _ids(self, text: str, special: bool) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _prompt_ids(self, prompt: str, chat: bool) -> tuple[int, ...]:
+    def prompt_ids(self, prompt: str, chat: bool) -> tuple[int, ...]:
         if not chat:
             return self._ids(prompt, True)
         if not getattr(self.tokenizer, "chat_template", None):
@@ -124,7 +122,7 @@ class Translator:
         template instead); completions and options do not."""
         out: list[Example] = []
         for i, example in enumerate(examples):
-            prompt = self._prompt_ids(example.prompt, chat)
+            prompt = self.prompt_ids(example.prompt, chat)
             if isinstance(example, TextChoice):
                 options = tuple(self._ids(o, False) for o in example.options)
                 tokenized: Example = ChoiceExample(prompt, options, example.label)

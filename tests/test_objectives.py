@@ -58,3 +58,45 @@ def test_choice_losses_and_accuracy_by_hand():
                               next_token_logprobs=(torch.empty(0), torch.empty(0),
                                                    torch.tensor([-1.0, -3.0], dtype=torch.float64)))
     assert torch.equal(example_losses(Objective.CLASSIFICATION, batch, shared), ce)
+
+
+def test_dpo_loss_margin_and_accuracy_by_hand():
+    """Two pairs with summed log-probs chosen by hand: pair 0 moved towards its chosen answer since the reference
+    (margin β·[(−2 − −3) − (−5 − −4)] = 0.1·2 = 0.2), pair 1 away from it (margin 0.5·[(−4 − −3) − (−1 − −2)] = −1)."""
+    import math
+
+    import torch
+
+    from sglang_mezo.core.interface import CompletionScores
+    from sglang_mezo.core.objectives import (Objective, PreferenceExample, dpo_margins, evaluate, example_losses,
+                                             scoring_items, with_references)
+
+    pairs = [PreferenceExample((1, 2), (3,), (4, 5)), PreferenceExample((1,), (6, 7), (8,), beta=0.5)]
+    items = scoring_items(pairs)
+    assert [(i.prompt_ids, i.completion_ids) for i in items] == [((1, 2), (3,)), ((1, 2), (4, 5)), ((1,), (6, 7)),
+                                                                  ((1,), (8,))]
+    reference = CompletionScores(torch.tensor([-3.0, -4.0, -3.0, -2.0]), torch.tensor([1, 2, 2, 1]))
+    pairs = with_references(pairs, reference)
+    assert [p.reference for p in pairs] == [(-3.0, -4.0), (-3.0, -2.0)]
+    now = CompletionScores(torch.tensor([-2.0, -5.0, -4.0, -1.0]), torch.tensor([1, 2, 2, 1]))
+    assert dpo_margins(pairs, now).tolist() == pytest.approx([0.2, -1.0])
+    losses = example_losses(Objective.DPO, pairs, now)
+    assert losses.tolist() == pytest.approx([-math.log(1 / (1 + math.exp(-0.2))), -math.log(1 / (1 + math.exp(1.0)))])
+    assert evaluate(Objective.DPO, pairs, now).accuracy == 0.5
+    # at the reference itself every margin is 0: the loss is log 2, whatever β
+    assert example_losses(Objective.DPO, pairs, reference).tolist() == pytest.approx([math.log(2)] * 2)
+
+
+def test_dpo_refuses_pairs_without_references_and_other_examples():
+    import torch
+
+    from sglang_mezo.core.interface import CompletionScores
+    from sglang_mezo.core.objectives import CompletionExample, Objective, PreferenceExample, example_losses
+
+    scores = CompletionScores(torch.tensor([-1.0, -2.0]), torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="reference"):
+        example_losses(Objective.DPO, [PreferenceExample((1,), (2,), (3,))], scores)
+    with pytest.raises(ValueError, match="preference examples"):
+        example_losses(Objective.DPO, [CompletionExample((1,), (2,))], scores)
+    with pytest.raises(ValueError, match="beta"):
+        PreferenceExample((1,), (2,), (3,), beta=0.0)

@@ -247,3 +247,32 @@ def test_statistics_best_evaluation_and_observers():
     assert stats.zero_grad_rate == sum(g == 0 for g in grads) / 5
     assert job.best_eval == min(job.evals, key=lambda e: (e.metrics.loss, e.step))  # no accuracy: lowest loss
     assert job.longest_step_ms == max(r.step_ms for r in job.reports)
+
+
+def test_a_dpo_job_measures_its_references_on_the_weights_it_starts_from():
+    """The pairs' π_ref is scored once, before the first step, on the weights served when the job starts (after an
+    earlier job's steps): the first evaluation's margins are all 0, so its loss is log 2 exactly, and training
+    moves the margins towards the chosen answers."""
+    import math
+
+    from sglang_mezo.core.objectives import PreferenceExample, scoring_items
+
+    pairs = tuple(PreferenceExample(e.prompt_ids, e.completion_ids, tuple(reversed(e.completion_ids)), beta=1.0)
+                  for e in EXAMPLES if len(set(e.completion_ids)) > 1)
+    assert len(pairs) >= 3
+
+    async def main():
+        runner, executor = make_runner(chunk_target_s=60.0)
+        await runner.submit(spec(3)).done.wait()  # the served weights are no longer the base
+        before = executor.engine.score(scoring_items(pairs)).sum_logprob.tolist()
+        job = runner.submit(spec(40, objective=Objective.DPO, examples=pairs, eval_examples=pairs,
+                                 config=MezoConfig(lr=5e-2, eps=1e-3, z_kind=ZKind.RADEMACHER, total_steps=40)))
+        await job.done.wait()
+        return job, before
+
+    job, before = asyncio.run(main())
+    assert job.status is JobStatus.SUCCEEDED, job.failure
+    assert [p.reference for p in job.spec.examples] == [tuple(before[2 * i : 2 * i + 2]) for i in range(len(pairs))]
+    assert job.evals[0].metrics.loss == pytest.approx(math.log(2), abs=1e-12)
+    assert job.evals[-1].metrics.loss < job.evals[0].metrics.loss
+

@@ -5,6 +5,11 @@
   classification: "<text> It was" -> " great" / " terrible"). One-token options share one scored sequence.
 * ``accuracy``: 1 - [argmax option == label]. Piecewise constant: most probes give L+ = L- (g = 0), which the
   step counts rather than hides.
+* ``dpo`` (Rafailov et al., 2023): -log σ(β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]) over
+  preference pairs, the log-probabilities summed over each answer's tokens. π_ref is the model the job starts from:
+  its log-probabilities are measured once, before the first step (:func:`with_references`), and travel with the
+  examples, so a step scores two sequences per pair and never a second model. Its accuracy is the share of pairs
+  whose implicit reward margin is positive.
 
 Evaluation also has exact match and token F1 of generated text (:func:`generation_metrics`, SQuAD's definitions),
 computed from greedy generations of the serving engine.
@@ -29,6 +34,7 @@ class Objective(str, enum.Enum):
     CROSS_ENTROPY = "cross_entropy"
     CLASSIFICATION = "classification"
     ACCURACY = "accuracy"
+    DPO = "dpo"
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class CompletionExample:
 
     prompt_ids: tuple[int, ...]
     completion_ids: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        """The tokens the example holds (what a server's per-job token limit counts)."""
+        return len(self.prompt_ids) + len(self.completion_ids)
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,32 @@ class ChoiceExample:
         if not 0 <= self.label < len(self.option_ids):
             raise ValueError(f"label {self.label} is not an option index (0..{len(self.option_ids) - 1})")
 
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt_ids) + sum(map(len, self.option_ids))
 
-Example = CompletionExample | ChoiceExample
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """Prefer ``chosen_ids`` to ``rejected_ids`` after ``prompt_ids`` (DPO, strength ``beta``). ``reference`` holds
+    log π_ref of (chosen, rejected), summed over their tokens; None until measured (:func:`with_references`)."""
+
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    beta: float = 0.1
+    reference: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+
+    @property
+    def tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+Example = CompletionExample | ChoiceExample | PreferenceExample
 
 
 def shares_prompt(example: Example) -> bool:
@@ -72,6 +107,9 @@ def scoring_items(batch: Sequence[Example], *, share_prompts: bool = True) -> li
     for example in batch:
         if isinstance(example, CompletionExample):
             items.append(ScoringItem(example.prompt_ids, example.completion_ids))
+        elif isinstance(example, PreferenceExample):
+            items.extend(ScoringItem(example.prompt_ids, answer)
+                         for answer in (example.chosen_ids, example.rejected_ids))
         elif share_prompts and shares_prompt(example):
             # the first option stands in as the completion: the options are read one position before it
             items.append(ScoringItem(example.prompt_ids, example.option_ids[0],
@@ -98,9 +136,31 @@ def option_logits(batch: Sequence[ChoiceExample], scores: CompletionScores, *,
     return out
 
 
+def with_references(batch: Sequence[PreferenceExample], scores: CompletionScores) -> tuple[PreferenceExample, ...]:
+    """``batch`` with each pair's reference log-probabilities set, from the scores of ``scoring_items(batch)`` under
+    the reference weights."""
+    logprobs = scores.sum_logprob.double().tolist()
+    return tuple(dataclasses.replace(e, reference=(logprobs[2 * i], logprobs[2 * i + 1])) for i, e in enumerate(batch))
+
+
+def dpo_margins(batch: Sequence[PreferenceExample], scores: CompletionScores) -> torch.Tensor:
+    """β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))] per pair (float64): DPO's implicit reward
+    margin, from the scores of ``scoring_items(batch)``."""
+    if not all(isinstance(e, PreferenceExample) for e in batch):
+        raise ValueError("the dpo objective needs preference examples")
+    if any(e.reference is None for e in batch):
+        raise ValueError("the dpo objective needs the reference log-probabilities of every pair (with_references)")
+    logprobs = scores.sum_logprob.double().view(-1, 2)
+    reference = torch.tensor([e.reference for e in batch], dtype=torch.float64)
+    beta = torch.tensor([e.beta for e in batch], dtype=torch.float64)
+    return beta * ((logprobs - reference) @ torch.tensor([1.0, -1.0], dtype=torch.float64))
+
+
 def example_losses(objective: Objective, batch: Sequence[Example], scores: CompletionScores, *,
                    share_prompts: bool = True) -> torch.Tensor:
     """One loss per example (float64), from the scores of ``scoring_items(batch, share_prompts=...)``."""
+    if objective is Objective.DPO:
+        return torch.nn.functional.softplus(-dpo_margins(batch, scores))  # -log σ(m), without overflow
     if objective is Objective.CROSS_ENTROPY:
         if not all(isinstance(e, CompletionExample) for e in batch):
             raise ValueError("the cross_entropy objective needs prompt/completion examples")
@@ -182,7 +242,9 @@ def evaluate(objective: Objective, examples: Sequence[Example], scores: Completi
     """Metrics of ``examples`` from the scores of ``scoring_items(examples, share_prompts=...)``."""
     loss = float(example_losses(objective, examples, scores, share_prompts=share_prompts).mean())
     accuracy = None
-    if examples and all(isinstance(e, ChoiceExample) for e in examples):
+    if objective is Objective.DPO:
+        accuracy = float((dpo_margins(examples, scores) > 0).double().mean())
+    elif examples and all(isinstance(e, ChoiceExample) for e in examples):
         logits = option_logits(examples, scores, share_prompts=share_prompts)
         hits = [int(option.argmax()) == e.label for e, option in zip(examples, logits, strict=True)]
         accuracy = sum(hits) / len(hits)

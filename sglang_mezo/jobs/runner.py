@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from sglang_mezo.core.objectives import EvalMetrics, Example, Objective
+from sglang_mezo.core.objectives import (EvalMetrics, Example, Objective, PreferenceExample, scoring_items,
+                                         with_references)
 from sglang_mezo.protocol import ChunkExecutor, Failure, FailureKind, ServedScorer, StepChunk, StepReport
 
 from .errors import Conflict, InvalidRequest, NotFound, TooMany, Unavailable
@@ -135,6 +136,8 @@ class JobRunner:
             [s.journaled() for s in job.served_before]))
         if failure is not None:
             return await self._fail(job, failure, recover=False)
+        if spec.objective is Objective.DPO:
+            job.spec = spec = await self._with_references(spec)
         await self._evaluate(job)
         chunk_steps = 1
         while job.steps_done < spec.steps:
@@ -161,6 +164,19 @@ class JobRunner:
             if job.steps_done < spec.steps and self.yield_s > 0:
                 await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
+
+    async def _with_references(self, spec: JobSpec) -> JobSpec:
+        """DPO's reference model is the one the job starts from: the served weights now, under the weights' lock
+        (nothing else can step them), scored once for every pair the job has."""
+
+        async def measured(examples: Sequence[PreferenceExample]) -> tuple[PreferenceExample, ...]:
+            if not examples or all(e.reference is not None for e in examples):
+                return tuple(examples)
+            scores, _ = await self.scorer.score(scoring_items(examples))
+            return with_references(examples, scores)
+
+        return dataclasses.replace(spec, examples=await measured(spec.examples),
+                                   eval_examples=await measured(spec.eval_examples))
 
     async def _journaled(self, write: Callable[[Journal], None]) -> Failure | None:
         """A journal write, off the event loop (it fsyncs); why training must stop, if it could not be written."""
