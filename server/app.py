@@ -17,6 +17,10 @@ from sglang_mezo.options import MezoServerOptions
 from . import errors
 from .context import MezoContext
 from .files import FileAccess
+from .fine_tuning import routes as fine_tuning_routes
+from .fine_tuning.files import FileStore
+from .fine_tuning.service import FineTuning
+from .fine_tuning.translate import FileTranslator
 from .limits import BodyLimit
 from .routes import ROUTERS
 from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
@@ -31,25 +35,30 @@ def install(app: FastAPI, context: MezoContext) -> None:
     context.attach(app)
     errors.install(app)
     app.add_middleware(BodyLimit, limit_bytes=int(context.limits.max_body_mb * 2**20))
-    for router in ROUTERS:
+    # inside SGLang's key middleware, which SGLang adds later and so wraps this one: keys are checked first
+    app.add_middleware(fine_tuning_routes.FineTunedModelNames)
+    for router in (*ROUTERS, fine_tuning_routes.router):
         # flat, not include_router: SGLang's key middleware (--api-key/--admin-api-key) reads a route's auth level
         # from the endpoint of the route it matches, and FastAPI matches an included router as one lazy route
         # whose scope names no endpoint, so every included route would count as NORMAL
         app.router.routes.extend(router.routes)
+    # before SGLang's own /v1/models routes, which list the base model only: the first route that matches answers
+    app.router.routes[0:0] = fine_tuning_routes.models_router.routes
 
 
-def _observers(server_args) -> list[JobObserver]:
+def _observers(server_args, model_name: str) -> list[JobObserver]:
     if not getattr(server_args, "enable_metrics", False):
         return []
     from .metrics import PrometheusObserver
 
-    return [PrometheusObserver({"model_name": str(server_args.served_model_name)})]
+    return [PrometheusObserver({"model_name": model_name})]
 
 
 def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
     """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts), with a job runner that reaches the
     scheduler(s) through ``tokenizer_manager``."""
     base_model = str(server_args.model_path)
+    model_name = str(tokenizer_manager.served_model_name)  # what SGLang's own /v1/models calls the served model
     journal, journaled, base_version = None, None, str(server_args.weight_version)
     if options.state_dir:  # the plugin read it at launch and the schedulers replayed it: the jobs come back too
         journal = Journal(options.state_dir)
@@ -57,8 +66,9 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
         base_version = journaled.base_weight_version
     runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), TokenizerManagerScorer(tokenizer_manager),
                        chunk_target_s=options.chunk_ms / 1e3, yield_s=options.yield_ms / 1e3,
-                       base_weight_version=base_version, base_model=base_model, observers=_observers(server_args),
-                       max_active=options.limits.max_queued_jobs, journal=journal, journaled=journaled)
+                       base_weight_version=base_version, base_model=base_model,
+                       observers=_observers(server_args, model_name), max_active=options.limits.max_queued_jobs,
+                       journal=journal, journaled=journaled)
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
                           adaptive=options.adaptive, selection=options.selection)
@@ -66,10 +76,13 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     precision = Precision.of(tokenizer_manager.model_config.dtype, options.master)
     if precision.refusal:
         logger.warning("MeZO: training is off: %s", precision.refusal)
-    install(app, MezoContext(runner=runner, translator=Translator(tokenizer_manager.tokenizer,
-                                                                  int(tokenizer_manager.context_len)),
-                             defaults=defaults, limits=options.limits, files=files, base_model=base_model,
-                             precision=precision))
-    logger.info("MeZO routes mounted under /mezo; data files from %s; checkpoints to %s",
+    translator = Translator(tokenizer_manager.tokenizer, int(tokenizer_manager.context_len))
+    uploads = FileStore(files.data_dirs[0] / "files" if files.data_dirs else None, options.limits.max_stored_files)
+    service = FineTuning(runner, uploads, FileTranslator(translator), defaults, options.limits,
+                         model_name)
+    install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=options.limits,
+                             files=files, base_model=base_model, precision=precision, openai_files=uploads,
+                             fine_tuning=service))
+    logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

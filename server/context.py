@@ -3,6 +3,8 @@ defaults, held by the app (``app.state.mezo``) rather than by closures."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -15,8 +17,12 @@ from sglang_mezo.jobs.runner import JobRunner
 from sglang_mezo.options import Limits
 
 from .files import FileAccess
+from .fine_tuning.files import FileStore
 from .limits import StreamSlots
 from .translate import Translator
+
+if TYPE_CHECKING:
+    from .fine_tuning.service import FineTuning
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class MezoContext:
     files: FileAccess
     base_model: str
     precision: Precision = Precision("float32")
+    openai_files: FileStore = FileStore(None, 1)
+    """Uploads of the OpenAI files API (off without a data folder)."""
+    fine_tuning: FineTuning | None = None
+    """OpenAI's fine-tuning jobs over ``runner`` (None: the OpenAI routes answer 503)."""
     streams: StreamSlots = field(init=False)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,8 @@ from sglang_mezo.options import Limits
 
 from .errors import error_response
 
-PREFIX = "/mezo/"
+PREFIXES = ("/mezo/", "/v1/files", "/v1/fine_tuning/")
+"""The paths the body limit holds: this project's routes (uploads included), not SGLang's."""
 
 
 def body_limit_message(limit_bytes: int) -> str:
@@ -37,9 +38,9 @@ async def _drain(receive: Receive) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: a /mezo request whose body is over the limit gets a 413 that names the flag, before a
-    handler sees it (a declared length), or as soon as the streamed bytes pass the limit. Other paths pass as they
-    were: SGLang's own routes keep SGLang's rules. It counts the bytes as sent: SGLang's optional request
+    """ASGI middleware: a request to one of :data:`PREFIXES` whose body is over the limit gets a 413 that names the
+    flag, before a handler sees it (a declared length), or as soon as the streamed bytes pass the limit. Other paths
+    pass as they were: SGLang's own routes keep SGLang's rules. It counts the bytes as sent: SGLang's optional request
     decompression (``SGLANG_ENABLE_REQUEST_DECOMPRESSION``) runs inside it."""
 
     def __init__(self, app: ASGIApp, limit_bytes: int) -> None:
@@ -51,7 +52,7 @@ class BodyLimit:
         root = str(scope.get("root_path", ""))
         if root and path.startswith(root):  # behind --root-path the route's own path follows it
             path = path[len(root):]
-        if scope["type"] != "http" or not path.startswith(PREFIX):
+        if scope["type"] != "http" or not path.startswith(PREFIXES):
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit_bytes:

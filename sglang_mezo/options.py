@@ -32,8 +32,12 @@ class Limits:
         "help": "tokens of one job's examples together (prompts, completions, every option)"})
     max_probes: int = field(default=64, metadata={"help": "SPSA probes per step (each costs two forwards)"})
     max_queued_jobs: int = field(default=16, metadata={"help": "jobs queued or running at once"})
-    max_event_streams: int = field(default=32, metadata={"help": "open GET /mezo/jobs/{id}/events streams at once"})
-    max_body_mb: float = field(default=64.0, metadata={"help": "size of one /mezo request body, in MB"})
+    max_event_streams: int = field(default=32, metadata={
+        "help": "open event streams at once (GET /mezo/jobs/{id}/events, /v1/fine_tuning/jobs/{id}/events "
+                "?stream=true)"})
+    max_body_mb: float = field(default=64.0, metadata={
+        "help": "size of one /mezo request body (and of one upload to /v1/files), in MB"})
+    max_stored_files: int = field(default=100, metadata={"help": "files kept at once from POST /v1/files"})
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -1,6 +1,7 @@
-"""Keys on a real SGLang server on CPU: with --api-key and --admin-api-key, the /mezo routes that train, evaluate,
-reset, save or read the fine-tune answer as SGLang's own weight-changing routes do (ADMIN_OPTIONAL), job status as
-its ordinary routes do (NORMAL); the client and the train command send the key."""
+"""Keys on a real SGLang server on CPU: with --api-key and --admin-api-key, the /mezo routes (and OpenAI's files
+and fine-tuning routes) that train, evaluate, reset, save, upload or read the fine-tune answer as SGLang's own
+weight-changing routes do (ADMIN_OPTIONAL), job status as its ordinary routes do (NORMAL); the client and the
+train command send the key."""
 
 from __future__ import annotations
 
@@ -43,14 +44,23 @@ def test_mezo_routes_answer_as_sglangs_own_routes_of_their_level(model_path, tmp
             for method, path, body in [("POST", "/mezo/reset", {"job_id": "nope"}), ("POST", "/mezo/eval", {}),
                                        ("POST", "/mezo/step", {}), ("POST", "/mezo/save", {}),
                                        ("POST", "/mezo/diagnose", {}), ("POST", "/mezo/jobs/nope/cancel", None),
-                                       ("GET", "/mezo/jobs/nope/trajectory", None)]:
+                                       ("GET", "/mezo/jobs/nope/trajectory", None), ("POST", "/v1/files", {}),
+                                       ("DELETE", "/v1/files/nope", None), ("GET", "/v1/files/nope/content", None),
+                                       ("POST", "/v1/fine_tuning/jobs", {}),
+                                       ("POST", "/v1/fine_tuning/jobs/nope/cancel", None)]:
                 ours = status(server, method, path, token, body)
                 assert (ours in (401, 403)) == (sglang_admin in (401, 403)), (token, path, ours, sglang_admin)
                 if ours in (401, 403):
                     assert ours == sglang_admin, (token, path)
-            for path in ("/mezo/jobs", "/mezo/jobs/nope", "/mezo/weights", "/mezo/jobs/nope/events"):
+            for path in ("/mezo/jobs", "/mezo/jobs/nope", "/mezo/weights", "/mezo/jobs/nope/events", "/v1/files",
+                         "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/nope/events", "/v1/models"):
                 ours = status(server, "GET", path, token)
                 assert (ours in (401, 403)) == (sglang_normal in (401, 403)), (token, path, ours, sglang_normal)
+            # a chat request naming a fine-tuned model: SGLang's key check comes first (it is the outer middleware),
+            # so a caller without the key learns nothing of this server's model names
+            named = status(server, "POST", "/v1/chat/completions", token, {
+                "model": "ft:nope:x:ftjob-0", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+            assert named == (sglang_normal if sglang_normal in (401, 403) else 404), (token, named)
 
         # the client sends each route the key SGLang checks there: it trains and follows the job with both keys
         client = MezoClient(server.url, api_key=api_key or "", admin_api_key=admin_key or "")

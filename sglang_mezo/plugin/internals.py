@@ -89,6 +89,9 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
     Internal(f"{_TOKENIZER_MANAGER}.context_len", Use.READ, "server.app", "refuse examples longer than the context",
              instance=True),
     Internal(f"{_TOKENIZER_MANAGER}.model_config", Use.READ, "server.app", "the served dtype", instance=True),
+    Internal(f"{_TOKENIZER_MANAGER}.served_model_name", Use.READ, "server.app",
+             "the base model's name: /v1/models, fine-tuned names, the metrics' label (the server args' may be unset)",
+             instance=True),
     # -- the scheduler: dispatch, serving around a chunk
     Internal("sglang.utils.TypeBasedDispatcher", Use.CONSTRUCT, "scheduler.handler", "dispatch our messages"),
     Internal(f"{_SCHEDULER}._request_dispatcher", Use.EXTEND, "scheduler.handler", "our handlers join it",
@@ -201,7 +204,6 @@ INTERNALS: tuple[Internal, ...] = HOOKS + (
         ("model_path", "scheduler.serving", "the base checkpoint resets re-read"),
         ("weight_version", "server.app", "the base weights' label"),
         ("device", "server.app", "Rademacher z by default on a CPU"),
-        ("served_model_name", "server.app", "the metrics' label"),
         ("enable_metrics", "server.app", "MeZO metrics only with SGLang's"),
         ("skip_tokenizer_init", "plugin", "training examples are text: refuse without a tokenizer"),
         ("host", "plugin", "warn when the admin routes are open to the network"),

@@ -1,0 +1,119 @@
+"""Uploaded files (``/v1/files``): kept in a ``files`` folder of the first ``--mezo-data-dir``, one content file and
+one metadata file per upload, named by an id this server made (``file-`` and 24 hex digits), so nothing a client
+sends becomes a path. A file is written under a temporary name and renamed when whole, its metadata last: a crash
+leaves either the whole upload or none of it in the listing. The files outlive a restart, as the data folder does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sglang_mezo.jobs.errors import Forbidden, InvalidRequest, NotFound, TooMany
+from sglang_mezo.options import Limits
+
+PURPOSES = ("fine-tune",)
+"""What an upload may be for: training and validation files of fine-tuning jobs (OpenAI's other purposes, batch,
+assistants, vision, have no use here)."""
+RESULTS = "fine-tune-results"
+"""The purpose of the files a job leaves (its metrics and trajectory): the server's to make, never an upload's."""
+
+_ID = re.compile(r"file-[0-9a-f]{24}")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """An upload, as OpenAI's file object describes it."""
+
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+
+    def to_openai(self) -> dict:
+        return {"object": "file", **asdict(self), "status": "processed", "status_details": None,
+                "expires_at": None}
+
+
+class FileStore:
+    def __init__(self, folder: Path | None, max_files: int) -> None:
+        """``folder`` None: uploads are off (the server has no ``--mezo-data-dir``)."""
+        self.folder = folder
+        self.max_files = max_files
+
+    def _open(self) -> Path:
+        if self.folder is None:
+            raise Forbidden("file uploads are off: the server was started without --mezo-data-dir (uploads are "
+                            "kept in its first folder)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder
+
+    def create(self, filename: str, purpose: str, data: bytes) -> StoredFile:
+        if purpose not in PURPOSES:
+            raise InvalidRequest(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+        if not data:
+            raise InvalidRequest("the file is empty")
+        return self._keep(filename, purpose, data)
+
+    def create_result(self, filename: str, data: bytes) -> StoredFile:
+        """A file a job produced (purpose ``fine-tune-results``)."""
+        return self._keep(filename, RESULTS, data)
+
+    def _keep(self, filename: str, purpose: str, data: bytes) -> StoredFile:
+        folder = self._open()
+        if len(self.list()) >= self.max_files:
+            raise TooMany(f"this server keeps at most {self.max_files} uploaded files "
+                          f"({Limits.flag('max_stored_files')}): delete some first")
+        stored = StoredFile(f"file-{uuid.uuid4().hex[:24]}", len(data), int(time.time()),
+                            Path(filename or "upload").name[:255], purpose)
+        _write(folder / f"{stored.id}.data", data)
+        _write(folder / f"{stored.id}.json", json.dumps(asdict(stored)).encode())
+        return stored
+
+    def list(self, purpose: str | None = None) -> list[StoredFile]:
+        """Newest first."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        found = []
+        for meta in self.folder.glob("file-*.json"):
+            if _ID.fullmatch(meta.stem) and (self.folder / f"{meta.stem}.data").is_file():
+                try:
+                    found.append(StoredFile(**json.loads(meta.read_text())))
+                except (OSError, ValueError, TypeError):
+                    continue  # not one of ours, or torn by something else: not listed
+        found = [f for f in found if purpose is None or f.purpose == purpose]
+        return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
+
+    def get(self, file_id: str) -> StoredFile:
+        if self.folder is not None and _ID.fullmatch(file_id):
+            for stored in self.list():
+                if stored.id == file_id:
+                    return stored
+        raise NotFound(f"no file {file_id!r} on this server")
+
+    def path(self, file_id: str) -> Path:
+        """Where the content of an existing file is."""
+        self.get(file_id)
+        assert self.folder is not None
+        return self.folder / f"{file_id}.data"
+
+    def delete(self, file_id: str) -> None:
+        self.get(file_id)
+        assert self.folder is not None
+        (self.folder / f"{file_id}.json").unlink(missing_ok=True)  # out of the listing first
+        (self.folder / f"{file_id}.data").unlink(missing_ok=True)
+
+
+def _write(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    partial.replace(path)

@@ -1,0 +1,435 @@
+"""OpenAI's fine-tuning jobs on top of the MeZO job runner: a job validates its files, becomes one ``/mezo`` job,
+and reads its status, events and checkpoints from that job as it runs.
+
+Status: ``validating_files`` while the files are parsed and tokenized (in a thread); then the runner's own
+``queued → running → succeeded | failed | cancelled``. A file that does not validate ends the job ``failed`` with
+OpenAI's error object naming the file and the line; nothing reaches the runner.
+
+Names: a job that succeeded produced ``ft:<base>:<suffix>:<job id>`` (suffix default ``mezo``); each evaluation of
+its validation file is a checkpoint, ``<that name>:ckpt-step-<k>``. A name is *served* exactly when the served
+weights carry its SGLang weight version (one label per bit-exact state), so a request naming it is answered by
+those weights or refused; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.objectives import Example, Objective
+from sglang_mezo.jobs.data import DataError
+from sglang_mezo.jobs.errors import Conflict, InvalidRequest, MezoError, NotFound
+from sglang_mezo.jobs.job import Evaluation, Job, JobStatus
+from sglang_mezo.jobs.openai_data import LineKind, TrainingFile, parse_jsonl
+from sglang_mezo.jobs.runner import JobRunner
+from sglang_mezo.jobs.spec import JobSpec
+from sglang_mezo.options import Limits
+from sglang_mezo.protocol import StepReport, weight_version_label
+
+from ..translate import check_count, check_tokens
+from .files import FileStore
+from .schemas import CheckpointOut, ErrorOut, EventOut, HyperparametersOut, JobCreate, JobOut, MethodOut
+from .translate import FileTranslator
+
+logger = logging.getLogger(__name__)
+
+AUTO_BATCH = 16
+AUTO_MIN_STEPS = 100
+AUTO_BETA = 0.1
+FINISHED = ("succeeded", "failed", "cancelled")
+METRICS_EVERY = 10
+"""A metrics event every this many steps (and at the last): enough to draw the curve, few enough to page through."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The job's hyper-parameters once the training file's size is known."""
+
+    batch_size: int
+    n_epochs: int
+    lr_multiplier: float
+    beta: float | None
+    steps: int
+
+
+@dataclass
+class FineTuningJob:
+    id: str
+    request: JobCreate
+    created_at: int
+    status: str = "validating_files"
+    error: ErrorOut | None = None
+    resolved: Resolved | None = None
+    job: Job | None = None
+    """The runner's job, once the files validated."""
+    events: list[EventOut] = field(default_factory=list)
+    finished_at: int | None = None
+    trained_tokens: int | None = None
+    cancel_requested: bool = False
+    result_files: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.request.method_type
+
+
+def _auto(value, default):
+    return default if value in (None, "auto") else value
+
+
+def resolve(request: JobCreate, n_examples: int, limits: Limits) -> Resolved:
+    """OpenAI's hyper-parameters as MeZO steps (README, "OpenAI fine-tuning API")."""
+    given = request.given_hyperparameters()
+    # a batch larger than the file takes every example; an epoch is the whole batches a shuffle holds (the runner's
+    # step_batches: the remainder waits for a later epoch's shuffle)
+    batch = min(int(_auto(given.batch_size, AUTO_BATCH)), n_examples)
+    per_epoch = n_examples // batch
+    epochs = int(_auto(given.n_epochs, max(1, math.ceil(AUTO_MIN_STEPS / per_epoch))))
+    multiplier = float(_auto(given.learning_rate_multiplier, 1.0))
+    beta = float(_auto(getattr(given, "beta", None), AUTO_BETA)) if request.method_type == "dpo" else None
+    if batch < 1 or epochs < 1 or not multiplier > 0 or (beta is not None and not beta > 0):
+        raise InvalidRequest("batch_size and n_epochs must be >= 1, learning_rate_multiplier and beta > 0")
+    steps = epochs * per_epoch
+    if steps > limits.max_steps_per_job:
+        raise InvalidRequest(f"{epochs} epochs of {per_epoch} steps are {steps} steps, more than this server allows "
+                             f"per job ({Limits.flag('max_steps_per_job')} {limits.max_steps_per_job})")
+    return Resolved(batch, epochs, multiplier, beta, steps)
+
+
+class FineTuning:
+    """Every fine-tuning job of this server (in memory: a restart keeps the files, the /mezo journal and the
+    served weights, not this listing)."""
+
+    def __init__(self, runner: JobRunner, store: FileStore, translator: FileTranslator, defaults: MezoConfig,
+                 limits: Limits, model_name: str) -> None:
+        self.runner = runner
+        self.store = store
+        self.translator = translator
+        self.defaults = defaults
+        self.limits = limits
+        self.model_name = model_name
+        self.jobs: dict[str, FineTuningJob] = {}
+        self._of_runner_job: dict[str, FineTuningJob] = {}
+        self._tasks: set[asyncio.Task] = set()
+        runner.observers.append(self)
+
+    # -- names ---------------------------------------------------------------------------------------------------
+
+    def _short_base(self) -> str:
+        return Path(self.model_name).name or self.model_name
+
+    def fine_tuned_name(self, ft: FineTuningJob) -> str:
+        return f"ft:{self._short_base()}:{ft.request.suffix or 'mezo'}:{ft.id}"
+
+    def served_version(self, model: str) -> str | None:
+        """The weight version a fine-tuned model name stands for (None: not one of this server's names)."""
+        for ft in self.jobs.values():
+            if ft.job is None or ft.status != "succeeded":
+                continue
+            name = self.fine_tuned_name(ft)
+            if model == name:
+                return weight_version_label(ft.job.id, ft.job.steps_done)
+            prefix = f"{name}:ckpt-step-"
+            if model.startswith(prefix) and model[len(prefix):].isdigit():
+                step = int(model[len(prefix):])
+                if step > 0 and any(e.step == step for e in ft.job.evals):  # the checkpoints listed, no others
+                    return weight_version_label(ft.job.id, step)
+        return None
+
+    def check_served(self, model: str) -> None:
+        """Refuse a request that names a model whose weights are not the served ones."""
+        if model == self.model_name or not model.startswith("ft:"):
+            return
+        version = self.served_version(model)
+        if version is None:
+            raise NotFound(f"the model {model!r} does not exist on this server")
+        training = [job.id for job in self.runner.jobs.values() if job.status is JobStatus.RUNNING]
+        if training:  # its next chunk would change the weights under this request: it could not be answered by them
+            raise Conflict(f"the model {model!r} cannot be named while job {training[0]} trains the served "
+                           "weights; name it again when the job has ended")
+        if version != self.runner.weights.weight_version:
+            raise Conflict(f"the model {model!r} is not being served now (the served weights are "
+                           f"{self.runner.weights.weight_version}): restore it with POST /mezo/reset")
+
+    def model_names(self) -> list[str]:
+        """The fine-tuned models this server can name (succeeded jobs), oldest first."""
+        return [self.fine_tuned_name(ft) for ft in self.jobs.values() if ft.status == "succeeded"]
+
+    # -- create, validate, submit --------------------------------------------------------------------------------
+
+    def create(self, request: JobCreate) -> FineTuningJob:
+        if request.model != self.model_name and self.served_version(request.model) is None:
+            raise InvalidRequest(f"model: {request.model!r} is not served here; this server fine-tunes "
+                                 f"{self.model_name!r}")
+        self.check_served(request.model)  # a fine-tuned name continues from its weights, only while they are served
+        for param in ("training_file", "validation_file"):
+            file_id = getattr(request, param)
+            if file_id is not None:
+                self.store.get(file_id)  # 404 now for a file that does not exist
+        ft = FineTuningJob(f"ftjob-{uuid.uuid4().hex[:24]}", request, int(time.time()))
+        self.jobs[ft.id] = ft
+        self._event(ft, f"Created fine-tuning job: {ft.id}")
+        self._event(ft, "Validating training file: " + request.training_file)
+        task = asyncio.get_running_loop().create_task(self._prepare(ft))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return ft
+
+    async def _prepare(self, ft: FineTuningJob) -> None:
+        try:
+            spec = await asyncio.to_thread(self._spec, ft)
+            if ft.cancel_requested:  # cancelled while its files were read: it ended then, nothing to submit
+                return
+            ft.job = self.runner.submit(spec)
+        except _FileError as exc:
+            return self._fail(ft, ErrorOut(code=f"invalid_{exc.param}", message=str(exc), param=exc.param))
+        except MezoError as exc:
+            return self._fail(ft, ErrorOut(code=exc.kind, message=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a job's failure, not the server's; its text may hold server paths
+            logger.exception("fine-tuning job %s: validation crashed", ft.id)
+            return self._fail(ft, ErrorOut(code="internal_error", message=f"validation failed ({type(exc).__name__}; "
+                                           "the server's log has the details)"))
+        self._of_runner_job[ft.job.id] = ft
+        ft.status = "queued"
+        self._event(ft, f"Files validated; {ft.resolved.steps} MeZO steps queued as /mezo job {ft.job.id}")
+
+    def _read(self, file_id: str, param: str, kinds: Sequence[LineKind]) -> TrainingFile:
+        stored = self.store.get(file_id)
+        try:
+            with self.store.path(file_id).open(encoding="utf-8") as f:
+                parsed = parse_jsonl(stored.filename, f)
+        except UnicodeDecodeError:
+            raise _FileError(f"{stored.filename}: not UTF-8 text", param) from None
+        except OSError:  # deleted meanwhile, or unreadable: the error's text would name the server's folder
+            raise _FileError(f"{stored.filename} ({file_id}) could not be read", param) from None
+        except DataError as exc:
+            raise _FileError(str(exc), param) from None
+        if parsed.kind not in kinds:
+            raise _FileError(f"{stored.filename} holds {parsed.kind.value} lines; a {ft_method(kinds)} job takes "
+                             f"{' or '.join(k.value for k in kinds)} lines", param)
+        return parsed
+
+    def _examples(self, file_id: str, param: str, kinds: Sequence[LineKind], beta: float) -> tuple[Example, ...]:
+        parsed = self._read(file_id, param, kinds)
+        try:
+            return self.translator.examples(self.store.get(file_id).filename, parsed, beta=beta)
+        except DataError as exc:
+            raise _FileError(str(exc), param) from None
+
+    def _spec(self, ft: FineTuningJob) -> JobSpec:
+        """The runner's job for ``ft`` (blocking: files are read and tokenized)."""
+        request = ft.request
+        dpo = request.method_type == "dpo"
+        kinds = (LineKind.PREFERENCE,) if dpo else (LineKind.CHAT, LineKind.PROMPT_COMPLETION)
+        beta = _auto(getattr(request.given_hyperparameters(), "beta", None), AUTO_BETA)
+        train = self._examples(request.training_file, "training_file", kinds, beta)
+        held_out = (self._examples(request.validation_file, "validation_file", kinds, beta)
+                    if request.validation_file else ())
+        check_count(self.limits, len(train) + len(held_out))
+        check_tokens(self.limits, train, held_out)
+        ft.resolved = resolved = resolve(request, len(train), self.limits)
+        knobs = request.mezo.model_dump(exclude_none=True, exclude={"eval_every"}) if request.mezo else {}
+        try:
+            config = dataclasses.replace(self.defaults, **knobs, lr=self.defaults.lr * resolved.lr_multiplier,
+                                         total_steps=resolved.steps,
+                                         seed=request.seed if request.seed is not None else self.defaults.seed)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        if config.n_probes > self.limits.max_probes:
+            raise InvalidRequest(f"n_probes={config.n_probes} is more than this server allows "
+                                 f"({Limits.flag('max_probes')} {self.limits.max_probes})")
+        eval_every = (request.mezo.eval_every if request.mezo and request.mezo.eval_every
+                      else max(1, resolved.steps // 4)) if held_out else 0
+        return JobSpec(examples=train, objective=Objective.DPO if dpo else Objective.CROSS_ENTROPY, config=config,
+                       batch_size=resolved.batch_size, base_model=self.runner.weights.base_model,
+                       eval_examples=held_out, eval_every=eval_every)
+
+    # -- following the runner's job (JobObserver) ----------------------------------------------------------------
+
+    def on_steps(self, job: Job, reports: Sequence[StepReport]) -> None:
+        ft = self._of_runner_job.get(job.id)
+        if ft is None:
+            return
+        self._started(ft)
+        total = job.spec.steps
+        for report in reports:
+            step = report.step + 1
+            if step % METRICS_EVERY == 0 or step == total:
+                self._event(ft, f"Step {step}/{total}: training loss={report.result.loss:.4f}", kind="metrics",
+                            data={"step": step, "total_steps": total, "train_loss": report.result.loss,
+                                  "step_ms": report.step_ms})
+
+    def on_eval(self, job: Job, evaluation: Evaluation) -> None:
+        ft = self._of_runner_job.get(job.id)
+        if ft is not None:
+            self._started(ft)  # the evaluation before the first step (and DPO's reference scores) run first
+            self._event(ft, f"Step {evaluation.step}: validation loss={evaluation.metrics.loss:.4f}",
+                        kind="metrics", data={"step": evaluation.step, **_valid_metrics(evaluation)})
+
+    def _started(self, ft: FineTuningJob) -> None:
+        if ft.status == "queued":
+            ft.status = "running"
+            self._event(ft, "Fine-tuning job started")
+
+    def on_finish(self, job: Job) -> None:
+        ft = self._of_runner_job.get(job.id)
+        if ft is None:
+            return
+        ft.trained_tokens = _trained_tokens(job)
+        if job.status is JobStatus.SUCCEEDED:
+            self._keep_results(ft, job)
+            self._end(ft, "succeeded", f"The job has successfully completed; model {self.fine_tuned_name(ft)}")
+        elif job.status is JobStatus.CANCELLED:
+            self._end(ft, "cancelled")
+        else:
+            failure = job.failure
+            self._fail(ft, ErrorOut(code=failure.kind.value if failure else "failed",
+                                    message=failure.message if failure else "the job failed"))
+
+    def _keep_results(self, ft: FineTuningJob, job: Job) -> None:
+        """OpenAI's ``result_files``: the metrics per step as CSV, and the trajectory (seeds and projected
+        gradients: with the base checkpoint, the fine-tuned weights)."""
+        results = [("step_metrics.csv", _metrics_csv(job))]
+        if job.trajectory is not None:
+            results.append(("trajectory.json", json.dumps(job.trajectory.to_dict()).encode()))
+        for name, data in results:
+            try:
+                ft.result_files.append(self.store.create_result(f"{ft.id}-{name}", data).id)
+            except MezoError as exc:  # the file store is full: the weights are trained and served, the job succeeded
+                self._event(ft, f"The result file {name} was not kept: {exc}", level="warn")
+            except OSError:
+                logger.exception("fine-tuning job %s: %s not kept", ft.id, name)
+                self._event(ft, f"The result file {name} was not kept: the server could not write it", level="warn")
+
+    # -- cancel --------------------------------------------------------------------------------------------------
+
+    def cancel(self, ft: FineTuningJob) -> FineTuningJob:
+        if ft.status in FINISHED:
+            raise Conflict(f"job {ft.id} has already {ft.status}")
+        ft.cancel_requested = True
+        self._event(ft, "Cancellation requested")
+        if ft.job is None:  # still validating its files: it ends now, and its validation is dropped when done
+            self._end(ft, "cancelled")
+        else:  # queued: ends now; running: at its next chunk boundary (on_finish)
+            self.runner.cancel(ft.job.id)
+        return ft
+
+    # -- what the routes show ------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> FineTuningJob:
+        if job_id not in self.jobs:
+            raise NotFound(f"no fine-tuning job {job_id!r} on this server")
+        return self.jobs[job_id]
+
+    def out(self, ft: FineTuningJob) -> JobOut:
+        resolved, job = ft.resolved, ft.job
+        if resolved is not None:
+            hyper = HyperparametersOut(batch_size=resolved.batch_size, n_epochs=resolved.n_epochs,
+                                       learning_rate_multiplier=resolved.lr_multiplier, beta=resolved.beta)
+        else:  # the file's size is not known yet
+            given = ft.request.given_hyperparameters()
+            hyper = HyperparametersOut(
+                batch_size=_auto(given.batch_size, "auto"), n_epochs=_auto(given.n_epochs, "auto"),
+                learning_rate_multiplier=_auto(given.learning_rate_multiplier, "auto"),
+                beta=_auto(getattr(given, "beta", None), "auto") if ft.method == "dpo" else None)
+        plain = hyper.model_dump(exclude_none=True)
+        method = MethodOut(type=ft.method, **{ft.method: {"hyperparameters": plain}})
+        estimated = None
+        if job is not None and ft.status == "running" and job.steps_done and job.started:
+            estimated = int(job.started + job.elapsed_s() / job.steps_done * job.spec.steps)
+        succeeded = ft.status == "succeeded" and job is not None
+        return JobOut(
+            id=ft.id, model=ft.request.model, created_at=ft.created_at, finished_at=ft.finished_at,
+            fine_tuned_model=self.fine_tuned_name(ft) if succeeded else None, status=ft.status,
+            result_files=list(ft.result_files), validation_file=ft.request.validation_file,
+            training_file=ft.request.training_file,
+            hyperparameters=hyper, trained_tokens=ft.trained_tokens, error=ft.error,
+            seed=job.spec.config.seed if job else (ft.request.seed or 0), estimated_finish=estimated,
+            metadata=ft.request.metadata, method=method, user_provided_suffix=ft.request.suffix,
+            mezo_job_id=job.id if job else None, steps=resolved.steps if resolved else None,
+            weight_version=weight_version_label(job.id, job.steps_done) if succeeded else None)
+
+    def checkpoints(self, ft: FineTuningJob) -> list[CheckpointOut]:
+        """Newest first: each evaluation of the validation file after a step (the step-0 one is the base)."""
+        if ft.job is None:
+            return []
+        name = self.fine_tuned_name(ft)
+        out = []
+        for evaluation in ft.job.evals:
+            if evaluation.step == 0:
+                continue
+            train_loss = next((r.result.loss for r in ft.job.reports if r.step + 1 == evaluation.step), None)
+            out.append(CheckpointOut(
+                id=f"ftckpt-{ft.id[6:]}-{evaluation.step}", created_at=int(ft.job.started or ft.created_at),
+                fine_tuned_model_checkpoint=f"{name}:ckpt-step-{evaluation.step}", fine_tuning_job_id=ft.id,
+                step_number=evaluation.step, metrics={"step": float(evaluation.step), "train_loss": train_loss,
+                                              **_valid_metrics(evaluation)},
+                weight_version=weight_version_label(ft.job.id, evaluation.step)))
+        return out[::-1]
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _event(self, ft: FineTuningJob, message: str, *, kind: str = "message", level: str = "info",
+               data: dict | None = None) -> None:
+        ft.events.append(EventOut(id=f"ftevent-{ft.id[6:]}-{len(ft.events):06d}", created_at=int(time.time()),
+                                  level=level, message=message, type=kind, data=data))
+
+    def _fail(self, ft: FineTuningJob, error: ErrorOut) -> None:
+        ft.error = error
+        self._end(ft, "failed", f"The job failed: {error.message}", level="error")
+
+    def _end(self, ft: FineTuningJob, status: str, message: str | None = None, level: str = "info") -> None:
+        if ft.status in FINISHED:  # cancelled while validating: what validation found afterwards changes nothing
+            return
+        ft.status, ft.finished_at = status, int(time.time())
+        self._event(ft, message or f"The job was {status}", level=level)
+
+
+class _FileError(InvalidRequest):
+    """A training or validation file that does not validate; ``param`` names which."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def ft_method(kinds: Sequence[LineKind]) -> str:
+    return "dpo" if LineKind.PREFERENCE in kinds else "supervised"
+
+
+def _valid_metrics(evaluation: Evaluation) -> dict[str, float | None]:
+    """OpenAI's names; the whole validation file is evaluated each time, so ``valid_loss`` is ``full_valid_loss``.
+    ``valid_accuracy`` is ours (choice examples' accuracy; OpenAI's token accuracy is not measured)."""
+    m = evaluation.metrics
+    return {"valid_loss": m.loss, "full_valid_loss": m.loss, "valid_accuracy": m.accuracy}
+
+
+def _metrics_csv(job: Job) -> bytes:
+    """One row per committed step: OpenAI's ``step,train_loss,…`` columns, the validation ones where an evaluation
+    followed that step."""
+    evals = {e.step: e.metrics for e in job.evals}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "valid_loss", "valid_accuracy", "step_ms"])
+    for report in job.reports:
+        step = report.step + 1
+        valid = evals.get(step)
+        writer.writerow([step, report.result.loss, "" if valid is None else valid.loss,
+                         "" if valid is None or valid.accuracy is None else valid.accuracy, round(report.step_ms, 3)])
+    return out.getvalue().encode()
+
+
+def _trained_tokens(job: Job) -> int:
+    """Tokens of the training examples the committed steps scored (each once, not once per probe)."""
+    return sum(e.tokens for batch in job.spec.batches(range(job.steps_done)) for e in batch)
