@@ -12,7 +12,7 @@ zero-shot logit gap, fitted on the training set); the **paper's plain MeZO step*
 demo's settings; **full fine-tuning** with backprop (AdamW, one epoch: the ceiling). Our methods run through a real
 server (``sglang-mezo serve``), one job each, the held-out set evaluated every ``--evals`` th of the budget.
 
-Writes the table (stdout), the curves (``bench-learning.json``) and a plot (``bench-learning.png``).
+Writes the table (stdout), the curves (``benchmarks/bench-learning.json``) and a plot (``benchmarks/bench-learning.png``).
 Run: ``make bench-learning``: the recommended recipe (:data:`RECIPE`) to 16,000 example-forwards and the references
 (the paper's curve to 4,000), about an hour on 2 cores with nothing else running (the steps' wall time is part of
 what it measures; ``--budget 64000`` is the issue's full budget, about 4 hours). ``--methods`` runs the other methods explored (README, "Learning"). It measures, it does not
@@ -267,6 +267,11 @@ def plot(curves: list[Curve], flat: dict[str, float], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+OUT_JSON = Path(__file__).with_name("bench-learning.json")
+"""The curves, beside this script: committed with the plot that README and RESULTS show."""
+OUT_PNG = Path(__file__).with_name("bench-learning.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=16_000, help="example-forwards per method")
@@ -297,7 +302,7 @@ def main() -> None:
     curves: list[Curve] = []
 
     def keep() -> None:  # after every row: a run cut short keeps what it measured
-        Path("bench-learning.json").write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
+        OUT_JSON.write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
                                                            "curves": [asdict(c) for c in curves]}, indent=1))
 
     for m in methods:  # ours first: the rows the run is for
@@ -316,7 +321,7 @@ def main() -> None:
 def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: int) -> None:
     """The plot, and the table: each row's accuracy at 1/8, 1/4, 1/2 and all of the budget ("-" past what the
     row spent), the forwards and seconds it spent."""
-    plot(curves, flat, Path("bench-learning.png"))
+    plot(curves, flat, OUT_PNG)
     points = [budget // 8, budget // 4, budget // 2, budget]
     print(f"\n{time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPUs; SmolLM2-135M-Instruct fp32; "
           f"held-out 200, train 1,000; budget {budget:,} example-forwards\n")
