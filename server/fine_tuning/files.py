@@ -80,22 +80,26 @@ class FileStore:
         """Newest first."""
         if self.folder is None or not self.folder.is_dir():
             return []
-        found = []
-        for meta in self.folder.glob("file-*.json"):
-            if _ID.fullmatch(meta.stem) and (self.folder / f"{meta.stem}.data").is_file():
-                try:
-                    found.append(StoredFile(**json.loads(meta.read_text())))
-                except (OSError, ValueError, TypeError):
-                    continue  # not one of ours, or torn by something else: not listed
-        found = [f for f in found if purpose is None or f.purpose == purpose]
-        return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
+        found = (self._read(meta.stem) for meta in self.folder.glob("file-*.json"))
+        kept = [f for f in found if f is not None and (purpose is None or f.purpose == purpose)]
+        return sorted(kept, key=lambda f: (f.created_at, f.id), reverse=True)
 
     def get(self, file_id: str) -> StoredFile:
-        if self.folder is not None and _ID.fullmatch(file_id):
-            for stored in self.list():
-                if stored.id == file_id:
-                    return stored
-        raise NotFound(f"no file {file_id!r} on this server")
+        stored = self._read(file_id)
+        if stored is None:
+            raise NotFound(f"no file {file_id!r} on this server")
+        return stored
+
+    def _read(self, file_id: str) -> StoredFile | None:
+        """An upload whose content and metadata are both whole; None for anything else (an id this server did not
+        make, a file torn or written by something else), so a client's string is never a path."""
+        if self.folder is None or not _ID.fullmatch(file_id) or not (self.folder / f"{file_id}.data").is_file():
+            return None
+        try:
+            stored = StoredFile(**json.loads((self.folder / f"{file_id}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return stored if stored.id == file_id else None
 
     def path(self, file_id: str) -> Path:
         """Where the content of an existing file is."""

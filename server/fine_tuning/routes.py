@@ -21,7 +21,7 @@ from sglang_mezo.jobs.errors import InvalidRequest, MezoError, NotFound, Unavail
 
 from ..context import Context, MezoContext
 from ..errors import MezoRoute, error_response
-from ..routes.jobs import SSE_PING_S
+from ..sse import polled
 from .schemas import FileDeleted, FileOut, JobCreate, JobOut, ListOut
 from .service import FINISHED, FineTuning, FineTuningJob
 
@@ -153,23 +153,18 @@ async def job_events(ft: PathJob, mezo: Context, after: str | None = None, limit
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _event_stream(ft: FineTuningJob, start: int) -> AsyncIterator[str]:
-    sent, quiet = start, 0.0
-    while True:
+def _event_stream(ft: FineTuningJob, start: int) -> AsyncIterator[str]:
+    """Each event from ``start`` on as it happens, then ``[DONE]`` (OpenAI's end of a stream) once the job ends."""
+    sent = start
+
+    def poll() -> tuple[list[str], bool]:
+        nonlocal sent
         finished = ft.status in FINISHED  # read before the events: none is missed
-        if sent < len(ft.events):
-            quiet = 0.0
-        while sent < len(ft.events):
-            yield f"data: {ft.events[sent].model_dump_json()}\n\n"
-            sent += 1
-        if finished:
-            yield "data: [DONE]\n\n"
-            return
-        if quiet >= SSE_PING_S:  # a comment line, so proxies keep a quiet stream open
-            quiet = 0.0
-            yield ": ping\n\n"
-        await asyncio.sleep(POLL_S)
-        quiet += POLL_S
+        new = [f"data: {e.model_dump_json()}\n\n" for e in ft.events[sent:]]
+        sent += len(new)
+        return new + ["data: [DONE]\n\n"] * finished, finished
+
+    return polled(poll, POLL_S)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")

@@ -17,13 +17,10 @@ from ..context import Context, PathJob
 from ..errors import MezoRoute
 from ..plot import job_plot_png
 from ..schemas import JobHistoryOut, JobListOut, JobOut, StepOut, StepRequest
+from ..sse import polled
 from ..translate import check_count, check_tokens, dataset_texts, job_config, objective_for, texts
 
 router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
-
-SSE_PING_S = 15.0
-"""A comment line this often when nothing changes: keeps proxies open, and a gone client ends the stream."""
-
 
 @router.post("/step")
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
@@ -102,21 +99,20 @@ async def job_events(job: PathJob, mezo: Context) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def status_events(job: Job, poll_s: float = 0.1) -> AsyncIterator[str]:
-    seen, quiet = None, 0.0
-    while True:
+def status_events(job: Job, poll_s: float = 0.1) -> AsyncIterator[str]:
+    """The job's state each time its status, steps or evaluations change, until an ``end`` event when it ends."""
+    seen = None
+
+    def poll() -> tuple[list[str], bool]:
+        nonlocal seen
         state = (job.status, job.steps_done, len(job.evals))
-        if state != seen:
-            seen, quiet = state, 0.0
-            name = "end" if job.status.finished else "status"
-            yield f"event: {name}\ndata: {JobOut.of(job).model_dump_json()}\n\n"
-            if job.status.finished:
-                return
-        elif quiet >= SSE_PING_S:
-            quiet = 0.0
-            yield ": ping\n\n"
-        await asyncio.sleep(poll_s)
-        quiet += poll_s
+        if state == seen:
+            return [], False
+        seen = state
+        name = "end" if job.status.finished else "status"
+        return [f"event: {name}\ndata: {JobOut.of(job).model_dump_json()}\n\n"], job.status.finished
+
+    return polled(poll, poll_s)
 
 
 @router.post("/jobs/{job_id}/cancel")
