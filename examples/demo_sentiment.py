@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 from sglang_mezo.client import MezoClient, format_job
 from sglang_mezo.default_model import default_model_path
@@ -49,6 +51,23 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> N
     raise SystemExit("the server did not start in time; see demo-server.log")
 
 
+@contextlib.contextmanager
+def running_server(flags: list[str]) -> Iterator[str]:
+    """``sglang-mezo serve`` with ``flags`` on a free local port, ready; its URL. Stopped (its whole process group)
+    on the way out, whatever happened."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port, flags)
+    try:
+        wait_ready(url, server)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 def row_name(step: int) -> str:
     return "zero-shot" if step == 0 else f"after {step} MeZO steps"
 
@@ -70,16 +89,10 @@ def main() -> None:
 
     model = default_model_path()  # converts the embedded GGUF once
     train, held_out = balanced_split(rotten_tomatoes(), [args.train_per_class, args.eval_per_class], args.seed)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     trained = ["--mezo-last-layers", str(args.last_layers)] if args.last_layers else ["--mezo-train", args.train]
     print(f"starting SGLang on CPU with {model.name} (MeZO enabled, training {' '.join(trained[1:])})")
-    server = start_server(port, ["--model-path", str(model), *trained])
-    client = MezoClient(url)
-    try:
-        wait_ready(url, server)
+    with running_server(["--model-path", str(model), *trained]) as url:
+        client = MezoClient(url)
         # the server evaluates the held-out reviews before the first step and after the last (POST /mezo/step's
         # eval_examples), through SGLang's own request path
         job = client.train({
@@ -104,9 +117,6 @@ def main() -> None:
             raise SystemExit(f"the chat request failed: HTTP {chat.status}: {chat.message}")
         print(f"served by the fine-tuned weights ({client.weights()['weight_version']}): "
               f"{chat.body['choices'][0]['message']['content']!r}")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 4. ``files.create`` → ``fine_tuning.jobs.create`` → ``retrieve`` until it ends, printing its events;
 5. ask the fine-tuned model (``model=job.fine_tuned_model``) the same questions, and print before/after.
 
-Run: ``.venv/bin/python examples/openai_finetune.py`` (about 12 minutes on 2 cores).
+Run: ``.venv/bin/python examples/openai_finetune.py`` (about 10 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ import openai
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from demo_sentiment import start_server, wait_ready  # noqa: E402
+from demo_sentiment import running_server  # noqa: E402
 
 from sglang_mezo.default_model import default_model_path  # noqa: E402
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes  # noqa: E402
@@ -86,17 +84,11 @@ def main() -> None:
 
     train, held_out = balanced_split(rotten_tomatoes(), [args.train_per_class, args.eval_per_class], seed=1)
     data = Path(tempfile.mkdtemp(prefix="mezo-openai-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     # the recipe of benchmarks/RESULTS.md: the final norm's gain, a normalised step (see the README)
     flags = ["--model-path", str(default_model_path()), "--mezo-data-dir", str(data), "--mezo-lr", str(args.lr),
              "--mezo-train", r"^model\.norm\.weight$", "--mezo-adaptive", "scalar_rms"]
     print("starting SGLang on CPU with SmolLM2-135M-Instruct (MeZO enabled)")
-    server = start_server(port, flags)
-    try:
-        wait_ready(url, server)
+    with running_server(flags) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("SGLANG_API_KEY", "none"),
                                max_retries=0, timeout=600)
         base = client.models.list().data[0].id
@@ -125,9 +117,6 @@ def main() -> None:
         for name, a in ((base.rsplit("/", 1)[-1], before),
                         (f"{job.fine_tuned_model} ({job.steps} MeZO steps, {after.weight_version})", after)):
             print(f"| {name} | {a.one_word:.1%} | {a.sentiment:.1%} |")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":
