@@ -27,6 +27,9 @@ _TEMPLATES = {"classification": ClassificationTemplate, "multiple_choice": Multi
 
 def objective_for(examples: Sequence[TextExample], requested: Objective | None) -> Objective:
     """The requested objective, or the default for the kind of examples; refused if they do not fit."""
+    if requested is Objective.DPO:  # /mezo examples have no preference pairs (OpenAI's format has: method "dpo")
+        raise InvalidRequest("objective dpo takes preference pairs, which /mezo examples cannot hold: send them as "
+                             "a preference file to POST /v1/fine_tuning/jobs with method type dpo")
     choice = isinstance(examples[0], TextChoice)
     objective = requested or (Objective.CLASSIFICATION if choice else Objective.CROSS_ENTROPY)
     if choice == (objective is Objective.CROSS_ENTROPY):

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 from tiny_models import save_tiny_llama
 from transformers import AutoTokenizer
 
-from server.fine_tuning.files import FileStore
-from server.fine_tuning.routes import page
-from server.fine_tuning.schemas import JobCreate
-from server.fine_tuning.service import resolve
-from server.fine_tuning.translate import FileTranslator
-from server.translate import Translator
+from sglang_mezo.server.fine_tuning.files import FileStore
+from sglang_mezo.server.fine_tuning.routes import page
+from sglang_mezo.server.fine_tuning.schemas import JobCreate
+from sglang_mezo.server.fine_tuning.service import resolve
+from sglang_mezo.server.fine_tuning.translate import FileTranslator
+from sglang_mezo.server.translate import Translator
 from sglang_mezo.core.objectives import CompletionExample, PreferenceExample
 from sglang_mezo.jobs.data import DataError
 from sglang_mezo.jobs.errors import Forbidden, InvalidRequest, NotFound, TooMany
@@ -114,6 +114,15 @@ def test_uploads_are_kept_under_server_made_ids(tmp_path):
         store.create("d.jsonl", "fine-tune", b"")
     with pytest.raises(Forbidden, match="--mezo-data-dir"):
         FileStore(None, 1).create("a.jsonl", "fine-tune", b"x")
+
+
+def test_an_unwritable_folder_is_a_403_that_does_not_name_it(tmp_path):
+    (tmp_path / "taken").write_text("a file where the folder would be")
+    store = FileStore(tmp_path / "taken" / "files", max_files=2)
+    with pytest.raises(Forbidden, match="cannot write its uploads' folder") as refused:
+        store.create("a.jsonl", "fine-tune", b"x")
+    assert str(tmp_path) not in str(refused.value)
+    assert store.list() == []
 
 
 @dataclass

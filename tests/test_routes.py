@@ -128,6 +128,8 @@ def test_a_job_reads_its_examples_from_a_data_file(api, tmp_path):
     ({"examples": TRAIN, "lr": 1.0, "weight_decay": 1.0}, ["lr * weight_decay"]),
     ({"examples": TRAIN, "chat": True}, ["no chat template"]),
     ({"examples": TRAIN, "estimator": "fzoo", "n_probes": 1}, ["n_probes >= 2"]),
+    ({"examples": TRAIN, "objective": "dpo"}, ["preference pairs"]),
+    ({"examples": [{"prompt": "a", "options": ["x", "y"], "label": 1}], "objective": "dpo"}, ["preference pairs"]),
 ])
 def test_invalid_requests_are_400s_that_say_why(api, body, words):
     client, executor = api
@@ -139,6 +141,9 @@ def test_invalid_requests_are_400s_that_say_why(api, body, words):
 
 def test_every_other_status_of_the_error_table(api, tmp_path):
     client, executor = api
+    for path in ("/mezo/eval", "/mezo/diagnose"):  # DPO needs pairs: a 400, not the scorer's crash
+        assert_error(client.post(path, json={"examples": [{"prompt": "a", "options": ["x", "y"], "label": 1}],
+                                             "objective": "dpo"}), 400, "invalid_request", "preference pairs")
     assert_error(client.post("/mezo/step", content=b"{not json", headers={"content-type": "application/json"}),
                  400, "invalid_request")
     assert_error(client.post("/mezo/step", content=b'{"examples": [], "lr": NaN}',

@@ -8,7 +8,7 @@ from fakes import CharTokenizer
 from tiny_models import save_tiny_llama
 from transformers import AutoTokenizer
 
-from server.translate import Translator
+from sglang_mezo.server.translate import Translator
 from sglang_mezo.jobs.errors import InvalidRequest
 from sglang_mezo.jobs.templates import TextChoice, TextCompletion
 

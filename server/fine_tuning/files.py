@@ -6,7 +6,9 @@ leaves either the whole upload or none of it in the listing. The files outlive a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import time
@@ -22,6 +24,8 @@ PURPOSES = ("fine-tune",)
 assistants, vision, have no use here)."""
 RESULTS = "fine-tune-results"
 """The purpose of the files a job leaves (its metrics and trajectory): the server's to make, never an upload's."""
+
+logger = logging.getLogger(__name__)
 
 _ID = re.compile(r"file-[0-9a-f]{24}")
 
@@ -51,7 +55,10 @@ class FileStore:
         if self.folder is None:
             raise Forbidden("file uploads are off: the server was started without --mezo-data-dir (uploads are "
                             "kept in its first folder)")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(exc) from None
         return self.folder
 
     def create(self, filename: str, purpose: str, data: bytes) -> StoredFile:
@@ -72,8 +79,13 @@ class FileStore:
                           f"({Limits.flag('max_stored_files')}): delete some first")
         stored = StoredFile(f"file-{uuid.uuid4().hex[:24]}", len(data), int(time.time()),
                             Path(filename or "upload").name[:255], purpose)
-        _write(folder / f"{stored.id}.data", data)
-        _write(folder / f"{stored.id}.json", json.dumps(asdict(stored)).encode())
+        try:
+            _write(folder / f"{stored.id}.data", data)
+            _write(folder / f"{stored.id}.json", json.dumps(asdict(stored)).encode())
+        except OSError as exc:  # read-only or full: nothing half-kept is listed (the metadata is written last)
+            with contextlib.suppress(OSError):
+                (folder / f"{stored.id}.data").unlink(missing_ok=True)
+            raise _unwritable(exc) from None
         return stored
 
     def list(self, purpose: str | None = None) -> list[StoredFile]:
@@ -110,8 +122,18 @@ class FileStore:
     def delete(self, file_id: str) -> None:
         self.get(file_id)
         assert self.folder is not None
-        (self.folder / f"{file_id}.json").unlink(missing_ok=True)  # out of the listing first
-        (self.folder / f"{file_id}.data").unlink(missing_ok=True)
+        try:
+            (self.folder / f"{file_id}.json").unlink(missing_ok=True)  # out of the listing first
+            (self.folder / f"{file_id}.data").unlink(missing_ok=True)
+        except OSError as exc:
+            raise _unwritable(exc) from None
+
+
+def _unwritable(exc: OSError) -> Forbidden:
+    """The client's answer when the files folder cannot be written: the reason, never the server's path (which the
+    log keeps)."""
+    logger.error("the uploads' folder cannot be written: %s", exc)
+    return Forbidden(f"the server cannot write its uploads' folder ({exc.strerror or type(exc).__name__})")
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -154,10 +154,11 @@ class FineTuning:
         version = self.served_version(model)
         if version is None:
             raise NotFound(f"the model {model!r} does not exist on this server")
-        training = [job.id for job in self.runner.jobs.values() if job.status is JobStatus.RUNNING]
-        if training:  # its next chunk would change the weights under this request: it could not be answered by them
+        # a job running, or queued (it may start while this request generates), would change the weights under it
+        training = [job.id for job in self.runner.jobs.values() if not job.status.finished]
+        if training:
             raise Conflict(f"the model {model!r} cannot be named while job {training[0]} trains the served "
-                           "weights; name it again when the job has ended")
+                           "weights or waits to; name it again when the job has ended")
         if version != self.runner.weights.weight_version:
             raise Conflict(f"the model {model!r} is not being served now (the served weights are "
                            f"{self.runner.weights.weight_version}): restore it with POST /mezo/reset")
@@ -386,6 +387,8 @@ class FineTuning:
                                   level=level, message=message, type=kind, data=data))
 
     def _fail(self, ft: FineTuningJob, error: ErrorOut) -> None:
+        if ft.status in FINISHED:  # cancelled while validating: a job cancelled is not also failed
+            return
         ft.error = error
         self._end(ft, "failed", f"The job failed: {error.message}", level="error")
 
