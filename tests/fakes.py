@@ -182,6 +182,10 @@ def replayed(executor: FakeExecutor, history: Sequence[Trajectory]) -> dict[str,
     return copy.weights()
 
 
+FAKE_MODEL_NAME = "fake-model"
+"""What the fake app's ``/v1/models`` calls its base model."""
+
+
 def mezo_app(root: Path, *, limits: Limits = Limits(max_steps_per_job=50), context_len: int = 64,
              folders: Folders | None = None, **runner_options) -> tuple[FastAPI, FakeExecutor]:
     """The /mezo API on a plain FastAPI app over the fakes: data files are read from ``root/data``, checkpoints
@@ -190,6 +194,9 @@ def mezo_app(root: Path, *, limits: Limits = Limits(max_steps_per_job=50), conte
     from sglang_mezo.server.app import install
     from sglang_mezo.server.context import MezoContext
     from sglang_mezo.server.files import FileAccess
+    from sglang_mezo.server.fine_tuning.files import FileStore
+    from sglang_mezo.server.fine_tuning.service import FineTuning
+    from sglang_mezo.server.fine_tuning.translate import FileTranslator
     from sglang_mezo.server.translate import Translator
 
     for folder in ("data", "out", "base"):
@@ -200,9 +207,12 @@ def mezo_app(root: Path, *, limits: Limits = Limits(max_steps_per_job=50), conte
     app = FastAPI()
     folders = folders or Folders(data_dirs=(str(root / "data"),), output_dir=str(root / "out"))
     files = FileAccess.of(folders, str(root / "base"))
-    install(app, MezoContext(runner=runner, translator=Translator(CharTokenizer(), context_len),
-                             defaults=MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER), limits=limits, files=files,
-                             base_model=str(root / "base")))
+    translator = Translator(CharTokenizer(), context_len)
+    defaults = MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER)
+    uploads = FileStore(root / "uploads", limits.max_stored_files)
+    service = FineTuning(runner, uploads, FileTranslator(translator), defaults, limits, FAKE_MODEL_NAME)
+    install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=limits, files=files,
+                             base_model=str(root / "base"), openai_files=uploads, fine_tuning=service))
     return app, executor
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 from fakes import mezo_app
 from fastapi.testclient import TestClient
 
@@ -384,3 +385,30 @@ def test_a_streamed_body_over_the_limit_is_a_413(tmp_path):
     with TestClient(app) as client:
         response = client.post("/mezo/step", content=chunks(), headers={"content-type": "application/json"})
         assert_error(response, 413, "too_large", "--mezo-max-body-mb")
+
+
+@pytest.mark.parametrize("encode", [
+    lambda body: (json.dumps(body).encode(), {}),
+    # JSON may spell the name with escapes: still read as the name it is
+    lambda body: (json.dumps(body).replace("ft:", "\\u0066\\u0074:").encode(), {}),
+    # SGLang's request decompression runs inside the check: the check reads the compressed body too
+    lambda body: (zstandard.ZstdCompressor().compress(json.dumps(body).encode()), {"x-body-compressed": "zstd"}),
+], ids=["plain", "escaped", "zstd"])
+def test_a_chat_request_naming_an_unknown_fine_tuned_model_is_refused_however_it_is_written(api, encode):
+    client, _ = api
+    body, headers = encode({"model": "ft:fake-model:x:ftjob-0", "messages": [{"role": "user", "content": "hi"}]})
+    response = client.post("/v1/chat/completions", content=body,
+                           headers={"content-type": "application/json", **headers})
+    assert_error(response, 404, "not_found", "ft:fake-model:x:ftjob-0")
+    # the base name passes on to SGLang's route (which this fake app does not have)
+    body, headers = encode({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
+    passed = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json", **headers})
+    assert passed.status_code == 404 and passed.json() == {"detail": "Not Found"}
+
+
+def test_the_only_decompression_sglang_does_is_the_one_read_here():
+    """The check above decompresses what SGLang's request decompression would; a method SGLang adds would pass it
+    unread."""
+    from sglang.srt.entrypoints.http_request_decompression import _DECOMPRESSORS
+
+    assert set(_DECOMPRESSORS) == {"zstd"}

@@ -8,10 +8,12 @@ needs the admin key where one is set (SGLang's ``--admin-api-key``, else ``--api
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Literal
 
+import zstandard
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from sglang.srt.utils.auth import AuthLevel, auth_level
@@ -232,7 +234,16 @@ class FineTunedModelNames:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        body = self._rewritten(scope, body) if b'"ft:' in body else body
+        compressed = dict(scope.get("headers") or []).get(b"x-body-compressed")
+        if compressed is not None:  # SGLang's optional decompression runs inside this middleware: read it here too
+            plain = await asyncio.to_thread(_decompressed, compressed, body)
+            if plain is not None and _may_name_fine_tuned(plain):
+                rewritten = self._rewritten(scope, plain)
+                if rewritten is not plain:  # a fine-tuned name: answered, or passed on as plain JSON
+                    body = rewritten
+                    scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"x-body-compressed"]}
+        elif _may_name_fine_tuned(body):
+            body = self._rewritten(scope, body)
         if isinstance(body, Response):
             return await body(scope, receive, send)
         sent = False
@@ -250,6 +261,7 @@ class FineTunedModelNames:
 
     @staticmethod
     def _rewritten(scope: Scope, body: bytes) -> bytes | Response:
+        """``body`` itself unless it names a fine-tuned model: then the refusal, or the body naming the base."""
         context: MezoContext | None = getattr(scope["app"].state, "mezo", None) if "app" in scope else None
         service = context.fine_tuning if context is not None else None
         try:
@@ -265,3 +277,19 @@ class FineTunedModelNames:
             return error_response(exc)
         return json.dumps({**request, "model": service.model_name}).encode()
 
+
+def _may_name_fine_tuned(body: bytes) -> bool:
+    """Whether a JSON body could name an ``ft:`` model: it spells ``ft:``, or holds a ``\\u`` escape (JSON's only
+    other way to write those letters). Anything else passes unparsed: most requests name the base model."""
+    return b"ft:" in body or b"\\u" in body
+
+
+def _decompressed(method: bytes, body: bytes) -> bytes | None:
+    """The body SGLang's request decompression (``x-body-compressed``) will read; None where SGLang will refuse
+    it anyway (an unknown method, a corrupt body: its own 400)."""
+    if method != b"zstd":  # the one method SGLang 0.5.23 decompresses
+        return None
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body)).read()
+    except zstandard.ZstdError:
+        return None
