@@ -38,6 +38,9 @@ class PrometheusObserver:
                                    names, multiprocess_mode="mostrecent")
         self.jobs = Counter(_PREFIX + "jobs", "Finished MeZO jobs, by outcome", [*names, "status"])
 
+    def on_start(self, job: Job) -> None:
+        pass  # a job's start is in its status; the metrics count its steps and its end
+
     def on_steps(self, job: Job, reports: Sequence[StepReport]) -> None:
         if job.spec.purpose is not Purpose.TRAIN:  # the diagnostic's lr = 0 probes are not training
             return

@@ -156,6 +156,41 @@ def test_a_dpo_job_moves_the_margins_towards_the_preferred_answers(server, clien
     # loss it estimated (its change is -lr·g·(∇L·z) with g ≈ ∇L·z), so the margins must have moved the right way
     assert losses[-1] < losses[1] < losses[0], losses
 
+    # the same flow as a chat job's: events, checkpoints, and the fine-tuned name served by its weights
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert events[0].message.startswith("The job has successfully completed")
+    assert [e.message for e in events[::-1][:4]] == [
+        f"Created fine-tuning job: {job.id}", f"Validating training file: {training.id}",
+        f"Files validated; {job.steps} MeZO steps queued as /mezo job {job.mezo_job_id}", "Fine-tuning job started"]
+    assert [e.data["valid_loss"] for e in events[::-1] if e.type == "metrics" and "valid_loss" in e.data] == losses
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [10, 5]
+    assert [c.metrics.valid_loss for c in checkpoints] == losses[:0:-1]
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2, temperature=0,
+                                           messages=[{"role": "user", "content": "the movie was great"}])
+    assert reply.to_dict()["metadata"]["weight_version"] == job.weight_version == f"mezo-{job.mezo_job_id}-10"
+    server.request("POST", "/mezo/reset", {})
+
+
+def test_a_job_may_choose_the_weights_it_trains(server, client):
+    training = client.files.create(file=("chat.jsonl", jsonl(CHAT)), purpose="fine-tune")
+    base = client.models.list().data[0].id
+    norm = r"^model\.norm\.weight$"
+    job = finished(client, client.fine_tuning.jobs.create(
+        model=base, training_file=training.id, hyperparameters={"n_epochs": 1, "batch_size": 3},
+        extra_body={"mezo": {"train": [norm]}}).id)
+    assert job.status == "succeeded", job.error
+    trajectory = server.request("GET", f"/mezo/jobs/{job.mezo_job_id}/trajectory")[1]
+    assert trajectory["config"]["selection"] == {"include": [norm], "exclude": [], "last_layers": None}
+    served = server.request("GET", "/mezo/weights")[1]["weight_version"]
+    nothing = finished(client, client.fine_tuning.jobs.create(
+        model=base, training_file=training.id, extra_body={"mezo": {"train": ["^no such tensor$"]}}).id)
+    assert nothing.status == "failed" and "matches no trainable tensor" in nothing.error.message
+    assert server.request("GET", "/mezo/weights")[1]["weight_version"] == served  # nothing moved
+    with pytest.raises(openai.BadRequestError, match="not a regular expression"):
+        client.fine_tuning.jobs.create(model=base, training_file=training.id, extra_body={"mezo": {"train": ["("]}})
+    server.request("POST", "/mezo/reset", {})
+
 
 def test_events_stream_as_server_sent_events(server, client):
     training = client.files.create(file=("chat.jsonl", jsonl(CHAT)), purpose="fine-tune")
@@ -183,7 +218,9 @@ def test_cancel_and_bad_files(client):
 
     long = client.fine_tuning.jobs.create(model=base, training_file=training.id,
                                           hyperparameters={"n_epochs": 500, "batch_size": 1})
-    while client.fine_tuning.jobs.retrieve(long.id).status != "running":
+    deadline = time.monotonic() + 120
+    while (status := client.fine_tuning.jobs.retrieve(long.id).status) != "running":
+        assert status in ("validating_files", "queued") and time.monotonic() < deadline, status
         time.sleep(0.1)
     # the weights change under every chunk now: a request naming a fine-tuned model cannot be answered by them
     with pytest.raises(openai.ConflictError, match="trains the served weights"):
@@ -205,6 +242,15 @@ def test_cancel_and_bad_files(client):
                                                           validation_file=prefs.id).id)
     assert job.status == "failed" and job.error.param == "validation_file" and "holds preference lines" in \
         job.error.message
+
+    not_json = client.files.create(file=("broken.jsonl", jsonl(CHAT[:2]) + b'{"messages": [\n'), purpose="fine-tune")
+    job = finished(client, client.fine_tuning.jobs.create(model=base, training_file=not_json.id).id)
+    assert job.status == "failed" and job.error.code == "invalid_training_file" and "line 3" in job.error.message
+    job = finished(client, client.fine_tuning.jobs.create(model=base, training_file=training.id,
+                                                          method={"type": "dpo"}).id)
+    assert job.status == "failed" and job.error.param == "training_file" and "a dpo job takes" in job.error.message
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.files.create(file=("empty.jsonl", b""), purpose="fine-tune")
 
     not_utf8 = client.files.create(file=("latin.jsonl", '{"prompt": "caf\xe9"}'.encode("latin-1")), purpose="fine-tune")
     job = finished(client, client.fine_tuning.jobs.create(model=base, training_file=not_utf8.id).id)

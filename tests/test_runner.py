@@ -215,7 +215,10 @@ def test_save_writes_the_history_that_leads_to_the_saved_weights(tmp_path):
 def test_statistics_best_evaluation_and_observers():
     class Recorder:
         def __init__(self) -> None:
-            self.steps, self.evals, self.finished = 0, 0, []
+            self.started, self.steps, self.evals, self.finished = [], 0, 0, []
+
+        def on_start(self, job) -> None:
+            self.started.append((job.status, self.steps, self.evals))
 
         def on_steps(self, job, reports) -> None:
             self.steps += len(reports)
@@ -241,6 +244,7 @@ def test_statistics_best_evaluation_and_observers():
     job = asyncio.run(main())
     assert job.status is JobStatus.SUCCEEDED  # a failing observer does not stop training
     assert (recorder.steps, recorder.evals, recorder.finished) == (5, 4, [JobStatus.SUCCEEDED])
+    assert recorder.started == [(JobStatus.RUNNING, 0, 0)]  # told once, running, before its first evaluation
     stats = job.grad_stats()
     grads = sorted(abs(r.result.projected_grads[0]) for r in job.reports)
     assert stats.abs_grad_quantiles.min == grads[0] and stats.abs_grad_quantiles.max == grads[-1]

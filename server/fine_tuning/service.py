@@ -240,7 +240,10 @@ class FineTuning:
         check_count(self.limits, len(train) + len(held_out))
         check_tokens(self.limits, train, held_out)
         ft.resolved = resolved = resolve(request, len(train), self.limits)
-        knobs = request.mezo.model_dump(exclude_none=True, exclude={"eval_every"}) if request.mezo else {}
+        knobs = request.mezo.model_dump(exclude_none=True, exclude={"eval_every", "train", "last_layers"}) \
+            if request.mezo else {}
+        if request.mezo and request.mezo.selection is not None:  # the job's own subset, else the server's
+            knobs["selection"] = request.mezo.selection
         try:
             config = dataclasses.replace(self.defaults, **knobs, lr=self.defaults.lr * resolved.lr_multiplier,
                                          total_steps=resolved.steps,
@@ -258,11 +261,16 @@ class FineTuning:
 
     # -- following the runner's job (JobObserver) ----------------------------------------------------------------
 
+    def on_start(self, job: Job) -> None:
+        ft = self._of_runner_job.get(job.id)  # set when it was submitted, before the runner could start it
+        if ft is not None and ft.status == "queued":
+            ft.status = "running"
+            self._event(ft, "Fine-tuning job started")
+
     def on_steps(self, job: Job, reports: Sequence[StepReport]) -> None:
         ft = self._of_runner_job.get(job.id)
         if ft is None:
             return
-        self._started(ft)
         total = job.spec.steps
         for report in reports:
             step = report.step + 1
@@ -274,14 +282,8 @@ class FineTuning:
     def on_eval(self, job: Job, evaluation: Evaluation) -> None:
         ft = self._of_runner_job.get(job.id)
         if ft is not None:
-            self._started(ft)  # the evaluation before the first step (and DPO's reference scores) run first
             self._event(ft, f"Step {evaluation.step}: validation loss={evaluation.metrics.loss:.4f}",
                         kind="metrics", data={"step": evaluation.step, **_valid_metrics(evaluation)})
-
-    def _started(self, ft: FineTuningJob) -> None:
-        if ft.status == "queued":
-            ft.status = "running"
-            self._event(ft, "Fine-tuning job started")
 
     def on_finish(self, job: Job) -> None:
         ft = self._of_runner_job.get(job.id)

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 class JobObserver(Protocol):
     """Told about a job's progress (metrics, logs); must not raise or block."""
 
+    def on_start(self, job: Job) -> None:
+        """The job holds the weights now (before DPO's reference scores, its first evaluation and its first step)."""
+
     def on_steps(self, job: Job, reports: Sequence[StepReport]) -> None: ...
 
     def on_eval(self, job: Job, evaluation: Evaluation) -> None: ...
@@ -131,6 +134,7 @@ class JobRunner:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
         job.served_before = tuple(self.weights.segments)
+        self._notify("on_start", job)
         failure = await self._journaled(lambda journal: journal.job_started(
             job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value, job.created,
             [s.journaled() for s in job.served_before]))
