@@ -8,8 +8,8 @@ import json
 import pytest
 
 from sglang_mezo.jobs.data import DataError
-from sglang_mezo.jobs.openai_data import (ChatLine, LineKind, Message, PreferenceLine, PromptCompletionLine,
-                                          parse_jsonl)
+from sglang_mezo.jobs.openai_data import ChatLine, LineKind, Message, PreferenceLine, parse_jsonl
+from sglang_mezo.jobs.templates import TextCompletion
 
 
 def jsonl(*records) -> list[str]:
@@ -32,7 +32,7 @@ def test_chat_lines_train_on_assistant_turns_with_weight_1():
 
 def test_prompt_completion_and_preference_lines():
     pc = parse_jsonl("pc.jsonl", jsonl({"prompt": "Q: 1+1?", "completion": " 2"}))
-    assert pc.kind is LineKind.PROMPT_COMPLETION and pc.lines == (PromptCompletionLine("Q: 1+1?", " 2"),)
+    assert pc.kind is LineKind.PROMPT_COMPLETION and pc.lines == (TextCompletion("Q: 1+1?", " 2"),)
     pref = parse_jsonl("dpo.jsonl", jsonl({
         "input": {"messages": [{"role": "user", "content": "Say hi"}]},
         "preferred_output": [{"role": "assistant", "content": "Hi!"}],

@@ -18,7 +18,8 @@ from jinja2 import TemplateError
 
 from sglang_mezo.core.objectives import CompletionExample, Example, PreferenceExample
 from sglang_mezo.jobs.data import DataError
-from sglang_mezo.jobs.openai_data import ChatLine, LineKind, Message, PreferenceLine, PromptCompletionLine, TrainingFile
+from sglang_mezo.jobs.openai_data import ChatLine, LineKind, Message, PreferenceLine, TrainingFile
+from sglang_mezo.jobs.templates import TextCompletion
 
 from ..translate import Translator
 
@@ -79,7 +80,7 @@ class FileTranslator:
                 elif isinstance(line, PreferenceLine):
                     made = [self._preference(line, beta)]
                 else:
-                    assert isinstance(line, PromptCompletionLine)
+                    assert isinstance(line, TextCompletion)
                     made = [CompletionExample(self.translator.prompt_ids(line.prompt, chat=False),
                                               self._ids(line.completion))]
                 for example in made:

@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .data import DataError
+from .templates import TextCompletion
 
 
 class LineKind(str, enum.Enum):
@@ -55,12 +56,6 @@ class ChatLine:
 
 
 @dataclass(frozen=True)
-class PromptCompletionLine:
-    prompt: str
-    completion: str
-
-
-@dataclass(frozen=True)
 class PreferenceLine:
     messages: tuple[Message, ...]
     """The conversation both answers follow (trained is False throughout: the loss is on the answers)."""
@@ -68,7 +63,8 @@ class PreferenceLine:
     non_preferred: str
 
 
-Line = ChatLine | PromptCompletionLine | PreferenceLine
+Line = ChatLine | TextCompletion | PreferenceLine
+"""A prompt/completion line is the text example the ``/mezo`` API's own examples make (:class:`TextCompletion`)."""
 
 
 # -- the wire shapes (pydantic), one per format ------------------------------------------------------------------------
@@ -110,8 +106,8 @@ class _PromptCompletionIn(_Strict):
     prompt: str = Field(min_length=1)
     completion: str = Field(min_length=1)
 
-    def to_line(self) -> PromptCompletionLine:
-        return PromptCompletionLine(self.prompt, self.completion)
+    def to_line(self) -> TextCompletion:
+        return TextCompletion(self.prompt, self.completion)
 
 
 class _AnswerIn(_Strict):
