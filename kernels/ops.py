@@ -11,8 +11,6 @@ by an in-place write.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -202,10 +200,77 @@ def materialize_z(
     return out
 
 
-@functools.cache
-def _triton_block_size() -> int:
-    # The interpreter pays per program, not per element: large blocks there; 1024 on a GPU.
-    return 1 << 16 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+# Elements a program covers, at most: the interpreter pays per program, not per element, so large tiles there; on a
+# GPU 1024 (8 Rademacher groups or 256 Gaussian ones over 4 warps: 8 elements a thread).
+_GPU_TILE = 1 << 10
+_INTERPRETER_TILE = 1 << 16
+
+
+@dataclass(frozen=True)
+class TritonLaunch:
+    """One launch of :func:`.z_triton.zaxpy_kernel`: its grid, its arguments in the kernel's order and its
+    compile-time constants. Built by :func:`plan_triton_pass`; the CUDA compile test compiles exactly these."""
+
+    grid: tuple[int]
+    args: tuple
+    constexprs: dict[str, int | bool]
+    options: dict[str, int | bool]
+
+
+def plan_triton_pass(
+    block: torch.Tensor,
+    where: ZSlice,
+    seeds_t: torch.Tensor,
+    restore_t: torch.Tensor,
+    update_t: torch.Tensor,
+    *,
+    decay: float,
+    kind: ZKind,
+    out: torch.Tensor | None = None,
+    write_back: bool = True,
+    interpret: bool = False,
+) -> TritonLaunch | None:
+    """How to run one pass over a 2-D ``block`` (None: nothing to do). Programs cover whole Philox groups of one row
+    (see :mod:`.z_triton`): as many per row as the longest row's groups need, as few groups each as a short row
+    needs."""
+    rows, cols = block.shape
+    if rows * cols == 0:
+        return None
+    first_index = where.row_offset * where.full_cols + where.col_offset
+    index_row_stride = where.full_cols
+    row_stride = block.stride(0)
+    out_row_stride = row_stride if out is None else out.stride(0)
+    # whole rows, stored contiguously (served and master alike): one run of indices, so that no Philox group is
+    # made twice and every program is full
+    if (cols == where.full_cols and where.col_offset == 0 and block.is_contiguous()
+            and (out is None or out.is_contiguous())):
+        rows, cols = 1, rows * cols
+        index_row_stride = row_stride = out_row_stride = cols
+    log2 = 2 if kind is ZKind.GAUSSIAN else 7
+    per_group = 1 << log2
+    aligned = first_index % per_group == 0 and (rows == 1 or index_row_stride % per_group == 0)
+    # groups one row touches, at most (an unaligned row may straddle one group more)
+    row_groups = -(-(cols + (0 if aligned else per_group - 1)) // per_group)
+    max_groups = (_INTERPRETER_TILE if interpret else _GPU_TILE) // per_group
+    groups = min(max_groups, 1 << (row_groups - 1).bit_length())
+    programs_per_row = -(-row_groups // groups)
+    return TritonLaunch(
+        grid=(rows * programs_per_row,),
+        args=(block, block if out is None else out, row_stride, out_row_stride, cols, first_index,
+              index_row_stride, programs_per_row, where.key, seeds_t, restore_t, update_t, seeds_t.numel(),
+              float(decay)),
+        constexprs={"KIND": kind.code, "GROUPS": groups, "ALIGNED": aligned, "HAS_OUT": out is not None,
+                    "WRITE_BACK": write_back},
+        # no FMA contraction: the same roundings as the CPU paths, so they agree bit for bit
+        options={"num_warps": 4, "enable_fp_fusion": False},
+    )
+
+
+def _interpreted(kernel) -> bool:
+    """Whether Triton decorated ``kernel`` for its interpreter (TRITON_INTERPRET=1 when the module was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
 
 
 def _zaxpy_triton_(
@@ -220,36 +285,9 @@ def _zaxpy_triton_(
     out: torch.Tensor | None = None,
     write_back: bool = True,
 ) -> None:
-    import triton
-
     from .z_triton import zaxpy_kernel
 
-    rows, cols = block.shape
-    n = rows * cols
-    if n == 0:
-        return
-    grid = (triton.cdiv(n, _triton_block_size()),)
-    zaxpy_kernel[grid](
-        block,
-        rows,
-        cols,
-        block.stride(0),
-        where.full_cols,
-        where.row_offset,
-        where.col_offset,
-        where.key,
-        seeds_t,
-        restore_t,
-        update_t,
-        decay,
-        block if out is None else out,
-        block.stride(0) if out is None else out.stride(0),
-        N_SEEDS=seeds_t.numel(),
-        KIND=kind.code,
-        BLOCK=_triton_block_size(),
-        HAS_OUT=out is not None,
-        WRITE_BACK=write_back,
-        num_warps=4,
-        # no FMA contraction: the same roundings as the PyTorch path, so the two agree bit for bit
-        enable_fp_fusion=False,
-    )
+    launch = plan_triton_pass(block, where, seeds_t, restore_t, update_t, decay=decay, kind=kind, out=out,
+                              write_back=write_back, interpret=_interpreted(zaxpy_kernel))
+    if launch is not None:
+        zaxpy_kernel[launch.grid](*launch.args, **launch.constexprs, **launch.options)

@@ -1,6 +1,22 @@
 """Triton kernels for z (stream version 1, see :mod:`sglang_mezo.kernels.stream`). Kernels only: launchers live in
 :mod:`sglang_mezo.kernels.ops`.
 
+**One Philox call per group, not per element.** A program covers whole Philox groups of one run of full-tensor
+indices (128 elements a group for Rademacher, 4 for Gaussian), computes each group's four words once, and expands
+them into the elements it covers: 128 signs, or two Box–Muller pairs (one log, one sqrt and one shared sin/cos
+reduction per pair). A group that straddles the start or end of a run (a TP shard's edge, an unaligned offset) is
+computed by the programs on both sides and masked: at most one spare group per run edge.
+
+**The same float64 transform as the CPU kernel** (:mod:`.z_numba`): fdlibm's log and sin/cos, operation for
+operation, compiled without FMA contraction. Every operation is an IEEE float64 add, multiply, divide or sqrt, so a
+GPU, Triton's interpreter and the numba kernel compute the same float64 bits, and the same fp32 z.
+
+**Integer arguments may arrive as constants.** Triton specialises an integer argument equal to 1 into a compile-time
+constant (triton-lang/triton#2939): a plain Python int inside the kernel, with no ``.to``. Every integer argument is
+therefore widened with ``tl.cast`` on entry (which takes a constant too), and ``tests/test_cuda_compile.py`` compiles
+each kernel for sm_90 with every integer argument at 1, at a multiple of 16 and at another value. The other
+specialisation (a multiple of 16 becomes an alignment hint) is kept: it lets aligned blocks use 16-byte accesses.
+
 Hazard: these kernels update their input *in place*. Never wrap them in ``triton.autotune`` without
 ``restore_value``: autotuning runs the kernel once per candidate config, and the perturbation or update would
 be applied that many times. Block size and warps are fixed by the launcher.
@@ -15,6 +31,33 @@ PHILOX_W0: tl.constexpr = tl.constexpr(0x9E3779B9)
 PHILOX_W1: tl.constexpr = tl.constexpr(0xBB67AE85)
 TWO_PI: tl.constexpr = tl.constexpr(6.283185307179586)
 UNIFORM_SCALE: tl.constexpr = tl.constexpr(2.3283064365386963e-10)  # 2^-32
+
+# fdlibm's constants (Sun Microsystems, 1993), as in kernels/z_numba.py: log's, then sin's and cos's kernels, then
+# the reduction by π/2 in two parts.
+LN2_HI: tl.constexpr = tl.constexpr(6.93147180369123816490e-01)
+LN2_LO: tl.constexpr = tl.constexpr(1.90821492927058770002e-10)
+LG1: tl.constexpr = tl.constexpr(6.666666666666735130e-01)
+LG2: tl.constexpr = tl.constexpr(3.999999999940941908e-01)
+LG3: tl.constexpr = tl.constexpr(2.857142874366239149e-01)
+LG4: tl.constexpr = tl.constexpr(2.222219843214978396e-01)
+LG5: tl.constexpr = tl.constexpr(1.818357216161805012e-01)
+LG6: tl.constexpr = tl.constexpr(1.531383769920937332e-01)
+LG7: tl.constexpr = tl.constexpr(1.479819860511658591e-01)
+S1: tl.constexpr = tl.constexpr(-1.66666666666666324348e-01)
+S2: tl.constexpr = tl.constexpr(8.33333333332248946124e-03)
+S3: tl.constexpr = tl.constexpr(-1.98412698298579493134e-04)
+S4: tl.constexpr = tl.constexpr(2.75573137070700676789e-06)
+S5: tl.constexpr = tl.constexpr(-2.50507602534068634195e-08)
+S6: tl.constexpr = tl.constexpr(1.58969099521155010221e-10)
+C1: tl.constexpr = tl.constexpr(4.16666666666666019037e-02)
+C2: tl.constexpr = tl.constexpr(-1.38888888888741095749e-03)
+C3: tl.constexpr = tl.constexpr(2.48015872894767294178e-05)
+C4: tl.constexpr = tl.constexpr(-2.75573143513906633035e-07)
+C5: tl.constexpr = tl.constexpr(2.08757232129817482790e-09)
+C6: tl.constexpr = tl.constexpr(-1.13596475577881948265e-11)
+INV_PIO2: tl.constexpr = tl.constexpr(6.36619772367581382433e-01)
+PIO2_1: tl.constexpr = tl.constexpr(1.57079632673412561417e00)  # the first 33 bits of π/2: n·PIO2_1 is exact
+PIO2_1T: tl.constexpr = tl.constexpr(6.07710050650619224932e-11)  # π/2 - PIO2_1
 
 
 @triton.jit
@@ -32,43 +75,103 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def z_at(seed, key, index, KIND: tl.constexpr):
-    """z(seed, key, index) in fp32 for a block of int64 full-tensor indices; KIND 0 = gaussian, 1 = rademacher.
+def philox_words(seed, key, group):
+    """The four uint32 words of counter (group lo, group hi, key lo, key hi) under key (seed lo, seed hi).
 
-    Every element computes the Philox call of its own group (4 elements share one for gaussian, 128 for
-    rademacher), so a block may start anywhere in the full tensor (TP shards, padded vocabularies).
-    """
-    seed = seed.to(tl.int64)  # a small scalar argument arrives as int32: widen before masking
-    key = key.to(tl.int64)
-    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-    seed_hi = (seed >> 32).to(tl.uint32)
-    key_lo = (key & 0xFFFFFFFF).to(tl.uint32)
-    key_hi = (key >> 32).to(tl.uint32)
-    if KIND == 0:
-        group = index >> 2
-    else:
-        group = index >> 7
+    seed, key -- int64 scalars in [0, 2^63); group -- an int64 block of group numbers."""
     g_lo = (group & 0xFFFFFFFF).to(tl.uint32)
     g_hi = (group >> 32).to(tl.uint32)
-    k_lo = tl.zeros_like(g_lo) + key_lo
-    k_hi = tl.zeros_like(g_lo) + key_hi
-    w0, w1, w2, w3 = philox4x32_10(g_lo, g_hi, k_lo, k_hi, seed_lo, seed_hi)
-    if KIND == 0:
-        lane = index & 3
-        w_radius = tl.where(lane < 2, w0, w2)
-        w_phase = tl.where(lane < 2, w1, w3)
-        # Box–Muller in float64, rounded once: see kernels/stream.py for why.
-        u_radius = (w_radius.to(tl.float64) + 0.5) * UNIFORM_SCALE
-        u_phase = (w_phase.to(tl.float64) + 0.5) * UNIFORM_SCALE
-        radius = tl.sqrt(-2.0 * tl.log(u_radius))  # fp64 sqrt is IEEE-rounded (sqrt.rn.f64)
-        phase = TWO_PI * u_phase
-        z = tl.where((lane & 1) == 0, radius * tl.cos(phase), radius * tl.sin(phase)).to(tl.float32)
-    else:
-        word = (index >> 5) & 3
-        w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
-        bit = (w >> (index & 31).to(tl.uint32)) & 1
-        z = 1.0 - 2.0 * bit.to(tl.float32)
-    return z
+    k_lo = tl.zeros_like(g_lo) + (key & 0xFFFFFFFF).to(tl.uint32)
+    k_hi = tl.zeros_like(g_lo) + (key >> 32).to(tl.uint32)
+    return philox4x32_10(g_lo, g_hi, k_lo, k_hi, (seed & 0xFFFFFFFF).to(tl.uint32), (seed >> 32).to(tl.uint32))
+
+
+@triton.jit
+def uniform(w):
+    """A uint32 word -> its float64 uniform (w + 0.5)·2^-32 in (0, 1), exact."""
+    return (w.to(tl.float64) + 0.5) * UNIFORM_SCALE
+
+
+@triton.jit
+def box_muller_radius(u):
+    """sqrt(-2·ln u) for float64 u in (0, 1): fdlibm's log, every operation as in ``z_numba._radii``."""
+    hx = u.to(tl.int64, bitcast=True)  # u > 0: the sign bit is clear, so int64 shifts are logical
+    mantissa = hx & 0xFFFFFFFFFFFFF
+    # u = 2^k·m with m in [sqrt(2)/2, sqrt(2)): m's bits, and k's biased exponent
+    i = ((mantissa >> 32) + 0x95F64) & 0x100000
+    m_bits = mantissa | ((i ^ 0x3FF00000) << 32)
+    f = m_bits.to(tl.float64, bitcast=True) - 1.0
+    dk = ((hx >> 52) + (i >> 20)).to(tl.float64) - 1023.0
+    high = (m_bits >> 32) & 0xFFFFF
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (LG2 + w * (LG4 + w * LG6))
+    t2 = z * (LG1 + w * (LG3 + w * (LG5 + w * LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    big = (high < 0x6147A) | (high > 0x6B851)
+    log_big = dk * LN2_HI - ((hfsq - (s * (hfsq + r) + dk * LN2_LO)) - f)
+    log_small = dk * LN2_HI - ((s * (f - r) - dk * LN2_LO) - f)
+    return tl.sqrt(-2.0 * tl.where(big, log_big, log_small))  # IEEE-rounded (sqrt.rn.f64)
+
+
+@triton.jit
+def box_muller_phase(u):
+    """(sin x, cos x) of x = 2π·u for float64 u in (0, 1), from one reduction by π/2: every operation as in
+    ``z_numba._sincos`` (fdlibm's medium-case reduction and its sin and cos kernels)."""
+    x = TWO_PI * u
+    fn = tl.floor(x * INV_PIO2 + 0.5)
+    r = x - fn * PIO2_1
+    w = fn * PIO2_1T
+    y0 = r - w
+    y1 = (r - y0) - w
+    z = y0 * y0
+    v = z * y0
+    sr = S2 + z * (S3 + z * (S4 + z * (S5 + z * S6)))
+    sin_r = y0 - ((z * (0.5 * y1 - v * sr) - y1) - v * S1)
+    ww = z * z
+    cr = z * (C1 + z * (C2 + z * C3)) + ww * ww * (C4 + z * (C5 + z * C6))
+    hz = 0.5 * z
+    one_hz = 1.0 - hz
+    cos_r = one_hz + (((1.0 - one_hz) - hz) + (z * cr - y0 * y1))
+    quadrant = fn - 4.0 * tl.floor(fn * 0.25)  # fn mod 4, in floats
+    swap = (quadrant == 1.0) | (quadrant == 3.0)
+    s_val = tl.where(swap, cos_r, sin_r)
+    c_val = tl.where(swap, sin_r, cos_r)
+    sin_x = tl.where(quadrant >= 2.0, -s_val, s_val)
+    cos_x = tl.where((quadrant == 1.0) | (quadrant == 2.0), -c_val, c_val)
+    return sin_x, cos_x
+
+
+@triton.jit
+def gaussian_groups(seed, key, group):
+    """[GROUPS, 4] fp32 normals of the groups ``group`` (int64 [GROUPS]), lanes in stream order: lanes 0 and 1 are
+    r·cos φ and r·sin φ of (u0, u1), lanes 2 and 3 the same of (u2, u3); float64 math, rounded once."""
+    w0, w1, w2, w3 = philox_words(seed, key, group)
+    r01 = box_muller_radius(uniform(w0))
+    r23 = box_muller_radius(uniform(w2))
+    sin01, cos01 = box_muller_phase(uniform(w1))
+    sin23, cos23 = box_muller_phase(uniform(w3))
+    n0 = (r01 * cos01).to(tl.float32)
+    n1 = (r01 * sin01).to(tl.float32)
+    n2 = (r23 * cos23).to(tl.float32)
+    n3 = (r23 * sin23).to(tl.float32)
+    # join puts its new axis last: [g, b, a] = (n0, n2 | n1, n3)[a][b], so [g, 2b + a] runs n0, n1, n2, n3
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (group.shape[0], 4))
+
+
+@triton.jit
+def rademacher_groups(seed, key, group):
+    """[GROUPS, 128] fp32 signs of the groups ``group`` (int64 [GROUPS]): element e is bit (e & 31) of word
+    e >> 5, +1 for 0 and -1 for 1."""
+    w0, w1, w2, w3 = philox_words(seed, key, group)
+    e = tl.arange(0, 128)[None, :]
+    word = e >> 5
+    w = tl.where(word == 0, w0[:, None], tl.where(word == 1, w1[:, None], tl.where(word == 2, w2[:, None],
+                                                                                   w3[:, None])))
+    bit = (w >> (e & 31).to(tl.uint32)) & 1
+    return 1.0 - 2.0 * bit.to(tl.float32)
 
 
 @triton.jit
@@ -86,22 +189,22 @@ def rounded(x, dtype: tl.constexpr):
 @triton.jit
 def zaxpy_kernel(
     theta_ptr,
-    n_rows,
-    n_cols,
+    out_ptr,
     row_stride,
-    full_cols,
-    row_offset,
-    col_offset,
+    out_row_stride,
+    cols,
+    first_index,
+    index_row_stride,
+    programs_per_row,
     key,
     seeds_ptr,
     restore_ptr,
     update_ptr,
+    n_seeds,
     decay,
-    out_ptr,
-    out_row_stride,
-    N_SEEDS: tl.constexpr,
     KIND: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GROUPS: tl.constexpr,
+    ALIGNED: tl.constexpr,
     HAS_OUT: tl.constexpr,
     WRITE_BACK: tl.constexpr,
 ):
@@ -111,31 +214,61 @@ def zaxpy_kernel(
     ``out_row_stride`` between rows): theta is then an fp32 master and out the weights served from it; a probe
     leaves the master as it is (``WRITE_BACK`` off), a commit writes both in the same read.
 
-    theta_ptr   -- [n_rows, n_cols] block, unit stride along columns, ``row_stride`` between rows; any float dtype
-    full_cols   -- row length of the full (unsharded) tensor viewed as 2-D
-    row_offset, col_offset -- where this block sits in the full tensor: element (r, c) has full index
-                   (row_offset + r) * full_cols + col_offset + c, which is what z is keyed by
-    key         -- the tensor's 63-bit identity (int64)
-    seeds_ptr   -- int64[N_SEEDS]; restore_ptr, update_ptr -- fp32[N_SEEDS] coefficients
-    decay       -- fp32 multiplier of the restored weights (1 - lr·wd, or 1 for undecayed tensors)
+    theta_ptr        -- [rows, cols] block, unit stride along columns, ``row_stride`` between rows; any float dtype
+    first_index      -- full-tensor index of element (0, 0); z is keyed by the full (unsharded) tensor's indices
+    index_row_stride -- full-index distance between consecutive rows of the block (the full tensor's row length)
+    programs_per_row -- programs per row; program p covers groups [GROUPS·(p mod programs_per_row), +GROUPS) of
+                        the groups that row p // programs_per_row touches
+    key              -- the tensor's 63-bit identity
+    seeds_ptr        -- int64[n_seeds]; restore_ptr, update_ptr -- fp32[n_seeds] coefficients
+    decay            -- fp32 multiplier of the restored weights (1 - lr·wd, or 1 for undecayed tensors)
+    KIND             -- 0 gaussian (4 elements a group), 1 rademacher (128 elements a group)
+    ALIGNED          -- every row starts on a group boundary (the launcher checks): no leading elements to mask
     """
+    # widen every integer argument: any of them may arrive as int32, or as the constant 1 (see the module's doc)
+    row_stride = tl.cast(row_stride, tl.int64)
+    out_row_stride = tl.cast(out_row_stride, tl.int64)
+    cols = tl.cast(cols, tl.int64)
+    first_index = tl.cast(first_index, tl.int64)
+    index_row_stride = tl.cast(index_row_stride, tl.int64)
+    programs_per_row = tl.cast(programs_per_row, tl.int64)
+    key = tl.cast(key, tl.int64)
+    n_seeds = tl.cast(n_seeds, tl.int32)
+
+    LOG2: tl.constexpr = 2 if KIND == 0 else 7
+    PER_GROUP: tl.constexpr = 1 << LOG2
     pid = tl.program_id(0).to(tl.int64)
-    local = pid * BLOCK + tl.arange(0, BLOCK)
-    n_cols = n_cols.to(tl.int64)  # scalars below 2^31 arrive as int32: rows * cols may not fit
-    mask = local < n_rows.to(tl.int64) * n_cols
-    r = local // n_cols
-    c = local - r * n_cols
-    index = (row_offset + r) * full_cols + col_offset + c
-    ptrs = theta_ptr + r * row_stride + c
-    theta = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    restore_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    update_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in tl.static_range(N_SEEDS):
-        z = z_at(tl.load(seeds_ptr + k), key, index, KIND)
-        restore_acc += tl.load(restore_ptr + k) * z
-        update_acc += tl.load(update_ptr + k) * z
+    row = pid // programs_per_row
+    part = pid - row * programs_per_row
+    run_start = first_index + row * index_row_stride  # full index of the row's first element
+    first_group = (run_start >> LOG2) + part * GROUPS
+    group = first_group + tl.arange(0, GROUPS)
+    # local column of every element: [GROUPS, PER_GROUP], in memory order
+    offsets = tl.arange(0, GROUPS)[:, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :]
+    if ALIGNED:
+        column = part * (GROUPS * PER_GROUP) + offsets
+        mask = column < cols
+    else:
+        column = (first_group << LOG2) - run_start + offsets
+        mask = (column >= 0) & (column < cols)
+    theta_ptrs = theta_ptr + row * row_stride + column
+    theta = tl.load(theta_ptrs, mask=mask, other=0.0).to(tl.float32)
+
+    restore_acc = tl.zeros([GROUPS, PER_GROUP], dtype=tl.float32)
+    update_acc = tl.zeros([GROUPS, PER_GROUP], dtype=tl.float32)
+    for k in range(n_seeds):  # a loop, not unrolled: one compiled kernel for any number of probes
+        a = tl.load(restore_ptr + k)
+        b = tl.load(update_ptr + k)
+        if (a != 0.0) | (b != 0.0):  # a zero term adds +0 to accumulators that are never -0: no bit changes
+            seed = tl.load(seeds_ptr + k)
+            if KIND == 0:
+                z = gaussian_groups(seed, key, group)
+            else:
+                z = rademacher_groups(seed, key, group)
+            restore_acc += a * z
+            update_acc += b * z
     theta = (theta + restore_acc) * decay + update_acc
     if WRITE_BACK:
-        tl.store(ptrs, rounded(theta, theta_ptr.dtype.element_ty), mask=mask)
+        tl.store(theta_ptrs, rounded(theta, theta_ptr.dtype.element_ty), mask=mask)
     if HAS_OUT:
-        tl.store(out_ptr + r * out_row_stride + c, rounded(theta, out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * out_row_stride + column, rounded(theta, out_ptr.dtype.element_ty), mask=mask)
