@@ -108,24 +108,25 @@ def test_an_update_in_bf16_without_a_master_is_lost_and_with_one_is_kept():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_triton_kernel_serves_and_commits_as_the_cpu_path(dtype, monkeypatch):
-    """The same passes through the Triton kernel (interpreted on CPU) and the compiled CPU path: equal bits, on a
-    block that is a strided slice of a larger tensor (a TP shard's column slice)."""
+def test_the_triton_kernel_serves_and_commits_as_the_cpu_path(dtype):
+    """The same passes through the Triton kernel (compiled on CUDA when a GPU is present, interpreted otherwise) and
+    the compiled CPU path: equal bits, on a block that is a strided slice of a larger tensor (a TP shard's column
+    slice)."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1)
     full = (torch.randn(24, 64, generator=gen) * 0.05).to(dtype)
     results = []
-    for force in (False, True):
-        served = full.clone()
+    for on, force in (("cpu", False), (device, True)):
+        served = full.clone().to(on)
         block = served[:, 16:48]
         master = block.float().contiguous()
         target = ZTarget(block, ZSlice(tensor_key("w"), 64, 0, 16), master=master)
         zaxpy_([target], [11, 12], [1e-3, -1e-3], kind=ZKind.GAUSSIAN, commit=False, force_triton=force)
-        probed = served.clone()
+        probed = served.cpu()
         zaxpy_([target], [11, 12], [0.0, 0.0], [1e-4, 2e-4], decay=0.999, kind=ZKind.GAUSSIAN, commit=True,
                force_triton=force)
-        results.append((probed, served.clone(), master.clone()))
+        results.append((probed, served.cpu(), master.cpu()))
     for cpu, triton in zip(*results, strict=True):
         assert torch.equal(cpu, triton)
     probed, served, _ = results[0]

@@ -47,6 +47,9 @@ class FakeServing:
     def resume(self) -> None:
         self.events.append("resume")
 
+    def fence(self) -> None:
+        self.events.append("fence")
+
     def flush_cache(self) -> bool:
         self.events.append("flush")
         return self.flush_ok
@@ -109,12 +112,27 @@ def test_a_chunk_runs_its_steps_between_a_pause_and_a_flush(model_path):
     assert first.failure is None and second.failure is None
     assert [r.step for r in first.reports + second.reports] == [0, 1, 2, 3, 4]
     assert second.weight_version == serving.version == "mezo-job-5"
-    assert serving.events == ["pause", "flush", "resume"] * 2
+    # the device fence (user forwards wait for the last pass) comes before anything is served again
+    assert serving.events == ["pause", "fence", "flush", "resume"] * 2
     assert_same(serving.weights(), replayed(model_path, trajectory_of([first, second])))
     # someone else paused serving: the handler leaves it paused
     serving.paused_by_others, serving.events = True, []
     run(handler, "job", range(5, 6))
-    assert serving.events == ["pause", "flush"]
+    assert serving.events == ["pause", "fence", "flush"]
+
+
+def test_no_served_tensor_is_ever_reallocated(model_path):
+    """CUDA graphs replay on the weights' addresses: steps, a failed step, a restore (a re-read of the checkpoint)
+    and a save move values, never storage."""
+    handler, serving = handler_for(model_path, "raise@1/1:1")
+    addresses = {name: t.data_ptr() for name, t in serving.engine.model.state_dict().items()}
+    before = serving.weights()
+    outcome = run(handler, "job", range(0, 3))
+    assert outcome.failure is not None and not torch.equal(serving.weights()["model.norm.weight"],
+                                                           before["model.norm.weight"])
+    handler.restore(MezoRestoreReqInput(history=(), weight_version="base"))
+    assert_same(serving.weights(), before)
+    assert {name: t.data_ptr() for name, t in serving.engine.model.state_dict().items()} == addresses
 
 
 # two probes: loss call 3 follows the third pass (+εz₂); a NaN there is seen once its -εz₂ partner is scored too

@@ -19,20 +19,27 @@ KEY = tensor_key("model.layers.0.self_attn.o_proj.weight")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+PATHS = {"cpu": {}, "triton": {"device": DEVICE, "force_triton": True}}
+"""The CPU kernels, and the Triton kernel: compiled on CUDA when a GPU is present, Triton's interpreter otherwise."""
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("kind", list(ZKind))
 @pytest.mark.parametrize("shards", [2, 4])
-@pytest.mark.parametrize("shape", [(12, 131), (1, 4099), (36, 4)])
-def test_shards_see_the_full_tensor_z(kind, shards, shape):
-    """Column-parallel (split rows), row-parallel (split columns) and 1-D (vocab-like) shards, awkward shapes."""
+@pytest.mark.parametrize("shape", [(12, 131), (1, 4099), (36, 4), (1, 1), (7, 1), (1, 130)])
+def test_shards_see_the_full_tensor_z(path, kind, shards, shape):
+    """Column-parallel (split rows), row-parallel (split columns) and 1-D (vocab-like) shards, awkward shapes,
+    one-row blocks (a norm's gain) and one-column ones, on every path."""
     rows, cols = shape
-    full = materialize_z(11, ZSlice(KEY, cols), shape, kind)
+    options = PATHS[path]
+    full = materialize_z(11, ZSlice(KEY, cols), shape, kind)  # the CPU path's whole tensor: the reference
     row_cuts = torch.linspace(0, rows, shards + 1).round().long().tolist()
     col_cuts = torch.linspace(0, cols, shards + 1).round().long().tolist()
     for r0, r1 in zip(row_cuts, row_cuts[1:]):
-        part = materialize_z(11, ZSlice(KEY, cols, row_offset=r0), (r1 - r0, cols), kind)
+        part = materialize_z(11, ZSlice(KEY, cols, row_offset=r0), (r1 - r0, cols), kind, **options).cpu()
         assert torch.equal(part, full[r0:r1]), (r0, r1)
     for c0, c1 in zip(col_cuts, col_cuts[1:]):
-        part = materialize_z(11, ZSlice(KEY, cols, col_offset=c0), (rows, c1 - c0), kind)
+        part = materialize_z(11, ZSlice(KEY, cols, col_offset=c0), (rows, c1 - c0), kind, **options).cpu()
         assert torch.equal(part, full[:, c0:c1]), (c0, c1)
 
 
@@ -108,6 +115,18 @@ def test_triton_z_equals_torch_z_bit_for_bit():
         a = materialize_z(2**40 + 5, where, (33, 4099), kind)
         b = materialize_z(2**40 + 5, where, (33, 4099), kind, device=DEVICE, force_triton=True).cpu()
         assert torch.equal(a, b), kind
+
+
+def test_triton_gaussian_z_equals_the_compiled_cpu_kernel_on_a_million_elements():
+    """The Triton kernel evaluates the numba kernel's float64 log and sin/cos operation for operation (fdlibm's
+    algorithms, no FMA contraction): the same bits on every element, not only up to the stream's rare one-ulp
+    boundary case that another libm's transform may hit."""
+    n = (1 << 20) + 3
+    where = ZSlice(KEY, 1 << 21, col_offset=5)
+    cpu = torch.zeros(1, n)
+    zaxpy_numba_(cpu, where, seeds=[2**62 + 9], restore=[1.0], update=[0.0], decay=1.0, kind=ZKind.GAUSSIAN)
+    tri = materialize_z(2**62 + 9, where, (1, n), ZKind.GAUSSIAN, device=DEVICE, force_triton=True).cpu()
+    assert_close_report(tri, cpu, atol=0, rtol=0, what="triton vs numba, gaussian")
 
 
 @pytest.mark.parametrize("kind", list(ZKind))

@@ -9,7 +9,8 @@ traffic:
    stay as they were: our policy for in-flight requests at a commit);
 2. the steps, each :func:`sglang_mezo.core.run.run_step`: perturb, score, perturb, score, commit, with SGLang's own
    forward (:mod:`.scoring`);
-3. ``flush_cache``: no prefix computed with the old weights can be served again;
+3. a device fence (``SchedulerServing.fence``: on a GPU, SGLang's forward streams wait for our last pass) and
+   ``flush_cache``: no prefix computed with the old weights can be served again;
 4. ``continue_generation`` (unless the engine had been paused by someone else), and queued requests are served
    before the next chunk arrives.
 
@@ -246,6 +247,7 @@ class MezoSchedulerHandler:
         version was already set to its label at launch). If that fails, the weights are labelled ``base_version``
         again (they are the base's, or at no known state) and training is off until a reset succeeds."""
         outcome = self._restore(history, lambda: None)
+        self.serving.fence()  # queued outside the event loop's stream: see SchedulerServing.fence
         if outcome.failure is None:
             logger.info("MeZO: replayed the journal at launch: %s", outcome.message)
             return
@@ -350,6 +352,7 @@ class MezoSchedulerHandler:
             yield
         finally:
             try:
+                self.serving.fence()  # the next user forward waits for our last pass, on the device
                 if flush() and not self.serving.flush_cache():
                     # flush_cache refuses while requests are in flight; after a retract there are none, so this
                     # means a cache we cannot trust: stop training until a restore, and say so

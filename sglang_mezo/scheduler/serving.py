@@ -40,10 +40,44 @@ class SchedulerServing:
         from sglang.srt.managers.io_struct import PauseGenerationReqInput
 
         self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
-        # the overlap scheduler may still have a forward in flight on a GPU stream: let it finish first
+        # Write after read: with the overlap scheduler the last user batch's forward may still be reading the
+        # weights on forward_stream. SGLang's own barrier after a launch (Scheduler._apply_war_barrier) may wait
+        # only for that forward's reads of the shared buffers, not of the weights, so wait for the whole stream
+        # before the first pass writes them.
         stream = getattr(self.scheduler, "forward_stream", None)
         if stream is not None and hasattr(stream, "synchronize"):
             stream.synchronize()
+
+    def fence(self) -> None:
+        """Read after write: make every stream SGLang launches forwards on wait for the device work queued so far on
+        ours (passes, restores, saves), before serving resumes. On the device, with no host sync.
+
+        SGLang 0.5.23 orders its own weight updates (``update_weights_from_tensor`` and friends) by where they run:
+        on the scheduler thread, whose current stream is the scheduler's ``schedule_stream`` (the event loop runs
+        inside its stream context), while every forward launch first does ``forward_stream.wait_stream(
+        schedule_stream)`` (without the overlap scheduler, forwards run on ``schedule_stream`` itself). Our chunks
+        run on that thread too, passes and scoring forwards on the current stream, so that rule covers them. It
+        does not cover work queued outside the event loop's stream context: the journal's replay at launch runs in
+        the request dispatcher's init hook, on the default stream. So the rule is made explicit here, for both
+        streams. In-place passes never reallocate a served tensor, so CUDA graphs captured on the weights'
+        addresses stay valid.
+        """
+        current = self._device_stream()
+        if current is None:
+            return
+        for stream in (getattr(self.scheduler, "schedule_stream", None),
+                       getattr(self.scheduler, "forward_stream", None)):
+            if stream is not None and stream != current:
+                stream.wait_stream(current)
+
+    def _device_stream(self):
+        """The current CUDA stream, if the weights are on a CUDA device (None on a CPU server)."""
+        import torch
+
+        pieces = self.engine.trainable_pieces()
+        if not pieces or pieces[0].data.device.type != "cuda":
+            return None
+        return torch.cuda.current_stream(pieces[0].data.device)
 
     def resume(self) -> None:
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput
