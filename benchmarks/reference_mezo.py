@@ -36,24 +36,28 @@ def choice_logits(model: torch.nn.Module, batch: ChoiceBatch, *, grad: bool = Fa
     for i, prompt in enumerate(batch.prompts):
         ids[i, : len(prompt)] = torch.tensor(prompt)
         mask[i, : len(prompt)] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     with contextlib.nullcontext() if grad else torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits
-    return logits[torch.arange(len(batch.prompts)), mask.sum(1) - 1][:, list(batch.option_ids)]
+    return logits[torch.arange(len(batch.prompts), device=device), mask.sum(1) - 1][:, list(batch.option_ids)]
 
 
 def choice_loss(model: torch.nn.Module, batch: ChoiceBatch) -> float:
     """Mean cross-entropy over the options' logits at the last prompt position."""
     last = choice_logits(model, batch).double()
-    return float(torch.nn.functional.cross_entropy(last, torch.tensor(batch.labels)))
+    return float(torch.nn.functional.cross_entropy(last, torch.tensor(batch.labels, device=last.device)))
 
 
 def _z(param: torch.Tensor, kind: ZKind) -> torch.Tensor:
     if kind is ZKind.GAUSSIAN:
-        return torch.normal(0.0, 1.0, size=param.shape, dtype=param.dtype)
-    return torch.randint(0, 2, param.shape, dtype=param.dtype) * 2 - 1
+        return torch.normal(0.0, 1.0, size=param.shape, dtype=param.dtype, device=param.device)
+    return torch.randint(0, 2, param.shape, dtype=param.dtype, device=param.device) * 2 - 1
 
 
-def _perturb(params: Sequence[torch.Tensor], seed: int, scale: float, kind: ZKind) -> None:
+def perturb(params: Sequence[torch.Tensor], seed: int, scale: float, kind: ZKind) -> None:
+    """One of the paper's passes: θ += scale·z, z drawn tensor by tensor from the torch RNG reseeded with ``seed``
+    (on the tensors' device)."""
     torch.manual_seed(seed)
     for p in params:
         p.data.add_(_z(p, kind), alpha=scale)
@@ -62,11 +66,11 @@ def _perturb(params: Sequence[torch.Tensor], seed: int, scale: float, kind: ZKin
 def paper_step(model: torch.nn.Module, params: Sequence[torch.Tensor], batch: ChoiceBatch, *, seed: int, eps: float,
                lr: float, kind: ZKind) -> tuple[float, float]:
     """One step of Algorithm 1 on ``params`` in place; returns (L+, L-)."""
-    _perturb(params, seed, eps, kind)
+    perturb(params, seed, eps, kind)
     loss_plus = choice_loss(model, batch)
-    _perturb(params, seed, -2 * eps, kind)
+    perturb(params, seed, -2 * eps, kind)
     loss_minus = choice_loss(model, batch)
-    _perturb(params, seed, eps, kind)
+    perturb(params, seed, eps, kind)
     grad = (loss_plus - loss_minus) / (2 * eps)
-    _perturb(params, seed, -lr * grad, kind)
+    perturb(params, seed, -lr * grad, kind)
     return loss_plus, loss_minus
