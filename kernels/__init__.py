@@ -4,12 +4,13 @@ The leaves of the project: no SGLang, no HTTP, no training logic. Triton on CUDA
 tensors, the same stream on both (see :mod:`.stream` for its versioned definition).
 """
 
-from .ops import ZTarget, as_block, materialize_z, zaxpy_
+from .ops import PassTargets, ZTarget, as_block, materialize_z, zaxpy_
 from .stream import GENERATOR_VERSION, MAX_SEED, ZKind, ZSlice, check_seed, derive_seed, tensor_key
 
 __all__ = [
     "GENERATOR_VERSION",
     "MAX_SEED",
+    "PassTargets",
     "ZKind",
     "ZSlice",
     "ZTarget",

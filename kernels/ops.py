@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .stream import ZKind, ZSlice, check_seed
+from .triton_launch import TritonBlock, zaxpy_triton_
 from .z_numba import SUPPORTED as NUMBA_DTYPES
 from .z_numba import zaxpy_numba_
 from .z_torch import zaxpy_torch_
@@ -83,6 +84,81 @@ def _master_pass_cpu(master: torch.Tensor, served: torch.Tensor, where: ZSlice, 
         s.copy_(scratch)
 
 
+class PassTargets(Sequence[ZTarget]):
+    """The targets of every pass of one trainable set, kept together with what the Triton launcher derives from
+    them (the blocks' table and program map, per z kind), built on the first pass and reused: a pass then costs the
+    host one launch, not a walk over every tensor. Valid because served tensors are never reallocated."""
+
+    def __init__(self, targets: Sequence[ZTarget]) -> None:
+        self._targets = tuple(targets)
+        self._split: dict[bool, tuple[dict[torch.device, list[TritonBlock]], list[int]]] = {}
+        self.plans: dict[tuple, list] = {}
+        """What :func:`.triton_launch.zaxpy_triton_` memoises for these blocks, keyed by its own key."""
+
+    def __getitem__(self, i):
+        return self._targets[i]
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def device_blocks(self, force_triton: bool) -> tuple[dict[torch.device, list[TritonBlock]], list[int]]:
+        """The blocks that run on Triton in one launch per device, and the indices of the targets that do not (CPU
+        tensors, and masters in host memory, streamed one tensor at a time)."""
+        if force_triton not in self._split:
+            self._split[force_triton] = _device_blocks(self._targets, force_triton)
+        return self._split[force_triton]
+
+
+def _device_blocks(targets: Sequence[ZTarget], force_triton: bool = False):
+    blocks: dict[torch.device, list[TritonBlock]] = {}
+    others = []
+    for i, t in enumerate(targets):
+        if (t.theta.is_cuda or force_triton) and (t.master is None or t.master.device == t.theta.device):
+            source, out = (t.theta, None) if t.master is None else (t.master, t.theta)
+            blocks.setdefault(t.theta.device, []).append(TritonBlock(as_block(source), None if out is None else
+                                                                     as_block(out), t.where, t.decay))
+        else:
+            others.append(i)
+    return blocks, others
+
+
+def _zaxpy_impl(targets: Sequence[ZTarget], seeds: list[int], restore: list[float], update: list[float],
+                decay: float, kind: ZKind, force_triton: bool, commit: bool) -> None:
+    if isinstance(targets, PassTargets):
+        on_triton, others = targets.device_blocks(force_triton)
+        memo = targets.plans
+    else:
+        on_triton, others = _device_blocks(targets, force_triton)
+        memo = None
+    for device, blocks in on_triton.items():
+        zaxpy_triton_(blocks, *_coefficients(device, seeds, restore, update), decay=decay, kind=kind,
+                      write_back=commit or targets[0].master is None, memo=memo)
+    for i in others:
+        t = targets[i]
+        target_decay = decay if t.decay else 1.0
+        if t.theta.is_cuda or force_triton:  # a master in host memory, streamed through the device
+            source = t.master.to(t.theta.device, non_blocking=True)
+            zaxpy_triton_([TritonBlock(source, as_block(t.theta), t.where, t.decay)],
+                          *_coefficients(t.theta.device, seeds, restore, update), decay=decay, kind=kind,
+                          write_back=commit)
+            if commit:
+                t.master.copy_(source)
+        elif t.master is not None:
+            _master_pass_cpu(t.master, as_block(t.theta), t.where, commit=commit, seeds=seeds, restore=restore,
+                             update=update, decay=target_decay, kind=kind)
+        else:
+            cpu_pass = zaxpy_numba_ if t.theta.dtype in NUMBA_DTYPES else zaxpy_torch_
+            cpu_pass(as_block(t.theta), t.where, seeds=seeds, restore=restore, update=update, decay=target_decay,
+                     kind=kind)
+
+
+def _coefficients(device: torch.device, seeds: list[int], restore: list[float],
+                  update: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.tensor(seeds, dtype=torch.int64, device=device),
+            torch.tensor(restore, dtype=torch.float32, device=device),
+            torch.tensor(update, dtype=torch.float32, device=device))
+
+
 @torch.library.custom_op("sglang_mezo::zaxpy_", mutates_args=("thetas", "masters"))
 def _zaxpy_op(
     thetas: list[torch.Tensor],
@@ -92,47 +168,25 @@ def _zaxpy_op(
     full_cols: list[int],
     row_offsets: list[int],
     col_offsets: list[int],
-    decays: list[float],
+    decayed: list[bool],
     seeds: list[int],
     restore: list[float],
     update: list[float],
+    decay: float,
     kind: int,
     force_triton: bool,
 ) -> None:
-    z_kind = ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER
-    coefficients: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # per device, built once per pass
-    for i, (theta, key, fc, ro, co, decay) in enumerate(
-        zip(thetas, keys, full_cols, row_offsets, col_offsets, decays, strict=True)
-    ):
-        where = ZSlice(key, fc, ro, co)
-        master = masters[i] if masters else None
-        if theta.is_cuda or force_triton:
-            if theta.device not in coefficients:
-                coefficients[theta.device] = (
-                    torch.tensor(seeds, dtype=torch.int64, device=theta.device),
-                    torch.tensor(restore, dtype=torch.float32, device=theta.device),
-                    torch.tensor(update, dtype=torch.float32, device=theta.device),
-                )
-            if master is None:
-                _zaxpy_triton_(as_block(theta), where, *coefficients[theta.device], decay=decay, kind=z_kind)
-                continue
-            # a master in host memory is streamed through the device, one tensor at a time
-            source = master.to(theta.device, non_blocking=True)
-            _zaxpy_triton_(source, where, *coefficients[theta.device], decay=decay, kind=z_kind,
-                           out=as_block(theta), write_back=commit)
-            if commit and source is not master:
-                master.copy_(source)
-        elif master is not None:
-            _master_pass_cpu(master, as_block(theta), where, commit=commit, seeds=seeds, restore=restore,
-                             update=update, decay=decay, kind=z_kind)
-        else:
-            cpu_pass = zaxpy_numba_ if theta.dtype in NUMBA_DTYPES else zaxpy_torch_
-            cpu_pass(as_block(theta), where, seeds=seeds, restore=restore, update=update, decay=decay, kind=z_kind)
+    """A pass as torch sees it under ``torch.compile``: the tensors it mutates, declared."""
+    targets = [ZTarget(theta, ZSlice(key, fc, ro, co), d, masters[i] if masters else None)
+               for i, (theta, key, fc, ro, co, d) in enumerate(
+                   zip(thetas, keys, full_cols, row_offsets, col_offsets, decayed, strict=True))]
+    _zaxpy_impl(targets, seeds, restore, update, decay, ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER,
+                force_triton, commit)
 
 
 @_zaxpy_op.register_fake
-def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decays, seeds, restore, update, kind,
-      force_triton) -> None:
+def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decayed, seeds, restore, update, decay,
+      kind, force_triton) -> None:
     return None
 
 
@@ -155,31 +209,39 @@ def zaxpy_(
 
     A perturbation is ``restore=[ε]``; MeZO's last pass of a step, "undo the probe and apply the update" in one
     read and one write of the weights, is ``restore=[0, …, ε]``, ``update=[-lr·g_k/n …]``, ``decay=1-lr·wd``.
-    ``force_triton`` runs the Triton kernel on CPU tensors too (under ``TRITON_INTERPRET=1``; for tests).
+    ``force_triton`` runs the Triton kernel on CPU tensors too (under ``TRITON_INTERPRET=1``; for tests). Passes
+    over a :class:`PassTargets` reuse its launch plan. Under ``torch.compile`` the pass is a custom op that
+    declares what it mutates; in eager mode it is called directly (the op's dispatch over two lists of every
+    tensor would cost more host time than the launch).
     """
     if not seeds:
         return
     seeds = [check_seed(s) for s in seeds]
-    update = [0.0] * len(seeds) if update is None else list(update)
+    restore = [float(c) for c in restore]
+    update = [0.0] * len(seeds) if update is None else [float(c) for c in update]
     if not len(restore) == len(update) == len(seeds):
         raise ValueError("seeds, restore and update must have the same length")
     if not targets:
         return
-    masters = [t.master for t in targets if t.master is not None]
-    if masters and len(masters) != len(targets):
+    with_master = sum(t.master is not None for t in targets)
+    if with_master and with_master != len(targets):
         raise ValueError("a pass takes targets that all have a master, or none that has")
+    if not torch.compiler.is_compiling():
+        _zaxpy_impl(targets, seeds, restore, update, float(decay), kind, force_triton, commit)
+        return
     _zaxpy_op(
         [t.theta for t in targets],
-        masters,
+        [t.master for t in targets] if with_master else [],
         commit,
         [t.where.key for t in targets],
         [t.where.full_cols for t in targets],
         [t.where.row_offset for t in targets],
         [t.where.col_offset for t in targets],
-        [float(decay) if t.decay else 1.0 for t in targets],
+        [t.decay for t in targets],
         seeds,
-        [float(c) for c in restore],
-        [float(c) for c in update],
+        restore,
+        update,
+        float(decay),
         kind.code,
         force_triton,
     )
@@ -198,96 +260,3 @@ def materialize_z(
     out = torch.zeros(shape, dtype=torch.float32, device=device)
     zaxpy_([ZTarget(out, where, decay=False)], [seed], [1.0], kind=kind, force_triton=force_triton)
     return out
-
-
-# Elements a program covers, at most: the interpreter pays per program, not per element, so large tiles there; on a
-# GPU 1024 (8 Rademacher groups or 256 Gaussian ones over 4 warps: 8 elements a thread).
-_GPU_TILE = 1 << 10
-_INTERPRETER_TILE = 1 << 16
-
-
-@dataclass(frozen=True)
-class TritonLaunch:
-    """One launch of :func:`.z_triton.zaxpy_kernel`: its grid, its arguments in the kernel's order and its
-    compile-time constants. Built by :func:`plan_triton_pass`; the CUDA compile test compiles exactly these."""
-
-    grid: tuple[int]
-    args: tuple
-    constexprs: dict[str, int | bool]
-    options: dict[str, int | bool]
-
-
-def plan_triton_pass(
-    block: torch.Tensor,
-    where: ZSlice,
-    seeds_t: torch.Tensor,
-    restore_t: torch.Tensor,
-    update_t: torch.Tensor,
-    *,
-    decay: float,
-    kind: ZKind,
-    out: torch.Tensor | None = None,
-    write_back: bool = True,
-    interpret: bool = False,
-) -> TritonLaunch | None:
-    """How to run one pass over a 2-D ``block`` (None: nothing to do). Programs cover whole Philox groups of one row
-    (see :mod:`.z_triton`): as many per row as the longest row's groups need, as few groups each as a short row
-    needs."""
-    rows, cols = block.shape
-    if rows * cols == 0:
-        return None
-    first_index = where.row_offset * where.full_cols + where.col_offset
-    index_row_stride = where.full_cols
-    row_stride = block.stride(0)
-    out_row_stride = row_stride if out is None else out.stride(0)
-    # whole rows, stored contiguously (served and master alike): one run of indices, so that no Philox group is
-    # made twice and every program is full
-    if (cols == where.full_cols and where.col_offset == 0 and block.is_contiguous()
-            and (out is None or out.is_contiguous())):
-        rows, cols = 1, rows * cols
-        index_row_stride = row_stride = out_row_stride = cols
-    log2 = 2 if kind is ZKind.GAUSSIAN else 7
-    per_group = 1 << log2
-    aligned = first_index % per_group == 0 and (rows == 1 or index_row_stride % per_group == 0)
-    # groups one row touches, at most (an unaligned row may straddle one group more)
-    row_groups = -(-(cols + (0 if aligned else per_group - 1)) // per_group)
-    max_groups = (_INTERPRETER_TILE if interpret else _GPU_TILE) // per_group
-    groups = min(max_groups, 1 << (row_groups - 1).bit_length())
-    programs_per_row = -(-row_groups // groups)
-    return TritonLaunch(
-        grid=(rows * programs_per_row,),
-        args=(block, block if out is None else out, row_stride, out_row_stride, cols, first_index,
-              index_row_stride, programs_per_row, where.key, seeds_t, restore_t, update_t, seeds_t.numel(),
-              float(decay)),
-        constexprs={"KIND": kind.code, "GROUPS": groups, "ALIGNED": aligned, "HAS_OUT": out is not None,
-                    "WRITE_BACK": write_back},
-        # no FMA contraction: the same roundings as the CPU paths, so they agree bit for bit
-        options={"num_warps": 4, "enable_fp_fusion": False},
-    )
-
-
-def _interpreted(kernel) -> bool:
-    """Whether Triton decorated ``kernel`` for its interpreter (TRITON_INTERPRET=1 when the module was imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
-def _zaxpy_triton_(
-    block: torch.Tensor,
-    where: ZSlice,
-    seeds_t: torch.Tensor,
-    restore_t: torch.Tensor,
-    update_t: torch.Tensor,
-    *,
-    decay: float,
-    kind: ZKind,
-    out: torch.Tensor | None = None,
-    write_back: bool = True,
-) -> None:
-    from .z_triton import zaxpy_kernel
-
-    launch = plan_triton_pass(block, where, seeds_t, restore_t, update_t, decay=decay, kind=kind, out=out,
-                              write_back=write_back, interpret=_interpreted(zaxpy_kernel))
-    if launch is not None:
-        zaxpy_kernel[launch.grid](*launch.args, **launch.constexprs, **launch.options)

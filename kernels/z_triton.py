@@ -11,11 +11,15 @@ computed by the programs on both sides and masked: at most one spare group per r
 operation, compiled without FMA contraction. Every operation is an IEEE float64 add, multiply, divide or sqrt, so a
 GPU, Triton's interpreter and the numba kernel compute the same float64 bits, and the same fp32 z.
 
+**One launch per pass, not per tensor.** A pass over a model's 201 tensors would otherwise cost 201 launches of host
+time, more than a small tensor's pass costs the GPU. The launcher writes a table of the blocks (offsets from one base
+pointer, strides, row lengths, keys) and a map from program to table row, once per set of blocks (cached), and each
+program reads its row.
+
 **Integer arguments may arrive as constants.** Triton specialises an integer argument equal to 1 into a compile-time
-constant (triton-lang/triton#2939): a plain Python int inside the kernel, with no ``.to``. Every integer argument is
-therefore widened with ``tl.cast`` on entry (which takes a constant too), and ``tests/test_cuda_compile.py`` compiles
-each kernel for sm_90 with every integer argument at 1, at a multiple of 16 and at another value. The other
-specialisation (a multiple of 16 becomes an alignment hint) is kept: it lets aligned blocks use 16-byte accesses.
+constant (triton-lang/triton#2939): a plain Python int inside the kernel, with no ``.to``. The one integer argument
+left (the seed count) is widened with ``tl.cast``, which takes a constant too; the blocks' integers come from the
+table at run time. ``tests/test_cuda_compile.py`` compiles the launches the launcher makes for sm_90 and sm_80.
 
 Hazard: these kernels update their input *in place*. Never wrap them in ``triton.autotune`` without
 ``restore_value``: autotuning runs the kernel once per candidate config, and the perturbation or update would
@@ -186,17 +190,27 @@ def rounded(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+# One row of the block table (int64): where a block is and how its programs map onto it.
+THETA_OFFSET: tl.constexpr = tl.constexpr(0)  # elements from theta_base to the block's element (0, 0)
+OUT_OFFSET: tl.constexpr = tl.constexpr(1)  # elements from out_base to the served copy's element (0, 0)
+ROW_STRIDE: tl.constexpr = tl.constexpr(2)  # elements between the block's rows
+OUT_ROW_STRIDE: tl.constexpr = tl.constexpr(3)  # elements between the served copy's rows
+COLS: tl.constexpr = tl.constexpr(4)  # row length
+FIRST_INDEX: tl.constexpr = tl.constexpr(5)  # full-tensor index of element (0, 0): z is keyed by it
+INDEX_ROW_STRIDE: tl.constexpr = tl.constexpr(6)  # full-index distance between rows (the full tensor's row length)
+PROGRAMS_PER_ROW: tl.constexpr = tl.constexpr(7)  # programs per row of this block
+KEY: tl.constexpr = tl.constexpr(8)  # the tensor's 63-bit identity
+FIRST_PROGRAM: tl.constexpr = tl.constexpr(9)  # the program id of the block's first program
+DECAYED: tl.constexpr = tl.constexpr(10)  # 1: multiply by decay; 0: by 1 (biases, norms)
+FIELDS: tl.constexpr = tl.constexpr(11)
+
+
 @triton.jit
 def zaxpy_kernel(
-    theta_ptr,
-    out_ptr,
-    row_stride,
-    out_row_stride,
-    cols,
-    first_index,
-    index_row_stride,
-    programs_per_row,
-    key,
+    theta_base,
+    out_base,
+    table_ptr,
+    program_block_ptr,
     seeds_ptr,
     restore_ptr,
     update_ptr,
@@ -204,54 +218,66 @@ def zaxpy_kernel(
     decay,
     KIND: tl.constexpr,
     GROUPS: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    VECTOR: tl.constexpr,
     HAS_OUT: tl.constexpr,
     WRITE_BACK: tl.constexpr,
 ):
-    """theta ← (theta + Σ_k restore[k]·z_k)·decay + Σ_k update[k]·z_k, in place, in fp32.
+    """theta ← (theta + Σ_k restore[k]·z_k)·d + Σ_k update[k]·z_k, in place, in fp32, for every block of a table:
+    a whole pass over many tensors in one launch (a launch per tensor costs more host time than a small tensor's
+    pass costs the GPU).
 
-    With ``HAS_OUT`` the result is also written, rounded to its dtype, to ``out_ptr`` (a block of the same shape,
-    ``out_row_stride`` between rows): theta is then an fp32 master and out the weights served from it; a probe
-    leaves the master as it is (``WRITE_BACK`` off), a commit writes both in the same read.
+    With ``HAS_OUT`` the result is also written, rounded to its dtype, to each block's served copy: theta is then
+    an fp32 master and out the weights served from it; a probe leaves the master as it is (``WRITE_BACK`` off), a
+    commit writes both in the same read.
 
-    theta_ptr        -- [rows, cols] block, unit stride along columns, ``row_stride`` between rows; any float dtype
-    first_index      -- full-tensor index of element (0, 0); z is keyed by the full (unsharded) tensor's indices
-    index_row_stride -- full-index distance between consecutive rows of the block (the full tensor's row length)
-    programs_per_row -- programs per row; program p covers groups [GROUPS·(p mod programs_per_row), +GROUPS) of
-                        the groups that row p // programs_per_row touches
-    key              -- the tensor's 63-bit identity
-    seeds_ptr        -- int64[n_seeds]; restore_ptr, update_ptr -- fp32[n_seeds] coefficients
-    decay            -- fp32 multiplier of the restored weights (1 - lr·wd, or 1 for undecayed tensors)
-    KIND             -- 0 gaussian (4 elements a group), 1 rademacher (128 elements a group)
-    ALIGNED          -- every row starts on a group boundary (the launcher checks): no leading elements to mask
+    theta_base, out_base -- any block of the launch, and its served copy (``out_base`` = ``theta_base`` without
+                            ``HAS_OUT``): every block is addressed as an element offset from them
+    table_ptr            -- int64[blocks, FIELDS]: the rows described above
+    program_block_ptr    -- int32[programs]: the table row of each program
+    seeds_ptr            -- int64[n_seeds]; restore_ptr, update_ptr -- fp32[n_seeds] coefficients
+    decay                -- fp32 multiplier of the restored weights of decayed blocks (1 - lr·wd)
+    KIND                 -- 0 gaussian (4 elements a group), 1 rademacher (128 elements a group)
+    GROUPS               -- Philox groups a program covers (a power of 2)
+    VECTOR               -- every block starts on a group boundary, and its offsets, strides and row length are
+                            multiples of 16 (the launcher checks): unmasked starts and 16-byte accesses
     """
-    # widen every integer argument: any of them may arrive as int32, or as the constant 1 (see the module's doc)
-    row_stride = tl.cast(row_stride, tl.int64)
-    out_row_stride = tl.cast(out_row_stride, tl.int64)
-    cols = tl.cast(cols, tl.int64)
-    first_index = tl.cast(first_index, tl.int64)
-    index_row_stride = tl.cast(index_row_stride, tl.int64)
-    programs_per_row = tl.cast(programs_per_row, tl.int64)
-    key = tl.cast(key, tl.int64)
-    n_seeds = tl.cast(n_seeds, tl.int32)
-
+    n_seeds = tl.cast(n_seeds, tl.int32)  # an integer argument may arrive as int32 or as the constant 1
     LOG2: tl.constexpr = 2 if KIND == 0 else 7
     PER_GROUP: tl.constexpr = 1 << LOG2
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // programs_per_row
-    part = pid - row * programs_per_row
+    pid = tl.program_id(0)
+    row_ptr = table_ptr + tl.load(program_block_ptr + pid).to(tl.int64) * FIELDS
+    theta_offset = tl.load(row_ptr + THETA_OFFSET)
+    out_offset = tl.load(row_ptr + OUT_OFFSET)
+    row_stride = tl.load(row_ptr + ROW_STRIDE)
+    out_row_stride = tl.load(row_ptr + OUT_ROW_STRIDE)
+    cols = tl.load(row_ptr + COLS)
+    first_index = tl.load(row_ptr + FIRST_INDEX)
+    index_row_stride = tl.load(row_ptr + INDEX_ROW_STRIDE)
+    programs_per_row = tl.load(row_ptr + PROGRAMS_PER_ROW)
+    key = tl.load(row_ptr + KEY)
+    local = pid.to(tl.int64) - tl.load(row_ptr + FIRST_PROGRAM)
+    block_decay = tl.where(tl.load(row_ptr + DECAYED) != 0, decay, 1.0)
+    if VECTOR:
+        theta_offset = tl.multiple_of(theta_offset, 16)
+        out_offset = tl.multiple_of(out_offset, 16)
+        row_stride = tl.multiple_of(row_stride, 16)
+        out_row_stride = tl.multiple_of(out_row_stride, 16)
+        cols = tl.multiple_of(cols, 16)
+
+    row = local // programs_per_row
+    part = local - row * programs_per_row
     run_start = first_index + row * index_row_stride  # full index of the row's first element
     first_group = (run_start >> LOG2) + part * GROUPS
     group = first_group + tl.arange(0, GROUPS)
     # local column of every element: [GROUPS, PER_GROUP], in memory order
     offsets = tl.arange(0, GROUPS)[:, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :]
-    if ALIGNED:
+    if VECTOR:
         column = part * (GROUPS * PER_GROUP) + offsets
         mask = column < cols
     else:
         column = (first_group << LOG2) - run_start + offsets
         mask = (column >= 0) & (column < cols)
-    theta_ptrs = theta_ptr + row * row_stride + column
+    theta_ptrs = theta_base + theta_offset + row * row_stride + column
     theta = tl.load(theta_ptrs, mask=mask, other=0.0).to(tl.float32)
 
     restore_acc = tl.zeros([GROUPS, PER_GROUP], dtype=tl.float32)
@@ -267,8 +293,9 @@ def zaxpy_kernel(
                 z = rademacher_groups(seed, key, group)
             restore_acc += a * z
             update_acc += b * z
-    theta = (theta + restore_acc) * decay + update_acc
+    theta = (theta + restore_acc) * block_decay + update_acc
     if WRITE_BACK:
-        tl.store(theta_ptrs, rounded(theta, theta_ptr.dtype.element_ty), mask=mask)
+        tl.store(theta_ptrs, rounded(theta, theta_base.dtype.element_ty), mask=mask)
     if HAS_OUT:
-        tl.store(out_ptr + row * out_row_stride + column, rounded(theta, out_ptr.dtype.element_ty), mask=mask)
+        out_ptrs = out_base + out_offset + row * out_row_stride + column
+        tl.store(out_ptrs, rounded(theta, out_base.dtype.element_ty), mask=mask)

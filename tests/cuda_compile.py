@@ -59,6 +59,18 @@ def record(recorder: Recorder, kind: ZKind, theta: torch.Tensor, where: ZSlice, 
         z_triton.zaxpy_kernel = real
 
 
+def record_many(recorder: Recorder, kind: ZKind) -> None:
+    real = z_triton.zaxpy_kernel
+    z_triton.zaxpy_kernel = recorder
+    try:
+        shapes = {"embed": (512, 64), "q": (64, 64), "norm": (64,), "up": (176, 64), "bias": (37,)}
+        targets = [ZTarget(torch.zeros(shape).view(-1, shape[-1]), ZSlice(BIG_KEY + i, shape[-1]), decay=i % 2 == 0)
+                   for i, shape in enumerate(shapes.values())]
+        zaxpy_(targets, [3, 4], [1e-3, -1e-3], decay=0.99, kind=kind, force_triton=True)
+    finally:
+        z_triton.zaxpy_kernel = real
+
+
 def served_and_master(dtype: torch.dtype, storage: tuple[int, int], cols: slice):
     served = torch.zeros(storage, dtype=dtype)[:, cols]
     return served, torch.zeros(served.shape, dtype=torch.float32)
@@ -75,7 +87,8 @@ def cases(recorder: Recorder) -> None:
         for dtype in (torch.bfloat16, torch.float16):
             for commit in (False, True):
                 served, master = served_and_master(dtype, (64, 64), slice(None))
-                record(recorder, kind, served, ZSlice(BIG_KEY, 64), [7, 8], master=master, commit=commit)
+                record(recorder, kind, served, ZSlice(BIG_KEY, 64), [7, 8] if commit else [7], master=master,
+                       commit=commit)
         # a row-parallel shard one column wide: row_stride, out_row_stride, cols, first_index, key all 1; 16 seeds
         record(recorder, kind, torch.zeros(48, 1), ZSlice(1, 2, col_offset=1), seeds16)
         served, master = served_and_master(torch.bfloat16, (48, 1), slice(None))
@@ -92,6 +105,8 @@ def cases(recorder: Recorder) -> None:
         # 3 programs a row, unaligned, a far offset (first_index past 2^31: an int64)
         record(recorder, kind, torch.zeros(3, 2500), ZSlice(BIG_KEY, 3000, row_offset=2**31 + 7, col_offset=9),
                [4, 5])
+        # many blocks in one launch: a whole (tiny) model's tensors, 1-D and 2-D, vector path and not
+        record_many(recorder, kind)
         # every tile size the launcher chooses: 1, 2, 4, ... groups, up to a full tile
         per_group = 4 if kind is ZKind.GAUSSIAN else 128
         groups = 1
@@ -136,7 +151,7 @@ def compile_all(archs: tuple[int, ...] = (90,), sm80_modes_only: bool = True) ->
     out, seen, modes_80 = [], set(), set()
     for launch in recorder.launches:
         named = dict(zip(names, launch.args, strict=False))
-        mode = (launch.kwargs["KIND"], str(named["theta_ptr"].dtype), str(named["out_ptr"].dtype),
+        mode = (launch.kwargs["KIND"], str(named["theta_base"].dtype), str(named["out_base"].dtype),
                 launch.kwargs["WRITE_BACK"])
         for arch in (90, 80):
             if arch == 80 and mode in modes_80:  # Ampere: once per dtype mode and kind (the same front end)
@@ -159,12 +174,12 @@ def compile_all(archs: tuple[int, ...] = (90,), sm80_modes_only: bool = True) ->
                 "arch": arch,
                 "grid": list(launch.grid),
                 "constexprs": {k: v for k, v in launch.kwargs.items() if k.isupper()},
-                "ints": {k: int(v) for k, v in named.items() if isinstance(v, int) and not isinstance(v, bool)},
-                "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-                "theta_dtype": str(named["theta_ptr"].dtype),
-                "out_dtype": str(named["out_ptr"].dtype),
-                "theta_bytes": named["theta_ptr"].element_size(),
-                "out_bytes": named["out_ptr"].element_size(),
+                "n_seeds": int(named["n_seeds"]),
+                "blocks": int(named["table_ptr"].shape[0]),
+                "theta_dtype": str(named["theta_base"].dtype),
+                "out_dtype": str(named["out_base"].dtype),
+                "theta_bytes": named["theta_base"].element_size(),
+                "out_bytes": named["out_base"].element_size(),
                 "threads": 32 * launch.kwargs["num_warps"],
                 "cubin_bytes": len(binary.asm["cubin"]),
                 **ptx_figures(binary.asm["ptx"]),

@@ -2,7 +2,8 @@
 
 Triton's interpreter runs the kernels' arithmetic on a CPU, but not what a GPU compile does with their arguments:
 an integer argument equal to 1 becomes a compile-time constant, one divisible by 16 an alignment hint, one of 2^31
-or more an int64 (triton-lang/triton#2939). The first run on an H200 crashed there, at the first one-row block.
+or more an int64 (triton-lang/triton#2939). The first run on an H200 crashed there, at the first one-row block
+(the kernel then took each block's sizes as integer arguments; they now come from a table).
 So ``tests/cuda_compile.py`` records the launches the real launcher makes (its kernel swapped for a recorder),
 specialises each with Triton's own binder exactly as a launch on a GPU would, and compiles every distinct
 specialisation to a cubin with the ptxas inside Triton's wheel. These tests check that its cases cover what the
@@ -23,8 +24,6 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = Path(__file__).parents[1]
-INT_ARGS = ("row_stride", "out_row_stride", "cols", "first_index", "index_row_stride", "programs_per_row", "key",
-            "n_seeds")
 FULL_TILE = 1024
 
 
@@ -47,14 +46,12 @@ def sm90(compiled: list[dict]) -> list[dict]:
 
 
 def test_the_cases_cover_every_integer_argument_at_1_at_a_multiple_of_16_and_otherwise(compiled):
+    """The seed count is the kernel's one integer argument (the blocks' integers are read from their table at run
+    time, where no specialisation reaches them); the launches cover every dtype mode, tile size and path."""
     launches = sm90(compiled)
-    for name in INT_ARGS:
-        values = {launch["ints"][name] for launch in launches}
-        assert 1 in values, name
-        assert any(v % 16 == 0 and v > 0 for v in values), name
-        assert any(v % 16 and v != 1 for v in values), name
-    assert any(launch["signature"].get("first_index") == "i64" for launch in launches)
-    assert any(launch["signature"].get("key") == "i32" for launch in launches)
+    seeds = {launch["n_seeds"] for launch in launches}
+    assert 1 in seeds and any(v % 16 == 0 for v in seeds) and any(v % 16 and v != 1 for v in seeds), seeds
+    assert any(launch["blocks"] > 1 for launch in launches)
     modes = {(launch["constexprs"]["KIND"], launch["theta_dtype"], launch["out_dtype"],
               launch["constexprs"]["WRITE_BACK"]) for launch in launches}
     for kind in (0, 1):
@@ -62,7 +59,7 @@ def test_the_cases_cover_every_integer_argument_at_1_at_a_multiple_of_16_and_oth
             assert (kind, dtype, dtype, True) in modes
         for dtype in ("torch.bfloat16", "torch.float16"):
             assert {(kind, "torch.float32", dtype, False), (kind, "torch.float32", dtype, True)} <= modes
-    tiles = {(launch["constexprs"]["KIND"], launch["constexprs"]["GROUPS"], launch["constexprs"]["ALIGNED"])
+    tiles = {(launch["constexprs"]["KIND"], launch["constexprs"]["GROUPS"], launch["constexprs"]["VECTOR"])
              for launch in launches}
     assert {g for k, g, _ in tiles if k == 0} == {1 << i for i in range(9)}  # Gaussian: up to 256 groups of 4
     assert {g for k, g, _ in tiles if k == 1} == {1, 2, 4, 8}  # Rademacher: up to 8 groups of 128
@@ -86,16 +83,16 @@ def test_a_thread_makes_one_philox_call_per_group_not_per_element(compiled):
     elements: two Gaussian groups, or 4 elements of each of two Rademacher groups. It must make at most two calls a
     seed (the kernel before made eight: one per element), and for Gaussian z one log, one sqrt and one division
     per pair of elements."""
-    checked = 0
+    checked = set()
     for launch in full_tiles(compiled):
-        if launch["ints"]["n_seeds"] != 1:  # one seed: a constant, so the loop body appears once
+        if launch["n_seeds"] != 1:  # one seed: a constant, so the loop body appears once
             continue
         elements = FULL_TILE // launch["threads"]
         assert launch["mul_hi"] / 20 <= elements / 4, launch
         if launch["constexprs"]["KIND"] == 0:
             assert launch["sqrt"] <= elements / 2 and launch["div"] <= elements / 2, launch
-        checked += 1
-    assert checked >= 8
+        checked.add((launch["constexprs"]["KIND"], launch["constexprs"]["HAS_OUT"]))
+    assert checked == {(0, False), (0, True), (1, False), (1, True)}  # in place and through masters, both kinds
 
 
 def test_a_pass_reads_and_writes_each_weight_once_however_many_seeds(compiled):
@@ -108,7 +105,7 @@ def test_a_pass_reads_and_writes_each_weight_once_however_many_seeds(compiled):
         assert launch["weight_bytes_loaded"] == elements * launch["theta_bytes"], launch
         written = elements * (launch["theta_bytes"] * c["WRITE_BACK"] + launch["out_bytes"] * c["HAS_OUT"])
         assert launch["weight_bytes_stored"] == written, launch
-        if c["ALIGNED"] and launch["theta_dtype"] == "torch.float32" and not c["HAS_OUT"]:
+        if c["VECTOR"] and launch["theta_dtype"] == "torch.float32" and not c["HAS_OUT"]:
             assert launch["vector_load"] and launch["vector_store"], launch
-        seed_counts.add(launch["ints"]["n_seeds"] > 1)
+        seed_counts.add(launch["n_seeds"] > 1)
     assert seed_counts == {False, True}

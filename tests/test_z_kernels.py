@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import assert_close_report
 
-from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, materialize_z, tensor_key, zaxpy_
+from sglang_mezo.kernels import PassTargets, ZKind, ZSlice, ZTarget, materialize_z, tensor_key, zaxpy_
 from sglang_mezo.kernels.z_numba import zaxpy_numba_
 from sglang_mezo.kernels.z_torch import zaxpy_torch_
 
@@ -83,6 +83,43 @@ def test_triton_matches_torch_path(kind, dtype):
     else:
         # same z, same operation order, FMA contraction off (enable_fp_fusion=False): identical
         assert torch.equal(tri, cpu)
+
+
+def _mixed_blocks(device: str, dtype: torch.dtype, masters: bool) -> PassTargets:
+    """A pass's worth of awkward blocks: a gain, a one-column shard, a short bias, unaligned rows of a slice, a
+    block wider than a tile, a square matrix; decayed and not; on ``device``, with fp32 masters or without."""
+    gen = torch.Generator().manual_seed(4)
+    specs = [((1, 576), ZSlice(tensor_key("norm"), 576), False), ((7, 1), ZSlice(KEY, 2, col_offset=1), True),
+             ((1, 37), ZSlice(tensor_key("bias"), 37), False), ((9, 61), ZSlice(KEY, 200, 3, 101), True),
+             ((2, 2100), ZSlice(tensor_key("wide"), 4200, 0, 2100), True), ((16, 16), ZSlice(KEY, 16), True)]
+    targets = []
+    for shape, where, decayed in specs:
+        storage = (torch.randn(shape[0], shape[1] + 3, generator=gen) * 0.05).to(dtype).to(device)
+        block = storage[:, 3:] if shape[0] > 1 and shape[1] == 61 else storage[:, : shape[1]]
+        master = block.float().contiguous() if masters else None
+        targets.append(ZTarget(block, where, decay=decayed, master=master))
+    return PassTargets(targets)
+
+
+@pytest.mark.parametrize("kind", list(ZKind))
+@pytest.mark.parametrize("mode", ["fp32 in place", "bf16 master", "fp16 master"])
+def test_one_triton_launch_over_many_blocks_equals_the_cpu_path(kind, mode):
+    """A whole pass in one launch (a table of blocks, reused by the next pass): probe, move, commit with decay,
+    against the CPU paths over the same blocks, bit for bit."""
+    dtype = {"fp32 in place": torch.float32, "bf16 master": torch.bfloat16, "fp16 master": torch.float16}[mode]
+    masters = dtype != torch.float32
+    results = []
+    for device, force in (("cpu", False), (DEVICE, True)):
+        targets = _mixed_blocks(device, dtype, masters)
+        passes = [([5], [1e-3], [0.0], 1.0, False), ([5, 6], [-1e-3, 1e-3], [0.0, 0.0], 1.0, False),
+                  ([5, 6], [0.0, -1e-3], [2e-4, -3e-4], 0.99, True)]
+        for seeds, restore, update, decay, commit in passes:
+            zaxpy_(targets, seeds, restore, update, decay=decay, kind=kind, commit=commit or not masters,
+                   force_triton=force)
+        results.append([(t.theta.cpu(), None if t.master is None else t.master.cpu()) for t in targets])
+    for (cpu_theta, cpu_master), (tri_theta, tri_master) in zip(*results, strict=True):
+        assert torch.equal(cpu_theta, tri_theta)
+        assert cpu_master is None or torch.equal(cpu_master, tri_master)
 
 
 @pytest.mark.parametrize("kind", list(ZKind))

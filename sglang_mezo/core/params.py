@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_mezo.kernels import ZKind, ZSlice, ZTarget, as_block, tensor_key, zaxpy_
+from sglang_mezo.kernels import PassTargets, ZKind, ZSlice, ZTarget, as_block, tensor_key, zaxpy_
 
 from .master import MasterWeights
 
@@ -98,7 +98,7 @@ class TrainableSet:
     pieces: list[TrainablePiece]
     masters: MasterWeights | None = None
     """fp32 masters of half-precision weights (see :mod:`.master`); None: the pieces are trained in place."""
-    targets: list[ZTarget] = field(init=False, repr=False)
+    targets: PassTargets = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         unknown = {p.name for p in self.pieces} - set(self.manifest)
@@ -119,6 +119,7 @@ class TrainableSet:
         ]
         if self.masters is not None:
             self.targets = self.masters.attach(self.targets)
+        self.targets = PassTargets(self.targets)  # every pass reuses what the launcher derives from them
 
     def apply(
         self,
