@@ -41,7 +41,7 @@ class SchedulerServing:
 
         self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
         # Write after read: with the overlap scheduler the last user batch's forward may still be reading the
-        # weights on forward_stream. SGLang's own barrier after a launch (Scheduler._apply_war_barrier) may wait
+        # weights on forward_stream. SGLang's own barrier after a launch (the scheduler's _apply_war_barrier) may wait
         # only for that forward's reads of the shared buffers, not of the weights, so wait for the whole stream
         # before the first pass writes them.
         stream = getattr(self.scheduler, "forward_stream", None)
