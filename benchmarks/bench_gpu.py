@@ -130,108 +130,117 @@ def copies_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.clone() for t in tensors]  # written once, so the timed copy meets no first touch
 
 
-def pass_tables(shape: str, device: torch.device, clock: Clock, reps: int, warmup: int,
-                host_masters: bool) -> list[Table]:
-    """One pass over every weight: fp32 in place, and bf16 behind fp32 masters."""
+def fp32_pass_table(shape: str, device: torch.device, clock: Clock, reps: int, warmup: int) -> Table:
+    """One pass over every weight, fp32 in place, against copy_ and the paper's pass."""
     model = build_model(shape, torch.float32, device)
     params = TrainableSet.from_pieces(HFEngine(model).trainable_pieces())
     tensors = [t.theta for t in params.targets]
     copies = copies_of(tensors)
-    fp32 = Table(f"{shape}: one pass over all {params.numel / 1e6:.1f} M weights, fp32 in place")
+    table = Table(f"{shape}: one pass over all {params.numel / 1e6:.1f} M weights, fp32 in place")
     calls: dict[str, Callable[[int], object]] = {
         "copy_": lambda rep: [c.copy_(t) for c, t in zip(copies, tensors, strict=True)]}
     for kind in KINDS:
-        sign = lambda rep: EPS if rep % 2 == 0 else -EPS  # noqa: E731 - out and back, so the weights stay put
         calls[f"zaxpy_, 1 seed, {kind.value}"] = lambda rep, k=kind: params.apply([1], [sign(rep)], kind=k)
         calls[f"zaxpy_, 2 seeds, {kind.value}"] = lambda rep, k=kind: params.apply([1, 2], [sign(rep), -sign(rep)],
                                                                                    kind=k)
         calls[f"paper's pass, {kind.value}"] = lambda rep, k=kind: perturb(tensors, 1, sign(rep), k)
-    fp32.measure(clock, calls, reps, warmup)
-    del model, params, tensors, copies
-    free_device_memory(device)
-
-    out = [fp32]
-    for placement in (Placement.DEVICE, Placement.HOST) if host_masters else (Placement.DEVICE,):
-        model = build_model(shape, torch.bfloat16, device)
-        params = TrainableSet.from_pieces(HFEngine(model).trainable_pieces(), masters=MasterWeights(placement))
-        masters = [t.master for t in params.targets]
-        master_copies = copies_of(masters)
-        served = [t.theta for t in params.targets]
-        served_copies = copies_of(served)
-        table = Table(f"{shape}: one pass, bf16 served from fp32 masters in {placement.value} memory")
-        calls = {"copy_ of the fp32 masters": lambda rep: [c.copy_(m) for c, m in zip(master_copies, masters,
-                                                                                        strict=True)],
-                 "copy_ of the bf16 weights": lambda rep: [c.copy_(t) for c, t in zip(served_copies, served,
-                                                                                       strict=True)]}
-        for kind in KINDS:
-            # a probe on, then off (the second pass serves round(master): a copy, no z)
-            calls[f"probe (master -> served), {kind.value}"] = lambda rep, k=kind: params.apply([1], [EPS], kind=k)
-            calls[f"probe off (round(master)), {kind.value}"] = lambda rep, k=kind: params.apply([1], [-EPS],
-                                                                                                 kind=k)
-            calls[f"commit (master and served), {kind.value}"] = lambda rep, k=kind: params.apply(
-                [2], [0.0], [1e-7 if rep % 2 == 0 else -1e-7], kind=k)
-        # host masters cross PCIe twice a pass: fewer repetitions (reported, no target)
-        table.measure(clock, calls, reps if placement is Placement.DEVICE else max(3, reps // 3), warmup)
-        out.append(table)
-        del model, params, masters, master_copies, served, served_copies
-        free_device_memory(device)
-    return out
+    table.measure(clock, calls, reps, warmup)
+    return table
 
 
-def step_tables(shape: str, device: torch.device, clock: Clock, reps: int, warmup: int) -> list[Table]:
+def sign(rep: int) -> float:
+    """+ε on even repetitions, -ε on odd ones: passes go out and back, so the weights stay put."""
+    return EPS if rep % 2 == 0 else -EPS
+
+
+def master_pass_table(shape: str, device: torch.device, clock: Clock, reps: int, warmup: int,
+                      placement: Placement) -> Table:
+    """One pass, bf16 served from fp32 masters: a probe, the probe taken off, a commit; against copy_."""
+    model = build_model(shape, torch.bfloat16, device)
+    params = TrainableSet.from_pieces(HFEngine(model).trainable_pieces(), masters=MasterWeights(placement))
+    masters = [t.master for t in params.targets]
+    master_copies = copies_of(masters)
+    served = [t.theta for t in params.targets]
+    served_copies = copies_of(served)
+    table = Table(f"{shape}: one pass, bf16 served from fp32 masters in {placement.value} memory")
+    calls: dict[str, Callable[[int], object]] = {
+        "copy_ of the fp32 masters": lambda rep: [c.copy_(m) for c, m in zip(master_copies, masters, strict=True)],
+        "copy_ of the bf16 weights": lambda rep: [c.copy_(t) for c, t in zip(served_copies, served, strict=True)]}
+    for kind in KINDS:
+        # a probe on, then off (the second pass serves round(master): a copy, no z)
+        calls[f"probe (master -> served), {kind.value}"] = lambda rep, k=kind: params.apply([1], [EPS], kind=k)
+        calls[f"probe off (round(master)), {kind.value}"] = lambda rep, k=kind: params.apply([1], [-EPS], kind=k)
+        calls[f"commit (master and served), {kind.value}"] = lambda rep, k=kind: params.apply(
+            [2], [0.0], [1e-7 if rep % 2 == 0 else -1e-7], kind=k)
+    # host masters cross PCIe twice a pass: fewer repetitions (reported, no target)
+    table.measure(clock, calls, reps if placement is Placement.DEVICE else max(3, reps // 3), warmup)
+    return table
+
+
+def step_table(shape: str, device: torch.device, clock: Clock, reps: int, warmup: int, dtype: torch.dtype) -> Table:
     """One step on the batch, every weight trainable: ours, the paper's Algorithm 1, one forward; lr = 0 so the
-    weights stay where they are."""
-    out = []
+    weights stay where they are. bf16 trains through device masters; the paper's bf16 step updates in place."""
     plain, examples = choice_batch(SHAPES[shape]["vocab_size"])
-    for dtype in (torch.float32, torch.bfloat16):
-        model = build_model(shape, dtype, device)
-        engine = HFEngine(model)
-        masters = MasterWeights() if dtype == torch.bfloat16 else None
-        params = TrainableSet.from_pieces(engine.trainable_pieces(), masters=masters)
-        tensors = [p.data for p in params.pieces]
-        loss = batch_loss_fn(engine, Objective.CLASSIFICATION, examples)
-        name = "fp32 in place" if masters is None else "bf16 + fp32 masters (device)"
-        table = Table(f"{shape}: one step, 16 prompts of 40-80 tokens, 2 one-token options, {name}")
-        copies = copies_of([t.float() for t in tensors])
-        fp32 = [t.float() for t in tensors]
-        calls: dict[str, Callable[[int], object]] = {
-            "forward": lambda rep: loss(),
-            "copy_ of the fp32 weights": lambda rep: [c.copy_(t) for c, t in zip(copies, fp32, strict=True)]}
-        for kind in KINDS:
-            calls[f"ours, {kind.value}"] = lambda rep, k=kind: mezo_step(params, loss, [10 + rep], eps=EPS, lr=0.0,
-                                                                         kind=k)
-            calls[f"paper's Algorithm 1, {kind.value}"] = lambda rep, k=kind: paper_step(
-                model, tensors, plain, seed=10 + rep, eps=EPS, lr=0.0, kind=k)
-        table.measure(clock, calls, reps, warmup)
-        out.append(table)
-        del model, engine, params, tensors, copies, fp32
-        free_device_memory(device)
-    return out
+    model = build_model(shape, dtype, device)
+    engine = HFEngine(model)
+    masters = MasterWeights() if dtype == torch.bfloat16 else None
+    params = TrainableSet.from_pieces(engine.trainable_pieces(), masters=masters)
+    tensors = [p.data for p in params.pieces]
+    loss = batch_loss_fn(engine, Objective.CLASSIFICATION, examples)
+    name = "fp32 in place" if masters is None else "bf16 + fp32 masters (device)"
+    table = Table(f"{shape}: one step, 16 prompts of 40-80 tokens, 2 one-token options, {name}")
+    fp32 = [t.float() for t in tensors]
+    copies = copies_of(fp32)
+    calls: dict[str, Callable[[int], object]] = {
+        "forward": lambda rep: loss(),
+        "copy_ of the fp32 weights": lambda rep: [c.copy_(t) for c, t in zip(copies, fp32, strict=True)]}
+    for kind in KINDS:
+        calls[f"ours, {kind.value}"] = lambda rep, k=kind: mezo_step(params, loss, [10 + rep], eps=EPS, lr=0.0, kind=k)
+        calls[f"paper's Algorithm 1, {kind.value}"] = lambda rep, k=kind: paper_step(
+            model, tensors, plain, seed=10 + rep, eps=EPS, lr=0.0, kind=k)
+    table.measure(clock, calls, reps, warmup)
+    return table
 
 
-def lr0_drift(shape: str, device: torch.device, steps: int) -> list[dict]:
+def lr0_drift(shape: str, device: torch.device, steps: int, dtype: torch.dtype, kind: ZKind) -> dict:
     """``steps`` steps of lr = 0 with our step: how far the served weights moved (max |Δ|) and whether they are
     bit-identical to before."""
-    out = []
-    plain, examples = choice_batch(SHAPES[shape]["vocab_size"])
-    for dtype, kind in ((torch.float32, ZKind.RADEMACHER), (torch.float32, ZKind.GAUSSIAN),
-                        (torch.bfloat16, ZKind.RADEMACHER), (torch.bfloat16, ZKind.GAUSSIAN)):
-        model = build_model(shape, dtype, device)
-        engine = HFEngine(model)
-        params = TrainableSet.from_pieces(engine.trainable_pieces(),
-                                          masters=MasterWeights() if dtype == torch.bfloat16 else None)
-        before = [p.data.clone() for p in params.pieces]
-        loss = batch_loss_fn(engine, Objective.CLASSIFICATION, examples)
-        for step in range(steps):
-            mezo_step(params, loss, [100 + step], eps=EPS, lr=0.0, kind=kind)
-        drift = max(float((p.data.float() - b.float()).abs().max()) for p, b in zip(params.pieces, before,
-                                                                                    strict=True))
-        identical = all(torch.equal(p.data, b) for p, b in zip(params.pieces, before, strict=True))
-        out.append({"dtype": str(dtype).removeprefix("torch."), "masters": dtype == torch.bfloat16,
-                    "kind": kind.value, "steps": steps, "max_abs_drift": drift, "bit_identical": identical})
-        del model, engine, params, before
+    _, examples = choice_batch(SHAPES[shape]["vocab_size"])
+    model = build_model(shape, dtype, device)
+    engine = HFEngine(model)
+    params = TrainableSet.from_pieces(engine.trainable_pieces(),
+                                      masters=MasterWeights() if dtype == torch.bfloat16 else None)
+    before = [p.data.clone() for p in params.pieces]
+    loss = batch_loss_fn(engine, Objective.CLASSIFICATION, examples)
+    for step in range(steps):
+        mezo_step(params, loss, [100 + step], eps=EPS, lr=0.0, kind=kind)
+    pairs = list(zip(params.pieces, before, strict=True))
+    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "masters": dtype == torch.bfloat16,
+            "kind": kind.value, "steps": steps,
+            "max_abs_drift": max(float((p.data.float() - b.float()).abs().max()) for p, b in pairs),
+            "bit_identical": all(torch.equal(p.data, b) for p, b in pairs)}
+
+
+def measure_shape(shape: str, device: torch.device, clock: Clock, reps: int, warmup: int, lr0_steps: int,
+                  host_masters: bool) -> tuple[list[Table], list[dict]]:
+    """Every table of one model shape; each built in its own call, so its model is freed before the next."""
+    tables, drift = [], []
+    print(f"{shape}: passes", flush=True)
+    tables.append(fp32_pass_table(shape, device, clock, reps, warmup))
+    free_device_memory(device)
+    for placement in (Placement.DEVICE, Placement.HOST) if host_masters else (Placement.DEVICE,):
+        tables.append(master_pass_table(shape, device, clock, reps, warmup, placement))
         free_device_memory(device)
-    return out
+    print(f"{shape}: steps", flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        tables.append(step_table(shape, device, clock, reps, warmup, dtype))
+        free_device_memory(device)
+    print(f"{shape}: lr = 0 drift", flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        for kind in KINDS:
+            drift.append(lr0_drift(shape, device, lr0_steps, dtype, kind))
+            free_device_memory(device)
+    return tables, drift
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -252,10 +261,10 @@ def render(tables: list[Table], drift: list[dict], header: str) -> str:
                 lines.append(f"| ours / (2 × forward + 3 × fp32 copy_), {kind.value} | | {ours / budget:.2f} |")
         lines.append("")
     lines += ["**lr = 0 steps: how far the weights moved**", "",
-              "| weights | z | steps | max abs drift | bit-identical |", "|---|---|---|---|---|"]
+              "| shape | weights | z | steps | max abs drift | bit-identical |", "|---|---|---|---|---|---|"]
     for d in drift:
         weights = "bf16 + fp32 masters" if d["masters"] else f"{d['dtype']} in place"
-        lines.append(f"| {weights} | {d['kind']} | {d['steps']} | {d['max_abs_drift']:.3g} | "
+        lines.append(f"| {d['shape']} | {weights} | {d['kind']} | {d['steps']} | {d['max_abs_drift']:.3g} | "
                      f"{'yes' if d['bit_identical'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -286,12 +295,10 @@ def main() -> None:
     tables: list[Table] = []
     drift: list[dict] = []
     for shape in shapes:
-        print(f"{shape}: passes", flush=True)
-        tables += pass_tables(shape, device, clock, reps, warmup, host_masters=cuda)
-        print(f"{shape}: steps", flush=True)
-        tables += step_tables(shape, device, clock, reps, warmup)
-        print(f"{shape}: lr = 0 drift", flush=True)
-        drift += [{"shape": shape, **d} for d in lr0_drift(shape, device, args.lr0_steps)]
+        shape_tables, shape_drift = measure_shape(shape, device, clock, reps, warmup, args.lr0_steps,
+                                                  host_masters=cuda)
+        tables += shape_tables
+        drift += shape_drift
 
     report = render(tables, drift, header)
     args.out.mkdir(parents=True, exist_ok=True)

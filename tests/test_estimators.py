@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from fakes import FakeExecutor, FakeScorer, replayed
-from tiny_models import memorisation_task, tiny_llama
+from tiny_models import FlakyLoss, memorisation_task, tiny_llama
 
 from sglang_mezo.core import params as params_module
 from sglang_mezo.core import spsa
@@ -237,22 +237,11 @@ def test_each_method_replays_bit_identically(estimator, adaptive, tmp_path):
     params = TrainableSet.from_pieces(engine.trainable_pieces(), config.selection, engine.num_layers)
     run = MezoRun(params, config)
     score = batch_loss_fn(engine, Objective.CROSS_ENTROPY, memorisation_task())
-    plan = {1: 3, 3: -4, 5: 1}  # attempt -> the loss call that raises (negative: returns NaN)
-    attempt, call = 0, 0
-
-    def flaky() -> float:
-        nonlocal call
-        call += 1
-        fail_at = plan.get(attempt, 0)
-        if call == fail_at:
-            raise RuntimeError("scorer died")
-        return math.nan if call == -fail_at else score()
-
+    flaky = FlakyLoss(score, {1: 3, 3: -4, 5: 1})  # attempt -> the loss call that raises (negative: returns NaN)
     while run.next_step < config.total_steps:
-        call = 0
         with contextlib.suppress(RuntimeError):  # the injected failures (NonFiniteLossError is one too)
             run.step(flaky)
-        attempt += 1
+        flaky.next_attempt()
     # SPSA: calls are L+_1, L-_1, L+_2, L-_2 (NaN, checked after the pair: 4 passes); FZOO: L0, L_1, L_2, L_3. A
     # failure at FZOO's L0 (call 1) made no pass, so it leaves no record.
     expected = [3, 4, 1] if estimator is Estimator.SPSA else [2, 3]

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
-from tiny_models import memorisation_task, tiny_llama
+from tiny_models import FlakyLoss, memorisation_task, tiny_llama
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective, batch_loss_fn
@@ -120,25 +119,14 @@ def test_failed_steps_are_recorded_so_exact_replay_stays_bit_identical(kind, tmp
     params = TrainableSet.from_pieces(engine.trainable_pieces(), config.selection, engine.num_layers)
     run = MezoRun(params, config)
     score = batch_loss_fn(engine, Objective.CROSS_ENTROPY, memorisation_task())
-    plan = {1: 1, 3: 2, 5: 3, 7: 4, 9: -4}  # attempt -> the loss call that raises (negative: returns NaN)
-    attempt, call = 0, 0
-
-    def flaky() -> float:
-        nonlocal call
-        call += 1
-        fail_at = plan.get(attempt, 0)
-        if call == fail_at:
-            raise RuntimeError("scorer died")
-        return math.nan if call == -fail_at else score()
-
+    flaky = FlakyLoss(score, {1: 1, 3: 2, 5: 3, 7: 4, 9: -4})  # attempt -> the failing call (negative: NaN)
     failures = 0
     while run.next_step < config.total_steps:
-        call = 0
         try:
             run.step(flaky)
         except (RuntimeError, NonFiniteLossError):
             failures += 1
-        attempt += 1
+        flaky.next_attempt()
     assert failures == 5
     aborted = [r.aborted_passes for r in run.trajectory if not r.committed]
     assert aborted == [1, 2, 3, 4, 4] and run.trajectory.committed_steps == config.total_steps

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -97,3 +99,24 @@ def save_tiny_llama(path, seed: int = 0, vocab_size: int = 256, **overrides) -> 
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return str(path)
+
+
+class FlakyLoss:
+    """A step's loss function that fails on plan: ``plan[attempt]`` is the loss call (1-based) of that step attempt
+    that raises ``RuntimeError`` (negative: the call returns NaN instead); other calls score with ``loss``. Call
+    :meth:`next_attempt` after each step attempt."""
+
+    def __init__(self, loss: Callable[[], float], plan: dict[int, int]) -> None:
+        self.loss, self.plan = loss, plan
+        self.attempt = self.call = 0
+
+    def __call__(self) -> float:
+        self.call += 1
+        fail_at = self.plan.get(self.attempt, 0)
+        if self.call == fail_at:
+            raise RuntimeError("scorer died")
+        return math.nan if self.call == -fail_at else self.loss()
+
+    def next_attempt(self) -> None:
+        self.attempt += 1
+        self.call = 0
