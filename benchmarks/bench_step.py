@@ -131,7 +131,7 @@ def job_step_seconds(client: MezoClient, job: dict) -> list[float]:
     done = client.wait(client.submit(job)["job_id"], progress=False)
     if done["status"] != "succeeded":
         raise SystemExit(f"a benchmark job ended {done['status']}: {done}")
-    history = client.request("GET", f"/mezo/jobs/{done['job_id']}/history").body
+    history = client.request("GET", f"/mezo/jobs/{done['job_id']}/history", admin=True).body
     return [s["step_ms"] / 1000 for s in history["steps"]]
 
 

@@ -167,14 +167,17 @@ def gaussian_groups(seed, key, group):
 
 @triton.jit
 def rademacher_groups(seed, key, group):
-    """[GROUPS, 128] fp32 signs of the groups ``group`` (int64 [GROUPS]): element e is bit (e & 31) of word
-    e >> 5, +1 for 0 and -1 for 1."""
+    """[4, GROUPS, 32] fp32 signs of the groups ``group`` (int64 [GROUPS]): element (q, g, b) is element
+    32·q + b of group g, bit b of word q, +1 for 0 and -1 for 1.
+
+    Laid out word-major so that Triton's default layout puts the warps along the groups and repeats each thread
+    over the words: a thread then holds elements of few groups and makes one Philox call per group, also inside
+    the seed loop (where the layout is not taken from the loads)."""
     w0, w1, w2, w3 = philox_words(seed, key, group)
-    e = tl.arange(0, 128)[None, :]
-    word = e >> 5
-    w = tl.where(word == 0, w0[:, None], tl.where(word == 1, w1[:, None], tl.where(word == 2, w2[:, None],
-                                                                                   w3[:, None])))
-    bit = (w >> (e & 31).to(tl.uint32)) & 1
+    q = tl.arange(0, 4)[:, None, None]
+    w = tl.where(q == 0, w0[None, :, None], tl.where(q == 1, w1[None, :, None], tl.where(q == 2, w2[None, :, None],
+                                                                                         w3[None, :, None])))
+    bit = (w >> tl.arange(0, 32)[None, None, :].to(tl.uint32)) & 1
     return 1.0 - 2.0 * bit.to(tl.float32)
 
 
@@ -269,8 +272,13 @@ def zaxpy_kernel(
     run_start = first_index + row * index_row_stride  # full index of the row's first element
     first_group = (run_start >> LOG2) + part * GROUPS
     group = first_group + tl.arange(0, GROUPS)
-    # local column of every element: [GROUPS, PER_GROUP], in memory order
-    offsets = tl.arange(0, GROUPS)[:, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :]
+    # each element's column within the program's first group: [GROUPS, 4] for Gaussian z (group, lane), [4,
+    # GROUPS, 32] for Rademacher z (word, group, bit: see rademacher_groups)
+    if KIND == 0:
+        offsets = tl.arange(0, GROUPS)[:, None] * PER_GROUP + tl.arange(0, 4)[None, :]
+    else:
+        offsets = (tl.arange(0, 4)[:, None, None] * 32 + tl.arange(0, GROUPS)[None, :, None] * PER_GROUP
+                   + tl.arange(0, 32)[None, None, :])
     if VECTOR:
         column = part * (GROUPS * PER_GROUP) + offsets
         mask = column < cols
@@ -280,8 +288,8 @@ def zaxpy_kernel(
     theta_ptrs = theta_base + theta_offset + row * row_stride + column
     theta = tl.load(theta_ptrs, mask=mask, other=0.0).to(tl.float32)
 
-    restore_acc = tl.zeros([GROUPS, PER_GROUP], dtype=tl.float32)
-    update_acc = tl.zeros([GROUPS, PER_GROUP], dtype=tl.float32)
+    restore_acc = tl.zeros(offsets.shape, dtype=tl.float32)
+    update_acc = tl.zeros(offsets.shape, dtype=tl.float32)
     for k in range(n_seeds):  # a loop, not unrolled: one compiled kernel for any number of probes
         a = tl.load(restore_ptr + k)
         b = tl.load(update_ptr + k)

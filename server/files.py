@@ -22,6 +22,11 @@ from sglang_mezo.options import Folders
 
 MARKER = ".sglang-mezo-checkpoint"
 """Written into every folder POST /mezo/save creates: only such a folder may be overwritten."""
+_STAGING_SUFFIX = ".partial-00000000"
+MAX_FOLDER_NAME_BYTES = 255 - len("." + _STAGING_SUFFIX)
+"""A checkpoint folder's name, in bytes: what the file system takes (255) less what its staging name adds."""
+MAX_CHECKPOINT_NAME_CHARS = 1024
+"""A checkpoint's name (its folders joined by /), in characters: far below any file system's path limit."""
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -66,7 +71,11 @@ class FileAccess:
             raise Forbidden("saving on the server is off: the server was started without --mezo-output-dir")
         if not name or Path(name).is_absolute():
             raise InvalidRequest(f"give the checkpoint a name relative to the output folder (--mezo-output-dir), "
-                                 f"not {name!r}")
+                                 f"not {_quoted(name)}")
+        if len(name) > MAX_CHECKPOINT_NAME_CHARS or any(len(part.encode()) > MAX_FOLDER_NAME_BYTES
+                                                         for part in Path(name).parts):
+            raise InvalidRequest(f"the checkpoint name {_quoted(name)} is too long: at most "
+                                 f"{MAX_CHECKPOINT_NAME_CHARS} characters, and {MAX_FOLDER_NAME_BYTES} bytes a folder")
         target = _resolved(self.output_dir / name)
         if target is None:
             raise InvalidRequest(f"{name!r} is not a usable folder name")
@@ -80,7 +89,7 @@ class FileAccess:
             if not overwrite:
                 raise Conflict(f"{name} exists (set overwrite to replace it)")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+        staging = target.with_name(f".{target.name}{_STAGING_SUFFIX[:-8]}{uuid.uuid4().hex[:8]}")
         staging.mkdir()
         (staging / MARKER).write_text("a checkpoint written by sglang-mezo (POST /mezo/save)\n")
         return CheckpointTarget(target, staging)
@@ -122,6 +131,11 @@ def _stays_inside(folder: Path, allowed: Path) -> bool:
                 if resolved is None or not _inside(resolved, allowed):
                     return False
     return True
+
+
+def _quoted(name: str, limit: int = 60) -> str:
+    """A name a request gave, for an error message: quoted, and cut short if long."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
 
 
 def _resolved(path: Path) -> Path | None:

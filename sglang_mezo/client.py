@@ -68,10 +68,10 @@ class MezoClient:
         return self._call("POST", "/mezo/step", job, admin=True)
 
     def job(self, job_id: str) -> dict:
-        return self._call("GET", f"/mezo/jobs/{job_id}")
+        return self._call("GET", f"/mezo/jobs/{job_id}", admin=True)
 
     def jobs(self) -> list[dict]:
-        return self._call("GET", "/mezo/jobs")["jobs"]
+        return self._call("GET", "/mezo/jobs", admin=True)["jobs"]
 
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/mezo/jobs/{job_id}/cancel", {}, admin=True)

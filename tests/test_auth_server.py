@@ -1,7 +1,7 @@
 """Keys on a real SGLang server on CPU: with --api-key and --admin-api-key, the /mezo routes (and OpenAI's files
-and fine-tuning routes) that train, evaluate, reset, save, upload or read the fine-tune answer as SGLang's own
-weight-changing routes do (ADMIN_OPTIONAL), job status as its ordinary routes do (NORMAL); the client and the
-train command send the key."""
+and fine-tuning routes) that train, evaluate, reset, save, upload, or read jobs, events and files answer as SGLang's
+own admin routes do (ADMIN_OPTIONAL), the served weights' version and the model list as its ordinary routes do
+(NORMAL); the client and the train command send the key."""
 
 from __future__ import annotations
 
@@ -47,13 +47,16 @@ def test_mezo_routes_answer_as_sglangs_own_routes_of_their_level(model_path, tmp
                                        ("GET", "/mezo/jobs/nope/trajectory", None), ("POST", "/v1/files", {}),
                                        ("DELETE", "/v1/files/nope", None), ("GET", "/v1/files/nope/content", None),
                                        ("POST", "/v1/fine_tuning/jobs", {}),
-                                       ("POST", "/v1/fine_tuning/jobs/nope/cancel", None)]:
+                                       ("POST", "/v1/fine_tuning/jobs/nope/cancel", None),
+                                       ("GET", "/mezo/jobs", None), ("GET", "/mezo/jobs/nope", None),
+                                       ("GET", "/mezo/jobs/nope/events", None), ("GET", "/v1/files", None),
+                                       ("GET", "/v1/fine_tuning/jobs", None),
+                                       ("GET", "/v1/fine_tuning/jobs/nope/events", None)]:
                 ours = status(server, method, path, token, body)
                 assert (ours in (401, 403)) == (sglang_admin in (401, 403)), (token, path, ours, sglang_admin)
                 if ours in (401, 403):
                     assert ours == sglang_admin, (token, path)
-            for path in ("/mezo/jobs", "/mezo/jobs/nope", "/mezo/weights", "/mezo/jobs/nope/events", "/v1/files",
-                         "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/nope/events", "/v1/models"):
+            for path in ("/mezo/weights", "/v1/models"):
                 ours = status(server, "GET", path, token)
                 assert (ours in (401, 403)) == (sglang_normal in (401, 403)), (token, path, ours, sglang_normal)
             # a chat request naming a fine-tuned model: SGLang's key check comes first (it is the outer middleware),

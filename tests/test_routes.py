@@ -203,7 +203,7 @@ def test_the_readme_error_table_is_the_servers():
     assert rows == {(str(status), cls.kind) for cls, status in STATUS.items()}
 
 
-ADMIN, NORMAL = ("POST", "/mezo/reset", {"job_id": "nope"}), ("GET", "/mezo/jobs/nope", None)
+ADMIN, NORMAL = ("POST", "/mezo/reset", {"job_id": "nope"}), ("GET", "/v1/models/nope", None)
 # (api key, admin key) -> per route kind, per token sent: allowed, or SGLang's 401/403
 AUTH = {
     (None, None): {"admin": {None: True, "A": True, "B": True, "X": True},
@@ -220,8 +220,8 @@ AUTH = {
 @pytest.mark.parametrize("keys", AUTH, ids=lambda k: f"api={k[0]},admin={k[1]}")
 def test_routes_that_change_or_read_the_server_are_admin_routes(keys, tmp_path):
     """SGLang's own key middleware on the app (as SGLang adds it with --api-key/--admin-api-key): the admin routes
-    (train, evaluate, diagnose, reset, save, cancel, trajectory) need the admin key where there is one; job status
-    needs the API key where there is one."""
+    (train, evaluate, diagnose, reset, save, cancel, and every read of jobs, their events and files) need the admin
+    key where there is one; the models a client may name need the API key where there is one."""
     from sglang.srt.utils.auth import add_api_key_middleware
 
     app, _ = mezo_app(tmp_path)
@@ -236,15 +236,21 @@ def test_routes_that_change_or_read_the_server_are_admin_routes(keys, tmp_path):
 
 
 def test_each_route_declares_its_auth_level():
+    """SGLang's rule, read off its own routes: what changes the server, or reads the operator's data and state
+    (``/list_external_corpora``, ``/get_weights_by_name``), is ADMIN_OPTIONAL; the inference surface is NORMAL. Our
+    jobs, their events and the uploaded files are the operator's; the served version and the model names a client
+    sends are the inference surface's."""
     from sglang.srt.utils.auth import AuthLevel
 
+    from sglang_mezo.server.fine_tuning.routes import models_router, router
     from sglang_mezo.server.routes import ROUTERS
 
-    levels = {(next(iter(r.methods)), r.path): r.endpoint._auth_level for router in ROUTERS for r in router.routes}
-    admin = {("POST", "/mezo/step"), ("POST", "/mezo/eval"), ("POST", "/mezo/diagnose"), ("POST", "/mezo/reset"),
-             ("POST", "/mezo/save"), ("POST", "/mezo/jobs/{job_id}/cancel"), ("GET", "/mezo/jobs/{job_id}/trajectory")}
-    assert {k for k, v in levels.items() if v is AuthLevel.ADMIN_OPTIONAL} == admin
-    assert all(v is AuthLevel.NORMAL for k, v in levels.items() if k not in admin)
+    levels = {(next(iter(r.methods)), r.path): r.endpoint._auth_level
+              for group in (*ROUTERS, router, models_router) for r in group.routes}
+    normal = {("GET", "/mezo/weights"), ("GET", "/v1/models"), ("GET", "/v1/models/{model:path}")}
+    assert normal <= set(levels), set(levels)
+    assert {k for k, v in levels.items() if v is AuthLevel.NORMAL} == normal
+    assert all(v is AuthLevel.ADMIN_OPTIONAL for k, v in levels.items() if k not in normal)
 
 
 SECRET = "hunter2"
@@ -276,6 +282,8 @@ def test_files_only_where_the_operator_allows(api, tmp_path):
         ("../x", 403, "forbidden", ["--mezo-output-dir"]),
         ("to-base", 403, "forbidden", ["--mezo-output-dir"]),
         ("foreign", 409, "conflict", ["not written by sglang-mezo"]),
+        ("x" * 5000, 400, "invalid_request", ["too long", "(5000 characters)"]),  # was a 503 from mkdir
+        ("a/" + "é" * 120, 400, "invalid_request", ["too long", "bytes a folder"]),
     ]:
         for overwrite in (False, True):
             assert_error(client.post("/mezo/save", json={"path": name, "overwrite": overwrite}), status, kind, *words)

@@ -77,7 +77,7 @@ async def upload(mezo: Context, file: Annotated[UploadFile, File()], purpose: An
 
 
 @router.get("/files")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def list_files(mezo: Context, purpose: str | None = None, after: str | None = None,
                      limit: FileLimit = 10_000, order: Literal["asc", "desc"] = "desc") -> ListOut:
     """Newest first (``order=asc``: oldest first)."""
@@ -86,7 +86,7 @@ async def list_files(mezo: Context, purpose: str | None = None, after: str | Non
 
 
 @router.get("/files/{file_id}")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def get_file(file_id: str, mezo: Context) -> FileOut:
     return FileOut(**mezo.openai_files.get(file_id).to_openai())
 
@@ -119,14 +119,14 @@ async def create_job(request: JobCreate, service: Service, mezo: Context) -> Job
 
 
 @router.get("/fine_tuning/jobs")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def list_jobs(service: Service, after: str | None = None, limit: Limit = 20) -> ListOut:
     jobs = [service.out(ft) for ft in reversed(service.jobs.values())]
     return page(jobs, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def get_job(ft: PathJob, service: Service) -> JobOut:
     return service.out(ft)
 
@@ -138,7 +138,7 @@ async def cancel_job(ft: PathJob, service: Service) -> JobOut:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=None)
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def job_events(ft: PathJob, mezo: Context, after: str | None = None, limit: Limit = 20,
                      stream: bool = False) -> ListOut | StreamingResponse:
     """Newest first, paginated; with ``stream=true``, Server-Sent Events of each event as it happens (oldest
@@ -170,7 +170,7 @@ def _event_stream(ft: FineTuningJob, start: int) -> AsyncIterator[str]:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def job_checkpoints(ft: PathJob, service: Service, after: str | None = None, limit: Limit = 10) -> ListOut:
     return page(service.checkpoints(ft), after, limit)
 

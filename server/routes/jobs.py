@@ -61,19 +61,19 @@ async def finished(job: Job) -> Job:
 
 
 @router.get("/jobs")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def list_jobs(mezo: Context) -> JobListOut:
     return JobListOut(jobs=[JobOut.of(j) for j in mezo.runner.jobs.values()])
 
 
 @router.get("/jobs/{job_id}")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def get_job(job: PathJob) -> JobOut:
     return JobOut.of(job)
 
 
 @router.get("/jobs/{job_id}/history")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def job_history(job: PathJob) -> JobHistoryOut:
     """Every committed step's measurements (the L+/L- curves) and every evaluation."""
     return JobHistoryOut.of(job)
@@ -81,7 +81,7 @@ async def job_history(job: PathJob) -> JobHistoryOut:
 
 @router.get("/jobs/{job_id}/plot", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "the job's curves"}})
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def job_plot(job: PathJob) -> Response:
     """The job's L+/L- per step and its held-out evaluations, as a PNG."""
     if not job.reports and not job.evals:
@@ -91,7 +91,7 @@ async def job_plot(job: PathJob) -> Response:
 
 
 @router.get("/jobs/{job_id}/events")
-@auth_level(AuthLevel.NORMAL)
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def job_events(job: PathJob, mezo: Context) -> StreamingResponse:
     """Server-Sent Events: the job's status (as GET /mezo/jobs/{id}) whenever it changes, until it finishes; the
     last event is named ``end``. At most ``--mezo-max-event-streams`` are open at once."""
