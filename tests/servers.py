@@ -44,7 +44,7 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_dir: Path,
-                   env: dict[str, str] | None = None) -> Iterator[Server]:
+                   env: dict[str, str] | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[Server]:
     port = free_port()
     cmd, server_env = server_command(["--model-path", model_path, "--port", str(port), "--host", "127.0.0.1", *args],
                                      cuda=torch.cuda.is_available(), enable_mezo=enable_mezo)
@@ -54,7 +54,7 @@ def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_di
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout_s
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
@@ -62,7 +62,7 @@ def running_server(model_path: str, *args: str, enable_mezo: bool = True, log_di
                 if server.request("GET", "/health", timeout=5)[0] == 200:  # open whatever keys the server has
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"server not ready after {startup_timeout_s}s:\n{log.read_text()[-3000:]}")
             time.sleep(1)
         yield server
     finally:

@@ -1,0 +1,130 @@
+"""SGLang itself, with --enable-mezo, on CUDA weights: the check ``benchmarks/gpu_server_check.sh run`` makes on a GPU
+machine (no test runner: a script that reports what happened, whatever happens).
+
+It builds a random-weight Llama of SmolLM2-135M's width (fewer layers, a BPE tokenizer trained here), starts
+``python -m sglang.launch_server`` on it in bf16 with fp32 masters on the device, torch-native attention and
+sampling, and then, over HTTP:
+
+1. a greedy /generate with log-probs (the base);
+2. an lr = 0 job of a few steps: through fp32 masters the served weights must come back bit for bit, so the same
+   request must give the same tokens and log-probs;
+3. a short training job: its losses, its step times, the served weight version it leaves;
+4. /generate again (served by the fine-tuned weights, labelled so);
+5. a reset: the base's log-probs again.
+
+It tries with CUDA graphs first (the weights' addresses never change, so captured graphs stay valid); if that
+server does not come up, once more with ``--disable-cuda-graph``. Writes ``server_check.json`` and the servers' log
+tails to the folder it is given, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from servers import running_server  # noqa: E402
+from tiny_models import save_tiny_llama  # noqa: E402
+
+# SGLang on CUDA without its kernel wheels (docs/gpu.md): every fused op takes its pure-torch path, the radix tree
+# its Python core, and the sgl_kernel version check is off (the stand-in has no version to check).
+ENV = {"SGLANG_FORCE_FUSED_OP_BACKEND": "torch", "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
+       "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python"}
+FLAGS = ["--dtype", "bfloat16", "--mezo-master", "device", "--attention-backend", "torch_native",
+         "--sampling-backend", "pytorch", "--mem-fraction-static", "0.3", "--max-total-tokens", "32768",
+         "--mezo-n-probes", "1"]
+EXAMPLES = [{"prompt": f"the movie was {w}. It was", "completion": f" {y}"}
+            for w, y in (("wonderful", "great"), ("boring", "terrible"), ("great fun", "great"),
+                         ("a sad mess", "terrible"))] * 4
+PROBE = {"input_ids": [[1, 20, 30, 40, 50, 60]], "sampling_params": {"max_new_tokens": 8, "temperature": 0.0},
+         "return_logprob": True, "logprob_start_len": 0}
+
+
+def generate(server) -> dict:
+    status, body = server.request("POST", "/generate", PROBE, timeout=120)
+    if status != 200:
+        raise RuntimeError(f"/generate answered {status}: {str(body)[:500]}")
+    meta = body[0]["meta_info"]
+    return {"tokens": body[0]["output_ids"], "weight_version": meta.get("weight_version"),
+            "input_logprobs": [e[0] for e in meta["input_token_logprobs"]],
+            "output_logprobs": [e[0] for e in meta["output_token_logprobs"]]}
+
+
+def job(server, body: dict) -> dict:
+    done = server.client.wait(server.client.submit(body)["job_id"], progress=False)
+    history = server.client.request("GET", f"/mezo/jobs/{done['job_id']}/history", admin=True).body
+    return {"status": done["status"], "error": done.get("error"), "weight_version": done.get("weight_version"),
+            "losses": [s.get("loss") for s in history.get("steps", [])],
+            "step_ms": [s.get("step_ms") for s in history.get("steps", [])]}
+
+
+def check(model: str, log_dir: Path, cuda_graph: bool, startup_timeout_s: float) -> dict:
+    flags = [*FLAGS, "--mezo-output-dir", str(log_dir / "out")] + ([] if cuda_graph else ["--disable-cuda-graph"])
+    result: dict = {"cuda_graph": cuda_graph, "flags": flags}
+    started = time.monotonic()
+    with running_server(model, *flags, log_dir=log_dir, env=ENV, startup_timeout_s=startup_timeout_s) as server:
+        result["startup_s"] = round(time.monotonic() - started, 1)
+        result["weights"] = server.client.weights()
+        base = generate(server)
+        result["base"] = base
+        result["lr0_job"] = job(server, {"examples": EXAMPLES, "steps": 4, "batch_size": 8, "lr": 0.0, "seed": 1})
+        after_lr0 = generate(server)
+        result["lr0_bit_identical"] = (after_lr0["tokens"] == base["tokens"]
+                                       and after_lr0["input_logprobs"] == base["input_logprobs"]
+                                       and after_lr0["output_logprobs"] == base["output_logprobs"])
+        result["train_job"] = job(server, {"examples": EXAMPLES, "steps": 12, "batch_size": 8, "lr": 1e-2,
+                                           "eps": 1e-2, "adaptive": "scalar_rms", "seed": 2})
+        trained = generate(server)
+        result["trained"] = trained
+        result["trained_differs"] = trained["input_logprobs"] != base["input_logprobs"]
+        result["reset"] = server.client.reset()
+        again = generate(server)
+        result["reset_equals_base"] = again["input_logprobs"] == base["input_logprobs"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--layers", type=int, default=8)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "attempts": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_llama(Path(tmp) / "model", seed=3, hidden_size=576, intermediate_size=1536,
+                                num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3)
+        for cuda_graph in (True, False):
+            log_dir = Path(tmp) / f"logs-{'graph' if cuda_graph else 'eager'}"
+            log_dir.mkdir()
+            try:
+                # the first attempt leaves time for the second within the check's 5 minutes
+                report["attempts"].append(check(model, log_dir, cuda_graph, 120 if cuda_graph else 150))
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - what broke is the finding; report it and try the next way
+                report["attempts"].append({"cuda_graph": cuda_graph, "error": f"{type(exc).__name__}: {exc}"[:4000],
+                                           "traceback": traceback.format_exc()[-4000:]})
+                ok = False
+            for log in log_dir.glob("server-*.log"):
+                tail = log.read_text(errors="replace")[-20000:]
+                (args.out / f"server-{'graph' if cuda_graph else 'eager'}.log").write_text(tail)
+            if ok:
+                break
+    (args.out / "server_check.json").write_text(json.dumps(report, indent=1, default=str))
+    for attempt in report["attempts"]:
+        if "error" in attempt:
+            print(f"cuda graphs {attempt['cuda_graph']}: FAILED: {attempt['error'][:800]}")
+            continue
+        print(f"cuda graphs {attempt['cuda_graph']}: up in {attempt['startup_s']} s; lr=0 job "
+              f"{attempt['lr0_job']['status']}, bit-identical after it: {attempt['lr0_bit_identical']}; training "
+              f"job {attempt['train_job']['status']}, losses {attempt['train_job']['losses']}, step ms "
+              f"{attempt['train_job']['step_ms']}; served version {attempt['trained']['weight_version']}, "
+              f"log-probs moved: {attempt['trained_differs']}; reset back to the base: {attempt['reset_equals_base']}")
+
+
+if __name__ == "__main__":
+    main()
