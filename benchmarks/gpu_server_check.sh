@@ -11,7 +11,7 @@
 # SGLang loads plugins by), puts the sgl_kernel stand-in first on the path (the real wheel and flashinfer cannot
 # travel), and runs tests/gpu_server_probe.py: a random-weight Llama served in bf16 with fp32 masters, an lr = 0
 # job (bit-identical after it?), a short job, a generate from the fine-tuned weights, a reset. It writes
-# server_check.json and the servers' log tails (3 files at most) and ends within 5 minutes.
+# server_check.json and the server's log tail (2 files) and ends within 5 minutes.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
