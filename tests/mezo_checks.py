@@ -25,14 +25,14 @@ TRAIN = [
 PROBE = [([80, 82, 89, 76, 72], [224, 90, 68, 86]), ([87, 75, 72], [224, 80, 82, 89]), ([68, 224], [74, 85, 72])]
 
 
-def served_logprobs(server, probe=PROBE) -> list[list[float]]:
-    """Completion-token log-probs as served by /generate (one prefill batch)."""
-    status, out = server.request("POST", "/generate", {
-        "input_ids": [p + c for p, c in probe],
-        "sampling_params": {"max_new_tokens": 0},
-        "return_logprob": True,
-        "logprob_start_len": 0,
-    })
+def served_logprobs(server, probe=PROBE, *, lora: str | None = None) -> list[list[float]]:
+    """Completion-token log-probs as served by /generate (one prefill batch), by the base or by LoRA adapter
+    ``lora``."""
+    body = {"input_ids": [p + c for p, c in probe], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+            "logprob_start_len": 0}
+    if lora is not None:
+        body["lora_path"] = [lora] * len(probe)
+    status, out = server.request("POST", "/generate", body)
     assert status == 200, out
     # entry t (t >= 1) is log p(token t | tokens < t); entry 0 is None
     return [[e[0] for e in o["meta_info"]["input_token_logprobs"][len(p):]] for o, (p, _) in zip(out, probe)]
@@ -112,11 +112,13 @@ def assert_served_is_replay(server, model_path: str) -> None:
         assert torch.equal(served[name][: tensor.shape[0]], tensor), name
 
 
-def hf_logprobs(engine: HFEngine, probe=PROBE) -> list[list[float]]:
+def hf_logprobs(engine: HFEngine | torch.nn.Module, probe=PROBE) -> list[list[float]]:
+    """Completion-token log-probs from a transformers model (or the reference engine's)."""
+    model = engine.model if isinstance(engine, HFEngine) else engine
     out = []
     for prompt, completion in probe:
         with torch.no_grad():
-            logits = engine.model(input_ids=torch.tensor([prompt + completion])).logits[0].double()
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].double()
         lp = torch.log_softmax(logits, -1)
         out.append([lp[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(completion)])
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_mezo.plugin.internals import HOOKS, INTERNALS, Internal, Use
+from sglang_mezo.plugin.internals import CPU_LORA_HOOKS, HOOKS, INTERNALS, Internal, Use
 
 ROOT = Path(__file__).parents[1]
 OUR_CODE = [*(ROOT / "sglang_mezo").rglob("*.py"), *(ROOT / "server").rglob("*.py")]
@@ -51,7 +51,10 @@ def test_what_we_append_to_is_a_list():
 
 
 def test_hooks_are_the_ledgers_hooks():
-    assert all(h.use is Use.HOOK for h in HOOKS) and {h for h in INTERNALS if h.use is Use.HOOK} == set(HOOKS)
+    """Every hook the plugin registers is in the ledger: the ones --enable-mezo requires (HOOKS), and the CPU LoRA
+    ones registered only where CUDA is absent."""
+    every = set(HOOKS) | set(CPU_LORA_HOOKS)
+    assert all(h.use is Use.HOOK for h in every) and {h for h in INTERNALS if h.use is Use.HOOK} == every
 
 
 def _sglang_imports(path: Path) -> set[str]:

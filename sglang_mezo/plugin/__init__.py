@@ -15,6 +15,7 @@ Hook ledger (every other SGLang internal we touch: :mod:`.internals`):
 | ``srt.managers.scheduler.Scheduler.init_request_dispatcher`` | run chunks of steps on the scheduler thread | AFTER: adds our message handlers (only with ``--enable-mezo``) |
 | ``srt.managers.tokenizer_control_mixin._COMMUNICATOR_SPECS`` | a fan-out communicator for our reply type | appends ``("mezo", MezoReqOutput)`` before the tokenizer manager is built |
 | ``srt.entrypoints.http_server._setup_and_run_http_server`` | mount ``/mezo/*`` before uvicorn starts | BEFORE, main process only (only with ``--enable-mezo``) |
+| ``srt.lora.lora_manager.LoRAManager`` (``__init__``, ``update_lora_info``, ``prepare_lora_batch``, ``load_lora_adapter``, ``load_lora_adapter_from_tensors``) | ``--enable-lora`` on a machine without CUDA: SGLang pins host tensors, which needs a driver (SGLang issue 31894) | AROUND, only in processes without CUDA: pinning off while they run (:mod:`.pinning`) |
 
 Research notes on these targets (routes, IPC, the scheduler-side step): ``docs/notes/``.
 """
@@ -24,7 +25,14 @@ from __future__ import annotations
 import logging
 import multiprocessing
 
-from .internals import HOOK_ADD_CLI_ARGS, HOOK_FROM_CLI_ARGS, HOOK_HTTP_SETUP, HOOK_SCHEDULER_DISPATCHER, HOOKS
+from .internals import (
+    CPU_LORA_HOOKS,
+    HOOK_ADD_CLI_ARGS,
+    HOOK_FROM_CLI_ARGS,
+    HOOK_HTTP_SETUP,
+    HOOK_SCHEDULER_DISPATCHER,
+    HOOKS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +52,18 @@ def register() -> None:
     if multiprocessing.parent_process() is None:  # the HTTP process: not worth importing FastAPI elsewhere
         HookRegistry.register(HOOK_HTTP_SETUP.target, _before_http_setup, HookType.BEFORE)
         _add_communicator_spec()
+    if not _has_cuda():
+        from .pinning import around_without_pinning
+
+        for hook in CPU_LORA_HOOKS:
+            HookRegistry.register(hook.target, around_without_pinning, HookType.AROUND)
     _registered = True
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _add_communicator_spec() -> None:

@@ -56,7 +56,18 @@ HOOK_HTTP_SETUP = Internal("sglang.srt.entrypoints.http_server._setup_and_run_ht
                            "mount /mezo/* on SGLang's app before uvicorn starts (main process only)")
 HOOKS = (HOOK_ADD_CLI_ARGS, HOOK_FROM_CLI_ARGS, HOOK_SCHEDULER_DISPATCHER, HOOK_HTTP_SETUP)
 
-INTERNALS: tuple[Internal, ...] = HOOKS + (
+_LORA_MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
+CPU_LORA_HOOKS = tuple(
+    Internal(f"{_LORA_MANAGER}.{method}", Use.HOOK, "plugin.pinning",
+             f"--enable-lora without CUDA: SGLang pins host tensors ({why}) and pinning needs a CUDA driver "
+             "(SGLang issue 31894): pinning is off while this runs, in processes without CUDA only")
+    for method, why in (("__init__", "the layers' offsets"), ("update_lora_info", "the layers' offsets"),
+                        ("prepare_lora_batch", "the torch-native backend's batch indices"),
+                        ("load_lora_adapter", "slots filled on load"),
+                        ("load_lora_adapter_from_tensors", "slots filled on load")))
+"""Registered only where CUDA is absent, so not among :data:`HOOKS` (which ``--enable-mezo`` requires)."""
+
+INTERNALS: tuple[Internal, ...] = HOOKS + CPU_LORA_HOOKS + (
     # -- the plugin machinery
     Internal("sglang.srt.plugins.hook_registry.HookRegistry.register", Use.CALL, "plugin", "register the hooks"),
     Internal("sglang.srt.plugins.hook_registry.HookType", Use.READ, "plugin", "BEFORE / AFTER"),

@@ -15,6 +15,8 @@ onto the plain checkpoint. This module undoes SGLang's layout for Llama/Qwen2-st
   ``original_total_num_kv_heads``), and the MLP width (``original_intermediate_size``): padded q/k/v and
   gate/up rows and o_proj/down_proj columns are not in the checkpoint either.
 * Everything else (norms, row-parallel biases) is replicated whole on every rank.
+* With ``--enable-lora``, SGLang wraps each LoRA target module (``QKVParallelLinearWithLoRA`` and so on): the
+  layer itself is the wrapper's ``base_layer`` (its parameters may be named through it, one level deeper).
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def _gate_up_pieces(prefix: str, kind: str, param: torch.Tensor, tp_rank: int, t
     ]
 
 
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    """The layer itself, under a LoRA wrapper if there is one."""
+    return getattr(module, "base_layer", module)
+
+
 def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1, *, hf_config=None) -> list[TrainablePiece]:
     """Every served parameter of ``model`` (an SGLang Llama/Qwen2-style model on TP rank ``tp_rank``) as pieces of
     HF checkpoint tensors. ``hf_config`` (SGLang's, after its TP adjustments) gives the checkpoint's real head
@@ -87,8 +94,11 @@ def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1, *,
     for name, param in model.named_parameters():
         data = param.detach()
         module_name, kind = name.rsplit(".", 1)
+        if module_name.endswith(".base_layer"):  # a LoRA wrapper's base layer: the checkpoint's name is one up
+            module_name = module_name.removesuffix(".base_layer")
+            name = f"{module_name}.{kind}"
+        module = _base(modules[module_name])
         prefix, _, leaf = module_name.rpartition(".")
-        module = modules[module_name]
         if leaf == "qkv_proj":
             pieces += _qkv_pieces(prefix, kind, data, module, tp_rank, heads or module.total_num_heads,
                                   kv_heads or module.total_num_kv_heads)
@@ -98,7 +108,7 @@ def served_pieces(model: torch.nn.Module, tp_rank: int = 0, tp_size: int = 1, *,
             cols = data.shape[1]
             full_cols = cols * tp_size
             if leaf == "o_proj" and heads:  # padded heads add zero input columns at the end
-                full_cols = heads * modules[f"{prefix}.qkv_proj"].head_size
+                full_cols = heads * _base(modules[f"{prefix}.qkv_proj"]).head_size
             elif leaf == "down_proj" and intermediate:  # so does a padded MLP width
                 full_cols = intermediate
             start = tp_rank * cols
