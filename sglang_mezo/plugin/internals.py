@@ -63,8 +63,8 @@ CPU_LORA_HOOKS = tuple(
              "(SGLang issue 31894): pinning is off while this runs, in processes without CUDA only")
     for method, why in (("__init__", "the layers' offsets"), ("update_lora_info", "the layers' offsets"),
                         ("prepare_lora_batch", "the torch-native backend's batch indices"),
-                        ("load_lora_adapter", "slots filled on load"),
-                        ("load_lora_adapter_from_tensors", "slots filled on load")))
+                        ("load_lora_adapter", "an adapter read and registered"),
+                        ("load_lora_adapter_from_tensors", "an adapter registered from tensors")))
 """Registered only where CUDA is absent, so not among :data:`HOOKS` (which ``--enable-mezo`` requires)."""
 
 INTERNALS: tuple[Internal, ...] = HOOKS + CPU_LORA_HOOKS + (
