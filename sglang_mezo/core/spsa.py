@@ -54,7 +54,7 @@ class InconsistentWeightsError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
+def sigint_deferred() -> Iterator[None]:
     """Hold SIGINT (Ctrl-C) until the block ends, then deliver it. Only the main thread receives signals."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -141,7 +141,7 @@ class _Probe:
     @contextlib.contextmanager
     def pass_over_weights(self) -> Iterator[None]:
         """One pass: not interrupted by Ctrl-C half-way; if it raises, the weights are at no recorded state."""
-        with _sigint_deferred():
+        with sigint_deferred():
             try:
                 yield
             except BaseException as exc:
