@@ -24,7 +24,7 @@ from .fine_tuning.translate import FileTranslator
 from .limits import BodyLimit
 from .routes import ROUTERS
 from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
-from .translate import Translator
+from .translate import LoraLaunch, Translator
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,12 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
         journal = Journal(options.state_dir)
         journaled = journal.open(os.path.abspath(base_model), base_version)
         base_version = journaled.base_weight_version
-    runner = JobRunner(TokenizerManagerExecutor(tokenizer_manager), TokenizerManagerScorer(tokenizer_manager),
+    executor = TokenizerManagerExecutor(tokenizer_manager)
+    runner = JobRunner(executor, TokenizerManagerScorer(tokenizer_manager, versions=executor.adapters),
                        chunk_target_s=options.chunk_ms / 1e3, yield_s=options.yield_ms / 1e3,
                        base_weight_version=base_version, base_model=base_model,
                        observers=_observers(server_args, model_name), max_active=options.limits.max_queued_jobs,
-                       journal=journal, journaled=journaled)
+                       journal=journal, journaled=journaled, max_adapter_jobs=options.limits.max_adapter_jobs)
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
                           adaptive=options.adaptive, selection=options.selection)
@@ -82,7 +83,7 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                          model_name)
     install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=options.limits,
                              files=files, base_model=base_model, precision=precision, openai_files=uploads,
-                             fine_tuning=service))
+                             fine_tuning=service, lora=LoraLaunch.of(server_args)))
     logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

@@ -19,7 +19,7 @@ from sglang_mezo.options import Limits
 from .files import FileAccess
 from .fine_tuning.files import FileStore
 from .limits import StreamSlots
-from .translate import Translator
+from .translate import LoraLaunch, Translator
 
 if TYPE_CHECKING:
     from .fine_tuning.service import FineTuning
@@ -39,6 +39,8 @@ class MezoContext:
     """Uploads of the OpenAI files API (off without a data folder)."""
     fine_tuning: FineTuning | None = None
     """OpenAI's fine-tuning jobs over ``runner`` (None: the OpenAI routes answer 503)."""
+    lora: LoraLaunch = LoraLaunch()
+    """The LoRA flags (adapter jobs)."""
     streams: StreamSlots = field(init=False)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ generates through SGLang's own request path, as user traffic.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -18,10 +19,13 @@ import torch
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.jobs.errors import InvalidRequest, Unavailable
-from sglang_mezo.protocol import ChunkOutcome, RestoreOutcome, SaveOutcome, StepChunk
-from sglang_mezo.scheduler.messages import MezoChunkReqInput, MezoRestoreReqInput, MezoSaveReqInput
+from sglang_mezo.protocol import AdapterRetired, AdapterVersion, ChunkOutcome, RestoreOutcome, SaveOutcome, StepChunk
+from sglang_mezo.scheduler.messages import (MezoAdapterRetireReqInput, MezoChunkReqInput, MezoRestoreReqInput,
+                                            MezoSaveReqInput)
 
-_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome)
+logger = logging.getLogger(__name__)
+
+_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome, AdapterRetired)
 _Moved = TypeVar("_Moved", ChunkOutcome, RestoreOutcome)
 
 COMMUNICATOR = "mezo"
@@ -33,9 +37,46 @@ class TokenizerManagerExecutor:
 
     def __init__(self, tokenizer_manager) -> None:
         self.tm = tokenizer_manager
+        self.adapters: dict[str, AdapterVersion] = {}
+        """The version each trained adapter's name serves now (shared with the scorers)."""
+        self._retiring: set[asyncio.Task] = set()
 
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
-        return self._relabelled(await self._send(MezoChunkReqInput(chunk=chunk), ChunkOutcome))
+        outcome = await self._send(MezoChunkReqInput(chunk=chunk), ChunkOutcome)
+        if outcome.adapter_version is not None:
+            await self._serve(outcome.adapter_version)
+        return self._relabelled(outcome)
+
+    async def _serve(self, version: AdapterVersion) -> None:
+        """Point the adapter's name at ``version`` in SGLang's LoRA registry, in one step under its locks (a request
+        resolves the name either before, to the old id, or after, to the new one), and unload the old version once
+        the requests that resolved to it have finished."""
+        from sglang.srt.lora.lora_registry import LoRARef
+
+        registry = self.tm.lora_registry
+        ref = LoRARef(lora_id=version.lora_id, lora_name=version.name, lora_path=f"mezo://{version.name}",
+                      pinned=False)
+        async with self.tm.lora_update_lock, registry._registry_lock.writer_lock:
+            old = registry._registry.pop(version.name, None)
+            registry._register_adapter(ref)
+        self.adapters[version.name] = version
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(self._retire(old.lora_id))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, lora_id: str) -> None:
+        try:
+            await self.tm.lora_registry.wait_for_unload(lora_id)
+            await self._send(MezoAdapterRetireReqInput(lora_ids=(lora_id,)), AdapterRetired)
+        except Exception:  # noqa: BLE001 - a version left loaded costs host memory, never correctness
+            logger.exception("MeZO: retiring adapter version %s failed", lora_id)
+
+    async def end_adapter_job(self, job_id: str) -> None:
+        try:
+            await self._send(MezoAdapterRetireReqInput(job_id=job_id), AdapterRetired)
+        except Exception:  # noqa: BLE001 - the job is over either way
+            logger.exception("MeZO: dropping adapter job %s's training state failed", job_id)
 
     async def drain(self, timeout_s: float) -> None:
         # the tokenizer manager holds one state per user request until it finishes (our own messages go through
@@ -80,8 +121,23 @@ class TokenizerManagerScorer:
     BATCH = 64
     """Sequences per request: bounds one request's KV and memory."""
 
-    def __init__(self, tokenizer_manager) -> None:
+    def __init__(self, tokenizer_manager, *, adapter: str | None = None,
+                 versions: dict[str, AdapterVersion] | None = None) -> None:
         self.tm = tokenizer_manager
+        self.adapter = adapter
+        self.versions: dict[str, AdapterVersion] = {} if versions is None else versions
+        """The executor's ``adapters``: the version each trained adapter's name serves now."""
+
+    def under(self, adapter: str) -> TokenizerManagerScorer:
+        return TokenizerManagerScorer(self.tm, adapter=adapter, versions=self.versions)
+
+    def _lora(self) -> str | None:
+        """The name to send as ``lora_path``: the adapter once it has a version (before, a fresh adapter computes
+        the base's function exactly: B = 0)."""
+        return self.adapter if self.adapter in self.versions else None
+
+    def _version(self, meta: dict) -> str:
+        return self.versions[self.adapter].label if self._lora() else str(meta["weight_version"])
 
     async def score(self, items: Sequence[ScoringItem]) -> tuple[CompletionScores, set[str]]:
         from sglang.srt.managers.io_struct import GenerateReqInput
@@ -101,12 +157,13 @@ class TokenizerManagerScorer:
                 # SGLang reads a list per request or broadcasts one list to all: items that ask nothing ask for their
                 # own first token, which costs nothing
                 token_ids_logprob=[list(i.next_token_ids or i.completion_ids[:1]) for i in chunk] if asks else None,
+                lora_path=self._lora(),
             )
             outputs = await self._first(request)
             for out, item in zip(outputs, chunk, strict=True):
                 meta = out["meta_info"]
                 sums.append(math.fsum(e[0] for e in meta["input_token_logprobs"][1:]))
-                versions.add(str(meta["weight_version"]))
+                versions.add(self._version(meta))
                 # entry 1, like the completion's first log-prob: read where the first completion token is predicted
                 asked = {int(e[1]): float(e[0]) for e in meta["input_token_ids_logprobs"][1]} if asks else {}
                 nexts.append(torch.tensor([asked[t] for t in item.next_token_ids], dtype=torch.float64))
@@ -132,6 +189,7 @@ class TokenizerManagerScorer:
                 input_ids=[list(i.prompt_ids) for i in chunk],
                 # as long as the reference at most (or up to the end token): an answer, not an essay
                 sampling_params=[{"max_new_tokens": len(i.completion_ids), "temperature": 0} for i in chunk],
+                lora_path=self._lora(),
             )
             outputs = await self._first(request)
             decode = self.tm.tokenizer.decode

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.lora import MODULES, LoraSpec
+from sglang_mezo.core.probes import copies_needed
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
 from sglang_mezo.jobs.data import DataError, examples_from_records, load_records
 from sglang_mezo.jobs.errors import InvalidRequest
 from sglang_mezo.jobs.templates import (ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate,
                                         TemplateError, TextChoice, TextExample)
 from sglang_mezo.options import Limits
+from sglang_mezo.protocol import AdapterTarget
+from sglang_mezo.scheduler.lora_pool import loadable_refusal
 
-from .schemas import DatasetIn, ExampleIn, StepRequest
+from .schemas import AdapterIn, DatasetIn, ExampleIn, StepRequest
 
 _TEMPLATES = {"classification": ClassificationTemplate, "multiple_choice": MultipleChoiceTemplate,
               "generation": GenerationTemplate}
@@ -58,6 +63,64 @@ def job_config(defaults: MezoConfig, request: StepRequest, limits: Limits) -> Me
         raise InvalidRequest(f"n_probes={config.n_probes} is more than this server allows "
                              f"({Limits.flag('max_probes')} {limits.max_probes})")
     return config
+
+
+@dataclass(frozen=True)
+class LoraLaunch:
+    """The LoRA flags SGLang was launched with, as adapter jobs need them."""
+
+    enabled: bool = False
+    max_rank: int | None = None
+    target_modules: tuple[str, ...] = ()
+    """Empty: SGLang infers them from --lora-paths (then only the scheduler can check a job's)."""
+    max_loras_per_batch: int = 8
+    tp_size: int = 1
+
+    @classmethod
+    def of(cls, server_args) -> LoraLaunch:
+        modules = tuple(getattr(server_args, "lora_target_modules", None) or ())
+        if "all" in modules:
+            modules = MODULES
+        return cls(enabled=bool(getattr(server_args, "enable_lora", False)),
+                   max_rank=getattr(server_args, "max_lora_rank", None), target_modules=modules,
+                   max_loras_per_batch=int(getattr(server_args, "max_loras_per_batch", 8) or 8),
+                   tp_size=int(getattr(server_args, "tp_size", 1) or 1))
+
+
+def adapter_target(request: AdapterIn, launch: LoraLaunch, config: MezoConfig) -> AdapterTarget:
+    """The adapter a job trains, its unset fields from the launch flags; a 400 naming the flag it goes beyond."""
+    if not launch.enabled:
+        raise InvalidRequest("adapter jobs train in SGLang's LoRA pool: start the server with --enable-lora "
+                             "(and --max-lora-rank, --lora-target-modules)")
+    if launch.tp_size != 1:
+        raise InvalidRequest(f"adapter jobs train at tensor-parallel size 1 only; this server runs --tp-size "
+                             f"{launch.tp_size}")
+    rank = request.rank or launch.max_rank
+    if rank is None:
+        raise InvalidRequest("adapter.rank is required: this server sets no --max-lora-rank")
+    if launch.max_rank is not None and rank > launch.max_rank:
+        raise InvalidRequest(f"adapter.rank={rank} is more than the LoRA pool holds (--max-lora-rank "
+                             f"{launch.max_rank})")
+    modules = tuple(request.target_modules or launch.target_modules)
+    if not modules:
+        raise InvalidRequest("adapter.target_modules is required: this server sets no --lora-target-modules")
+    unknown = sorted(set(modules) - set(MODULES))
+    if unknown:
+        raise InvalidRequest(f"adapter.target_modules {unknown} are not among {', '.join(MODULES)}")
+    beyond = sorted(set(modules) - set(launch.target_modules)) if launch.target_modules else []
+    if beyond:
+        raise InvalidRequest(f"adapter.target_modules {beyond} are not in this server's LoRA pool "
+                             f"(--lora-target-modules {' '.join(launch.target_modules)})")
+    spec = LoraSpec(rank=rank, alpha=request.alpha or 2.0 * rank, target_modules=modules, init_seed=config.seed)
+    refusal = loadable_refusal(spec)
+    if refusal:
+        raise InvalidRequest(f"adapter.target_modules: {refusal}")
+    needed = copies_needed(config)
+    if needed > launch.max_loras_per_batch - 1:  # the base (or another adapter) keeps a slot
+        raise InvalidRequest(f"a step scores its {needed} probes ({config.estimator.value}, n_probes="
+                             f"{config.n_probes}) as adapters in one batch: more than the LoRA pool's slots allow "
+                             f"(--max-loras-per-batch {launch.max_loras_per_batch}, one kept for other traffic)")
+    return AdapterTarget(request.name, spec, probes_in_one_batch=request.probes_in_one_batch)
 
 
 def check_count(limits: Limits, n: int) -> None:

@@ -32,6 +32,8 @@ class Limits:
         "help": "tokens of one job's examples together (prompts, completions, every option)"})
     max_probes: int = field(default=64, metadata={"help": "SPSA probes per step (each costs two forwards)"})
     max_queued_jobs: int = field(default=16, metadata={"help": "jobs queued or running at once"})
+    max_adapter_jobs: int = field(default=4, metadata={"help": "adapter jobs training at once (each beside the "
+                                                                 "others and the base's queue)"})
     max_event_streams: int = field(default=32, metadata={
         "help": "open event streams at once (GET /mezo/jobs/{id}/events, /v1/fine_tuning/jobs/{id}/events "
                 "?stream=true)"})

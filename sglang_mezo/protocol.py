@@ -21,6 +21,7 @@ from typing import Protocol
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import INITIAL_STATE, AdaptiveState
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
+from sglang_mezo.core.lora import LoraSpec
 from sglang_mezo.core.objectives import Example, Objective
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
@@ -54,6 +55,29 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class AdapterTarget:
+    """The LoRA adapter a job trains instead of the served weights: the name it is served under and what it is."""
+
+    name: str
+    spec: LoraSpec
+    probes_in_one_batch: bool = True
+    """False: each probe adapter scored in a forward of its own (the comparison the batched path is measured
+    against)."""
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    """A committed version of a trained adapter, as SGLang serves it: requests that name ``name`` are scored with
+    SGLang's adapter ``lora_id`` (a fresh id per version, so the radix cache, keyed by it, never mixes versions)."""
+
+    name: str
+    lora_id: str
+    committed_steps: int
+    label: str
+    """The version's label (:func:`weight_version_label` of the job and its committed steps)."""
+
+
+@dataclass(frozen=True)
 class StepChunk:
     """Steps of one job for the scheduler to run back to back, with no user batch in between."""
 
@@ -68,6 +92,8 @@ class StepChunk:
     adaptive: AdaptiveState = INITIAL_STATE
     """The step-size rule's state after the job's last committed step, which the chunk's first step continues
     from (the initial state for a job's first chunk, and always for a config without a rule)."""
+    adapter: AdapterTarget | None = None
+    """The adapter the steps train (None: the served weights)."""
 
     def __post_init__(self) -> None:
         if not self.steps or len(self.steps) != len(self.batches):
@@ -116,6 +142,9 @@ class ChunkOutcome:
     """The trainable set's header, for the job's trajectory."""
     weight_version: str | None = None
     """The label SGLang now serves the weights with, if they changed."""
+    adapter_version: AdapterVersion | None = None
+    """For an adapter job: the version the chunk's last committed step made, registered in the scheduler (the
+    executor makes requests by the adapter's name use it)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +167,15 @@ class SaveOutcome:
     message: str = ""
 
 
-Outcome = ChunkOutcome | RestoreOutcome | SaveOutcome
+@dataclass(frozen=True)
+class AdapterRetired:
+    """What a retire message unloaded (adapter versions by id) and whose training state it dropped."""
+
+    retired: tuple[str, ...] = ()
+    job_id: str | None = None
+
+
+Outcome = ChunkOutcome | RestoreOutcome | SaveOutcome | AdapterRetired
 
 
 def weight_version_label(job_id: str, committed_steps: int, aborted: bool = False) -> str:
@@ -170,6 +207,10 @@ class ChunkExecutor(Protocol):
         ``float32``, else in the base checkpoint's dtype)."""
         ...
 
+    async def end_adapter_job(self, job_id: str) -> None:
+        """An adapter job ended (any way): its training state may go; the versions it published keep serving."""
+        ...
+
 
 class ServedScorer(Protocol):
     """Scoring and generation as user traffic is served (for evaluations)."""
@@ -177,6 +218,11 @@ class ServedScorer(Protocol):
     async def score(self, items: Sequence[ScoringItem]) -> tuple[CompletionScores, set[str]]:
         """Score the items; also the weight versions that scored them (more than one if a step committed
         meanwhile)."""
+        ...
+
+    def under(self, adapter: str) -> ServedScorer:
+        """The same scorer for requests that name a trained adapter (its committed version; the base, whose function
+        a fresh adapter computes exactly, before its first commit)."""
         ...
 
     async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:

@@ -73,6 +73,7 @@ class FakeExecutor:
         """When set up, each chunk waits for it (a test holds a job mid-run; set from any thread)..."""
         self.hold_from = 0
         """... each chunk from this step on."""
+        self.ended_adapter_jobs: list[str] = []
 
     def params(self, selection: ParamSelection) -> TrainableSet:
         return TrainableSet.from_pieces(self.engine.trainable_pieces(), selection, self.engine.num_layers)
@@ -138,6 +139,9 @@ class FakeExecutor:
         self.version = weight_version
         return RestoreOutcome(message=f"replayed {steps} step(s)", weight_version=weight_version)
 
+    async def end_adapter_job(self, job_id: str) -> None:
+        self.ended_adapter_jobs.append(job_id)
+
     async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
         if self.faults.save is not None:
             kind, self.faults.save = self.faults.save, None
@@ -154,6 +158,9 @@ class FakeScorer:
 
     async def score(self, items: Sequence[ScoringItem]) -> tuple[CompletionScores, set[str]]:
         return self.executor.engine.score(items), {self.executor.version}
+
+    def under(self, adapter: str) -> FakeScorer:
+        return self
 
     async def generate(self, items: Sequence[ScoringItem]) -> list[tuple[str, str]]:
         # the "generation" is the completion's first token repeated: half right, as text of token ids

@@ -18,7 +18,7 @@ from ..errors import MezoRoute
 from ..plot import job_plot_png
 from ..schemas import JobHistoryOut, JobListOut, JobOut, StepOut, StepRequest
 from ..sse import polled
-from ..translate import check_count, check_tokens, dataset_texts, job_config, objective_for, texts
+from ..translate import adapter_target, check_count, check_tokens, dataset_texts, job_config, objective_for, texts
 
 router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
@@ -26,9 +26,11 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
-    if mezo.precision.refusal:
-        raise InvalidRequest(mezo.precision.refusal)
     config = job_config(mezo.defaults, request, mezo.limits)
+    # an adapter trains through its own fp32 master: the served weights' precision does not matter to it
+    adapter = None if request.adapter is None else adapter_target(request.adapter, mezo.lora, config)
+    if adapter is None and mezo.precision.refusal:
+        raise InvalidRequest(mezo.precision.refusal)
     train, held_out = texts(request.examples), texts(request.eval_examples)
     if request.dataset is not None:
         path = mezo.files.data_file(request.dataset.path)
@@ -42,7 +44,7 @@ async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     job = mezo.runner.submit(JobSpec(examples=examples, objective=objective, config=config,
                                      batch_size=request.batch_size, base_model=mezo.base_model,
                                      eval_examples=eval_examples, eval_every=request.eval_every,
-                                     eval_generate=request.eval_generate))
+                                     eval_generate=request.eval_generate, adapter=adapter))
     if not request.wait:
         return JobOut.of(job)
     await finished(job)

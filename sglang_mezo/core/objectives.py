@@ -21,7 +21,7 @@ import dataclasses
 import enum
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,6 +186,22 @@ def batch_loss_fn(engine: ScoringEngine, objective: Objective, batch: Sequence[E
         return float(example_losses(objective, batch, scores, share_prompts=share_prompts).mean())
 
     return loss
+
+
+CopiesScorer = Callable[[Sequence[ScoringItem], Sequence[int]], Sequence[CompletionScores]]
+"""Scores items under each of the given copies of the weights (see :mod:`.probes`), all in one go."""
+
+
+def copies_loss_fn(score_copies: CopiesScorer, objective: Objective, batch: Sequence[Example], *,
+                   share_prompts: bool = True) -> Callable[[Sequence[int]], list[float]]:
+    """The scorer a step with its probes in copies calls once: ``batch``'s mean loss under each copy asked for."""
+    items = scoring_items(batch, share_prompts=share_prompts)
+
+    def losses(copies: Sequence[int]) -> list[float]:
+        return [float(example_losses(objective, batch, scores, share_prompts=share_prompts).mean())
+                for scores in score_copies(items, list(copies))]
+
+    return losses
 
 
 @dataclass(frozen=True)

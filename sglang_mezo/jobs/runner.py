@@ -48,7 +48,8 @@ class JobRunner:
     def __init__(self, executor: ChunkExecutor, scorer: ServedScorer, *, chunk_target_s: float = 0.2,
                  max_chunk_steps: int = 64, yield_s: float = 2.0, base_weight_version: str = "default",
                  base_model: str = "", observers: Sequence[JobObserver] = (), max_active: int | None = None,
-                 journal: Journal | None = None, journaled: JournalState | None = None) -> None:
+                 journal: Journal | None = None, journaled: JournalState | None = None,
+                 max_adapter_jobs: int = 4) -> None:
         """``journal``: where to keep the served history and the jobs as they happen (``--mezo-state-dir``);
         ``journaled``: what it held at launch (the scheduler has replayed its served history onto the weights)."""
         self.executor = executor
@@ -60,6 +61,10 @@ class JobRunner:
         self.max_active = max_active
         """Jobs queued or running at once (``--mezo-max-queued-jobs``); None: no bound."""
         self.jobs: dict[str, Job] = {}
+        self.max_adapter_jobs = max_adapter_jobs
+        """Adapter jobs training at once (``--mezo-max-adapter-jobs``): each runs beside the others and beside the
+        queue, since none moves the served weights."""
+        self._adapter_tasks: set[asyncio.Task] = set()
         self.journal = journal
         self.weights = ServedWeights(executor, base_weight_version=base_weight_version, base_model=base_model,
                                      journal=journal)
@@ -80,6 +85,12 @@ class JobRunner:
         if self.max_active is not None and active >= self.max_active:
             raise TooMany(f"{active} jobs are queued or running; this server queues at most {self.max_active} "
                           f"(--mezo-max-queued-jobs)")
+        if spec.adapter is not None:
+            return self._start_adapter_job(spec)
+        if self._adapter_jobs():
+            raise Conflict(f"adapter jobs are training ({', '.join(j.id for j in self._adapter_jobs())}) on the "
+                           "served weights: a job on the weights themselves would change the base under them; "
+                           "cancel them or wait for them first")
         job = Job(spec)
         self.jobs[job.id] = job
         if self._queue is None:
@@ -87,6 +98,41 @@ class JobRunner:
             self._worker = asyncio.get_running_loop().create_task(self._work(), name="sglang-mezo-jobs")
         self._queue.put_nowait(job)
         return job
+
+    def _adapter_jobs(self) -> list[Job]:
+        return [j for j in self.jobs.values() if j.spec.adapter is not None and not j.status.finished]
+
+    def _start_adapter_job(self, spec: JobSpec) -> Job:
+        """An adapter job starts at once, beside the queue (the served weights' lock is not its to take), up to
+        ``max_adapter_jobs`` at a time and one per adapter name."""
+        assert spec.adapter is not None
+        running = self._adapter_jobs()
+        if any(j.spec.adapter.name == spec.adapter.name for j in running):
+            raise Conflict(f"adapter {spec.adapter.name!r} is being trained by another job")
+        if len(running) >= self.max_adapter_jobs:
+            raise TooMany(f"{len(running)} adapter jobs are training; this server trains at most "
+                          f"{self.max_adapter_jobs} at once (--mezo-max-adapter-jobs)")
+        if any(not j.status.finished for j in self.jobs.values() if j.spec.adapter is None):
+            raise Conflict("a job on the served weights is queued or running: an adapter trained meanwhile would "
+                           "be trained on a moving base; wait for it or cancel it first")
+        job = Job(spec)
+        self.jobs[job.id] = job
+        task = asyncio.get_running_loop().create_task(self._adapter_work(job), name=f"sglang-mezo-{job.id}")
+        self._adapter_tasks.add(task)
+        task.add_done_callback(self._adapter_tasks.discard)
+        return job
+
+    async def _adapter_work(self, job: Job) -> None:
+        if job.status is not JobStatus.QUEUED:  # cancelled before it started
+            return
+        try:
+            await self._run(job)
+        except Exception as exc:  # noqa: BLE001 - one job's failure must not stop the others
+            logger.exception("MeZO job %s crashed", job.id)
+            job.failure = Failure(FailureKind.INTERNAL, f"{type(exc).__name__}: {exc}")
+            self._finish(job, JobStatus.FAILED)
+        finally:
+            await self.executor.end_adapter_job(job.id)
 
     def _restore_from(self, state: JournalState, base_model: str) -> None:
         """The jobs and served history of a journal, as this runner would have left them."""
@@ -133,9 +179,11 @@ class JobRunner:
     async def _run(self, job: Job) -> None:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
-        job.served_before = tuple(self.weights.segments)
+        adapter = spec.adapter is not None
+        job.served_before = () if adapter else tuple(self.weights.segments)
         self._notify("on_start", job)
-        failure = await self._journaled(lambda journal: journal.job_started(
+        # adapter jobs are not journaled yet: a restart must never replay an adapter's steps onto the base weights
+        failure = None if adapter else await self._journaled(lambda journal: journal.job_started(
             job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value, job.created,
             [s.journaled() for s in job.served_before]))
         if failure is not None:
@@ -151,13 +199,15 @@ class JobRunner:
             started = time.perf_counter()
             outcome = await self.executor.run_chunk(StepChunk(job_id=job.id, config=spec.config,
                                                               objective=spec.objective, steps=steps,
-                                                              batches=spec.batches(steps), adaptive=job.adaptive))
+                                                              batches=spec.batches(steps), adaptive=job.adaptive,
+                                                              adapter=spec.adapter))
             per_step = (time.perf_counter() - started) / max(1, len(outcome.reports))
             # on disk before anything here learns of the steps: a status that shows step k survives a restart
-            unjournaled = await self._journaled(lambda journal: journal.chunk(job.id, outcome, spec.config.z_kind))
+            unjournaled = None if adapter else await self._journaled(
+                lambda journal: journal.chunk(job.id, outcome, spec.config.z_kind))
             job.record(outcome)
             self._notify("on_steps", job, outcome.reports)
-            if job.trajectory is not None:
+            if job.trajectory is not None and not adapter:
                 self.weights.carry(job.id, job.trajectory)
             if outcome.failure is not None or unjournaled is not None:
                 return await self._fail(job, outcome.failure or unjournaled,
@@ -165,7 +215,7 @@ class JobRunner:
             chunk_steps = max(1, min(self.max_chunk_steps, int(self.chunk_target_s / max(per_step, 1e-6))))
             if job.steps_done == spec.steps or (spec.eval_every and job.steps_done % spec.eval_every == 0):
                 await self._evaluate(job)
-            if job.steps_done < spec.steps and self.yield_s > 0:
+            if job.steps_done < spec.steps and self.yield_s > 0 and not adapter:  # the base never waited
                 await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
 
@@ -213,7 +263,7 @@ class JobRunner:
 
     def _finish(self, job: Job, status: JobStatus) -> None:
         job.status, job.finished = status, time.time()
-        if self.journal is not None and job.started is not None:
+        if self.journal is not None and job.started is not None and job.spec.adapter is None:
             try:
                 self.journal.finished(job.id, status.value, job.failure)
             except JournalWriteError:  # the job is over either way; a restart will list it as interrupted
@@ -234,10 +284,12 @@ class JobRunner:
         spec = job.spec
         if not spec.eval_examples:
             return
-        metrics, version = await evaluate_served(self.scorer, spec.objective, spec.eval_examples,
+        scorer = self.scorer if spec.adapter is None else self.scorer.under(spec.adapter.name)
+        metrics, version = await evaluate_served(scorer, spec.objective, spec.eval_examples,
                                                  spec.eval_generate)
         job.evals.append(Evaluation(job.steps_done, metrics, version))
-        await self._journaled(lambda journal: journal.evaluated(job.id, job.steps_done, metrics, version))
+        if spec.adapter is None:
+            await self._journaled(lambda journal: journal.evaluated(job.id, job.steps_done, metrics, version))
         self._notify("on_eval", job, job.evals[-1])
         logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)
 
@@ -249,7 +301,8 @@ class JobRunner:
         job started, plus those steps. Any job this server ran can be returned to, also one a later reset dropped.
         Works by re-reading the trainable tensors and replaying that history exactly."""
         if any(not j.status.finished for j in self.jobs.values()):
-            raise Conflict("a MeZO job is queued or running: cancel it or wait for it before a reset")
+            raise Conflict("a MeZO job is queued or running (adapter jobs included, whose base a reset would change): "
+                           "cancel it or wait for it before a reset")
         async with self.weights.lock:
             return await self.weights.restore(self.history_for(job_id, step))
 

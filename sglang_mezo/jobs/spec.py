@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Example, Objective
+from sglang_mezo.protocol import AdapterTarget
 
 
 class Purpose(str, enum.Enum):
@@ -30,6 +31,8 @@ class JobSpec:
     eval_generate: bool = False
     """Also generate for completion eval examples and report exact match and token F1."""
     purpose: Purpose = Purpose.TRAIN
+    adapter: AdapterTarget | None = None
+    """Train this LoRA adapter in SGLang's pool instead of the served weights."""
 
     @property
     def steps(self) -> int:

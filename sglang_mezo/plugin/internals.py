@@ -57,6 +57,8 @@ HOOK_HTTP_SETUP = Internal("sglang.srt.entrypoints.http_server._setup_and_run_ht
 HOOKS = (HOOK_ADD_CLI_ARGS, HOOK_FROM_CLI_ARGS, HOOK_SCHEDULER_DISPATCHER, HOOK_HTTP_SETUP)
 
 _LORA_MANAGER = "sglang.srt.lora.lora_manager.LoRAManager"
+_LORA_POOL = "sglang.srt.lora.mem_pool.LoRAMemoryPool"
+_LORA_REGISTRY = "sglang.srt.lora.lora_registry.LoRARegistry"
 CPU_LORA_HOOKS = tuple(
     Internal(f"{_LORA_MANAGER}.{method}", Use.HOOK, "plugin.pinning",
              f"--enable-lora without CUDA: SGLang pins host tensors ({why}) and pinning needs a CUDA driver "
@@ -64,7 +66,8 @@ CPU_LORA_HOOKS = tuple(
     for method, why in (("__init__", "the layers' offsets"), ("update_lora_info", "the layers' offsets"),
                         ("prepare_lora_batch", "the torch-native backend's batch indices"),
                         ("load_lora_adapter", "an adapter read and registered"),
-                        ("load_lora_adapter_from_tensors", "an adapter registered from tensors")))
+                        ("load_lora_adapter_from_tensors", "an adapter registered from tensors"),
+                        ("fetch_new_loras", "adapters made resident for a step's probes")))
 """Registered only where CUDA is absent, so not among :data:`HOOKS` (which ``--enable-mezo`` requires)."""
 
 INTERNALS: tuple[Internal, ...] = HOOKS + CPU_LORA_HOOKS + (
@@ -102,6 +105,43 @@ INTERNALS: tuple[Internal, ...] = HOOKS + CPU_LORA_HOOKS + (
     Internal(f"{_TOKENIZER_MANAGER}.model_config", Use.READ, "server.app", "the served dtype", instance=True),
     Internal(f"{_TOKENIZER_MANAGER}.served_model_name", Use.READ, "server.app",
              "the base model's name: /v1/models, fine-tuned names, the metrics' label (the server args' may be unset)",
+             instance=True),
+    # -- adapter jobs: SGLang's LoRA registry (HTTP process) and LoRA manager and pool (scheduler)
+    Internal("sglang.srt.lora.lora_registry.LoRARef", Use.CONSTRUCT, "scheduler.lora_pool, server.sglang_adapters",
+             "each trained adapter version and probe adapter is an SGLang adapter under its own id"),
+    Internal(f"{_TOKENIZER_MANAGER}.lora_registry", Use.READ, "server.sglang_adapters",
+             "point an adapter's name at its new version", instance=True),
+    Internal(f"{_TOKENIZER_MANAGER}.lora_update_lock", Use.READ, "server.sglang_adapters",
+             "swap a name's version as SGLang's own loads and unloads do, one at a time", instance=True),
+    Internal(f"{_LORA_REGISTRY}._registry_lock", Use.READ, "server.sglang_adapters",
+             "the swap of a name's id is one write under the registry's lock: a request sees the old or the new",
+             instance=True),
+    Internal(f"{_LORA_REGISTRY}._registry", Use.READ, "server.sglang_adapters",
+             "drop the name's old ref inside that one write (unregister takes the lock itself)", instance=True),
+    Internal(f"{_LORA_REGISTRY}._register_adapter", Use.CALL, "server.sglang_adapters",
+             "add the new ref inside that one write (register takes the lock itself)"),
+    Internal(f"{_LORA_REGISTRY}.wait_for_unload", Use.CALL, "server.sglang_adapters",
+             "retire an old version once the requests that resolved to it are done"),
+    Internal("sglang.srt.model_executor.model_runner.ModelRunner.lora_manager", Use.READ, "scheduler.serving",
+             "the LoRA manager adapter jobs train in", instance=True),
+    Internal(f"{_LORA_MANAGER}.load_lora_adapter_from_tensors", Use.CALL, "scheduler.lora_pool",
+             "register a version or probe adapter from the master's tensors"),
+    Internal(f"{_LORA_MANAGER}.unload_lora_adapter", Use.CALL, "scheduler.lora_pool",
+             "drop retired versions and a finished job's probe adapters"),
+    Internal(f"{_LORA_MANAGER}.fetch_new_loras", Use.CALL, "scheduler.lora_pool",
+             "make a step's probe adapters resident before writing their slots"),
+    Internal(f"{_LORA_MANAGER}.memory_pool", Use.READ, "scheduler.adapters", "the slots", instance=True),
+    Internal(f"{_LORA_MANAGER}.lora_refs", Use.READ, "scheduler.lora_pool", "the ref to unload by id",
+             instance=True),
+    Internal(f"{_LORA_MANAGER}.max_loras_per_batch", Use.READ, "scheduler.adapters",
+             "refuse a job whose probes do not fit the pool", instance=True),
+    Internal(f"{_LORA_MANAGER}.num_pinned_loras", Use.READ, "scheduler.adapters",
+             "slots pinned adapters hold", instance=True),
+    Internal(f"{_LORA_MANAGER}.dtype", Use.READ, "scheduler.adapters", "the pool's dtype (CPU copies in it)",
+             instance=True),
+    Internal(f"{_LORA_POOL}.A_buffer", Use.READ, "scheduler.lora_pool", "slot views of lora_A", instance=True),
+    Internal(f"{_LORA_POOL}.B_buffer", Use.READ, "scheduler.lora_pool", "slot views of lora_B", instance=True),
+    Internal(f"{_LORA_POOL}.uid_to_buffer_id", Use.READ, "scheduler.lora_pool", "which slot an adapter is in",
              instance=True),
     # -- the scheduler: dispatch, serving around a chunk
     Internal("sglang.utils.TypeBasedDispatcher", Use.CONSTRUCT, "scheduler.handler", "dispatch our messages"),

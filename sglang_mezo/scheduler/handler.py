@@ -47,12 +47,14 @@ from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.protocol import (AbortedStep, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
+from sglang_mezo.protocol import (AbortedStep, AdapterRetired, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
                                   StepChunk, StepReport)
 
+from .adapters import AdapterTrainer
 from .agreement import OtherRankFailed, TPAgreement, Verdict
 from .faults import FAULT_ENV, FaultInjector
-from .messages import MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
+from .messages import (MezoAdapterRetireReqInput, MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput,
+                       MezoSaveReqInput)
 from .serving import SchedulerServing
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class MezoSchedulerHandler:
         first trainable set of a half-precision model, when ``--mezo-master`` asks for them)."""
         self.inconsistent = False
         """Latched when a weight pass failed part-way: no training until a restore succeeds."""
+        self.adapters = AdapterTrainer(serving)
 
     @property
     def faults(self) -> FaultInjector:
@@ -119,6 +122,8 @@ class MezoSchedulerHandler:
 
     def handle(self, req: MezoChunkReqInput) -> MezoReqOutput:
         chunk = req.chunk
+        if chunk.adapter is not None:  # the base weights do not move: no pause, no agreement on them
+            return MezoReqOutput(outcome=self.adapters.handle(chunk))
         failure = self._prepare(chunk)
         # All ranks agree before any collective runs: a rank that skipped the steps would strand the others. A
         # rank whose weights are inconsistent makes every rank say so, so that rank 0's reply leads to a restore.
@@ -327,6 +332,15 @@ class MezoSchedulerHandler:
         logger.info("MeZO: weights %s %s to %s", version, message, req.path)
         return MezoReqOutput(outcome=SaveOutcome(weight_version=version, tensors=tuple(tensors), message=message))
 
+    # -- adapters ------------------------------------------------------------------------------------------------
+
+    def retire_adapters(self, req: MezoAdapterRetireReqInput) -> MezoReqOutput:
+        """Unload adapter versions no request uses any more; drop a finished adapter job's training state."""
+        self.adapters.retire(req.lora_ids)
+        if req.job_id is not None:
+            self.adapters.drop(req.job_id)
+        return MezoReqOutput(outcome=AdapterRetired(retired=req.lora_ids, job_id=req.job_id))
+
     def _load_into_master(self, piece: TrainablePiece, block: torch.Tensor) -> None:
         """A checkpoint block becomes the piece's master; the served weights are rounded from it."""
         self._masters.load(piece.data, block)
@@ -385,5 +399,6 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
         (MezoChunkReqInput, handler.handle),
         (MezoRestoreReqInput, handler.restore),
         (MezoSaveReqInput, handler.save),
+        (MezoAdapterRetireReqInput, handler.retire_adapters),
     ])
     scheduler._mezo_handler = handler

@@ -35,5 +35,12 @@ class MezoSaveReqInput(BaseReq, kw_only=True):
     """The trained tensors in fp32 (else in the base checkpoint's dtype)."""
 
 
+class MezoAdapterRetireReqInput(BaseReq, kw_only=True):
+    lora_ids: tuple[str, ...] = ()
+    """Adapter versions no request uses any more: unloaded from SGLang's LoRA manager."""
+    job_id: str | None = None
+    """A finished adapter job: its training state (master, probe adapters) is dropped."""
+
+
 class MezoReqOutput(BaseReq, kw_only=True):
     outcome: Outcome

@@ -50,10 +50,13 @@ class SchedulerEngine:
     def trainable_pieces(self) -> list[TrainablePiece]:
         return self._pieces
 
-    def score(self, items: Sequence[ScoringItem]) -> CompletionScores:
+    def score(self, items: Sequence[ScoringItem], lora_ids: Sequence[str | None] | None = None) -> CompletionScores:
+        """Score ``items`` under the served weights, or each under its own LoRA adapter (``lora_ids``: SGLang's id
+        per item, None for the base), in as few forward batches as the prefill budget allows."""
+        tagged = list(zip(items, lora_ids if lora_ids is not None else [None] * len(items), strict=True))
         sums: list[torch.Tensor] = []
         nexts: list[torch.Tensor] = []
-        for chunk in self._chunks(items):
+        for chunk in self._chunks(tagged):
             chunk_sums, chunk_nexts = self._score_chunk(chunk)
             sums.append(chunk_sums)
             nexts.extend(chunk_nexts)
@@ -63,32 +66,43 @@ class SchedulerEngine:
             next_token_logprobs=tuple(nexts) if any(i.next_token_ids for i in items) else (),
         )
 
-    def _chunks(self, items: Sequence[ScoringItem]) -> list[list[ScoringItem]]:
+    def score_copies(self, items: Sequence[ScoringItem], lora_ids: Sequence[str]) -> list[CompletionScores]:
+        """``items`` under each of the adapters ``lora_ids``, all in the same forward batches (the adapters must be
+        resident in SGLang's LoRA pool, or loadable into it, together): one :class:`CompletionScores` per adapter."""
+        flat = self.score([i for _ in lora_ids for i in items], [u for u in lora_ids for _ in items])
+        n = len(items)
+        return [CompletionScores(
+            sum_logprob=flat.sum_logprob[k * n : (k + 1) * n], n_tokens=flat.n_tokens[k * n : (k + 1) * n],
+            next_token_logprobs=flat.next_token_logprobs[k * n : (k + 1) * n] if flat.next_token_logprobs else ())
+            for k in range(len(lora_ids))]
+
+    def _chunks(self, items: Sequence[tuple[ScoringItem, str | None]]) -> list[list[tuple[ScoringItem, str | None]]]:
         """Split into forward passes of at most the scheduler's prefill budget (a hand-built batch bypasses the
         scheduler's own chunking) and check the KV pool can hold each."""
         s = self.scheduler
         budget = min(s.max_prefill_tokens, s.max_total_num_tokens)
         max_reqs = max(1, min(s.max_running_requests, s.req_to_token_pool.available_size()))
         chunks, current, tokens = [], [], 0
-        for item in items:
+        for tagged in items:
+            item = tagged[0]
             n = len(item.prompt_ids) + len(item.completion_ids)
             if n > self.context_len:
                 raise ValueError(f"a scored sequence has {n} tokens, more than the context length {self.context_len}")
             if current and (tokens + n > budget or len(current) >= max_reqs):
                 chunks.append(current)
                 current, tokens = [], 0
-            current.append(item)
+            current.append(tagged)
             tokens += n
         if current:
             chunks.append(current)
         free = s.token_to_kv_pool_allocator.available_size() + s.tree_cache.evictable_size()
-        largest = max(sum(len(i.prompt_ids) + len(i.completion_ids) for i in c) for c in chunks)
+        largest = max(sum(len(i.prompt_ids) + len(i.completion_ids) for i, _ in c) for c in chunks)
         if largest > free:
             raise KVBudgetError(f"a scoring pass needs {largest} KV slots but only {free} are free; "
                                 "use fewer or shorter examples per step, or a larger --max-total-tokens")
         return chunks
 
-    def _score_chunk(self, items: list[ScoringItem]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _score_chunk(self, tagged: list[tuple[ScoringItem, str | None]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         from sglang.srt.managers.overlap_utils import resolve_forward_inputs
         from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
         from sglang.srt.mem_cache.common import release_kv_cache
@@ -97,14 +111,15 @@ class SchedulerEngine:
         s = self.scheduler
         tag = uuid.uuid4().hex[:8]
         reqs = []
-        for item in items:
+        items = [item for item, _ in tagged]
+        for item, lora_id in tagged:
             params = SamplingParams(max_new_tokens=0)
             params.normalize(None)
             req = Req(f"mezo-{tag}-{next(self._ids)}", "", array("q", item.prompt_ids + item.completion_ids), params,
                       return_logprob=True, eos_token_ids=s.model_config.hf_eos_token_id,
                       vocab_size=s.model_config.vocab_size,
                       # SGLang's own way to read chosen tokens' log-probs at every scored position (its /v1/score)
-                      token_ids_logprob=list(item.next_token_ids) or None)
+                      token_ids_logprob=list(item.next_token_ids) or None, lora_id=lora_id)
             # log p(token k) comes from position k - 1: start one before the completion
             req.logprob_start_len = len(item.prompt_ids) - 1
             req.skip_radix_cache_insert = True

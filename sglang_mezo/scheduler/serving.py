@@ -40,10 +40,14 @@ class SchedulerServing:
         from sglang.srt.managers.io_struct import PauseGenerationReqInput
 
         self.scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
-        # Write after read: with the overlap scheduler the last user batch's forward may still be reading the
-        # weights on forward_stream. SGLang's own barrier after a launch (the scheduler's _apply_war_barrier) may wait
-        # only for that forward's reads of the shared buffers, not of the weights, so wait for the whole stream
-        # before the first pass writes them.
+        self.settle()
+
+    def settle(self) -> None:
+        """Wait for the forward in flight, if any, without touching the requests (write after read). With the
+        overlap scheduler the last user batch's forward may still be reading the weights, or LoRA slots, on
+        forward_stream. SGLang's own barrier after a launch (the scheduler's _apply_war_barrier) may wait only for
+        that forward's reads of the shared buffers, not of the weights, so wait for the whole stream before the
+        first pass writes them."""
         stream = getattr(self.scheduler, "forward_stream", None)
         if stream is not None and hasattr(stream, "synchronize"):
             stream.synchronize()
@@ -78,6 +82,15 @@ class SchedulerServing:
         if not pieces or pieces[0].data.device.type != "cuda":
             return None
         return torch.cuda.current_stream(pieces[0].data.device)
+
+    @property
+    def lora_manager(self):
+        """SGLang's LoRA manager (None without ``--enable-lora``)."""
+        return getattr(self.scheduler.tp_worker.model_runner, "lora_manager", None)
+
+    @property
+    def hf_config(self):
+        return self.scheduler.model_config.hf_config
 
     def resume(self) -> None:
         from sglang.srt.managers.io_struct import ContinueGenerationReqInput
