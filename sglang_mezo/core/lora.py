@@ -20,6 +20,9 @@ import torch
 
 from sglang_mezo.kernels import ZKind, ZSlice, check_seed, derive_seed, materialize_z, tensor_key
 
+from .params import TrainablePiece, TrainableSet
+from .probes import replay_updates
+
 PEFT_PREFIX = "base_model.model.model.layers"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -87,6 +90,15 @@ class LoraSpec:
                 "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
                 "base_model_name_or_path": base_model, "inference_mode": True}
 
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules),
+                "init_seed": self.init_seed}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LoraSpec:
+        return cls(rank=int(data["rank"]), alpha=float(data["alpha"]), target_modules=tuple(data["target_modules"]),
+                   init_seed=int(data.get("init_seed", 0)))
+
     @classmethod
     def from_peft_config(cls, config: dict, init_seed: int = 0) -> LoraSpec:
         """The spec of a PEFT adapter folder's ``adapter_config.json`` (a list of module names or PEFT's
@@ -135,4 +147,13 @@ def initial_weights(dims: ModelDims, spec: LoraSpec) -> dict[str, torch.Tensor]:
         seed = derive_seed(spec.init_seed, layer, MODULES.index(module))
         z = materialize_z(seed, ZSlice(tensor_key(name), shape[1]), shape, ZKind.GAUSSIAN)
         tensors[name] = (z.float() * (1.0 / math.sqrt(3.0 * shape[1]))).contiguous()
+    return tensors
+
+
+def replay_adapter(dims: ModelDims, spec: LoraSpec, records, z_kind: ZKind) -> dict[str, torch.Tensor]:
+    """An adapter's fp32 tensors after ``records`` (a trajectory's steps): its seeded start, then every committed
+    step's update, exactly as the scheduler's master took them."""
+    tensors = initial_weights(dims, spec)
+    master = TrainableSet.from_pieces([TrainablePiece(n, t, tuple(t.shape)) for n, t in tensors.items()])
+    replay_updates(master, records, kind=z_kind)
     return tensors

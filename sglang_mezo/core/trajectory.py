@@ -67,6 +67,10 @@ class Trajectory:
     generator_version: int = GENERATOR_VERSION
     created: float = field(default_factory=time.time)
     records: list[StepRecord] = field(default_factory=list)
+    adapter: dict | None = None
+    """For a LoRA adapter's trajectory: its :class:`~.lora.LoraSpec` (rank, alpha, target modules, init seed), from
+    which :func:`~.lora.initial_weights` rebuilds the start the records apply to (their updates only, in fp32:
+    :func:`~.probes.replay_updates`). None: the records apply to the base model's weights."""
 
     @classmethod
     def for_params(cls, params: TrainableSet, z_kind: ZKind, **header) -> Trajectory:
@@ -172,6 +176,7 @@ class Trajectory:
             "base_model": self.base_model,
             "created": self.created,
             "config": self.config,
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
             # columns: far smaller than one object per step
             "steps": {
                 "step": [r.step for r in self.records],
@@ -221,6 +226,7 @@ class Trajectory:
             generator_version=int(data["generator_version"]),
             created=float(data.get("created", 0.0)),
             records=records,
+            adapter=data.get("adapter"),
         )
 
     def dumps(self) -> str:

@@ -143,7 +143,9 @@ class Job:
             cfg = self.spec.config
             self.trajectory = Trajectory(z_kind=cfg.z_kind, trainable_fingerprint=outcome.trainable_fingerprint,
                                          trainable_names=list(outcome.trainable_names), config=cfg.to_dict(),
-                                         base_model=self.spec.base_model)
+                                         base_model=self.spec.base_model,
+                                         adapter=None if self.spec.adapter is None else
+                                         self.spec.adapter.spec.to_dict())
         for report in outcome.reports:
             self.trajectory.append(report.step, report.result)
             self.reports.append(report)

@@ -1,0 +1,148 @@
+"""Adapter jobs on a real CPU SGLang server: LoRA adapters trained in SGLang's own pool while the base serves.
+
+Checked over HTTP: two adapter jobs train at once while the base's answers stay those of a server with no job
+(same greedy tokens, same log-probs); each adapter is then served by name as its trajectory, replayed onto its
+seeded start and written as a PEFT folder, computes in transformers + peft; the probes scored in one batch measure
+what one forward per probe measures; and the refusals name the flag a job goes beyond.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from mezo_checks import hf_logprobs, max_diff, run_job, served_logprobs
+from servers import running_server
+from tiny_models import save_tiny_llama
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sglang_mezo.checkpoint import save_peft_adapter
+from sglang_mezo.core.lora import LoraSpec, ModelDims, replay_adapter
+from sglang_mezo.core.trajectory import Trajectory
+
+pytestmark = pytest.mark.server  # starts a real SGLang server
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FLAGS = ("--enable-lora", "--lora-backend", "torch_native", "--max-lora-rank", "8", "--lora-target-modules", *ALL,
+         "--max-loras-per-batch", "6", "--mezo-chunk-ms", "50")
+EXAMPLES = [{"prompt": "a great story with", "completion": " great music"},
+            {"prompt": "a terrible script,", "completion": " boring scenes"},
+            {"prompt": "the plot was", "completion": " great"}]
+JOB = {"examples": EXAMPLES, "eval_examples": EXAMPLES, "batch_size": 3, "lr": 2e-2, "eps": 1e-2, "n_probes": 2}
+GREEDY = {"text": ["a great story", "the plot"], "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+          "return_logprob": True}
+
+
+def greedy(server) -> list[list[int]]:
+    status, out = server.request("POST", "/generate", GREEDY)
+    assert status == 200, out
+    return [o["output_ids"] for o in out]
+
+
+def peft_logprobs(model_path: str, folder) -> list[list[float]]:
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return hf_logprobs(PeftModel.from_pretrained(base, str(folder)).eval())
+
+
+def exported(server, model_path: str, job_id: str, out) -> str:
+    """The job's adapter rebuilt from its trajectory alone (seeded start + recorded updates), as a PEFT folder."""
+    status, doc = server.request("GET", f"/mezo/jobs/{job_id}/trajectory")
+    assert status == 200, doc
+    trajectory = Trajectory.from_dict(doc)
+    spec = LoraSpec.from_dict(trajectory.adapter)
+    tensors = replay_adapter(ModelDims.of(AutoConfig.from_pretrained(model_path)), spec, trajectory.records,
+                             trajectory.z_kind)
+    return str(save_peft_adapter(out, tensors, spec.peft_config(model_path)))
+
+
+def test_adapters_train_beside_an_unchanged_base_and_are_served_as_their_peft_replay(tmp_path):
+    model_path = save_tiny_llama(tmp_path / "base", seed=4)
+    with running_server(model_path, *FLAGS, log_dir=tmp_path) as server:
+        base_logprobs, base_tokens = served_logprobs(server), greedy(server)
+        watched: list[tuple[float, bool]] = []
+        done = threading.Event()
+
+        def watch() -> None:  # base traffic throughout both jobs
+            while not done.is_set():
+                watched.append((max_diff(served_logprobs(server), base_logprobs), greedy(server) == base_tokens))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        jobs = {}
+        try:
+            for name, adapter in (("tenant-a", {"rank": 4}), ("tenant-b", {"rank": 8, "alpha": 8,
+                                                                             "target_modules": ["q_proj", "v_proj"]})):
+                status, job = server.request("POST", "/mezo/step", {**JOB, "steps": 40, "seed": len(jobs),
+                                                                     "adapter": {"name": name, **adapter}})
+                assert status == 200, job
+                jobs[name] = job["job_id"]
+            # both train at once: neither waits in the base's queue
+            assert {server.request("GET", f"/mezo/jobs/{j}")[1]["status"] for j in jobs.values()} <= {"running",
+                                                                                                      "succeeded"}
+            finished = {}
+            for name, job_id in jobs.items():
+                deadline = time.monotonic() + 300
+                while (job := server.request("GET", f"/mezo/jobs/{job_id}")[1])["status"] == "running":
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+                finished[name] = job
+        finally:
+            done.set()
+            watcher.join()
+        assert len(watched) >= 3
+        assert all(diff < 1e-5 and same for diff, same in watched), watched
+        for name, job in finished.items():
+            assert job["status"] == "succeeded", job
+            first, last = job["evals"][0], job["evals"][-1]
+            assert last["loss"] < first["loss"] - 1e-3, (name, first, last)
+            assert last["weight_version"] == f"mezo-{jobs[name]}-40"
+            served = served_logprobs(server, lora=name)
+            assert max_diff(served, base_logprobs) > 1e-3  # the adapter does change what it serves
+            folder = exported(server, model_path, jobs[name], tmp_path / name)
+            assert max_diff(served, peft_logprobs(model_path, folder)) < 1e-5, name
+        assert max_diff(served_logprobs(server), base_logprobs) == 0.0
+
+
+def test_probes_in_one_batch_measure_what_one_forward_per_probe_measures(tmp_path):
+    model_path = save_tiny_llama(tmp_path / "base", seed=4)
+    with running_server(model_path, *FLAGS, log_dir=tmp_path) as server:
+        jobs = {}
+        for together in (True, False):
+            job = run_job(server, {**JOB, "steps": 6, "adapter": {"name": f"batched-{together}", "rank": 4,
+                                                                  "probes_in_one_batch": together}})
+            assert job["status"] == "succeeded", job
+            jobs[together] = server.request("GET", f"/mezo/jobs/{job['job_id']}/history")[1]["steps"]
+    for one, alone in zip(jobs[True], jobs[False], strict=True):
+        assert one["loss_plus"] == pytest.approx(alone["loss_plus"], abs=1e-5)
+        assert one["loss_minus"] == pytest.approx(alone["loss_minus"], abs=1e-5)
+
+
+def test_refusals_name_the_launch_flag_and_nothing_starts(tmp_path):
+    model_path = save_tiny_llama(tmp_path / "base", seed=4)
+    with running_server(model_path, *FLAGS, log_dir=tmp_path) as server:
+        def refused(adapter: dict, **job) -> tuple[int, str]:
+            status, body = server.request("POST", "/mezo/step", {**JOB, **job, "adapter": adapter})
+            return status, str(body)
+
+        status, body = refused({"name": "x", "rank": 16})
+        assert status == 400 and "--max-lora-rank 8" in body
+        status, body = refused({"name": "x", "target_modules": ["lm_head"]})
+        assert status == 400 and "target_modules" in body
+        status, body = refused({"name": "x", "target_modules": ["q_proj"]})
+        assert status == 400 and "v_proj" in body
+        status, body = refused({"name": "x"}, n_probes=3)  # 6 probe adapters + one slot kept > 6
+        assert status == 400 and "--max-loras-per-batch 6" in body
+        status, body = refused({"name": "a:b"})
+        assert status == 400
+        status, job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "adapter": {"name": "busy"}})
+        assert status == 200, job
+        status, body = refused({"name": "busy"})
+        assert status == 409 and "busy" in body
+        status, body = server.request("POST", "/mezo/step", {**JOB, "steps": 1})  # a base job under an adapter
+        assert status == 409, body
+        assert server.request("POST", f"/mezo/jobs/{job['job_id']}/cancel")[0] == 200
+        assert server.request("GET", "/mezo/jobs")[1]["jobs"][-1]["status"] in ("running", "cancelled")
