@@ -83,7 +83,7 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                          model_name)
     install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=options.limits,
                              files=files, base_model=base_model, precision=precision, openai_files=uploads,
-                             fine_tuning=service, lora=LoraLaunch.of(server_args)))
+                             fine_tuning=service, lora=LoraLaunch.of(server_args, tokenizer_manager.model_config.hf_config)))
     logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

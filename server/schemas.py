@@ -357,6 +357,8 @@ class SaveRequest(_Strict):
     dtype: Literal["checkpoint", "float32"] = Field(
         "checkpoint", description="the trained tensors in the base checkpoint's dtype, or in float32 (a "
                                   "half-precision server's fp32 masters as they are, not rounded)")
+    adapter: str | None = Field(None, max_length=128, description="a trained adapter's name: write the version "
+                                                                  "it serves as a PEFT folder instead")
 
 
 class SaveOut(BaseModel):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.lora import MODULES, LoraSpec
+from sglang_mezo.core.lora import MODULES, LoraSpec, ModelDims
 from sglang_mezo.core.probes import copies_needed
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
 from sglang_mezo.jobs.data import DataError, examples_from_records, load_records
@@ -75,16 +75,19 @@ class LoraLaunch:
     """Empty: SGLang infers them from --lora-paths (then only the scheduler can check a job's)."""
     max_loras_per_batch: int = 8
     tp_size: int = 1
+    dims: ModelDims | None = None
+    """The served model's sizes (an adapter's tensor shapes)."""
 
     @classmethod
-    def of(cls, server_args) -> LoraLaunch:
+    def of(cls, server_args, hf_config=None) -> LoraLaunch:
         modules = tuple(getattr(server_args, "lora_target_modules", None) or ())
         if "all" in modules:
             modules = MODULES
         return cls(enabled=bool(getattr(server_args, "enable_lora", False)),
                    max_rank=getattr(server_args, "max_lora_rank", None), target_modules=modules,
                    max_loras_per_batch=int(getattr(server_args, "max_loras_per_batch", 8) or 8),
-                   tp_size=int(getattr(server_args, "tp_size", 1) or 1))
+                   tp_size=int(getattr(server_args, "tp_size", 1) or 1),
+                   dims=None if hf_config is None else ModelDims.of(hf_config))
 
 
 def adapter_target(request: AdapterIn, launch: LoraLaunch, config: MezoConfig) -> AdapterTarget:

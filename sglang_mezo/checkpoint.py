@@ -171,16 +171,3 @@ def assemble(base_dir: str | Path, out_dir: str | Path, part_files: Iterable[str
         save_file(tensors, str(out / file.name), metadata=metadata)
     return sorted(parts)
 
-
-def save_peft_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
-                      dtype: torch.dtype | None = None) -> Path:
-    """Write a LoRA adapter as PEFT does (``adapter_config.json`` and ``adapter_model.safetensors``), its tensors
-    in ``dtype`` (default: as they are): a folder ``peft`` and SGLang's ``--lora-paths`` load."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({n: t.detach().to(dtype or t.dtype).contiguous().cpu() for n, t in tensors.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return folder

@@ -18,8 +18,7 @@ from servers import running_server
 from tiny_models import save_tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sglang_mezo.checkpoint import save_peft_adapter
-from sglang_mezo.core.lora import LoraSpec, ModelDims, replay_adapter
+from sglang_mezo.core.lora import LoraSpec, ModelDims, replay_adapter, save_peft_adapter
 from sglang_mezo.core.trajectory import Trajectory
 
 pytestmark = pytest.mark.server  # starts a real SGLang server
@@ -61,7 +60,10 @@ def exported(server, model_path: str, job_id: str, out) -> str:
 
 def test_adapters_train_beside_an_unchanged_base_and_are_served_as_their_peft_replay(tmp_path):
     model_path = save_tiny_llama(tmp_path / "base", seed=4)
-    with running_server(model_path, *FLAGS, log_dir=tmp_path) as server:
+    out = tmp_path / "out"
+    out.mkdir()
+    served = {}
+    with running_server(model_path, *FLAGS, "--mezo-output-dir", str(out), log_dir=tmp_path) as server:
         base_logprobs, base_tokens = served_logprobs(server), greedy(server)
         watched: list[tuple[float, bool]] = []
         done = threading.Event()
@@ -100,11 +102,23 @@ def test_adapters_train_beside_an_unchanged_base_and_are_served_as_their_peft_re
             first, last = job["evals"][0], job["evals"][-1]
             assert last["loss"] < first["loss"] - 1e-3, (name, first, last)
             assert last["weight_version"] == f"mezo-{jobs[name]}-40"
-            served = served_logprobs(server, lora=name)
-            assert max_diff(served, base_logprobs) > 1e-3  # the adapter does change what it serves
+            served[name] = served_logprobs(server, lora=name)
+            assert max_diff(served[name], base_logprobs) > 1e-3  # the adapter does change what it serves
             folder = exported(server, model_path, jobs[name], tmp_path / name)
-            assert max_diff(served, peft_logprobs(model_path, folder)) < 1e-5, name
+            assert max_diff(served[name], peft_logprobs(model_path, folder)) < 1e-5, name
+            status, saved = server.request("POST", "/mezo/save", {"path": name, "adapter": name})
+            assert status == 200 and saved["weight_version"] == last["weight_version"], saved
+            assert max_diff(served[name], peft_logprobs(model_path, out / name)) < 1e-5, name
         assert max_diff(served_logprobs(server), base_logprobs) == 0.0
+        models = [m["id"] for m in server.request("GET", "/v1/models")[1]["data"]]
+        assert {m.rsplit(":", 1)[-1] for m in models[1:]} >= set(jobs), models
+        status, body = server.request("POST", "/mezo/save", {"path": "nothing", "adapter": "never-trained"})
+        assert status == 404, body
+    # the saved folders load in a fresh SGLang as any PEFT adapter, serving what the trained ones served
+    with running_server(model_path, *FLAGS, "--lora-paths", *(f"{n}={out / n}" for n in jobs),
+                        log_dir=tmp_path) as fresh:
+        for name in jobs:
+            assert max_diff(served_logprobs(fresh, lora=name), served[name]) < 1e-5, name
 
 
 def test_probes_in_one_batch_measure_what_one_forward_per_probe_measures(tmp_path):

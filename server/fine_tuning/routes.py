@@ -191,6 +191,9 @@ async def models(mezo: Context, service: Service) -> dict:
     cards = [_card(service.model_name, None, mezo)]
     for name in service.model_names():
         cards.append(_card(name, service.model_name, mezo))
+    # trained adapters as SGLang's OpenAI routes reach them: "<base>:<adapter>" (split at the base's name)
+    for name in mezo.runner.adapter_names():
+        cards.append(_card(f"{service.model_name}:{name}", service.model_name, mezo))
     return {"object": "list", "data": cards}
 
 

@@ -4,13 +4,19 @@ writing them out as a checkpoint."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
+import torch
 
 from fastapi import APIRouter
 from sglang.srt.utils.auth import AuthLevel, auth_level
 
+from sglang_mezo.core.lora import replay_adapter, save_peft_adapter
 from sglang_mezo.jobs.errors import Unavailable
+from sglang_mezo.jobs.job import Job
+from sglang_mezo.jobs.served import SaveReport
 
-from ..context import Context
+from ..context import Context, MezoContext
 from ..errors import MezoRoute
 from ..schemas import ResetRequest, SaveOut, SaveRequest, WeightsOut
 
@@ -39,12 +45,16 @@ async def save(request: SaveRequest, mezo: Context) -> SaveOut:
     """Write the served weights, at the moment the scheduler handles this request, as an HF checkpoint (plus
     mezo_history.json, the trajectories from the base) into a folder of ``--mezo-output-dir``. Serving waits while
     the files are written."""
+    job = None if request.adapter is None else mezo.runner.adapter(request.adapter)  # 404 before any file
     try:
         target = await asyncio.to_thread(mezo.files.checkpoint_target, request.path, request.overwrite)
     except OSError as exc:  # permissions, a full disk: the server's problem, not the request's
         raise Unavailable(f"cannot create {request.path} in the output folder: {exc.strerror}") from exc
     try:
-        report = await mezo.runner.weights.save(str(target.staging), float32=request.dtype == "float32")
+        if request.adapter is not None:
+            report = await asyncio.to_thread(save_adapter, job, mezo, target.staging, request.dtype == "float32")
+        else:
+            report = await mezo.runner.weights.save(str(target.staging), float32=request.dtype == "float32")
         await asyncio.to_thread(target.commit)
     except BaseException as exc:
         await asyncio.to_thread(target.abandon)  # an earlier checkpoint of that name stays as it was
@@ -52,3 +62,18 @@ async def save(request: SaveRequest, mezo: Context) -> SaveOut:
             raise Unavailable(f"cannot put {request.path} in place in the output folder: {exc.strerror}") from exc
         raise
     return SaveOut.of(str(target.final), report)
+
+
+def save_adapter(job: Job, mezo: MezoContext, folder: Path, float32: bool) -> SaveReport:
+    """The adapter version ``job`` serves, rebuilt from its trajectory (seeded start + recorded updates, exactly
+    the scheduler's master), written as a PEFT folder with the trajectory beside it."""
+    assert job.adapter_version is not None and job.trajectory is not None and job.spec.adapter is not None
+    version = job.adapter_version
+    trajectory = job.trajectory.upto(version.committed_steps)
+    spec = job.spec.adapter.spec
+    tensors = replay_adapter(mezo.lora.dims, spec, trajectory.records, trajectory.z_kind)
+    dtype = torch.float32 if float32 else getattr(torch, mezo.precision.served_dtype)
+    save_peft_adapter(folder, tensors, spec.peft_config(mezo.base_model), dtype=dtype)
+    trajectory.save(folder / "mezo_trajectory.json")
+    return SaveReport(weight_version=version.label, tensors=tuple(tensors),
+                      message=f"adapter {version.name} at step {version.committed_steps} written as a PEFT folder")

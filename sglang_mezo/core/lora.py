@@ -12,9 +12,11 @@ project's own z, which is bit-identical on every device, so the start of every t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -157,3 +159,17 @@ def replay_adapter(dims: ModelDims, spec: LoraSpec, records, z_kind: ZKind) -> d
     master = TrainableSet.from_pieces([TrainablePiece(n, t, tuple(t.shape)) for n, t in tensors.items()])
     replay_updates(master, records, kind=z_kind)
     return tensors
+
+
+def save_peft_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict, *,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write a LoRA adapter as PEFT does (``adapter_config.json`` and ``adapter_model.safetensors``), its tensors
+    in ``dtype`` (default: as they are): a folder ``peft`` and SGLang's ``--lora-paths`` load."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().to(dtype or t.dtype).contiguous().cpu() for n, t in tensors.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

@@ -97,6 +97,8 @@ class Job:
     evals: list[Evaluation] = field(default_factory=list)
     served_before: tuple[ServedSegment, ...] = ()
     """What the served weights carried when this job started: its steps apply on top of that."""
+    adapter_version: AdapterVersion | None = None
+    """An adapter job's version served now under the adapter's name (its first ``committed_steps`` steps)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     _stats: tuple[int, GradStats] = field(default=(0, GradStats()), repr=False)
 
@@ -146,6 +148,8 @@ class Job:
                                          base_model=self.spec.base_model,
                                          adapter=None if self.spec.adapter is None else
                                          self.spec.adapter.spec.to_dict())
+        if outcome.adapter_version is not None:
+            self.adapter_version = outcome.adapter_version
         for report in outcome.reports:
             self.trajectory.append(report.step, report.result)
             self.reports.append(report)

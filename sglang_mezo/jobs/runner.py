@@ -134,6 +134,19 @@ class JobRunner:
         finally:
             await self.executor.end_adapter_job(job.id)
 
+    def adapter(self, name: str) -> Job:
+        """The job whose version of adapter ``name`` is served now (404 if no job of this server published one)."""
+        jobs = [j for j in self.jobs.values()
+                if j.spec.adapter is not None and j.spec.adapter.name == name and j.adapter_version is not None]
+        if not jobs:
+            raise NotFound(f"no job of this server has committed a step of adapter {name!r}")
+        return max(jobs, key=lambda j: j.created)
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this server's jobs trained and serve (a committed step each), in the order they began."""
+        return list(dict.fromkeys(j.spec.adapter.name for j in sorted(self.jobs.values(), key=lambda j: j.created)
+                                  if j.spec.adapter is not None and j.adapter_version is not None))
+
     def _restore_from(self, state: JournalState, base_model: str) -> None:
         """The jobs and served history of a journal, as this runner would have left them."""
         for entry in state.jobs.values():
