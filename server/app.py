@@ -70,6 +70,8 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                        base_weight_version=base_version, base_model=base_model,
                        observers=_observers(server_args, model_name), max_active=options.limits.max_queued_jobs,
                        journal=journal, journaled=journaled, max_adapter_jobs=options.limits.max_adapter_jobs)
+    for name in runner.adapter_names():  # the schedulers registered each at launch, from the journal
+        executor.adopt(runner.adapter(name).adapter_version)
     defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
                           z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
                           adaptive=options.adaptive, selection=options.selection)

@@ -65,6 +65,15 @@ class TokenizerManagerExecutor:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
+    def adopt(self, version: AdapterVersion) -> None:
+        """At launch, before serving: the name of an adapter the schedulers rebuilt from the journal serves
+        ``version`` (the registry is not shared with any request yet, so no lock is taken)."""
+        from sglang.srt.lora.lora_registry import LoRARef
+
+        self.tm.lora_registry._register_adapter(LoRARef(lora_id=version.lora_id, lora_name=version.name,
+                                                        lora_path=f"mezo://{version.name}", pinned=False))
+        self.adapters[version.name] = version
+
     async def _retire(self, lora_id: str) -> None:
         try:
             await self.tm.lora_registry.wait_for_unload(lora_id)

@@ -15,6 +15,7 @@ from pathlib import Path
 from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.core.trajectory import Trajectory
+from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.kernels import ZKind
 
 ATTRIBUTE = "_mezo"
@@ -97,6 +98,9 @@ class MezoServerOptions:
     the weights before serving (set by the plugin when it reads the journal)."""
     resume_base_version: str = field(default="", repr=False)
     """The base weights' own label, which the weights keep if that history cannot be replayed."""
+    resume_adapters: tuple[ServedAdapter, ...] = field(default=(), repr=False)
+    """The trained adapters the journal held at launch, each at the version its name served: the scheduler registers
+    them with SGLang's LoRA manager before serving."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):

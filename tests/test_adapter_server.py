@@ -8,6 +8,8 @@ what one forward per probe measures; and the refusals name the flag a job goes b
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -160,3 +162,34 @@ def test_refusals_name_the_launch_flag_and_nothing_starts(tmp_path):
         assert status == 409, body
         assert server.request("POST", f"/mezo/jobs/{job['job_id']}/cancel")[0] == 200
         assert server.request("GET", "/mezo/jobs")[1]["jobs"][-1]["status"] in ("running", "cancelled")
+
+
+def test_a_server_killed_mid_job_serves_each_adapter_at_its_last_committed_step_again(tmp_path):
+    model_path = save_tiny_llama(tmp_path / "base", seed=4)
+    state = ["--mezo-state-dir", str(tmp_path / "state"), "--mezo-output-dir", str(tmp_path)]
+    with running_server(model_path, *FLAGS, *state, log_dir=tmp_path) as server:
+        base = served_logprobs(server)
+        done = run_job(server, {**JOB, "steps": 5, "adapter": {"name": "finished", "rank": 4}})
+        assert done["status"] == "succeeded", done
+        finished_logprobs = served_logprobs(server, lora="finished")
+        status, job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "seed": 1,
+                                                            "adapter": {"name": "killed", "rank": 8}})
+        assert status == 200, job
+        deadline = time.monotonic() + 120
+        while (seen := server.request("GET", f"/mezo/jobs/{job['job_id']}")[1]["step"]) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+    with running_server(model_path, *FLAGS, *state, log_dir=tmp_path) as server:
+        jobs = {j["job_id"]: j for j in server.request("GET", "/mezo/jobs")[1]["jobs"]}
+        killed = jobs[job["job_id"]]
+        assert killed["status"] == "failed" and killed["error_kind"] == "interrupted" and killed["step"] >= seen
+        assert max_diff(served_logprobs(server), base) == 0.0  # the base never carried an adapter's steps
+        assert max_diff(served_logprobs(server, lora="finished"), finished_logprobs) < 1e-6
+        replayed = exported(server, model_path, job["job_id"], tmp_path / "killed-replay")
+        assert max_diff(served_logprobs(server, lora="killed"), peft_logprobs(model_path, replayed)) < 1e-5
+        status, saved = server.request("POST", "/mezo/save", {"path": "killed", "adapter": "killed"})
+        assert status == 200 and saved["weight_version"] == f"mezo-{job['job_id']}-{killed['step']}", saved
+        again = run_job(server, {**JOB, "steps": 2, "adapter": {"name": "killed", "rank": 8}})
+        assert again["status"] == "succeeded", again  # the name trains again, from a fresh start

@@ -24,6 +24,7 @@ from sglang_mezo.kernels import ZKind, ZSlice, check_seed, derive_seed, material
 
 from .params import TrainablePiece, TrainableSet
 from .probes import replay_updates
+from .trajectory import Trajectory
 
 PEFT_PREFIX = "base_model.model.model.layers"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -173,3 +174,22 @@ def save_peft_adapter(folder: str | Path, tensors: dict[str, torch.Tensor], conf
               str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """A trained adapter's served version as a restart rebuilds it: the name it is served under, SGLang's LoRA id of
+    that version, and its trajectory up to that version (whose header holds the spec)."""
+
+    name: str
+    lora_id: str
+    trajectory: Trajectory
+
+    @property
+    def spec(self) -> LoraSpec:
+        if self.trajectory.adapter is None:
+            raise ValueError(f"the trajectory of adapter {self.name!r} names no adapter spec")
+        return LoraSpec.from_dict(self.trajectory.adapter)
+
+    def tensors(self, dims: ModelDims) -> dict[str, torch.Tensor]:
+        return replay_adapter(dims, self.spec, self.trajectory.records, self.trajectory.z_kind)

@@ -24,12 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.lora import LoraSpec, ServedAdapter
 from sglang_mezo.core.estimators import AdaptiveState, Estimator
 from sglang_mezo.core.objectives import EvalMetrics, Objective
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.kernels import ZKind
-from sglang_mezo.protocol import ChunkOutcome, Failure, FailureKind, StepReport, weight_version_label
+from sglang_mezo.protocol import (AdapterTarget, AdapterVersion, ChunkOutcome, Failure, FailureKind, StepReport,
+                                  weight_version_label)
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,10 @@ class JournaledJob:
     finished: float | None = None
     status: str = "running"
     failure: Failure | None = None
+    adapter: AdapterTarget | None = None
+    """An adapter job's adapter (its steps never belong to the served weights' history)."""
+    adapter_version: AdapterVersion | None = None
+    """The version of it the adapter's name served last."""
 
 
 @dataclass
@@ -130,6 +136,16 @@ class JournalState:
                 trajectory = dataclasses.replace(trajectory, records=trajectory.records[: segment.records])
             out.append((segment.job_id, trajectory))
         return out
+
+    def adapters(self) -> list[ServedAdapter]:
+        """Each trained adapter at the version its name served last (that of the latest job that published one)."""
+        latest: dict[str, JournaledJob] = {}
+        for job in sorted(self.jobs.values(), key=lambda j: j.created):
+            if job.adapter is not None and job.adapter_version is not None and job.trajectory is not None:
+                latest[job.adapter.name] = job
+        return [ServedAdapter(name, job.adapter_version.lora_id,
+                              job.trajectory.upto(job.adapter_version.committed_steps))
+                for name, job in latest.items()]
 
     def weight_version(self) -> str:
         """The label of the served weights (that of the last segment; the base's without one)."""
@@ -168,10 +184,14 @@ class Journal:
         return state
 
     def job_started(self, job_id: str, spec_config: MezoConfig, objective: Objective, batch_size: int,
-                    purpose: str, created: float, served_before: list[Segment]) -> None:
+                    purpose: str, created: float, served_before: list[Segment],
+                    adapter: AdapterTarget | None = None) -> None:
         self._append({"kind": "job", "job_id": job_id, "config": spec_config.to_dict(), "objective": objective.value,
                       "batch_size": batch_size, "purpose": purpose, "created": created, "started": time.time(),
-                      "served_before": [asdict(s) for s in served_before]})
+                      "served_before": [asdict(s) for s in served_before],
+                      **({} if adapter is None else {"adapter": {
+                          "name": adapter.name, "spec": adapter.spec.to_dict(),
+                          "probes_in_one_batch": adapter.probes_in_one_batch}})})
 
     def chunk(self, job_id: str, outcome: ChunkOutcome, z_kind: ZKind) -> None:
         if not outcome.reports and outcome.aborted is None:
@@ -182,7 +202,9 @@ class Journal:
                       "fingerprint": outcome.trainable_fingerprint, "names": list(outcome.trainable_names),
                       "steps": rows, "aborted": None if aborted is None else {
                           "step": aborted.step, "seeds": list(aborted.probes.seeds), "eps": aborted.probes.eps,
-                          "passes": aborted.probes.passes, "estimator": aborted.probes.estimator.value}})
+                          "passes": aborted.probes.passes, "estimator": aborted.probes.estimator.value},
+                      **({} if outcome.adapter_version is None else {
+                          "adapter_version": asdict(outcome.adapter_version)})})
 
     def evaluated(self, job_id: str, step: int, metrics: EvalMetrics, weight_version: str) -> None:
         self._append({"kind": "eval", "job_id": job_id, "step": step, "metrics": metrics.to_dict(),
@@ -284,17 +306,21 @@ def read(path: str | Path) -> JournalState:
 def _apply(state: JournalState, record: dict) -> None:
     kind = record["kind"]
     if kind == "job":
+        adapter = record.get("adapter")
         state.jobs[record["job_id"]] = JournaledJob(
             id=record["job_id"], config=MezoConfig.from_dict(record["config"]),
             objective=Objective(record["objective"]),
             batch_size=int(record["batch_size"]), purpose=record["purpose"], created=float(record["created"]),
-            started=float(record["started"]), served_before=[Segment(**s) for s in record["served_before"]])
+            started=float(record["started"]), served_before=[Segment(**s) for s in record["served_before"]],
+            adapter=None if adapter is None else AdapterTarget(adapter["name"], LoraSpec.from_dict(adapter["spec"]),
+                                                               bool(adapter.get("probes_in_one_batch", True))))
     elif kind == "chunk":
         job = state.jobs[record["job_id"]]
         if job.trajectory is None:
             job.trajectory = Trajectory(z_kind=ZKind(record["z_kind"]), trainable_fingerprint=record["fingerprint"],
                                         trainable_names=list(record["names"]), config=job.config.to_dict(),
-                                        base_model=state.base_model)
+                                        base_model=state.base_model,
+                                        adapter=None if job.adapter is None else job.adapter.spec.to_dict())
         for row in record["steps"]:
             result = _result_of(row)
             job.trajectory.append(row["step"], result)
@@ -303,7 +329,10 @@ def _apply(state: JournalState, record: dict) -> None:
             a = record["aborted"]
             job.trajectory.append_aborted(a["step"], AbortedProbes(tuple(a["seeds"]), a["eps"], a["passes"],
                                                                    Estimator(a.get("estimator", "spsa"))))
-        if not any(s.job_id == job.id and s.records is None for s in state.served):
+        if job.adapter is not None:  # the base never carries an adapter's steps
+            if record.get("adapter_version") is not None:
+                job.adapter_version = AdapterVersion(**record["adapter_version"])
+        elif not any(s.job_id == job.id and s.records is None for s in state.served):
             state.served.append(Segment(job.id))
     elif kind == "eval":
         state.jobs[record["job_id"]].evals.append((record["step"], EvalMetrics(**record["metrics"]),

@@ -151,11 +151,13 @@ class JobRunner:
         """The jobs and served history of a journal, as this runner would have left them."""
         for entry in state.jobs.values():
             job = Job(JobSpec(examples=(), objective=entry.objective, config=entry.config,
-                              batch_size=entry.batch_size, base_model=base_model, purpose=Purpose(entry.purpose)),
+                              batch_size=entry.batch_size, base_model=base_model, purpose=Purpose(entry.purpose),
+                              adapter=entry.adapter),
                       id=entry.id, status=JobStatus(entry.status), created=entry.created, started=entry.started,
                       finished=entry.finished, failure=entry.failure, trajectory=entry.trajectory,
                       reports=list(entry.reports), evals=[Evaluation(*e) for e in entry.evals],
-                      served_before=tuple(ServedSegment(*s) for s in state.history(entry.served_before)))
+                      served_before=tuple(ServedSegment(*s) for s in state.history(entry.served_before)),
+                      adapter_version=entry.adapter_version)
             job.done.set()
             self.jobs[job.id] = job
         self.weights.segments = [ServedSegment(*s) for s in state.history()]
@@ -195,10 +197,9 @@ class JobRunner:
         adapter = spec.adapter is not None
         job.served_before = () if adapter else tuple(self.weights.segments)
         self._notify("on_start", job)
-        # adapter jobs are not journaled yet: a restart must never replay an adapter's steps onto the base weights
-        failure = None if adapter else await self._journaled(lambda journal: journal.job_started(
+        failure = await self._journaled(lambda journal: journal.job_started(
             job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value, job.created,
-            [s.journaled() for s in job.served_before]))
+            [s.journaled() for s in job.served_before], spec.adapter))
         if failure is not None:
             return await self._fail(job, failure, recover=False)
         if spec.objective is Objective.DPO:
@@ -216,8 +217,7 @@ class JobRunner:
                                                               adapter=spec.adapter))
             per_step = (time.perf_counter() - started) / max(1, len(outcome.reports))
             # on disk before anything here learns of the steps: a status that shows step k survives a restart
-            unjournaled = None if adapter else await self._journaled(
-                lambda journal: journal.chunk(job.id, outcome, spec.config.z_kind))
+            unjournaled = await self._journaled(lambda journal: journal.chunk(job.id, outcome, spec.config.z_kind))
             job.record(outcome)
             self._notify("on_steps", job, outcome.reports)
             if job.trajectory is not None and not adapter:
@@ -276,7 +276,7 @@ class JobRunner:
 
     def _finish(self, job: Job, status: JobStatus) -> None:
         job.status, job.finished = status, time.time()
-        if self.journal is not None and job.started is not None and job.spec.adapter is None:
+        if self.journal is not None and job.started is not None:
             try:
                 self.journal.finished(job.id, status.value, job.failure)
             except JournalWriteError:  # the job is over either way; a restart will list it as interrupted
@@ -301,8 +301,7 @@ class JobRunner:
         metrics, version = await evaluate_served(scorer, spec.objective, spec.eval_examples,
                                                  spec.eval_generate)
         job.evals.append(Evaluation(job.steps_done, metrics, version))
-        if spec.adapter is None:
-            await self._journaled(lambda journal: journal.evaluated(job.id, job.steps_done, metrics, version))
+        await self._journaled(lambda journal: journal.evaluated(job.id, job.steps_done, metrics, version))
         self._notify("on_eval", job, job.evals[-1])
         logger.info("MeZO job %s: eval at step %d: %s", job.id, job.steps_done, metrics)
 

@@ -84,7 +84,7 @@ def _after_scheduler_dispatcher(result, scheduler) -> None:
     if options.enabled:
         from sglang_mezo.scheduler.handler import install
 
-        install(scheduler, options.resume, options.resume_base_version, options.master)
+        install(scheduler, options.resume, options.resume_base_version, options.master, options.resume_adapters)
 
 
 def _before_http_setup(server_args, tokenizer_manager, *args, **kwargs) -> None:
@@ -171,7 +171,8 @@ def _resume(options, server_args):
         logger.info("MeZO: the journal in %s serves %s (%d job(s) replayed at launch)", options.state_dir,
                     server_args.weight_version, len(history))
     return dataclasses.replace(options, resume=tuple(trajectory for _, trajectory in history),
-                               resume_base_version=state.base_weight_version)
+                               resume_base_version=state.base_weight_version,
+                               resume_adapters=tuple(state.adapters()))
 
 
 def _open_to_the_network(namespace) -> bool:

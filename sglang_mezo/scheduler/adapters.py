@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_mezo.core.lora import LoraSpec, ModelDims, initial_weights
+from sglang_mezo.core.lora import LoraSpec, ModelDims, ServedAdapter, initial_weights
 from sglang_mezo.core.objectives import copies_loss_fn
 from sglang_mezo.core.params import TrainablePiece, TrainableSet
 from sglang_mezo.core.probes import ProbeCopies, copies_needed, run_slot_step
@@ -165,13 +165,31 @@ class AdapterTrainer:
 
     def _publish(self, adapter: TrainedAdapter, job_id: str, committed_steps: int) -> AdapterVersion:
         """Register the master as the adapter's next version under a fresh id."""
-        lora_id = f"mezo-{uuid.uuid4().hex}"
-        # SGLang's manager refuses a second adapter of the same name: each version is registered there as
-        # name@id (the HTTP side's registry maps the served name itself to the version's id)
-        register(self.serving.lora_manager, lora_id=lora_id, name=f"{adapter.name}@{lora_id}", spec=adapter.spec,
-                 tensors=adapter.tensors(), dtype=self._dtype())
-        adapter.served_id = lora_id
-        return AdapterVersion(adapter.name, lora_id, committed_steps, weight_version_label(job_id, committed_steps))
+        # a version's id is its label (one per job and step count: unique, and the same when a restart rebuilds it)
+        label = weight_version_label(job_id, committed_steps)
+        self._register_version(adapter.name, label, adapter.spec, adapter.tensors())
+        adapter.served_id = label
+        return AdapterVersion(adapter.name, label, committed_steps, label)
+
+    def _register_version(self, name: str, lora_id: str, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
+        # SGLang's manager refuses a second adapter of the same name: each version is registered there as name@id
+        # (the HTTP side's registry maps the served name itself to the version's id)
+        register(self.serving.lora_manager, lora_id=lora_id, name=f"{name}@{lora_id}", spec=spec, tensors=tensors,
+                 dtype=self._dtype())
+
+    def restore_at_launch(self, adapters: tuple[ServedAdapter, ...]) -> None:
+        """Before serving: register each journaled adapter at the version its name served, rebuilt from its
+        trajectory. One that cannot be rebuilt is logged and left out (requests by its name are refused)."""
+        if not adapters:
+            return
+        dims = ModelDims.of(self.serving.hf_config)
+        for adapter in adapters:
+            try:
+                self._register_version(adapter.name, adapter.lora_id, adapter.spec, adapter.tensors(dims))
+                logger.info("MeZO: adapter %s served again at %s (%d steps replayed)", adapter.name, adapter.lora_id,
+                            adapter.trajectory.committed_steps)
+            except Exception:  # noqa: BLE001 - one adapter must not keep the server from starting
+                logger.exception("MeZO: adapter %s could not be rebuilt from the journal", adapter.name)
 
     def retire(self, lora_ids: tuple[str, ...]) -> None:
         """Unload versions no request uses any more (the HTTP side waited for that)."""

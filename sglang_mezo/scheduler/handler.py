@@ -41,6 +41,7 @@ import torch
 from sglang_mezo.checkpoint import CheckpointError, assemble, load_pieces, plan_reads, write_parts
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import AdaptiveState
+from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.core.master import MasterWeights, Placement, Precision
 from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
@@ -378,7 +379,8 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: resuming serving failed")
 
 
-def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = "", master: str = "none") -> None:
+def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = "", master: str = "none",
+            adapters: tuple[ServedAdapter, ...] = ()) -> None:
     """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook, when
     the model is loaded and nothing has been served yet), after replaying ``resume`` (the journal's served
     history) onto the weights."""
@@ -395,6 +397,7 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
                     precision.master_bytes_per_parameter * numel / 2**20)
     if resume:
         handler.restore_at_launch(resume, base_version)
+    handler.adapters.restore_at_launch(adapters)
     scheduler._request_dispatcher += TypeBasedDispatcher([
         (MezoChunkReqInput, handler.handle),
         (MezoRestoreReqInput, handler.restore),
