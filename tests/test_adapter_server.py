@@ -193,3 +193,19 @@ def test_a_server_killed_mid_job_serves_each_adapter_at_its_last_committed_step_
         assert status == 200 and saved["weight_version"] == f"mezo-{job['job_id']}-{killed['step']}", saved
         again = run_job(server, {**JOB, "steps": 2, "adapter": {"name": "killed", "rank": 8}})
         assert again["status"] == "succeeded", again  # the name trains again, from a fresh start
+
+
+def test_a_failed_step_or_a_torn_commit_leaves_the_adapter_served_at_a_committed_version(tmp_path):
+    model_path = save_tiny_llama(tmp_path / "base", seed=4)
+    faults = {"SGLANG_MEZO_INJECT_FAULT": "raise@7/3:1,torn@8/4:1"}
+    with running_server(model_path, *FLAGS, "--mezo-chunk-ms", "0", log_dir=tmp_path, env=faults) as server:
+        base = served_logprobs(server)
+        for name, seed, kind, steps in (("raised", 7, "step_failed", 3), ("torn", 8, "weights_inconsistent", 4)):
+            job = run_job(server, {**JOB, "steps": 10, "seed": seed, "adapter": {"name": name, "rank": 4}})
+            assert job["status"] == "failed" and job["error_kind"] == kind and job["step"] == steps, job
+            assert not job["weights_inconsistent"], job  # the base was never touched
+            replayed = exported(server, model_path, job["job_id"], tmp_path / name)
+            assert max_diff(served_logprobs(server, lora=name), peft_logprobs(model_path, replayed)) < 1e-5, name
+        assert max_diff(served_logprobs(server), base) == 0.0
+        again = run_job(server, {**JOB, "steps": 2, "seed": 8, "adapter": {"name": "torn", "rank": 4}})
+        assert again["status"] == "succeeded", again

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from sglang_mezo.protocol import (AdapterVersion, ChunkOutcome, Failure, Failure
                                   weight_version_label)
 
 from .lora_pool import loadable_refusal, make_resident, register, slot_tensors, unregister
+from .faults import FaultInjector
 from .serving import SchedulerServing
 
 logger = logging.getLogger(__name__)
@@ -64,8 +66,9 @@ class TrainedAdapter:
 class AdapterTrainer:
     """Runs adapter chunks on the scheduler thread; every outcome is a reply, never an exception."""
 
-    def __init__(self, serving: SchedulerServing) -> None:
+    def __init__(self, serving: SchedulerServing, faults: Callable[[], FaultInjector] | None = None) -> None:
         self.serving = serving
+        self._faults = faults
         self.adapters: dict[str, TrainedAdapter] = {}
         """By job id: the adapter each running adapter job trains."""
 
@@ -82,6 +85,7 @@ class AdapterTrainer:
         needed = copies_needed(chunk.config)
         reports: list[StepReport] = []
         failure = None
+        torn = False
         state = chunk.adaptive
         started = time.perf_counter()
         self.serving.settle()  # an overlapped user forward may still read the slots we are about to write
@@ -98,11 +102,17 @@ class AdapterTrainer:
                     def score(items, js, probes=probes):
                         return [engine.score_copies(items, [probes[j]])[0] for j in js]
                 losses = copies_loss_fn(score, chunk.objective, batch)
+                if self._faults is not None:
+                    losses = self._faults().wrap_copies(losses, chunk.config.seed, step, adapter.master)
                 result = run_slot_step(copies, chunk.config, step, losses, state=state)
             except InconsistentWeightsError as exc:
+                # the served versions are SGLang adapters of their own: the name keeps serving the last one
                 logger.exception("MeZO job %s: adapter %s's master was left part-way", chunk.job_id, adapter.name)
                 self.drop(chunk.job_id)
-                failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, f"{type(exc).__name__}: {exc}")
+                torn = True
+                failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, f"{type(exc).__name__}: {exc}; the job's "
+                                  f"training state is dropped and {adapter.name!r} keeps serving the version "
+                                  "its last chunk published")
                 break
             except Exception as exc:  # noqa: BLE001 - the master is untouched: the step simply did not happen
                 logger.warning("MeZO job %s: step %d failed: %s", chunk.job_id, step, exc)
@@ -111,7 +121,7 @@ class AdapterTrainer:
             reports.append(StepReport(step, result, 1e3 * (time.perf_counter() - step_started)))
             state = result.adaptive
         version = None
-        if reports:
+        if reports and not torn:  # a master left part-way is never published
             try:
                 version = self._publish(adapter, chunk.job_id, reports[-1].step + 1)
             except Exception as exc:  # noqa: BLE001 - the steps stand; the name keeps serving the last version

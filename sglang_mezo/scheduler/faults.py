@@ -4,6 +4,7 @@ weight pass that dies half-way, at a given step of a given job, on every TP rank
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.params import TrainableSet
@@ -17,7 +18,9 @@ FAULT_ENV = "SGLANG_MEZO_INJECT_FAULT"
 fail once per server (of the first job with that seed, or of any job), just before its loss call ``call``
 (1-based), that is after the weight pass that precedes that call, on every TP rank or only on the one given.
 ``raise`` raises, ``nan`` returns NaN, ``torn`` moves part of the trainable tensors (as a weight pass that died
-half-way would) and raises :class:`InconsistentWeightsError`."""
+half-way would) and raises :class:`InconsistentWeightsError`. An adapter job's step makes one scoring call (every
+probe at once): there ``raise`` and ``nan`` fail that call, and ``torn`` moves half of the adapter's fp32 master
+(as a commit that died half-way would) and raises :class:`InconsistentWeightsError`."""
 
 KINDS = ("raise", "nan", "torn")
 
@@ -35,12 +38,36 @@ class FaultInjector:
             if not rank or int(rank) == tp_rank:
                 self.pending[(int(seed) if seed else None, int(step))] = (kind, int(call))
 
+    def _take(self, seed: int, step: int) -> tuple[str, int] | None:
+        key = (seed, step) if (seed, step) in self.pending else (None, step)
+        return self.pending.pop(key, None)
+
+    def wrap_copies(self, losses: Callable[[Sequence[int]], list[float]], seed: int, step: int,
+                    master: TrainableSet) -> Callable[[Sequence[int]], list[float]]:
+        """An adapter step's scorer, or (once per server) one that fails as the spec says at this seed and step."""
+        fault = self._take(seed, step)
+        if fault is None:
+            return losses
+        kind, _ = fault
+
+        def faulty(copies: Sequence[int]) -> list[float]:
+            logger.warning("MeZO: injecting a %r fault at adapter step %d (%s)", kind, step, FAULT_ENV)
+            if kind == "nan":
+                return [float("nan")] * len(copies)
+            if kind == "torn":
+                half = master.targets[: max(1, len(master.targets) // 2)]
+                zaxpy_(half, [12345], [1e-2], kind=MezoConfig().z_kind)
+                raise InconsistentWeightsError("injected: a commit to the adapter's master died half-way")
+            raise RuntimeError("injected: the scorer failed")
+
+        return faulty
+
     def wrap(self, loss: LossFn, seed: int, step: int, params: TrainableSet) -> LossFn:
         """``loss``, or (once per server) a loss that fails as the spec says at this job seed and step."""
-        key = (seed, step) if (seed, step) in self.pending else (None, step)
-        if key not in self.pending:
+        fault = self._take(seed, step)
+        if fault is None:
             return loss
-        kind, fail_at = self.pending.pop(key)
+        kind, fail_at = fault
         calls = 0
 
         def faulty() -> float:

@@ -77,7 +77,7 @@ class MezoSchedulerHandler:
         first trainable set of a half-precision model, when ``--mezo-master`` asks for them)."""
         self.inconsistent = False
         """Latched when a weight pass failed part-way: no training until a restore succeeds."""
-        self.adapters = AdapterTrainer(serving)
+        self.adapters = AdapterTrainer(serving, faults=lambda: self.faults)
 
     @property
     def faults(self) -> FaultInjector:

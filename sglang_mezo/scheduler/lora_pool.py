@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sglang_mezo.core.lora import ATTENTION, ModelDims, LoraSpec, parse_peft_name
+from sglang_mezo.core.lora import LoraSpec, ModelDims, parse_peft_name
 
 STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
@@ -66,7 +66,9 @@ def register(manager, *, lora_id: str, name: str, spec: LoraSpec, tensors: dict[
     from sglang.srt.lora.lora_registry import LoRARef
 
     ref = LoRARef(lora_id=lora_id, lora_name=name, lora_path=f"mezo://{name}", pinned=False)
-    cpu = {n: t.detach().to(device="cpu", dtype=dtype) for n, t in tensors.items()}
+    # a copy always: SGLang may keep a tensor as given, which on a CPU in the master's dtype would be the master
+    # itself, and a version must not move on with training
+    cpu = {n: t.detach().to(device="cpu", dtype=dtype, copy=True) for n, t in tensors.items()}
     result = manager.load_lora_adapter_from_tensors(ref, cpu, spec.peft_config())
     if not result.success:
         raise ValueError(f"SGLang refused adapter {name!r}: {result.error_message}")
@@ -85,7 +87,3 @@ def make_resident(manager, lora_ids: list[str]) -> list[int]:
     before our own forward are what it computes with."""
     manager.fetch_new_loras(set(lora_ids))
     return [manager.memory_pool.uid_to_buffer_id[i] for i in lora_ids]
-
-
-def attention_or_mlp(module: str) -> str:
-    return "self_attn" if module in ATTENTION else "mlp"
