@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from sglang_mezo.server.fine_tuning.files import FileStore
 from sglang_mezo.server.fine_tuning.routes import page
 from sglang_mezo.server.fine_tuning.schemas import JobCreate
-from sglang_mezo.server.fine_tuning.service import resolve
+from sglang_mezo.server.fine_tuning.hyperparameters import resolve
 from sglang_mezo.server.fine_tuning.translate import FileTranslator
 from sglang_mezo.server.translate import Translator
 from sglang_mezo.core.objectives import CompletionExample, PreferenceExample

@@ -14,12 +14,9 @@ those weights or refused; nothing is guessed.
 from __future__ import annotations
 
 import asyncio
-import csv
 import dataclasses
-import io
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -39,28 +36,16 @@ from sglang_mezo.protocol import StepReport, weight_version_label
 
 from ..translate import check_count, check_tokens
 from .files import FileStore
+from .hyperparameters import AUTO_BETA, Resolved, auto, resolve
+from .results import metrics_csv, trained_tokens, valid_metrics
 from .schemas import CheckpointOut, ErrorOut, EventOut, HyperparametersOut, JobCreate, JobOut, MethodOut
 from .translate import FileTranslator
 
 logger = logging.getLogger(__name__)
 
-AUTO_BATCH = 16
-AUTO_MIN_STEPS = 100
-AUTO_BETA = 0.1
 FINISHED = ("succeeded", "failed", "cancelled")
 METRICS_EVERY = 10
 """A metrics event every this many steps (and at the last): enough to draw the curve, few enough to page through."""
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """The job's hyper-parameters once the training file's size is known."""
-
-    batch_size: int
-    n_epochs: int
-    lr_multiplier: float
-    beta: float | None
-    steps: int
 
 
 @dataclass
@@ -82,29 +67,6 @@ class FineTuningJob:
     @property
     def method(self) -> str:
         return self.request.method_type
-
-
-def _auto(value, default):
-    return default if value in (None, "auto") else value
-
-
-def resolve(request: JobCreate, n_examples: int, limits: Limits) -> Resolved:
-    """OpenAI's hyper-parameters as MeZO steps (README, "OpenAI fine-tuning API")."""
-    given = request.given_hyperparameters()
-    # a batch larger than the file takes every example; an epoch is the whole batches a shuffle holds (the runner's
-    # step_batches: the remainder waits for a later epoch's shuffle)
-    batch = min(int(_auto(given.batch_size, AUTO_BATCH)), n_examples)
-    per_epoch = n_examples // batch
-    epochs = int(_auto(given.n_epochs, max(1, math.ceil(AUTO_MIN_STEPS / per_epoch))))
-    multiplier = float(_auto(given.learning_rate_multiplier, 1.0))
-    beta = float(_auto(getattr(given, "beta", None), AUTO_BETA)) if request.method_type == "dpo" else None
-    if batch < 1 or epochs < 1 or not multiplier > 0 or (beta is not None and not beta > 0):
-        raise InvalidRequest("batch_size and n_epochs must be >= 1, learning_rate_multiplier and beta > 0")
-    steps = epochs * per_epoch
-    if steps > limits.max_steps_per_job:
-        raise InvalidRequest(f"{epochs} epochs of {per_epoch} steps are {steps} steps, more than this server allows "
-                             f"per job ({Limits.flag('max_steps_per_job')} {limits.max_steps_per_job})")
-    return Resolved(batch, epochs, multiplier, beta, steps)
 
 
 class FineTuning:
@@ -233,7 +195,7 @@ class FineTuning:
         request = ft.request
         dpo = request.method_type == "dpo"
         kinds = (LineKind.PREFERENCE,) if dpo else (LineKind.CHAT, LineKind.PROMPT_COMPLETION)
-        beta = _auto(getattr(request.given_hyperparameters(), "beta", None), AUTO_BETA)
+        beta = auto(getattr(request.given_hyperparameters(), "beta", None), AUTO_BETA)
         train = self._examples(request.training_file, "training_file", kinds, beta)
         held_out = (self._examples(request.validation_file, "validation_file", kinds, beta)
                     if request.validation_file else ())
@@ -283,13 +245,13 @@ class FineTuning:
         ft = self._of_runner_job.get(job.id)
         if ft is not None:
             self._event(ft, f"Step {evaluation.step}: validation loss={evaluation.metrics.loss:.4f}",
-                        kind="metrics", data={"step": evaluation.step, **_valid_metrics(evaluation)})
+                        kind="metrics", data={"step": evaluation.step, **valid_metrics(evaluation)})
 
     def on_finish(self, job: Job) -> None:
         ft = self._of_runner_job.get(job.id)
         if ft is None:
             return
-        ft.trained_tokens = _trained_tokens(job)
+        ft.trained_tokens = trained_tokens(job)
         if job.status is JobStatus.SUCCEEDED:
             self._keep_results(ft, job)
             self._end(ft, "succeeded", f"The job has successfully completed; model {self.fine_tuned_name(ft)}")
@@ -303,7 +265,7 @@ class FineTuning:
     def _keep_results(self, ft: FineTuningJob, job: Job) -> None:
         """OpenAI's ``result_files``: the metrics per step as CSV, and the trajectory (seeds and projected
         gradients: with the base checkpoint, the fine-tuned weights)."""
-        results = [("step_metrics.csv", _metrics_csv(job))]
+        results = [("step_metrics.csv", metrics_csv(job))]
         if job.trajectory is not None:
             results.append(("trajectory.json", json.dumps(job.trajectory.to_dict()).encode()))
         for name, data in results:
@@ -343,9 +305,9 @@ class FineTuning:
         else:  # the file's size is not known yet
             given = ft.request.given_hyperparameters()
             hyper = HyperparametersOut(
-                batch_size=_auto(given.batch_size, "auto"), n_epochs=_auto(given.n_epochs, "auto"),
-                learning_rate_multiplier=_auto(given.learning_rate_multiplier, "auto"),
-                beta=_auto(getattr(given, "beta", None), "auto") if ft.method == "dpo" else None)
+                batch_size=auto(given.batch_size, "auto"), n_epochs=auto(given.n_epochs, "auto"),
+                learning_rate_multiplier=auto(given.learning_rate_multiplier, "auto"),
+                beta=auto(getattr(given, "beta", None), "auto") if ft.method == "dpo" else None)
         plain = hyper.model_dump(exclude_none=True)
         method = MethodOut(type=ft.method, **{ft.method: {"hyperparameters": plain}})
         estimated = None
@@ -377,7 +339,7 @@ class FineTuning:
                 id=f"ftckpt-{ft.id[6:]}-{evaluation.step}", created_at=int(ft.job.started or ft.created_at),
                 fine_tuned_model_checkpoint=f"{name}:ckpt-step-{evaluation.step}", fine_tuning_job_id=ft.id,
                 step_number=evaluation.step, metrics={"step": float(evaluation.step), "train_loss": train_loss,
-                                              **_valid_metrics(evaluation)},
+                                              **valid_metrics(evaluation)},
                 weight_version=weight_version_label(ft.job.id, evaluation.step)))
         return out[::-1]
 
@@ -411,30 +373,3 @@ class _FileError(InvalidRequest):
 
 def ft_method(kinds: Sequence[LineKind]) -> str:
     return "dpo" if LineKind.PREFERENCE in kinds else "supervised"
-
-
-def _valid_metrics(evaluation: Evaluation) -> dict[str, float | None]:
-    """OpenAI's names; the whole validation file is evaluated each time, so ``valid_loss`` is ``full_valid_loss``.
-    ``valid_accuracy`` is ours (choice examples' accuracy; OpenAI's token accuracy is not measured)."""
-    m = evaluation.metrics
-    return {"valid_loss": m.loss, "full_valid_loss": m.loss, "valid_accuracy": m.accuracy}
-
-
-def _metrics_csv(job: Job) -> bytes:
-    """One row per committed step: OpenAI's ``step,train_loss,…`` columns, the validation ones where an evaluation
-    followed that step."""
-    evals = {e.step: e.metrics for e in job.evals}
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "train_loss", "valid_loss", "valid_accuracy", "step_ms"])
-    for report in job.reports:
-        step = report.step + 1
-        valid = evals.get(step)
-        writer.writerow([step, report.result.loss, "" if valid is None else valid.loss,
-                         "" if valid is None or valid.accuracy is None else valid.accuracy, round(report.step_ms, 3)])
-    return out.getvalue().encode()
-
-
-def _trained_tokens(job: Job) -> int:
-    """Tokens of the training examples the committed steps scored (each once, not once per probe)."""
-    return sum(e.tokens for batch in job.spec.batches(range(job.steps_done)) for e in batch)

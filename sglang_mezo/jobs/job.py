@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sglang_mezo.core.estimators import INITIAL_STATE, AdaptiveState
 from sglang_mezo.core.objectives import EvalMetrics
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.protocol import ChunkOutcome, Failure, StepReport
+from sglang_mezo.protocol import AdapterVersion, ChunkOutcome, Failure, StepReport
 
 from .served import ServedSegment
 from .spec import JobSpec
