@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-step bench-learning bench-gpu clean
+.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-half: $(STAMP)
 ## make bench-load: 8 clients' latency with and without a 200-step job, errors, and which weights served each answer
 bench-load: $(STAMP)
 	$(PY) benchmarks/bench_load.py
+
+## make bench-adapter: base traffic's latency idle, during an adapter job and during a full-weight job (one run), and
+## an adapter step with its probes in one forward batch against one forward per probe
+bench-adapter: $(STAMP)
+	$(PY) benchmarks/bench_adapter.py
 
 ## make bench-step: one step's cost side by side: the paper's plain PyTorch loop, our core, the server, forwards, a copy
 bench-step: $(STAMP)
