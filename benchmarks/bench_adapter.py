@@ -17,14 +17,11 @@ import argparse
 import os
 import platform
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
-from bench_load import Sample, _up, clients, table
+from bench_load import Sample, clients, start_server, table
 from tqdm import tqdm
 
 from sglang_mezo.client import MezoClient
@@ -64,26 +61,14 @@ def main() -> None:
     parser.add_argument("--compare-steps", type=int, default=12)
     args = parser.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
     slots = 2 * args.probes + 2
-    log = open("bench-adapter-server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "sglang_mezo.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-         "--mezo-last-layers", "1", "--enable-lora", "--lora-backend", "torch_native", "--max-lora-rank", "8",
-         "--lora-target-modules", *MODULES, "--max-loras-per-batch", str(slots)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base, server = start_server(["--mezo-last-layers", "1", "--enable-lora", "--lora-backend", "torch_native",
+                                 "--max-lora-rank", "8", "--lora-target-modules", *MODULES,
+                                 "--max-loras-per-batch", str(slots)], "bench-adapter-server.log")
     examples = _examples(32)
     job = {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "n_probes": 2}
     try:
         client = MezoClient(base)
-        deadline = time.monotonic() + 600
-        while not _up(base):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start; see bench-adapter-server.log")
-            time.sleep(1)
         phases: dict[str, list[Sample]] = {"no job": [], "adapter job": [], "full-weight job": []}
         stop = threading.Event()
         threads = clients(base, args.clients, stop, phases["no job"])

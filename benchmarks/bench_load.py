@@ -150,21 +150,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    log = open("bench-load-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "sglang_mezo.cli", "serve", "--port", str(port), "--host",
-                               "127.0.0.1", "--mezo-last-layers", str(args.last_layers)],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base, server = start_server(["--mezo-last-layers", str(args.last_layers)], "bench-load-server.log")
     try:
         client = MezoClient(base)
-        deadline = time.monotonic() + 600
-        while not _up(base):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start; see bench-load-server.log")
-            time.sleep(1)
         base_version = client.weights()["weight_version"]
         phases: dict[str, list[Sample]] = {"no job": [], f"{args.steps}-step job": []}
 
@@ -204,6 +192,26 @@ def main() -> None:
     errors = [s.error for p in phases.values() for s in p if s.error]
     if errors:
         print(f"errors ({len(errors)}), first: {errors[0]}")
+
+
+def start_server(flags: list[str], log_name: str) -> tuple[str, subprocess.Popen]:
+    """``sglang-mezo serve`` with ``flags`` on a free local port, its output in ``log_name``, once it answers
+    /health: its URL and process (its own session: kill the group to stop it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    with open(log_name, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "sglang_mezo.cli", "serve", "--port", str(port), "--host",
+                                   "127.0.0.1", *flags], stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not _up(base):
+        if server.poll() is not None or time.monotonic() > deadline:
+            os.killpg(server.pid, signal.SIGTERM)
+            raise SystemExit(f"the server did not start; see {log_name}")
+        time.sleep(1)
+    return base, server
 
 
 def _up(base: str) -> bool:
