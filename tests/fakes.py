@@ -20,7 +20,8 @@ from tiny_models import tiny_llama
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.objectives import batch_loss_fn
-from sglang_mezo.core.params import ParamSelection, TrainableSet
+from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
+from sglang_mezo.core.probes import ProbeCopies, copies_needed, run_slot_step
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError
 from sglang_mezo.core.trajectory import Trajectory
@@ -29,6 +30,7 @@ from sglang_mezo.kernels import ZKind, zaxpy_
 from sglang_mezo.options import Folders, Limits
 from sglang_mezo.protocol import (
     AbortedStep,
+    AdapterVersion,
     ChunkOutcome,
     Failure,
     FailureKind,
@@ -36,6 +38,7 @@ from sglang_mezo.protocol import (
     SaveOutcome,
     StepChunk,
     StepReport,
+    weight_version_label,
 )
 
 
@@ -74,6 +77,7 @@ class FakeExecutor:
         self.hold_from = 0
         """... each chunk from this step on."""
         self.ended_adapter_jobs: list[str] = []
+        self.adapter_masters: dict[str, TrainableSet] = {}
 
     def params(self, selection: ParamSelection) -> TrainableSet:
         return TrainableSet.from_pieces(self.engine.trainable_pieces(), selection, self.engine.num_layers)
@@ -85,6 +89,8 @@ class FakeExecutor:
         while self.gate is not None and not self.gate.is_set() and chunk.steps[0] >= self.hold_from:
             await asyncio.sleep(0.01)
         self.chunks.append(chunk.steps)
+        if chunk.adapter is not None:
+            return self._adapter_chunk(chunk)
         params = self.params(chunk.config.selection)
         reports: list[StepReport] = []
         for step, batch in zip(chunk.steps, chunk.batches, strict=True):
@@ -101,6 +107,36 @@ class FakeExecutor:
                 aborted = AbortedStep(step, abort[0]) if abort else None
                 return self._outcome(chunk, params, reports, aborted, Failure(FailureKind.STEP_FAILED, str(exc)))
         return self._outcome(chunk, params, reports, None, None)
+
+    def _adapter_chunk(self, chunk: StepChunk) -> ChunkOutcome:
+        """An adapter job's chunk, as the scheduler runs it (core.probes' real step), on a stand-in adapter: one
+        fp32 tensor whose loss under each probe copy is ½‖w − 0.1‖²."""
+        if chunk.job_id not in self.adapter_masters:
+            self.adapter_masters[chunk.job_id] = TrainableSet.from_pieces(
+                [TrainablePiece("lora.weight", torch.zeros(4, 8), (4, 8))])
+        master = self.adapter_masters[chunk.job_id]
+        copies = ProbeCopies(master, [[torch.zeros(4, 8)] for _ in range(copies_needed(chunk.config))])
+
+        def losses(which):
+            return [0.5 * float(((copies.copies[j][0].double() - 0.1) ** 2).sum()) for j in which]
+
+        reports: list[StepReport] = []
+        failure = None
+        for step in chunk.steps:
+            try:
+                if self.faults.take(self.faults.raise_at, chunk.job_id, step):
+                    raise RuntimeError("the scorer failed")
+                state = reports[-1].result.adaptive if reports else chunk.adaptive
+                reports.append(StepReport(step, run_slot_step(copies, chunk.config, step, losses, state=state), 1.0))
+            except Exception as exc:  # noqa: BLE001 - as the scheduler's handler: every failure is a reply
+                failure = Failure(FailureKind.STEP_FAILED, str(exc))
+                break
+        version = None
+        if reports:
+            label = weight_version_label(chunk.job_id, reports[-1].step + 1)
+            version = AdapterVersion(chunk.adapter.name, label, reports[-1].step + 1, label)
+        return ChunkOutcome(reports=tuple(reports), failure=failure, trainable_fingerprint=master.fingerprint(),
+                            trainable_names=tuple(sorted(master.manifest)), adapter_version=version)
 
     def _loss(self, chunk: StepChunk, step: int, batch, params: TrainableSet):
         loss = batch_loss_fn(self.engine, chunk.objective, batch)

@@ -6,6 +6,7 @@ and a record cut short is dropped while anything else damaged stops the launch."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ from fakes import FakeExecutor, FakeScorer, replayed
 from tiny_models import memorisation_task, tiny_llama
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.lora import LoraSpec
 from sglang_mezo.core.objectives import Objective
 from sglang_mezo.jobs.errors import Unavailable
 from sglang_mezo.jobs.job import JobStatus
@@ -21,7 +23,7 @@ from sglang_mezo.jobs.journal import JOURNAL, Journal, JournalError, read
 from sglang_mezo.jobs.runner import JobRunner
 from sglang_mezo.jobs.spec import JobSpec
 from sglang_mezo.kernels import ZKind
-from sglang_mezo.protocol import FailureKind
+from sglang_mezo.protocol import AdapterTarget, FailureKind
 
 EXAMPLES = tuple(memorisation_task(n=4, seed=3))
 
@@ -156,3 +158,27 @@ def test_only_a_local_safetensors_checkpoint_can_be_a_journals_base(tmp_path):
     (tmp_path / "hub-like").mkdir()
     with pytest.raises(JournalError, match="local folder of safetensors"):
         Journal(tmp_path / "state").open(str(tmp_path / "hub-like"), "default")
+
+
+def test_adapter_jobs_are_journaled_apart_from_the_served_weights(tmp_path, base):
+    adapter = AdapterTarget("tenant", LoraSpec(rank=2, alpha=4, target_modules=("q_proj", "v_proj")))
+
+    async def main():
+        runner, executor, _ = journaled_runner(tmp_path / "state", base)
+        trained = runner.submit(dataclasses.replace(spec(3, seed=1), adapter=adapter))
+        await trained.done.wait()
+        again = runner.submit(dataclasses.replace(spec(2, seed=2), adapter=adapter))  # the name's next version
+        await again.done.wait()
+        return runner, again
+
+    runner, again = asyncio.run(main())
+    state = read(tmp_path / "state" / JOURNAL)
+    assert state.served == [] and state.weight_version() == "default"  # the base never carried them
+    [served] = state.adapters()
+    assert (served.name, served.lora_id) == ("tenant", f"mezo-{again.id}-2")
+    assert served.trajectory.records == again.trajectory.records and served.spec == adapter.spec
+    restarted, _, _ = journaled_runner(tmp_path / "state", base)
+    assert restarted.adapter_names() == ["tenant"]
+    job = restarted.adapter("tenant")
+    assert job.id == again.id and job.adapter_version == again.adapter_version
+    assert job.spec.adapter == adapter and job.trajectory.adapter == adapter.spec.to_dict()

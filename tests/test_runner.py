@@ -15,12 +15,13 @@ from tiny_models import memorisation_task
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective
-from sglang_mezo.jobs.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from sglang_mezo.core.lora import LoraSpec
+from sglang_mezo.jobs.errors import Conflict, InvalidRequest, NotFound, TooMany, Unavailable
 from sglang_mezo.jobs.job import JobStatus
 from sglang_mezo.jobs.runner import JobRunner
 from sglang_mezo.jobs.spec import JobSpec
 from sglang_mezo.kernels import ZKind
-from sglang_mezo.protocol import FailureKind
+from sglang_mezo.protocol import AdapterTarget, FailureKind
 
 EXAMPLES = tuple(memorisation_task(n=6, seed=1))
 HELD_OUT = tuple(memorisation_task(n=3, seed=2))
@@ -280,3 +281,61 @@ def test_a_dpo_job_measures_its_references_on_the_weights_it_starts_from():
     assert job.evals[0].metrics.loss == pytest.approx(math.log(2), abs=1e-12)
     assert job.evals[-1].metrics.loss < job.evals[0].metrics.loss
 
+
+
+def adapter_spec(steps: int, name: str, seed: int = 0) -> JobSpec:
+    return spec(steps, seed, adapter=AdapterTarget(name, LoraSpec(rank=4, alpha=8, target_modules=("q_proj",
+                                                                                                    "v_proj"))))
+
+
+def test_adapter_jobs_train_at_once_beside_the_queue_within_their_limit():
+    async def main():
+        runner, executor = make_runner(max_adapter_jobs=2, chunk_target_s=0.0)
+        executor.gate = threading.Event()
+        a, b = runner.submit(adapter_spec(5, "a")), runner.submit(adapter_spec(5, "b", seed=1))
+        await asyncio.sleep(0.05)
+        both_running = (a.status, b.status)
+        refusals = []
+        for attempt in (lambda: runner.submit(adapter_spec(2, "a")), lambda: runner.submit(adapter_spec(2, "c")),
+                        lambda: runner.submit(spec(2))):
+            try:
+                attempt()
+            except (Conflict, TooMany) as exc:
+                refusals.append(type(exc).__name__)
+        executor.gate.set()
+        await asyncio.gather(a.done.wait(), b.done.wait())
+        await asyncio.sleep(0.01)  # the jobs' tasks end their scheduler state after done is set
+        base = runner.submit(spec(2))
+        await base.done.wait()
+        return runner, executor, a, b, both_running, refusals, base
+
+    runner, executor, a, b, both_running, refusals, base = asyncio.run(main())
+    assert both_running == (JobStatus.RUNNING, JobStatus.RUNNING)
+    assert refusals == ["Conflict", "TooMany", "Conflict"]  # busy name, past the limit, a base job under them
+    for job in (a, b):
+        assert job.status is JobStatus.SUCCEEDED and job.adapter_version.committed_steps == 5
+        assert job.trajectory.adapter == job.spec.adapter.spec.to_dict()
+        assert job.served_before == () and job.id not in [s.job_id for s in runner.weights.segments]
+    assert sorted(executor.ended_adapter_jobs) == sorted([a.id, b.id])
+    assert runner.adapter_names() == ["a", "b"] and runner.adapter("b") is b
+    assert base.status is JobStatus.SUCCEEDED  # the base queue runs once no adapter trains
+    with pytest.raises(NotFound):
+        runner.adapter("never")
+
+
+def test_an_adapter_job_waits_for_no_base_job_but_is_refused_while_one_runs():
+    async def main():
+        runner, executor = make_runner(chunk_target_s=0.0)
+        executor.gate = threading.Event()
+        base = runner.submit(spec(3))
+        await asyncio.sleep(0.05)
+        try:
+            runner.submit(adapter_spec(2, "a"))
+            refused = None
+        except Conflict as exc:
+            refused = str(exc)
+        executor.gate.set()
+        await base.done.wait()
+        return refused
+
+    assert "served weights" in asyncio.run(main())
