@@ -14,8 +14,8 @@ from fakes import FakeExecutor, FakeScorer, replayed
 from tiny_models import memorisation_task
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.objectives import Objective
 from sglang_mezo.core.lora import LoraSpec
+from sglang_mezo.core.objectives import Objective
 from sglang_mezo.jobs.errors import Conflict, InvalidRequest, NotFound, TooMany, Unavailable
 from sglang_mezo.jobs.job import JobStatus
 from sglang_mezo.jobs.runner import JobRunner
