@@ -81,11 +81,12 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
         logger.warning("MeZO: training is off: %s", precision.refusal)
     translator = Translator(tokenizer_manager.tokenizer, int(tokenizer_manager.context_len))
     uploads = FileStore(files.data_dirs[0] / "files" if files.data_dirs else None, options.limits.max_stored_files)
+    lora = LoraLaunch.of(server_args, tokenizer_manager.model_config.hf_config)
     service = FineTuning(runner, uploads, FileTranslator(translator), defaults, options.limits,
-                         model_name)
+                         model_name, lora)
     install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=options.limits,
                              files=files, base_model=base_model, precision=precision, openai_files=uploads,
-                             fine_tuning=service, lora=LoraLaunch.of(server_args, tokenizer_manager.model_config.hf_config)))
+                             fine_tuning=service, lora=lora))
     logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

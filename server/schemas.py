@@ -149,19 +149,24 @@ class JobEvalOut(EvalOut):
         return cls.of(evaluation.metrics, evaluation.weight_version, step=evaluation.step)
 
 
-class AdapterIn(_Strict):
-    """Train a LoRA adapter in SGLang's LoRA pool instead of the served weights (the server needs
-    ``--enable-lora``). The adapter is served by ``name`` (``/generate``'s ``lora_path``, OpenAI's ``model``) from
-    its first committed step on; the base keeps serving unchanged."""
+class AdapterShapeIn(_Strict):
+    """What a LoRA adapter trained in SGLang's pool is (the server needs ``--enable-lora``)."""
 
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                      description="letters, digits, '.', '_', '-' (no ':': SGLang splits model names there)")
     rank: int | None = Field(None, ge=1, description="default: --max-lora-rank")
     alpha: float | None = Field(None, gt=0, description="PEFT's lora_alpha (the forward adds alpha/rank·BAx); "
                                                         "default: 2·rank")
     target_modules: list[str] | None = Field(None, min_length=1, description="default: --lora-target-modules")
     probes_in_one_batch: bool = Field(True, description="false: score each probe adapter in a forward of its own "
                                                         "(slower; for comparison)")
+
+
+class AdapterIn(AdapterShapeIn):
+    """Train a LoRA adapter in SGLang's LoRA pool instead of the served weights. The adapter is served by ``name``
+    (``/generate``'s ``lora_path``, OpenAI's ``model: "<base>:<name>"``) from its first committed chunk on; the
+    base keeps serving unchanged."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="letters, digits, '.', '_', '-' (no ':': SGLang splits model names there)")
 
 
 class StepRequest(_Strict):

@@ -20,8 +20,12 @@ from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.jobs.errors import InvalidRequest, Unavailable
 from sglang_mezo.protocol import AdapterRetired, AdapterVersion, ChunkOutcome, RestoreOutcome, SaveOutcome, StepChunk
-from sglang_mezo.scheduler.messages import (MezoAdapterRetireReqInput, MezoChunkReqInput, MezoRestoreReqInput,
-                                            MezoSaveReqInput)
+from sglang_mezo.scheduler.messages import (
+    MezoAdapterRetireReqInput,
+    MezoChunkReqInput,
+    MezoRestoreReqInput,
+    MezoSaveReqInput,
+)
 
 logger = logging.getLogger(__name__)
 

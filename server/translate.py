@@ -14,17 +14,23 @@ from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.lora import MODULES, LoraSpec, ModelDims
-from sglang_mezo.core.probes import copies_needed
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
+from sglang_mezo.core.probes import copies_needed
 from sglang_mezo.jobs.data import DataError, examples_from_records, load_records
 from sglang_mezo.jobs.errors import InvalidRequest
-from sglang_mezo.jobs.templates import (ClassificationTemplate, GenerationTemplate, MultipleChoiceTemplate,
-                                        TemplateError, TextChoice, TextExample)
+from sglang_mezo.jobs.templates import (
+    ClassificationTemplate,
+    GenerationTemplate,
+    MultipleChoiceTemplate,
+    TemplateError,
+    TextChoice,
+    TextExample,
+)
 from sglang_mezo.options import Limits
 from sglang_mezo.protocol import AdapterTarget
 from sglang_mezo.scheduler.lora_pool import loadable_refusal
 
-from .schemas import AdapterIn, DatasetIn, ExampleIn, StepRequest
+from .schemas import AdapterShapeIn, DatasetIn, ExampleIn, StepRequest
 
 _TEMPLATES = {"classification": ClassificationTemplate, "multiple_choice": MultipleChoiceTemplate,
               "generation": GenerationTemplate}
@@ -90,8 +96,9 @@ class LoraLaunch:
                    dims=None if hf_config is None else ModelDims.of(hf_config))
 
 
-def adapter_target(request: AdapterIn, launch: LoraLaunch, config: MezoConfig) -> AdapterTarget:
-    """The adapter a job trains, its unset fields from the launch flags; a 400 naming the flag it goes beyond."""
+def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, config: MezoConfig) -> AdapterTarget:
+    """The adapter ``name`` a job trains, its unset fields from the launch flags; a 400 naming the flag it goes
+    beyond."""
     if not launch.enabled:
         raise InvalidRequest("adapter jobs train in SGLang's LoRA pool: start the server with --enable-lora "
                              "(and --max-lora-rank, --lora-target-modules)")
@@ -123,7 +130,7 @@ def adapter_target(request: AdapterIn, launch: LoraLaunch, config: MezoConfig) -
         raise InvalidRequest(f"a step scores its {needed} probes ({config.estimator.value}, n_probes="
                              f"{config.n_probes}) as adapters in one batch: more than the LoRA pool's slots allow "
                              f"(--max-loras-per-batch {launch.max_loras_per_batch}, one kept for other traffic)")
-    return AdapterTarget(request.name, spec, probes_in_one_batch=request.probes_in_one_batch)
+    return AdapterTarget(name, spec, probes_in_one_batch=request.probes_in_one_batch)
 
 
 def check_count(limits: Limits, n: int) -> None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from sglang_mezo.core.estimators import Adaptive, Estimator
+from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.kernels import ZKind
 
 ATTRIBUTE = "_mezo"

@@ -209,3 +209,44 @@ def test_a_failed_step_or_a_torn_commit_leaves_the_adapter_served_at_a_committed
         assert max_diff(served_logprobs(server), base) == 0.0
         again = run_job(server, {**JOB, "steps": 2, "seed": 8, "adapter": {"name": "torn", "rank": 4}})
         assert again["status"] == "succeeded", again
+
+
+def test_an_openai_fine_tune_with_an_adapter_is_served_as_that_adapter_beside_the_base(tmp_path):
+    import json
+
+    import openai
+
+    chats = [{"messages": [{"role": "user", "content": f"the film {w}"},
+                           {"role": "assistant", "content": "great" if good else "bad"}]}
+             for w, good in [("was great", True), ("was bad", False), ("was fun", True), ("was dull", False)]]
+    model_path = save_tiny_llama(tmp_path / "base", seed=4)
+    data = tmp_path / "data"
+    data.mkdir()
+    with running_server(model_path, *FLAGS, "--mezo-data-dir", str(data), log_dir=tmp_path) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        base = client.models.list().data[0].id
+
+        def answer(model: str) -> list[float]:
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "the film"}],
+                                                   max_tokens=4, temperature=0, logprobs=True)
+            return [t.logprob for t in reply.choices[0].logprobs.content]
+
+        before = answer(base)
+        upload = client.files.create(file=("chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats).encode()),
+                                     purpose="fine-tune")
+        created = client.fine_tuning.jobs.create(
+            model=base, training_file=upload.id,
+            hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 2e4},  # lr 2e-2
+            extra_body={"mezo": {"eps": 1e-2, "n_probes": 2, "adapter": {"rank": 4}}})
+        deadline = time.monotonic() + 300
+        while (job := client.fine_tuning.jobs.retrieve(created.id)).status not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert job.status == "succeeded", job
+        listed = [m.id for m in client.models.list().data]
+        assert job.fine_tuned_model in listed and len(listed) == 2, listed  # the base, and the adapter once
+        tuned = answer(job.fine_tuned_model)
+        assert answer(base) == before  # the base is served as it was
+        assert max(abs(a - b) for a, b in zip(tuned, before)) > 1e-4  # the adapter serves its own answer
+        with pytest.raises(openai.BadRequestError, match="adapter"):
+            client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=upload.id)

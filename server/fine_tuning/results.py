@@ -8,6 +8,7 @@ import io
 
 from sglang_mezo.jobs.job import Evaluation, Job
 
+
 def valid_metrics(evaluation: Evaluation) -> dict[str, float | None]:
     """OpenAI's names; the whole validation file is evaluated each time, so ``valid_loss`` is ``full_valid_loss``.
     ``valid_accuracy`` is ours (choice examples' accuracy; OpenAI's token accuracy is not measured)."""

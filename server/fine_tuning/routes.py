@@ -191,9 +191,11 @@ async def models(mezo: Context, service: Service) -> dict:
     cards = [_card(service.model_name, None, mezo)]
     for name in service.model_names():
         cards.append(_card(name, service.model_name, mezo))
-    # trained adapters as SGLang's OpenAI routes reach them: "<base>:<adapter>" (split at the base's name)
+    # adapters trained through /mezo, as SGLang's OpenAI routes reach them: "<base>:<adapter>" (those of OpenAI jobs
+    # are listed above under their ft: names)
     for name in mezo.runner.adapter_names():
-        cards.append(_card(f"{service.model_name}:{name}", service.model_name, mezo))
+        if not service.is_fine_tuned_adapter(name):
+            cards.append(_card(f"{service.model_name}:{name}", service.model_name, mezo))
     return {"object": "list", "data": cards}
 
 
@@ -220,8 +222,8 @@ GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 class FineTunedModelNames:
     """ASGI middleware: a chat or completion request whose ``model`` is a fine-tuned name of this server is served
     by the base engine (the weights are one) when that name's weights are the served ones, and refused with a 4xx
-    otherwise; without this, SGLang would read ``ft:…:…`` as ``<model>:<LoRA adapter>``. Other requests pass as
-    they were."""
+    otherwise; without this, SGLang would read ``ft:…:…`` as ``<model>:<LoRA adapter>``. An adapter fine-tune is
+    passed on as ``<base>:<adapter>``, SGLang's own name for it. Other requests pass as they were."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -278,7 +280,7 @@ class FineTunedModelNames:
             service.check_served(model_name)
         except MezoError as exc:
             return error_response(exc)
-        return json.dumps({**request, "model": service.model_name}).encode()
+        return json.dumps({**request, "model": service.routed_model(model_name)}).encode()
 
 
 def _may_name_fine_tuned(body: bytes) -> bool:

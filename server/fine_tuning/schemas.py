@@ -16,6 +16,8 @@ from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.kernels import MAX_SEED, ZKind
 
+from ..schemas import AdapterShapeIn
+
 Auto = Literal["auto"]
 
 
@@ -66,6 +68,9 @@ class MezoKnobs(_Strict):
         "regular expressions searched in the checkpoint's tensor names: the job trains those that match one "
         "(with last_layers: of those blocks); default: the server's --mezo-train / --mezo-last-layers"))
     last_layers: int | None = Field(None, ge=1, description="the job trains the last K transformer blocks only")
+    adapter: AdapterShapeIn | None = Field(None, description=(
+        "train a LoRA adapter in SGLang's pool instead of the served weights (the server needs --enable-lora); "
+        "the fine-tuned model is served as that adapter, beside the unchanged base"))
 
     @field_validator("train")
     @classmethod

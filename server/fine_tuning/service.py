@@ -34,7 +34,7 @@ from sglang_mezo.jobs.spec import JobSpec
 from sglang_mezo.options import Limits
 from sglang_mezo.protocol import StepReport, weight_version_label
 
-from ..translate import check_count, check_tokens
+from ..translate import LoraLaunch, adapter_target, check_count, check_tokens
 from .files import FileStore
 from .hyperparameters import AUTO_BETA, Resolved, auto, resolve
 from .results import metrics_csv, trained_tokens, valid_metrics
@@ -74,8 +74,9 @@ class FineTuning:
     served weights, not this listing)."""
 
     def __init__(self, runner: JobRunner, store: FileStore, translator: FileTranslator, defaults: MezoConfig,
-                 limits: Limits, model_name: str) -> None:
+                 limits: Limits, model_name: str, lora: LoraLaunch = LoraLaunch()) -> None:
         self.runner = runner
+        self.lora = lora
         self.store = store
         self.translator = translator
         self.defaults = defaults
@@ -94,12 +95,26 @@ class FineTuning:
     def fine_tuned_name(self, ft: FineTuningJob) -> str:
         return f"ft:{self._short_base()}:{ft.request.suffix or 'mezo'}:{ft.id}"
 
+    def adapter_name(self, ft: FineTuningJob) -> str:
+        """The name an adapter fine-tune is served under in SGLang: its model name's tail after ``ft:``, which is
+        what SGLang's OpenAI routes take as the adapter when they split ``ft:<base>:<suffix>:<job>`` at its first
+        colon."""
+        return self.fine_tuned_name(ft).removeprefix("ft:")
+
+    def _adapter_fine_tune(self, model: str) -> FineTuningJob | None:
+        return next((ft for ft in self.jobs.values() if ft.job is not None and ft.job.spec.adapter is not None
+                     and ft.status == "succeeded" and self.fine_tuned_name(ft) == model), None)
+
     def served_version(self, model: str) -> str | None:
         """The weight version a fine-tuned model name stands for (None: not one of this server's names)."""
         for ft in self.jobs.values():
             if ft.job is None or ft.status != "succeeded":
                 continue
             name = self.fine_tuned_name(ft)
+            if ft.job.spec.adapter is not None:  # an adapter: its served version, and no checkpoint names
+                if model == name and ft.job.adapter_version is not None:
+                    return ft.job.adapter_version.label
+                continue
             if model == name:
                 return weight_version_label(ft.job.id, ft.job.steps_done)
             prefix = f"{name}:ckpt-step-"
@@ -113,6 +128,8 @@ class FineTuning:
         """Refuse a request that names a model whose weights are not the served ones."""
         if model == self.model_name or not model.startswith("ft:"):
             return
+        if self._adapter_fine_tune(model) is not None:  # served beside the base, whatever trains
+            return
         version = self.served_version(model)
         if version is None:
             raise NotFound(f"the model {model!r} does not exist on this server")
@@ -125,6 +142,17 @@ class FineTuning:
             raise Conflict(f"the model {model!r} is not being served now (the served weights are "
                            f"{self.runner.weights.weight_version}): restore it with POST /mezo/reset")
 
+    def is_fine_tuned_adapter(self, adapter: str) -> bool:
+        """Whether ``adapter`` is the adapter of one of this service's jobs."""
+        return any(ft.job is not None and ft.job.spec.adapter is not None and ft.job.spec.adapter.name == adapter
+                   for ft in self.jobs.values())
+
+    def routed_model(self, model: str) -> str:
+        """What SGLang is asked for when a request names fine-tuned ``model`` (checked served): the base model, or
+        for an adapter ``<base>:<adapter>``."""
+        ft = self._adapter_fine_tune(model)
+        return self.model_name if ft is None else f"{self.model_name}:{self.adapter_name(ft)}"
+
     def model_names(self) -> list[str]:
         """The fine-tuned models this server can name (succeeded jobs), oldest first."""
         return [self.fine_tuned_name(ft) for ft in self.jobs.values() if ft.status == "succeeded"]
@@ -135,6 +163,9 @@ class FineTuning:
         if request.model != self.model_name and self.served_version(request.model) is None:
             raise InvalidRequest(f"model: {request.model!r} is not served here; this server fine-tunes "
                                  f"{self.model_name!r}")
+        if self._adapter_fine_tune(request.model) is not None:
+            raise InvalidRequest(f"model: {request.model!r} is an adapter; continuing from an adapter is not "
+                                 f"supported yet: fine-tune {self.model_name!r}")
         self.check_served(request.model)  # a fine-tuned name continues from its weights, only while they are served
         for param in ("training_file", "validation_file"):
             file_id = getattr(request, param)
@@ -202,8 +233,8 @@ class FineTuning:
         check_count(self.limits, len(train) + len(held_out))
         check_tokens(self.limits, train, held_out)
         ft.resolved = resolved = resolve(request, len(train), self.limits)
-        knobs = request.mezo.model_dump(exclude_none=True, exclude={"eval_every", "train", "last_layers"}) \
-            if request.mezo else {}
+        knobs = request.mezo.model_dump(exclude_none=True, exclude={"eval_every", "train", "last_layers",
+                                                                    "adapter"}) if request.mezo else {}
         if request.mezo and request.mezo.selection is not None:  # the job's own subset, else the server's
             knobs["selection"] = request.mezo.selection
         try:
@@ -217,9 +248,12 @@ class FineTuning:
                                  f"({Limits.flag('max_probes')} {self.limits.max_probes})")
         eval_every = (request.mezo.eval_every if request.mezo and request.mezo.eval_every
                       else max(1, resolved.steps // 4)) if held_out else 0
+        adapter = None
+        if request.mezo and request.mezo.adapter is not None:
+            adapter = adapter_target(self.adapter_name(ft), request.mezo.adapter, self.lora, config)
         return JobSpec(examples=train, objective=Objective.DPO if dpo else Objective.CROSS_ENTROPY, config=config,
                        batch_size=resolved.batch_size, base_model=self.runner.weights.base_model,
-                       eval_examples=held_out, eval_every=eval_every)
+                       eval_examples=held_out, eval_every=eval_every, adapter=adapter)
 
     # -- following the runner's job (JobObserver) ----------------------------------------------------------------
 
@@ -323,11 +357,12 @@ class FineTuning:
             seed=job.spec.config.seed if job else (ft.request.seed or 0), estimated_finish=estimated,
             metadata=ft.request.metadata, method=method, user_provided_suffix=ft.request.suffix,
             mezo_job_id=job.id if job else None, steps=resolved.steps if resolved else None,
-            weight_version=weight_version_label(job.id, job.steps_done) if succeeded else None)
+            weight_version=(job.adapter_version.label if job.spec.adapter is not None and job.adapter_version else
+                            weight_version_label(job.id, job.steps_done)) if succeeded else None)
 
     def checkpoints(self, ft: FineTuningJob) -> list[CheckpointOut]:
         """Newest first: each evaluation of the validation file after a step (the step-0 one is the base)."""
-        if ft.job is None:
+        if ft.job is None or ft.job.spec.adapter is not None:  # an adapter serves its last version only
             return []
         name = self.fine_tuned_name(ft)
         out = []

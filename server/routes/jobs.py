@@ -28,7 +28,8 @@ async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
     config = job_config(mezo.defaults, request, mezo.limits)
     # an adapter trains through its own fp32 master: the served weights' precision does not matter to it
-    adapter = None if request.adapter is None else adapter_target(request.adapter, mezo.lora, config)
+    adapter = None if request.adapter is None else adapter_target(request.adapter.name, request.adapter, mezo.lora,
+                                                                  config)
     if adapter is None and mezo.precision.refusal:
         raise InvalidRequest(mezo.precision.refusal)
     train, held_out = texts(request.examples), texts(request.eval_examples)

@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 
 import torch
-
 from fastapi import APIRouter
 from sglang.srt.utils.auth import AuthLevel, auth_level
 

@@ -24,6 +24,7 @@ import torch
 
 from sglang_mezo.kernels import ZKind, ZTarget, as_block, zaxpy_
 
+
 class Placement(enum.Enum):
     """Where the masters live: beside the served weights, or in (pinned) host memory, streamed to the device one
     tensor at a time for each pass (for a trainable set whose fp32 copy does not fit on the device)."""

@@ -26,8 +26,15 @@ import torch
 from sglang_mezo.kernels import PassTargets, ZKind, ZTarget, as_block, check_seed, zaxpy_
 
 from .config import MezoConfig
-from .estimators import (INITIAL_STATE, AdaptiveState, Estimator, ScalarRMS, fzoo_direction, spsa_direction,
-                         update_coefficients)
+from .estimators import (
+    INITIAL_STATE,
+    AdaptiveState,
+    Estimator,
+    ScalarRMS,
+    fzoo_direction,
+    spsa_direction,
+    update_coefficients,
+)
 from .params import TrainableSet
 from .run import seeds_for
 from .spsa import InconsistentWeightsError, NonFiniteLossError, StepResult, sigint_deferred

@@ -24,14 +24,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.lora import LoraSpec, ServedAdapter
 from sglang_mezo.core.estimators import AdaptiveState, Estimator
+from sglang_mezo.core.lora import LoraSpec, ServedAdapter
 from sglang_mezo.core.objectives import EvalMetrics, Objective
 from sglang_mezo.core.spsa import AbortedProbes, StepResult
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.kernels import ZKind
-from sglang_mezo.protocol import (AdapterTarget, AdapterVersion, ChunkOutcome, Failure, FailureKind, StepReport,
-                                  weight_version_label)
+from sglang_mezo.protocol import (
+    AdapterTarget,
+    AdapterVersion,
+    ChunkOutcome,
+    Failure,
+    FailureKind,
+    StepReport,
+    weight_version_label,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from sglang_mezo.core.objectives import (EvalMetrics, Example, Objective, PreferenceExample, scoring_items,
-                                         with_references)
+from sglang_mezo.core.objectives import (
+    EvalMetrics,
+    Example,
+    Objective,
+    PreferenceExample,
+    scoring_items,
+    with_references,
+)
 from sglang_mezo.protocol import ChunkExecutor, Failure, FailureKind, ServedScorer, StepChunk, StepReport
 
 from .errors import Conflict, InvalidRequest, NotFound, TooMany, Unavailable

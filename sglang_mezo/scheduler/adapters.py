@@ -28,11 +28,18 @@ from sglang_mezo.core.objectives import copies_loss_fn
 from sglang_mezo.core.params import TrainablePiece, TrainableSet
 from sglang_mezo.core.probes import ProbeCopies, copies_needed, run_slot_step
 from sglang_mezo.core.spsa import InconsistentWeightsError
-from sglang_mezo.protocol import (AdapterVersion, ChunkOutcome, Failure, FailureKind, StepChunk, StepReport,
-                                  weight_version_label)
+from sglang_mezo.protocol import (
+    AdapterVersion,
+    ChunkOutcome,
+    Failure,
+    FailureKind,
+    StepChunk,
+    StepReport,
+    weight_version_label,
+)
 
-from .lora_pool import loadable_refusal, make_resident, register, slot_tensors, unregister
 from .faults import FaultInjector
+from .lora_pool import loadable_refusal, make_resident, register, slot_tensors, unregister
 from .serving import SchedulerServing
 
 logger = logging.getLogger(__name__)

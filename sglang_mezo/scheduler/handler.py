@@ -48,14 +48,22 @@ from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.protocol import (AbortedStep, AdapterRetired, ChunkOutcome, Failure, FailureKind, RestoreOutcome, SaveOutcome,
-                                  StepChunk, StepReport)
+from sglang_mezo.protocol import (
+    AbortedStep,
+    AdapterRetired,
+    ChunkOutcome,
+    Failure,
+    FailureKind,
+    RestoreOutcome,
+    SaveOutcome,
+    StepChunk,
+    StepReport,
+)
 
 from .adapters import AdapterTrainer
 from .agreement import OtherRankFailed, TPAgreement, Verdict
 from .faults import FAULT_ENV, FaultInjector
-from .messages import (MezoAdapterRetireReqInput, MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput,
-                       MezoSaveReqInput)
+from .messages import MezoAdapterRetireReqInput, MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
 from .serving import SchedulerServing
 
 logger = logging.getLogger(__name__)
