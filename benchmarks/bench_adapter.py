@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
 import statistics
 import threading
 import time
+from pathlib import Path
 
-from bench_load import Sample, clients, start_server, table
+from bench_load import Sample, clients, table
+from harness import served
 from tqdm import tqdm
 
 from sglang_mezo.client import MezoClient
+from sglang_mezo.default_model import default_model_path
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,13 +64,13 @@ def main() -> None:
     args = parser.parse_args()
 
     slots = 2 * args.probes + 2
-    base, server = start_server(["--mezo-last-layers", "1", "--enable-lora", "--lora-backend", "torch_native",
-                                 "--max-lora-rank", "8", "--lora-target-modules", *MODULES,
-                                 "--max-loras-per-batch", str(slots)], "bench-adapter-server.log")
     examples = _examples(32)
     job = {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "n_probes": 2}
-    try:
-        client = MezoClient(base)
+    with served(default_model_path(), ["--mezo-last-layers", "1", "--enable-lora", "--lora-backend",
+                                       "torch_native", "--max-lora-rank", "8", "--lora-target-modules", *MODULES,
+                                       "--max-loras-per-batch", str(slots)],
+                Path("bench-adapter-server.log")) as client:
+        base = client.url
         phases: dict[str, list[Sample]] = {"no job": [], "adapter job": [], "full-weight job": []}
         stop = threading.Event()
         threads = clients(base, args.clients, stop, phases["no job"])
@@ -87,9 +89,6 @@ def main() -> None:
                                  "eps": 1e-2, "adapter": {"name": f"compare-{together}", "rank": 8,
                                                           "probes_in_one_batch": together}})
             compared[together] = (done, _median_step_ms(client, done["job_id"]))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
     print(f"\nMachine: {os.cpu_count()}-core {platform.machine()} CPU, {platform.system()}; "
           f"{time.strftime('%Y-%m-%d')}; SmolLM2-135M-Instruct fp32 via sglang-mezo serve --enable-lora "

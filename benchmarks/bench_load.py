@@ -20,19 +20,17 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from harness import served
 from tqdm import tqdm
 
-from sglang_mezo.client import MezoClient
+from sglang_mezo.default_model import default_model_path
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
 
 KINDS = ("generate", "generate-stream", "chat", "chat-stream")
@@ -150,9 +148,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    base, server = start_server(["--mezo-last-layers", str(args.last_layers)], "bench-load-server.log")
-    try:
-        client = MezoClient(base)
+    with served(default_model_path(), ["--mezo-last-layers", str(args.last_layers)],
+                Path("bench-load-server.log")) as client:
+        base = client.url
         base_version = client.weights()["weight_version"]
         phases: dict[str, list[Sample]] = {"no job": [], f"{args.steps}-step job": []}
 
@@ -174,9 +172,6 @@ def main() -> None:
         stop.set()
         for t in threads:
             t.join()
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
     trained = phases[f"{args.steps}-step job"]
     bad = check_versions(trained, job["job_id"], job["step"], base_version)
@@ -192,26 +187,6 @@ def main() -> None:
     errors = [s.error for p in phases.values() for s in p if s.error]
     if errors:
         print(f"errors ({len(errors)}), first: {errors[0]}")
-
-
-def start_server(flags: list[str], log_name: str) -> tuple[str, subprocess.Popen]:
-    """``sglang-mezo serve`` with ``flags`` on a free local port, its output in ``log_name``, once it answers
-    /health: its URL and process (its own session: kill the group to stop it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    with open(log_name, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "sglang_mezo.cli", "serve", "--port", str(port), "--host",
-                                   "127.0.0.1", *flags], stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not _up(base):
-        if server.poll() is not None or time.monotonic() > deadline:
-            os.killpg(server.pid, signal.SIGTERM)
-            raise SystemExit(f"the server did not start; see {log_name}")
-        time.sleep(1)
-    return base, server
 
 
 def _up(base: str) -> bool:
