@@ -83,6 +83,10 @@ NORMS = ("--mezo-train", "norm")  # every RMSNorm gain: 61 vectors, 35k numbers 
 # training it is fitting a linear probe on the last hidden state, a space small enough for SPSA's d-fold noise
 FINAL_NORM = ("--mezo-train", r"^model\.norm\.weight$")
 DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1}
+# adapter jobs: a LoRA on every linear module of every block, trained in SGLang's pool (--enable-lora), its probes
+# scored in one forward batch; the pool holds the probes' slots, the trained adapter's and the base's
+LORA = ("--enable-lora", "--lora-backend", "torch_native", "--max-lora-rank", "16", "--max-loras-per-batch", "4",
+        "--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = {m.name: m for m in [
     Method("mezo (demo settings)", DEMO),
     Method("fzoo n=4", {**DEMO, "estimator": "fzoo", "n_probes": 4, "lr": 2e-4}),
@@ -94,6 +98,11 @@ METHODS = {m.name: m for m in [
     Method("mezo chat (demo settings)", DEMO, prompt=CHAT),
     Method("mezo final norm + scalar_rms lr 1e-2", {**DEMO, "adaptive": "scalar_rms", "lr": 1e-2}, FINAL_NORM),
     Method("mezo final norm lr 3e-2", {**DEMO, "lr": 3e-2}, FINAL_NORM),
+    *(Method(f"adapter r{r} + scalar_rms lr {lr:g}", {**DEMO, "eps": 1e-2, "adaptive": "scalar_rms", "lr": lr,
+                                                      "adapter": {"name": f"bench-r{r}", "rank": r}}, LORA)
+      for r in (8, 16) for lr in (1e-3, 1e-4)),
+    *(Method(f"adapter r{r} lr {lr:g}", {**DEMO, "eps": 1e-2, "lr": lr, "adapter": {"name": f"bench-r{r}", "rank": r}},
+             LORA) for r in (8, 16) for lr in (1e-3, 1e-4)),
 ]}
 RECIPE = "mezo final norm + scalar_rms lr 1e-2"
 """The README's recommendation for classification jobs, and what the demo runs."""
