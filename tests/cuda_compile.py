@@ -105,6 +105,14 @@ def cases(recorder: Recorder) -> None:
         # 3 programs a row, unaligned, a far offset (first_index past 2^31: an int64)
         record(recorder, kind, torch.zeros(3, 2500), ZSlice(BIG_KEY, 3000, row_offset=2**31 + 7, col_offset=9),
                [4, 5])
+        # adapter probes (scheduler.adapters): a LoRA slot's lora_B view, rank 8 in a pool padded to rank 16
+        # (out_row_stride 16, cols 8), and its lora_A view (whole rows), written from a contiguous fp32 master as
+        # round(master + c·z), in a bf16 pool and in an fp32 one (an fp32 out behind a master)
+        for dtype in (torch.float32, torch.bfloat16):
+            served, master = served_and_master(dtype, (96, 16), slice(0, 8))
+            record(recorder, kind, served, ZSlice(BIG_KEY, 8), [3], master=master, commit=False)
+            served, master = served_and_master(dtype, (8, 64), slice(None))
+            record(recorder, kind, served, ZSlice(BIG_KEY, 64), [3], master=master, commit=False)
         # many blocks in one launch: a whole (tiny) model's tensors, 1-D and 2-D, vector path and not
         record_many(recorder, kind)
         # every tile size the launcher chooses: 1, 2, 4, ... groups, up to a full tile

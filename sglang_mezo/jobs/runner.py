@@ -234,7 +234,9 @@ class JobRunner:
             chunk_steps = max(1, min(self.max_chunk_steps, int(self.chunk_target_s / max(per_step, 1e-6))))
             if job.steps_done == spec.steps or (spec.eval_every and job.steps_done % spec.eval_every == 0):
                 await self._evaluate(job)
-            if job.steps_done < spec.steps and self.yield_s > 0 and not adapter:  # the base never waited
+            # an adapter chunk holds the scheduler thread as a full-weight chunk does (without retracting anyone):
+            # the requests in flight get their turn before the next one, or a decode would advance one token a chunk
+            if job.steps_done < spec.steps and self.yield_s > 0:
                 await self.executor.drain(self.yield_s)
         self._finish(job, JobStatus.SUCCEEDED)
 
