@@ -2,8 +2,8 @@
 in one batch saves.
 
 One ``sglang-mezo serve`` (SmolLM2-135M-Instruct on this machine's CPU) with SGLang's LoRA pool on. Part 1: eight
-client threads send base traffic (``/generate`` and ``/v1/chat/completions``, plain and streaming) for a fixed time
-with no job (the reference rows), then through an adapter job (a rank-8 LoRA on every module of every block), then
+client threads send base traffic (``/generate`` and ``/v1/chat/completions``, plain and streaming), first for a
+warm-up that is not measured, then for a fixed time with no job (the reference rows), then through an adapter job (a rank-8 LoRA on every module of every block), then
 through a full-weight job (MeZO on the last block), all in one run on one server: p50 and p99 latency per phase and
 their ratio to the no-job phase. Part 2, with no traffic: the same adapter steps (n probes, 2n probe adapters)
 scored in one forward batch, and one forward per probe (the reference row): the median step time of each.
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--steps", type=int, default=100, help="steps of each job under traffic")
     parser.add_argument("--baseline-s", type=float, default=60.0, help="how long the no-job phase runs")
+    parser.add_argument("--warmup-s", type=float, default=20.0,
+                        help="traffic before the no-job phase, not measured (a fresh server's first requests are slow)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--probes", type=int, default=4, help="n of the batched-probes comparison (2n adapters)")
     parser.add_argument("--compare-steps", type=int, default=12)
@@ -72,6 +74,7 @@ def main() -> None:
                 Path("bench-adapter-server.log")) as client:
         base = client.url
         phases: dict[str, list[Sample]] = {"no job": [], "adapter job": [], "full-weight job": []}
+        _under_traffic(base, args.clients, [], lambda: time.sleep(args.warmup_s))
         stop = threading.Event()
         threads = clients(base, args.clients, stop, phases["no job"])
         for _ in tqdm(range(int(args.baseline_s)), desc="no job", unit="s"):
