@@ -5,6 +5,7 @@ message names the field (see :mod:`sglang_mezo.server.errors` for every status).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -334,8 +335,34 @@ class PrecisionOut(BaseModel):
                    can_train=precision.refusal is None, reason=precision.refusal or "")
 
 
+class AdapterOut(BaseModel):
+    """A trained adapter as this server serves it: the version its name serves now (a LoRA adapter of SGLang's, by
+    ``name``; OpenAI's routes reach it as ``<base>:<name>``)."""
+
+    name: str
+    weight_version: str
+    """The version's label (``mezo-<job>-<steps>``): also its SGLang LoRA id."""
+    job_id: str
+    steps: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    trained_on: str
+    """The served weights' label when its job started."""
+    base_changed: bool
+    """The served weights are no longer ``trained_on``: the adapter serves on another base than it was trained on."""
+
+    @classmethod
+    def of(cls, job: Job, served_version: str) -> AdapterOut:
+        version, spec = job.adapter_version, job.spec.adapter.spec
+        return cls(name=version.name, weight_version=version.label, job_id=job.id, steps=version.committed_steps,
+                   rank=spec.rank, alpha=spec.alpha, target_modules=list(spec.target_modules),
+                   trained_on=job.trained_on, base_changed=bool(job.trained_on) and job.trained_on != served_version)
+
+
 class WeightsOut(BaseModel):
-    """What the served weights are: the base checkpoint plus these jobs' steps, in order."""
+    """What the served weights are: the base checkpoint plus these jobs' steps, in order; and the adapters served
+    beside them."""
 
     base_model: str
     weight_version: str
@@ -345,12 +372,15 @@ class WeightsOut(BaseModel):
     """A weight pass failed part-way and restoring failed too: training is off until a reset succeeds."""
     message: str = ""
     precision: PrecisionOut | None = None
+    adapters: list[AdapterOut] = []
 
     @classmethod
-    def of(cls, weights: ServedWeights, message: str = "", precision: Precision | None = None) -> WeightsOut:
+    def of(cls, weights: ServedWeights, message: str = "", precision: Precision | None = None,
+           adapters: Sequence[Job] = ()) -> WeightsOut:
         return cls(base_model=weights.base_model, weight_version=weights.weight_version, weights_lost=weights.lost,
                    message=message, history=[ServedSegmentOut.of(s) for s in weights.segments],
-                   precision=None if precision is None else PrecisionOut.of(precision))
+                   precision=None if precision is None else PrecisionOut.of(precision),
+                   adapters=[AdapterOut.of(job, weights.weight_version) for job in adapters])
 
 
 class SaveRequest(_Strict):

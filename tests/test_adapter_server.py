@@ -8,11 +8,13 @@ what one forward per probe measures; and the refusals name the flag a job goes b
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 
+import openai
 import pytest
 import torch
 from mezo_checks import hf_logprobs, max_diff, run_job, served_logprobs
@@ -112,6 +114,9 @@ def test_adapters_train_beside_an_unchanged_base_and_are_served_as_their_peft_re
             assert status == 200 and saved["weight_version"] == last["weight_version"], saved
             assert max_diff(served[name], peft_logprobs(model_path, out / name)) < 1e-5, name
         assert max_diff(served_logprobs(server), base_logprobs) == 0.0
+        weights = server.request("GET", "/mezo/weights")[1]
+        assert {a["name"]: (a["weight_version"], a["base_changed"]) for a in weights["adapters"]} == {
+            name: (f"mezo-{job_id}-40", False) for name, job_id in jobs.items()}
         models = [m["id"] for m in server.request("GET", "/v1/models")[1]["data"]]
         assert {m.rsplit(":", 1)[-1] for m in models[1:]} >= set(jobs), models
         status, body = server.request("POST", "/mezo/save", {"path": "nothing", "adapter": "never-trained"})
@@ -123,45 +128,54 @@ def test_adapters_train_beside_an_unchanged_base_and_are_served_as_their_peft_re
             assert max_diff(served_logprobs(fresh, lora=name), served[name]) < 1e-5, name
 
 
-def test_probes_in_one_batch_measure_what_one_forward_per_probe_measures(tmp_path):
-    model_path = save_tiny_llama(tmp_path / "base", seed=4)
-    with running_server(model_path, *FLAGS, log_dir=tmp_path) as server:
-        jobs = {}
-        for together in (True, False):
-            job = run_job(server, {**JOB, "steps": 6, "adapter": {"name": f"batched-{together}", "rank": 4,
-                                                                  "probes_in_one_batch": together}})
-            assert job["status"] == "succeeded", job
-            jobs[together] = server.request("GET", f"/mezo/jobs/{job['job_id']}/history")[1]["steps"]
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One server for the tests that need nothing of their own (it keeps the suite's server starts few)."""
+    root = tmp_path_factory.mktemp("adapters")
+    model_path = save_tiny_llama(root / "base", seed=4)
+    (root / "data").mkdir()
+    with running_server(model_path, *FLAGS, "--mezo-data-dir", str(root / "data"), log_dir=root) as server:
+        yield server
+
+
+def test_probes_in_one_batch_measure_what_one_forward_per_probe_measures(shared):
+    server = shared
+    jobs = {}
+    for together in (True, False):
+        job = run_job(server, {**JOB, "steps": 6, "adapter": {"name": f"batched-{together}", "rank": 4,
+                                                              "probes_in_one_batch": together}})
+        assert job["status"] == "succeeded", job
+        jobs[together] = server.request("GET", f"/mezo/jobs/{job['job_id']}/history")[1]["steps"]
     for one, alone in zip(jobs[True], jobs[False], strict=True):
         assert one["loss_plus"] == pytest.approx(alone["loss_plus"], abs=1e-5)
         assert one["loss_minus"] == pytest.approx(alone["loss_minus"], abs=1e-5)
 
 
-def test_refusals_name_the_launch_flag_and_nothing_starts(tmp_path):
-    model_path = save_tiny_llama(tmp_path / "base", seed=4)
-    with running_server(model_path, *FLAGS, log_dir=tmp_path) as server:
-        def refused(adapter: dict, **job) -> tuple[int, str]:
-            status, body = server.request("POST", "/mezo/step", {**JOB, **job, "adapter": adapter})
-            return status, str(body)
+def test_refusals_name_the_launch_flag_and_nothing_starts(shared):
+    server = shared
 
-        status, body = refused({"name": "x", "rank": 16})
-        assert status == 400 and "--max-lora-rank 8" in body
-        status, body = refused({"name": "x", "target_modules": ["lm_head"]})
-        assert status == 400 and "target_modules" in body
-        status, body = refused({"name": "x", "target_modules": ["q_proj"]})
-        assert status == 400 and "v_proj" in body
-        status, body = refused({"name": "x"}, n_probes=3)  # 6 probe adapters + one slot kept > 6
-        assert status == 400 and "--max-loras-per-batch 6" in body
-        status, body = refused({"name": "a:b"})
-        assert status == 400
-        status, job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "adapter": {"name": "busy"}})
-        assert status == 200, job
-        status, body = refused({"name": "busy"})
-        assert status == 409 and "busy" in body
-        status, body = server.request("POST", "/mezo/step", {**JOB, "steps": 1})  # a base job under an adapter
-        assert status == 409, body
-        assert server.request("POST", f"/mezo/jobs/{job['job_id']}/cancel")[0] == 200
-        assert server.request("GET", "/mezo/jobs")[1]["jobs"][-1]["status"] in ("running", "cancelled")
+    def refused(adapter: dict, **job) -> tuple[int, str]:
+        status, body = server.request("POST", "/mezo/step", {**JOB, **job, "adapter": adapter})
+        return status, str(body)
+
+    status, body = refused({"name": "x", "rank": 16})
+    assert status == 400 and "--max-lora-rank 8" in body
+    status, body = refused({"name": "x", "target_modules": ["lm_head"]})
+    assert status == 400 and "target_modules" in body
+    status, body = refused({"name": "x", "target_modules": ["q_proj"]})
+    assert status == 400 and "v_proj" in body
+    status, body = refused({"name": "x"}, n_probes=3)  # 6 probe adapters + one slot kept > 6
+    assert status == 400 and "--max-loras-per-batch 6" in body
+    status, body = refused({"name": "a:b"})
+    assert status == 400
+    status, job = server.request("POST", "/mezo/step", {**JOB, "steps": 400, "adapter": {"name": "busy"}})
+    assert status == 200, job
+    status, body = refused({"name": "busy"})
+    assert status == 409 and "busy" in body
+    status, body = server.request("POST", "/mezo/step", {**JOB, "steps": 1})  # a base job under an adapter
+    assert status == 409, body
+    assert server.request("POST", f"/mezo/jobs/{job['job_id']}/cancel")[0] == 200
+    assert server.request("GET", "/mezo/jobs")[1]["jobs"][-1]["status"] in ("running", "cancelled")
 
 
 def test_a_server_killed_mid_job_serves_each_adapter_at_its_last_committed_step_again(tmp_path):
@@ -211,42 +225,36 @@ def test_a_failed_step_or_a_torn_commit_leaves_the_adapter_served_at_a_committed
         assert again["status"] == "succeeded", again
 
 
-def test_an_openai_fine_tune_with_an_adapter_is_served_as_that_adapter_beside_the_base(tmp_path):
-    import json
-
-    import openai
-
+def test_an_openai_fine_tune_with_an_adapter_is_served_as_that_adapter_beside_the_base(shared):
     chats = [{"messages": [{"role": "user", "content": f"the film {w}"},
                            {"role": "assistant", "content": "great" if good else "bad"}]}
              for w, good in [("was great", True), ("was bad", False), ("was fun", True), ("was dull", False)]]
-    model_path = save_tiny_llama(tmp_path / "base", seed=4)
-    data = tmp_path / "data"
-    data.mkdir()
-    with running_server(model_path, *FLAGS, "--mezo-data-dir", str(data), log_dir=tmp_path) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        base = client.models.list().data[0].id
+    server = shared
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    base = client.models.list().data[0].id
 
-        def answer(model: str) -> list[float]:
-            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "the film"}],
-                                                   max_tokens=4, temperature=0, logprobs=True)
-            return [t.logprob for t in reply.choices[0].logprobs.content]
+    def answer(model: str) -> list[float]:
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "the film"}],
+                                               max_tokens=4, temperature=0, logprobs=True)
+        return [t.logprob for t in reply.choices[0].logprobs.content]
 
-        before = answer(base)
-        upload = client.files.create(file=("chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats).encode()),
-                                     purpose="fine-tune")
-        created = client.fine_tuning.jobs.create(
-            model=base, training_file=upload.id,
-            hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 2e4},  # lr 2e-2
-            extra_body={"mezo": {"eps": 1e-2, "n_probes": 2, "adapter": {"rank": 4}}})
-        deadline = time.monotonic() + 300
-        while (job := client.fine_tuning.jobs.retrieve(created.id)).status not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-        assert job.status == "succeeded", job
-        listed = [m.id for m in client.models.list().data]
-        assert job.fine_tuned_model in listed and len(listed) == 2, listed  # the base, and the adapter once
-        tuned = answer(job.fine_tuned_model)
-        assert answer(base) == before  # the base is served as it was
-        assert max(abs(a - b) for a, b in zip(tuned, before)) > 1e-4  # the adapter serves its own answer
-        with pytest.raises(openai.BadRequestError, match="adapter"):
-            client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=upload.id)
+    before = answer(base)
+    upload = client.files.create(file=("chat.jsonl", "".join(json.dumps(c) + "\n" for c in chats).encode()),
+                                 purpose="fine-tune")
+    created = client.fine_tuning.jobs.create(
+        model=base, training_file=upload.id,
+        hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 2e4},  # lr 2e-2
+        extra_body={"mezo": {"eps": 1e-2, "n_probes": 2, "adapter": {"rank": 4}}})
+    deadline = time.monotonic() + 300
+    while (job := client.fine_tuning.jobs.retrieve(created.id)).status not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert job.status == "succeeded", job
+    listed = [m.id for m in client.models.list().data]
+    tail = job.fine_tuned_model.removeprefix("ft:")
+    assert listed.count(job.fine_tuned_model) == 1 and f"{base}:{tail}" not in listed, listed  # listed once
+    tuned = answer(job.fine_tuned_model)
+    assert answer(base) == before  # the base is served as it was
+    assert max(abs(a - b) for a, b in zip(tuned, before)) > 1e-4  # the adapter serves its own answer
+    with pytest.raises(openai.BadRequestError, match="adapter"):
+        client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=upload.id)

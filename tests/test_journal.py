@@ -182,3 +182,4 @@ def test_adapter_jobs_are_journaled_apart_from_the_served_weights(tmp_path, base
     job = restarted.adapter("tenant")
     assert job.id == again.id and job.adapter_version == again.adapter_version
     assert job.spec.adapter == adapter and job.trajectory.adapter == adapter.spec.to_dict()
+    assert job.trained_on == again.trained_on == "default"

@@ -318,6 +318,7 @@ def test_adapter_jobs_train_at_once_beside_the_queue_within_their_limit():
         assert job.served_before == () and job.id not in [s.job_id for s in runner.weights.segments]
     assert sorted(executor.ended_adapter_jobs) == sorted([a.id, b.id])
     assert runner.adapter_names() == ["a", "b"] and runner.adapter("b") is b
+    assert a.trained_on == b.trained_on == "default"  # the served weights' label when they started
     assert base.status is JobStatus.SUCCEEDED  # the base queue runs once no adapter trains
     with pytest.raises(NotFound):
         runner.adapter("never")

@@ -25,8 +25,10 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 @router.get("/weights")
 @auth_level(AuthLevel.NORMAL)
 async def weights(mezo: Context) -> WeightsOut:
-    """The base checkpoint and the jobs' steps the served weights carry, in order, and their SGLang label."""
-    return WeightsOut.of(mezo.runner.weights, precision=mezo.precision)
+    """The base checkpoint and the jobs' steps the served weights carry, in order, and their SGLang label; the
+    trained adapters served beside them."""
+    return WeightsOut.of(mezo.runner.weights, precision=mezo.precision,
+                         adapters=[mezo.runner.adapter(name) for name in mezo.runner.adapter_names()])
 
 
 @router.post("/reset")

@@ -99,6 +99,9 @@ class Job:
     """What the served weights carried when this job started: its steps apply on top of that."""
     adapter_version: AdapterVersion | None = None
     """An adapter job's version served now under the adapter's name (its first ``committed_steps`` steps)."""
+    trained_on: str = ""
+    """An adapter job's base: the served weights' label when it started (an adapter trained on other weights than
+    the ones served now still serves, on the new base)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     _stats: tuple[int, GradStats] = field(default=(0, GradStats()), repr=False)
 

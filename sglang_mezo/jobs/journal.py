@@ -120,6 +120,8 @@ class JournaledJob:
     """An adapter job's adapter (its steps never belong to the served weights' history)."""
     adapter_version: AdapterVersion | None = None
     """The version of it the adapter's name served last."""
+    trained_on: str = ""
+    """The served weights' label when the adapter job started."""
 
 
 @dataclass
@@ -192,13 +194,13 @@ class Journal:
 
     def job_started(self, job_id: str, spec_config: MezoConfig, objective: Objective, batch_size: int,
                     purpose: str, created: float, served_before: list[Segment],
-                    adapter: AdapterTarget | None = None) -> None:
+                    adapter: AdapterTarget | None = None, trained_on: str = "") -> None:
         self._append({"kind": "job", "job_id": job_id, "config": spec_config.to_dict(), "objective": objective.value,
                       "batch_size": batch_size, "purpose": purpose, "created": created, "started": time.time(),
                       "served_before": [asdict(s) for s in served_before],
                       **({} if adapter is None else {"adapter": {
                           "name": adapter.name, "spec": adapter.spec.to_dict(),
-                          "probes_in_one_batch": adapter.probes_in_one_batch}})})
+                          "probes_in_one_batch": adapter.probes_in_one_batch, "trained_on": trained_on}})})
 
     def chunk(self, job_id: str, outcome: ChunkOutcome, z_kind: ZKind) -> None:
         if not outcome.reports and outcome.aborted is None:
@@ -320,7 +322,8 @@ def _apply(state: JournalState, record: dict) -> None:
             batch_size=int(record["batch_size"]), purpose=record["purpose"], created=float(record["created"]),
             started=float(record["started"]), served_before=[Segment(**s) for s in record["served_before"]],
             adapter=None if adapter is None else AdapterTarget(adapter["name"], LoraSpec.from_dict(adapter["spec"]),
-                                                               bool(adapter.get("probes_in_one_batch", True))))
+                                                               bool(adapter.get("probes_in_one_batch", True))),
+            trained_on="" if adapter is None else str(adapter.get("trained_on", "")))
     elif kind == "chunk":
         job = state.jobs[record["job_id"]]
         if job.trajectory is None:

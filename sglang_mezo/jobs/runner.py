@@ -163,7 +163,7 @@ class JobRunner:
                       finished=entry.finished, failure=entry.failure, trajectory=entry.trajectory,
                       reports=list(entry.reports), evals=[Evaluation(*e) for e in entry.evals],
                       served_before=tuple(ServedSegment(*s) for s in state.history(entry.served_before)),
-                      adapter_version=entry.adapter_version)
+                      adapter_version=entry.adapter_version, trained_on=entry.trained_on)
             job.done.set()
             self.jobs[job.id] = job
         self.weights.segments = [ServedSegment(*s) for s in state.history()]
@@ -202,10 +202,11 @@ class JobRunner:
         job.status, job.started = JobStatus.RUNNING, time.time()
         adapter = spec.adapter is not None
         job.served_before = () if adapter else tuple(self.weights.segments)
+        job.trained_on = self.weights.weight_version if adapter else ""
         self._notify("on_start", job)
         failure = await self._journaled(lambda journal: journal.job_started(
             job.id, spec.config, spec.objective, spec.batch_size, spec.purpose.value, job.created,
-            [s.journaled() for s in job.served_before], spec.adapter))
+            [s.journaled() for s in job.served_before], spec.adapter, job.trained_on))
         if failure is not None:
             return await self._fail(job, failure, recover=False)
         if spec.objective is Objective.DPO:
