@@ -59,6 +59,8 @@ def test_the_cases_cover_every_integer_argument_at_1_at_a_multiple_of_16_and_oth
             assert (kind, dtype, dtype, True) in modes
         for dtype in ("torch.bfloat16", "torch.float16"):
             assert {(kind, "torch.float32", dtype, False), (kind, "torch.float32", dtype, True)} <= modes
+        # an adapter's probe written from its fp32 master into an fp32 LoRA pool's slot (scheduler.adapters)
+        assert (kind, "torch.float32", "torch.float32", False) in modes
     tiles = {(launch["constexprs"]["KIND"], launch["constexprs"]["GROUPS"], launch["constexprs"]["VECTOR"])
              for launch in launches}
     assert {g for k, g, _ in tiles if k == 0} == {1 << i for i in range(9)}  # Gaussian: up to 256 groups of 4
@@ -70,7 +72,7 @@ def test_every_launch_compiled_to_a_cubin_for_sm_90_and_each_mode_for_sm_80(comp
     assert all(launch["cubin_bytes"] > 0 for launch in compiled)
     modes_80 = {(launch["constexprs"]["KIND"], launch["theta_dtype"], launch["out_dtype"],
                  launch["constexprs"]["WRITE_BACK"]) for launch in compiled if launch["arch"] == 80}
-    assert len(modes_80) == 14
+    assert len(modes_80) == 16  # 3 in place, 4 behind a half master, 1 probe into an fp32 slot; per z kind
 
 
 def full_tiles(compiled: list[dict]) -> list[dict]:
