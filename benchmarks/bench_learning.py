@@ -276,9 +276,9 @@ def plot(curves: list[Curve], flat: dict[str, float], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-OUT_JSON = Path(__file__).with_name("bench-learning.json")
-"""The curves, beside this script: committed with the plot that README and RESULTS show."""
-OUT_PNG = Path(__file__).with_name("bench-learning.png")
+OUT = "bench-learning"
+"""The curves (``<out>.json``) and their plot (``<out>.png``) go beside this script: committed with the tables that
+README and RESULTS show (``--out`` names another pair, so that a run of other rows keeps the recipe's)."""
 
 
 def main() -> None:
@@ -292,11 +292,13 @@ def main() -> None:
     parser.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning (the ceiling; ~8 min)")
     parser.add_argument("--skip-references", action="store_true",
                         help="leave out every transformers row (zero-shot, bias only, full fine-tuning, paper MeZO)")
+    parser.add_argument("--out", default=OUT, help="the name of the curves' json and plot beside this script")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                         help="measure nothing: print the table and draw the plot of an earlier run's json")
     args = parser.parse_args()
+    out_json, out_png = (Path(__file__).with_name(f"{args.out}{suffix}") for suffix in (".json", ".png"))
     if args.from_json:
-        return replot(args.from_json)
+        return replot(args.from_json, out_png)
 
     model_path = default_model_path()
     train, test = split(1000, 200)
@@ -311,7 +313,7 @@ def main() -> None:
     curves: list[Curve] = []
 
     def keep() -> None:  # after every row: a run cut short keeps what it measured
-        OUT_JSON.write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
+        out_json.write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
                                                            "curves": [asdict(c) for c in curves]}, indent=1))
 
     for m in methods:  # ours first: the rows the run is for
@@ -324,13 +326,13 @@ def main() -> None:
     if not (args.skip_paper or args.skip_references):
         curves.insert(0, paper_curve(Reference(model_path), train, test, args.paper_budget, args.evals))
         keep()
-    report(flat, full_s, curves, args.budget)
+    report(flat, full_s, curves, args.budget, out_png)
 
 
-def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: int) -> None:
+def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: int, png: Path) -> None:
     """The plot, and the table: each row's accuracy at 1/8, 1/4, 1/2 and all of the budget ("-" past what the
     row spent), the forwards and seconds it spent."""
-    plot(curves, flat, OUT_PNG)
+    plot(curves, flat, png)
     points = [budget // 8, budget // 4, budget // 2, budget]
     print(f"\n{time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPUs; SmolLM2-135M-Instruct fp32; "
           f"held-out 200, train 1,000; budget {budget:,} example-forwards\n")
@@ -345,12 +347,12 @@ def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: i
         print(f"| {c.name} | " + " | ".join(cells) + f" | {c.forwards[-1]:,} | {c.seconds[-1]:.0f} |")
 
 
-def replot(path: Path) -> None:
-    """The table and the plot again from a run's ``bench-learning.json`` (also one cut short)."""
+def replot(path: Path, png: Path) -> None:
+    """The table and the plot again from a run's json (also one cut short)."""
     saved = json.loads(path.read_text())
     curves = [Curve(**c) for c in saved["curves"]]
     budget = max((c.forwards[-1] for c in curves), default=0)
-    report(saved["flat"], saved["full_finetune_seconds"], curves, budget)
+    report(saved["flat"], saved["full_finetune_seconds"], curves, budget, png)
 
 
 if __name__ == "__main__":
