@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_mezo.kernels import PassTargets, ZKind, ZTarget, as_block, check_seed, zaxpy_
+from sglang_mezo.kernels import PassTargets, ZKind, ZTarget, as_block, zaxpy_
 
 from .config import MezoConfig
 from .estimators import (
@@ -37,7 +37,7 @@ from .estimators import (
 )
 from .params import TrainableSet
 from .run import seeds_for
-from .spsa import InconsistentWeightsError, NonFiniteLossError, StepResult, sigint_deferred
+from .spsa import InconsistentWeightsError, NonFiniteLossError, StepResult, checked_step, sigint_deferred
 
 CopyScorer = Callable[[Sequence[int]], Sequence[float]]
 """Scores the step's batch under each of the given copies (in the order given) and returns one mean loss per copy."""
@@ -121,14 +121,9 @@ def slot_step(
     """One MeZO step with every probe in a copy of its own, scored by one call of ``score``; the same
     :class:`~.spsa.StepResult` as :func:`~.spsa.mezo_step`. On any exception before the commit the master is
     untouched (the copies hold probes, which nothing serves)."""
-    if not seeds:
-        raise ValueError("a step needs at least one probe seed")
-    seeds = tuple(check_seed(s) for s in seeds)
-    estimator = Estimator(estimator)
-    if len(seeds) < estimator.min_probes:
-        raise ValueError(f"a {estimator.value} step needs at least {estimator.min_probes} probes, got {len(seeds)}")
-    if not (math.isfinite(eps) and eps > 0 and math.isfinite(lr) and lr >= 0 and 0.0 < 1.0 - lr * weight_decay <= 1.0):
-        raise ValueError(f"bad step constants: eps={eps}, lr={lr}, weight_decay={weight_decay}")
+    seeds, estimator = checked_step(seeds, estimator, eps=eps, lr=lr, weight_decay=weight_decay)
+    if not 0.0 < 1.0 - lr * weight_decay <= 1.0:
+        raise ValueError(f"lr * weight_decay must be in [0, 1), got {lr} * {weight_decay}")
     plan = probe_plan(estimator, seeds, eps)
     if len(plan) > len(copies.copies):
         raise ValueError(f"a {estimator.value} step of {len(seeds)} probes needs {len(plan)} copies, "

@@ -171,6 +171,24 @@ class _Probe:
                 self.seed, self.scale = None, 0.0
 
 
+def checked_step(seeds: Sequence[int], estimator: Estimator, *, eps: float, lr: float,
+                 weight_decay: float) -> tuple[tuple[int, ...], Estimator]:
+    """A step's seeds and estimator, checked with its constants before anything moves (ValueError otherwise)."""
+    if not seeds:
+        raise ValueError("a step needs at least one probe seed")
+    seeds = tuple(check_seed(s) for s in seeds)
+    estimator = Estimator(estimator)
+    if len(seeds) < estimator.min_probes:
+        raise ValueError(f"a {estimator.value} step needs at least {estimator.min_probes} probes, got {len(seeds)}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a non-negative finite number, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay}")
+    return seeds, estimator
+
+
 def mezo_step(
     params: TrainableSet,
     loss_fn: LossFn,
@@ -197,19 +215,7 @@ def mezo_step(
     ``before_pass`` (if given) runs before every pass over the weights, the commit included; an exception from it
     aborts the step like any other (engines whose processes must move in lockstep agree there).
     """
-    if not seeds:
-        raise ValueError("a step needs at least one probe seed")
-    seeds = tuple(check_seed(s) for s in seeds)
-    estimator = Estimator(estimator)
-    if len(seeds) < estimator.min_probes:
-        raise ValueError(f"a {estimator.value} step needs at least {estimator.min_probes} probes, got {len(seeds)}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite number, got {eps}")
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a non-negative finite number, got {lr}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay}")
-
+    seeds, estimator = checked_step(seeds, estimator, eps=eps, lr=lr, weight_decay=weight_decay)
     probe = _Probe(params, kind)
     sync = before_pass or (lambda: None)
     try:
