@@ -52,13 +52,7 @@ class FaultInjector:
 
         def faulty(copies: Sequence[int]) -> list[float]:
             logger.warning("MeZO: injecting a %r fault at adapter step %d (%s)", kind, step, FAULT_ENV)
-            if kind == "nan":
-                return [float("nan")] * len(copies)
-            if kind == "torn":
-                half = master.targets[: max(1, len(master.targets) // 2)]
-                zaxpy_(half, [12345], [1e-2], kind=MezoConfig().z_kind)
-                raise InconsistentWeightsError("injected: a commit to the adapter's master died half-way")
-            raise RuntimeError("injected: the scorer failed")
+            return [_inject(kind, master, "a commit to the adapter's master")] * len(copies)
 
         return faulty
 
@@ -76,12 +70,18 @@ class FaultInjector:
             if calls != fail_at:
                 return loss()
             logger.warning("MeZO: injecting a %r fault at step %d, loss call %d (%s)", kind, step, calls, FAULT_ENV)
-            if kind == "nan":
-                return float("nan")
-            if kind == "torn":
-                half = params.targets[: max(1, len(params.targets) // 2)]
-                zaxpy_(half, [12345], [1e-2], kind=MezoConfig().z_kind)
-                raise InconsistentWeightsError("injected: a weight pass died half-way")
-            raise RuntimeError("injected: the scorer failed")
+            return _inject(kind, params, "a weight pass")
 
         return faulty
+
+
+def _inject(kind: str, params: TrainableSet, torn_pass: str) -> float:
+    """The fault itself: NaN for a loss; or half of ``params`` moved and the torn pass reported; or a scorer that
+    raises."""
+    if kind == "nan":
+        return float("nan")
+    if kind == "torn":
+        half = params.targets[: max(1, len(params.targets) // 2)]
+        zaxpy_(half, [12345], [1e-2], kind=MezoConfig().z_kind)
+        raise InconsistentWeightsError(f"injected: {torn_pass} died half-way")
+    raise RuntimeError("injected: the scorer failed")
