@@ -54,7 +54,6 @@ class TrainedAdapter:
     spec: LoraSpec
     master: TrainableSet
     probe_ids: list[str]
-    served_id: str | None = None
     _copies: dict[tuple[int, ...], ProbeCopies] = field(default_factory=dict, repr=False)
 
     def copies_at(self, pool, dims: ModelDims, slots: list[int]) -> ProbeCopies:
@@ -95,19 +94,19 @@ class AdapterTrainer:
         torn = False
         state = chunk.adaptive
         started = time.perf_counter()
+        probes = adapter.probe_ids[:needed]
+        if chunk.adapter.probes_in_one_batch:
+            def score(items, js):
+                return engine.score_copies(items, [probes[j] for j in js])
+        else:
+            def score(items, js):
+                return [engine.score_copies(items, [probes[j]])[0] for j in js]
         self.serving.settle()  # an overlapped user forward may still read the slots we are about to write
         for step, batch in zip(chunk.steps, chunk.batches, strict=True):
             step_started = time.perf_counter()
-            probes = adapter.probe_ids[:needed]
             try:
                 slots = make_resident(manager, probes)
                 copies = adapter.copies_at(manager.memory_pool, dims, slots)
-                if chunk.adapter.probes_in_one_batch:
-                    def score(items, js, probes=probes):
-                        return engine.score_copies(items, [probes[j] for j in js])
-                else:
-                    def score(items, js, probes=probes):
-                        return [engine.score_copies(items, [probes[j]])[0] for j in js]
                 losses = copies_loss_fn(score, chunk.objective, batch)
                 if self._faults is not None:
                     losses = self._faults().wrap_copies(losses, chunk.config.seed, step, adapter.master)
@@ -185,7 +184,6 @@ class AdapterTrainer:
         # a version's id is its label (one per job and step count: unique, and the same when a restart rebuilds it)
         label = weight_version_label(job_id, committed_steps)
         self._register_version(adapter.name, label, adapter.spec, adapter.tensors())
-        adapter.served_id = label
         return AdapterVersion(adapter.name, label, committed_steps, label)
 
     def _register_version(self, name: str, lora_id: str, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
