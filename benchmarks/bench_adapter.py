@@ -17,13 +17,11 @@ import argparse
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 
-from bench_load import Sample, clients, table
+from bench_load import Sample, for_seconds, table, under_traffic
 from harness import served
-from tqdm import tqdm
 
 from sglang_mezo.client import MezoClient
 from sglang_mezo.default_model import default_model_path
@@ -35,17 +33,6 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def _examples(n: int) -> list[dict]:
     train, _ = balanced_split(rotten_tomatoes(), [n, 0], seed=0)
     return [{"prompt": f"{text[:200]} It was", "options": [" terrible", " great"], "label": y} for text, y in train]
-
-
-def _under_traffic(base: str, n_clients: int, samples: list[Sample], run) -> dict:
-    stop = threading.Event()
-    threads = clients(base, n_clients, stop, samples)
-    try:
-        return run()
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
 
 
 def _median_step_ms(client: MezoClient, job_id: str) -> float:
@@ -74,17 +61,11 @@ def main() -> None:
                 Path("bench-adapter-server.log")) as client:
         base = client.url
         phases: dict[str, list[Sample]] = {"no job": [], "adapter job": [], "full-weight job": []}
-        _under_traffic(base, args.clients, [], lambda: time.sleep(args.warmup_s))
-        stop = threading.Event()
-        threads = clients(base, args.clients, stop, phases["no job"])
-        for _ in tqdm(range(int(args.baseline_s)), desc="no job", unit="s"):
-            time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join()
-        adapter_job = _under_traffic(base, args.clients, phases["adapter job"], lambda: client.train(
+        under_traffic(base, args.clients, [], lambda: for_seconds(args.warmup_s, "warm-up"))
+        under_traffic(base, args.clients, phases["no job"], lambda: for_seconds(args.baseline_s, "no job"))
+        adapter_job = under_traffic(base, args.clients, phases["adapter job"], lambda: client.train(
             {**job, "lr": 2e-2, "eps": 1e-2, "adapter": {"name": "bench-tenant", "rank": 8}}))
-        full_job = _under_traffic(base, args.clients, phases["full-weight job"], lambda: client.train(
+        full_job = under_traffic(base, args.clients, phases["full-weight job"], lambda: client.train(
             {**job, "lr": 1e-4, "eps": 1e-3}))
         compared = {}
         for together in (False, True):

@@ -97,6 +97,24 @@ def clients(base: str, n: int, stop: threading.Event, out: list[Sample]) -> list
     return threads
 
 
+def under_traffic(base: str, n_clients: int, samples: list[Sample], run):
+    """``run()``'s result, with ``n_clients`` client threads sending traffic into ``samples`` meanwhile."""
+    stop = threading.Event()
+    threads = clients(base, n_clients, stop, samples)
+    try:
+        return run()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def for_seconds(seconds: float, desc: str) -> None:
+    """Wait ``seconds``, with a progress bar."""
+    for _ in tqdm(range(int(seconds)), desc=desc, unit="s"):
+        time.sleep(1)
+
+
 def check_versions(samples: list[Sample], job_id: str, last_step: int, base_version: str) -> int:
     """Answers whose versions name no committed step, or go back: must be 0."""
     pattern = re.compile(rf"mezo-{re.escape(job_id)}-(\d+)$")
@@ -154,24 +172,13 @@ def main() -> None:
         base_version = client.weights()["weight_version"]
         phases: dict[str, list[Sample]] = {"no job": [], f"{args.steps}-step job": []}
 
-        stop = threading.Event()
-        threads = clients(base, args.clients, stop, phases["no job"])
-        for _ in tqdm(range(int(args.baseline_s)), desc="no job", unit="s"):
-            time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join()
+        under_traffic(base, args.clients, phases["no job"], lambda: for_seconds(args.baseline_s, "no job"))
 
         train, _ = balanced_split(rotten_tomatoes(), [32, 0], seed=0)
         examples = [{"prompt": f"{text[:200]} It was", "options": [" terrible", " great"], "label": y}
                     for text, y in train]
-        stop = threading.Event()
-        threads = clients(base, args.clients, stop, phases[f"{args.steps}-step job"])
-        job = client.train({"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4,
-                            "eps": 1e-3})
-        stop.set()
-        for t in threads:
-            t.join()
+        job = under_traffic(base, args.clients, phases[f"{args.steps}-step job"], lambda: client.train(
+            {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4, "eps": 1e-3}))
 
     trained = phases[f"{args.steps}-step job"]
     bad = check_versions(trained, job["job_id"], job["step"], base_version)
