@@ -23,6 +23,7 @@ from .fine_tuning.service import FineTuning
 from .fine_tuning.translate import FileTranslator
 from .limits import BodyLimit
 from .routes import ROUTERS
+from .adapter_starts import AdapterStarts
 from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
 from .translate import LoraLaunch, Translator
 
@@ -82,11 +83,12 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     translator = Translator(tokenizer_manager.tokenizer, int(tokenizer_manager.context_len))
     uploads = FileStore(files.data_dirs[0] / "files" if files.data_dirs else None, options.limits.max_stored_files)
     lora = LoraLaunch.of(server_args, tokenizer_manager.model_config.hf_config)
+    starts = AdapterStarts(runner, executor.loaded_folder)
     service = FineTuning(runner, uploads, FileTranslator(translator), defaults, options.limits,
-                         model_name, lora)
+                         model_name, lora, starts)
     install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=options.limits,
                              files=files, base_model=base_model, precision=precision, openai_files=uploads,
-                             fine_tuning=service, lora=lora))
+                             fine_tuning=service, lora=lora, starts=starts))
     logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

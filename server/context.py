@@ -16,6 +16,7 @@ from sglang_mezo.jobs.job import Job
 from sglang_mezo.jobs.runner import JobRunner
 from sglang_mezo.options import Limits
 
+from .adapter_starts import AdapterStarts
 from .files import FileAccess
 from .fine_tuning.files import FileStore
 from .limits import StreamSlots
@@ -41,10 +42,14 @@ class MezoContext:
     """OpenAI's fine-tuning jobs over ``runner`` (None: the OpenAI routes answer 503)."""
     lora: LoraLaunch = LoraLaunch()
     """The LoRA flags (adapter jobs)."""
+    starts: AdapterStarts | None = None
+    """Where an adapter job that names ``start_from`` starts (None: from the adapters ``runner``'s jobs trained)."""
     streams: StreamSlots = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "streams", StreamSlots(self.limits.max_event_streams))
+        if self.starts is None:
+            object.__setattr__(self, "starts", AdapterStarts(self.runner))
 
     def attach(self, app: FastAPI) -> None:
         app.state.mezo = self

@@ -159,6 +159,11 @@ class AdapterShapeIn(_Strict):
     target_modules: list[str] | None = Field(None, min_length=1, description="default: --lora-target-modules")
     probes_in_one_batch: bool = Field(True, description="false: score each probe adapter in a forward of its own "
                                                         "(slower; for comparison)")
+    start_from: str | None = Field(None, min_length=1, max_length=256,
+                                   description="start from this served adapter's weights instead of a fresh adapter: "
+                                               "one this server trained (its served version) or one SGLang loaded "
+                                               "(--lora-paths, /load_lora_adapter); rank, alpha and target_modules "
+                                               "default to its own, and must equal them")
 
 
 class AdapterIn(AdapterShapeIn):

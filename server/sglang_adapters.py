@@ -69,6 +69,15 @@ class TokenizerManagerExecutor:
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
 
+    def loaded_folder(self, name: str) -> str | None:
+        """The folder SGLang loaded adapter ``name`` from (``--lora-paths``, ``/load_lora_adapter``); None for a name
+        it does not serve from a folder (ours are served from ``mezo://`` references)."""
+        registry = getattr(self.tm, "lora_registry", None)
+        ref = None if registry is None else registry.get_all_adapters().get(name)
+        if ref is None or not ref.lora_path or ref.lora_path.startswith("mezo://"):
+            return None
+        return str(ref.lora_path)
+
     def adopt(self, version: AdapterVersion) -> None:
         """At launch, before serving: the name of an adapter the schedulers rebuilt from the journal serves
         ``version`` (the registry is not shared with any request yet, so no lock is taken)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.lora import MODULES, LoraSpec, ModelDims
+from sglang_mezo.core.lora import MODULES, AdapterStart, LoraSpec, ModelDims
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
 from sglang_mezo.core.probes import copies_needed
 from sglang_mezo.jobs.data import DataError, examples_from_records, load_records
@@ -96,15 +96,19 @@ class LoraLaunch:
                    dims=None if hf_config is None else ModelDims.of(hf_config))
 
 
-def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, config: MezoConfig) -> AdapterTarget:
-    """The adapter ``name`` a job trains, its unset fields from the launch flags; a 400 naming the flag it goes
-    beyond."""
+def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, config: MezoConfig,
+                   start: tuple[AdapterStart, LoraSpec] | None = None) -> AdapterTarget:
+    """The adapter ``name`` a job trains, its unset fields from ``start``'s (the adapter it starts from, resolved from
+    ``request.start_from``) or else the launch flags; a 400 naming the flag it goes beyond, or the field that
+    differs from its start."""
     if not launch.enabled:
         raise InvalidRequest("adapter jobs train in SGLang's LoRA pool: start the server with --enable-lora "
                              "(and --max-lora-rank, --lora-target-modules)")
     if launch.tp_size != 1:
         raise InvalidRequest(f"adapter jobs train at tensor-parallel size 1 only; this server runs --tp-size "
                              f"{launch.tp_size}")
+    if start is not None:
+        request = _shaped_as(request, start[1])
     rank = request.rank or launch.max_rank
     if rank is None:
         raise InvalidRequest("adapter.rank is required: this server sets no --max-lora-rank")
@@ -121,7 +125,8 @@ def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, confi
     if beyond:
         raise InvalidRequest(f"adapter.target_modules {beyond} are not in this server's LoRA pool "
                              f"(--lora-target-modules {' '.join(launch.target_modules)})")
-    spec = LoraSpec(rank=rank, alpha=request.alpha or 2.0 * rank, target_modules=modules, init_seed=config.seed)
+    spec = LoraSpec(rank=rank, alpha=request.alpha or 2.0 * rank, target_modules=modules, init_seed=config.seed,
+                    start=None if start is None else start[0])
     refusal = loadable_refusal(spec)
     if refusal:
         raise InvalidRequest(f"adapter.target_modules: {refusal}")
@@ -131,6 +136,20 @@ def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, confi
                              f"{config.n_probes}) as adapters in one batch: more than the LoRA pool's slots allow "
                              f"(--max-loras-per-batch {launch.max_loras_per_batch}, one kept for other traffic)")
     return AdapterTarget(name, spec, probes_in_one_batch=request.probes_in_one_batch)
+
+
+def _shaped_as(request: AdapterShapeIn, start: LoraSpec) -> AdapterShapeIn:
+    """``request`` with the shape of the adapter it starts from; a 400 where it names another (an adapter's tensors
+    keep their shapes and meaning: a different rank, alpha or module set would be another function)."""
+    asked = {"rank": request.rank, "alpha": request.alpha,
+             "target_modules": None if request.target_modules is None else sorted(request.target_modules)}
+    own = {"rank": start.rank, "alpha": start.alpha, "target_modules": sorted(start.target_modules)}
+    for field, value in asked.items():
+        if value is not None and value != own[field]:
+            raise InvalidRequest(f"adapter.{field}={value} differs from that of the adapter it starts from "
+                                 f"({request.start_from!r}: {start.shape_text()}); leave it out")
+    return request.model_copy(update={"rank": start.rank, "alpha": start.alpha,
+                                      "target_modules": list(start.target_modules)})
 
 
 def check_count(limits: Limits, n: int) -> None:

@@ -22,7 +22,7 @@ from servers import running_server
 from tiny_models import save_tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sglang_mezo.core.lora import LoraSpec, ModelDims, replay_adapter, save_peft_adapter
+from sglang_mezo.core.lora import LoraSpec, ModelDims, initial_weights, replay_adapter, save_peft_adapter
 from sglang_mezo.core.trajectory import Trajectory
 
 pytestmark = pytest.mark.server  # starts a real SGLang server
@@ -129,13 +129,50 @@ def test_adapters_train_beside_an_unchanged_base_and_are_served_as_their_peft_re
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """One server for the tests that need nothing of their own (it keeps the suite's server starts few)."""
+def shared_root(tmp_path_factory):
+    """The shared server's folder: its base model (``base``) and a PEFT adapter it loads at launch (``loaded``)."""
     root = tmp_path_factory.mktemp("adapters")
     model_path = save_tiny_llama(root / "base", seed=4)
+    spec = LoraSpec(rank=4, alpha=8, target_modules=ALL)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {n: 0.05 * torch.randn(t.shape, generator=generator)
+               for n, t in initial_weights(ModelDims.of(AutoConfig.from_pretrained(model_path)), spec).items()}
+    save_peft_adapter(root / "loaded", tensors, spec.peft_config(model_path))
     (root / "data").mkdir()
-    with running_server(model_path, *FLAGS, "--mezo-data-dir", str(root / "data"), log_dir=root) as server:
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared(shared_root):
+    """One server for the tests that need nothing of their own (it keeps the suite's server starts few)."""
+    root = shared_root
+    with running_server(str(root / "base"), *FLAGS, "--mezo-data-dir", str(root / "data"), "--lora-paths",
+                        f"loaded={root / 'loaded'}", log_dir=root) as server:
         yield server
+
+
+def test_a_job_starts_from_a_trained_adapter_or_a_loaded_peft_folder_and_replays_from_its_trajectory(
+        shared, shared_root, tmp_path):
+    server, model_path = shared, str(shared_root / "base")
+    first = run_job(server, {**JOB, "steps": 3, "adapter": {"name": "first", "rank": 4}})
+    assert first["status"] == "succeeded", first
+    before = {name: served_logprobs(server, lora=name) for name in ("first", "loaded")}
+    for name, start in (("continued", "first"), ("from-peft", "loaded")):
+        job = run_job(server, {**JOB, "steps": 3, "seed": 1, "adapter": {"name": name, "start_from": start}})
+        assert job["status"] == "succeeded", job
+        served = served_logprobs(server, lora=name)
+        assert max_diff(served, before[start]) > 1e-4  # it trained on
+        # its trajectory alone (which names its start) rebuilds what it serves
+        folder = exported(server, model_path, job["job_id"], tmp_path / name)
+        assert max_diff(served, peft_logprobs(model_path, folder)) < 1e-5, name
+        assert max_diff(served_logprobs(server, lora=start), before[start]) == 0.0  # the start is served as it was
+    trajectory = Trajectory.from_dict(server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1])
+    assert trajectory.adapter["start"]["peft_path"] == str((shared_root / "loaded").resolve())
+    for adapter, words in (({"start_from": "nothing-by-that-name"}, "no adapter named"),
+                           ({"start_from": "first", "rank": 8}, "differs"),
+                           ({"start_from": "loaded", "target_modules": ["q_proj", "v_proj"]}, "differs")):
+        status, body = server.request("POST", "/mezo/step", {**JOB, "steps": 1, "adapter": {"name": "x", **adapter}})
+        assert status == 400 and words in str(body), body
 
 
 def test_probes_in_one_batch_measure_what_one_forward_per_probe_measures(shared):
@@ -256,5 +293,17 @@ def test_an_openai_fine_tune_with_an_adapter_is_served_as_that_adapter_beside_th
     tuned = answer(job.fine_tuned_model)
     assert answer(base) == before  # the base is served as it was
     assert max(abs(a - b) for a, b in zip(tuned, before)) > 1e-4  # the adapter serves its own answer
-    with pytest.raises(openai.BadRequestError, match="adapter"):
-        client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=upload.id)
+    # fine-tuning the fine-tuned model continues its adapter: a new adapter that starts from it
+    continued = client.fine_tuning.jobs.create(
+        model=job.fine_tuned_model, training_file=upload.id,
+        hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2e4},
+        extra_body={"mezo": {"eps": 1e-2, "n_probes": 2}})
+    while (continued := client.fine_tuning.jobs.retrieve(continued.id)).status not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline + 300
+        time.sleep(0.3)
+    assert continued.status == "succeeded", continued
+    assert max(abs(a - b) for a, b in zip(answer(continued.fine_tuned_model), tuned)) > 1e-5
+    assert answer(job.fine_tuned_model) == tuned  # the adapter it started from serves as before
+    with pytest.raises(openai.BadRequestError, match="start_from"):
+        client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=upload.id,
+                                       extra_body={"mezo": {"adapter": {"start_from": "loaded"}}})

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.lora import AdapterStart, LoraSpec
 from sglang_mezo.core.objectives import Example, Objective
 from sglang_mezo.jobs.data import DataError
 from sglang_mezo.jobs.errors import Conflict, InvalidRequest, MezoError, NotFound
@@ -34,6 +35,8 @@ from sglang_mezo.jobs.spec import JobSpec
 from sglang_mezo.options import Limits
 from sglang_mezo.protocol import StepReport, weight_version_label
 
+from ..adapter_starts import AdapterStarts
+from ..schemas import AdapterShapeIn
 from ..translate import LoraLaunch, adapter_target, check_count, check_tokens
 from .files import FileStore
 from .hyperparameters import AUTO_BETA, Resolved, auto, resolve
@@ -74,9 +77,11 @@ class FineTuning:
     served weights, not this listing)."""
 
     def __init__(self, runner: JobRunner, store: FileStore, translator: FileTranslator, defaults: MezoConfig,
-                 limits: Limits, model_name: str, lora: LoraLaunch = LoraLaunch()) -> None:
+                 limits: Limits, model_name: str, lora: LoraLaunch = LoraLaunch(),
+                 starts: AdapterStarts | None = None) -> None:
         self.runner = runner
         self.lora = lora
+        self.starts = starts or AdapterStarts(runner)
         self.store = store
         self.translator = translator
         self.defaults = defaults
@@ -163,9 +168,11 @@ class FineTuning:
         if request.model != self.model_name and self.served_version(request.model) is None:
             raise InvalidRequest(f"model: {request.model!r} is not served here; this server fine-tunes "
                                  f"{self.model_name!r}")
-        if self._adapter_fine_tune(request.model) is not None:
-            raise InvalidRequest(f"model: {request.model!r} is an adapter; continuing from an adapter is not "
-                                 f"supported yet: fine-tune {self.model_name!r}")
+        adapter = self._adapter_fine_tune(request.model)
+        named = request.mezo.adapter.start_from if request.mezo and request.mezo.adapter else None
+        if adapter is not None and named not in (None, self.adapter_name(adapter)):
+            raise InvalidRequest(f"mezo.adapter.start_from={named!r}: the job continues {request.model!r}, which is "
+                                 f"adapter {self.adapter_name(adapter)!r}; leave start_from out")
         self.check_served(request.model)  # a fine-tuned name continues from its weights, only while they are served
         for param in ("training_file", "validation_file"):
             file_id = getattr(request, param)
@@ -180,9 +187,22 @@ class FineTuning:
         task.add_done_callback(self._tasks.discard)
         return ft
 
+    def _adapter_request(self, ft: FineTuningJob) -> AdapterShapeIn | None:
+        """The adapter section of ``ft``: its own, or, for a job on a fine-tuned adapter's name, that adapter's
+        continuation (an adapter job that starts from it)."""
+        request = ft.request
+        own = request.mezo.adapter if request.mezo else None
+        continued = self._adapter_fine_tune(request.model)
+        if continued is None:
+            return own
+        return (own or AdapterShapeIn()).model_copy(update={"start_from": self.adapter_name(continued)})
+
     async def _prepare(self, ft: FineTuningJob) -> None:
         try:
-            spec = await asyncio.to_thread(self._spec, ft)
+            section = self._adapter_request(ft)
+            start = None if section is None or section.start_from is None else await self.starts.resolve(
+                section.start_from)
+            spec = await asyncio.to_thread(self._spec, ft, section, start)
             if ft.cancel_requested:  # cancelled while its files were read: it ended then, nothing to submit
                 return
             ft.job = self.runner.submit(spec)
@@ -221,8 +241,10 @@ class FineTuning:
         except DataError as exc:
             raise _FileError(str(exc), param) from None
 
-    def _spec(self, ft: FineTuningJob) -> JobSpec:
-        """The runner's job for ``ft`` (blocking: files are read and tokenized)."""
+    def _spec(self, ft: FineTuningJob, section: AdapterShapeIn | None,
+              start: tuple[AdapterStart, LoraSpec] | None) -> JobSpec:
+        """The runner's job for ``ft`` (blocking: files are read and tokenized), training the adapter ``section``
+        from ``start`` if it has one."""
         request = ft.request
         dpo = request.method_type == "dpo"
         kinds = (LineKind.PREFERENCE,) if dpo else (LineKind.CHAT, LineKind.PROMPT_COMPLETION)
@@ -248,9 +270,8 @@ class FineTuning:
                                  f"({Limits.flag('max_probes')} {self.limits.max_probes})")
         eval_every = (request.mezo.eval_every if request.mezo and request.mezo.eval_every
                       else max(1, resolved.steps // 4)) if held_out else 0
-        adapter = None
-        if request.mezo and request.mezo.adapter is not None:
-            adapter = adapter_target(self.adapter_name(ft), request.mezo.adapter, self.lora, config)
+        adapter = None if section is None else adapter_target(self.adapter_name(ft), section, self.lora, config,
+                                                               start)
         return JobSpec(examples=train, objective=Objective.DPO if dpo else Objective.CROSS_ENTROPY, config=config,
                        batch_size=resolved.batch_size, base_model=self.runner.weights.base_model,
                        eval_examples=held_out, eval_every=eval_every, adapter=adapter)

@@ -18,7 +18,7 @@ from ..errors import MezoRoute
 from ..plot import job_plot_png
 from ..schemas import JobHistoryOut, JobListOut, JobOut, StepOut, StepRequest
 from ..sse import polled
-from ..translate import adapter_target, check_count, check_tokens, dataset_texts, job_config, objective_for, texts
+from ..translate import check_count, check_tokens, dataset_texts, job_config, objective_for, texts
 
 router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
@@ -28,8 +28,8 @@ async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
     config = job_config(mezo.defaults, request, mezo.limits)
     # an adapter trains through its own fp32 master: the served weights' precision does not matter to it
-    adapter = None if request.adapter is None else adapter_target(request.adapter.name, request.adapter, mezo.lora,
-                                                                  config)
+    adapter = None if request.adapter is None else await mezo.starts.target(request.adapter.name, request.adapter,
+                                                                            mezo.lora, config)
     if adapter is None and mezo.precision.refusal:
         raise InvalidRequest(mezo.precision.refusal)
     train, held_out = texts(request.examples), texts(request.eval_examples)

@@ -8,10 +8,15 @@ rank-padded LoRA pool) replays onto a PEFT copy of the adapter anywhere. PEFT co
 A fresh adapter starts as PEFT's does in distribution (B = 0; A with the variance of PEFT's Kaiming-uniform
 initialisation, 1/(3·in)), but from a seed rather than a generator's state: A = z(seed)/√(3·in) with this
 project's own z, which is bit-identical on every device, so the start of every trajectory is reproducible.
+
+An adapter may instead start from another (:class:`AdapterStart`): a trained adapter, whose trajectory the spec
+embeds (replay rebuilds that first, recursively along a chain of jobs, and needs nothing else), or a PEFT folder,
+named by its path and the SHA-256 of its weights file (replay reads it, and refuses a folder that changed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -61,15 +66,96 @@ class ModelDims:
                 "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}[module]
 
 
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class AdapterStart:
+    """Where an adapter starts when not from its seed: exactly one of a trained adapter's ``trajectory`` (up to the
+    version the job started from; its header holds that adapter's own spec and start) or a PEFT folder
+    (``peft_path``, with the SHA-256 of its weights file)."""
+
+    trajectory: Trajectory | None = None
+    peft_path: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.trajectory is None) == (not self.peft_path):
+            raise ValueError("an adapter starts from a trained adapter's trajectory or from a PEFT folder")
+        if self.trajectory is not None and self.trajectory.adapter is None:
+            raise ValueError("the trajectory to start from is not an adapter's")
+
+    @classmethod
+    def of_peft_folder(cls, folder: str | Path) -> tuple[AdapterStart, LoraSpec]:
+        """The start a PEFT folder gives and the spec it defines; ValueError for what is not one."""
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / PEFT_CONFIG).read_text())
+            digest = _sha256(folder / PEFT_WEIGHTS)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a readable PEFT adapter folder ({PEFT_CONFIG}, {PEFT_WEIGHTS}): {exc}") from exc
+        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
+            raise ValueError("only plain LoRA adapters (no DoRA, no rsLoRA) can be trained further")
+        start = cls(peft_path=str(folder.resolve()), sha256=digest)
+        return start, LoraSpec.from_peft_config(config, start=start)
+
+    def weights(self, dims: ModelDims, spec: LoraSpec) -> dict[str, torch.Tensor]:
+        """The start's fp32 tensors under PEFT's names, checked against ``spec``'s manifest."""
+        if self.trajectory is not None:
+            trained = LoraSpec.from_dict(self.trajectory.adapter)
+            if not trained.same_shape(spec):
+                raise ValueError(f"the trained adapter to start from is {trained.shape_text()}, not {spec.shape_text()}")
+            return replay_adapter(dims, trained, self.trajectory.records, self.trajectory.z_kind)
+        from safetensors.torch import load_file
+
+        path = Path(self.peft_path) / PEFT_WEIGHTS
+        if _sha256(path) != self.sha256:
+            raise ValueError(f"{path} changed since the job named it (SHA-256 {self.sha256[:12]}…)")
+        loaded = load_file(str(path))
+        manifest = peft_manifest(dims, spec)
+        if {n: tuple(t.shape) for n, t in loaded.items()} != manifest:
+            extra, missing = sorted(set(loaded) - set(manifest)), sorted(set(manifest) - set(loaded))
+            raise ValueError(f"{path} does not hold a {spec.shape_text()} adapter of this model's shapes (extra "
+                             f"{extra[:3]}, missing {missing[:3]}, or other shapes)")
+        return {name: loaded[name].float().contiguous() for name in manifest}
+
+    def to_dict(self) -> dict:
+        if self.trajectory is not None:
+            return {"trajectory": self.trajectory.to_dict()}
+        return {"peft_path": self.peft_path, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AdapterStart:
+        if "trajectory" in data:
+            return cls(trajectory=Trajectory.from_dict(data["trajectory"]))
+        return cls(peft_path=str(data["peft_path"]), sha256=str(data["sha256"]))
+
+    def describe(self) -> str:
+        if self.trajectory is not None:
+            return f"a trained adapter after {self.trajectory.committed_steps} step(s)"
+        return f"PEFT folder {self.peft_path}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """What an adapter is: rank r, scale α (PEFT's ``lora_alpha``: the forward adds (α/r)·B A x), the modules it
-    adapts in every layer, and the seed of its A at the start."""
+    adapts in every layer, and its start: the seed of A for a fresh adapter, or another adapter's weights."""
 
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     init_seed: int = 0
+    start: AdapterStart | None = None
+    """None: fresh, from ``init_seed``."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -86,6 +172,13 @@ class LoraSpec:
     def scaling(self) -> float:
         return self.alpha / self.rank
 
+    def same_shape(self, other: LoraSpec) -> bool:
+        """The same rank, alpha and modules: the same function of the same tensors."""
+        return (self.rank, self.alpha, self.target_modules) == (other.rank, other.alpha, other.target_modules)
+
+    def shape_text(self) -> str:
+        return f"rank {self.rank}, alpha {self.alpha:g}, on {', '.join(self.target_modules)}"
+
     def peft_config(self, base_model: str = "") -> dict:
         """PEFT's ``adapter_config.json`` for this adapter (also what SGLang's loader reads)."""
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
@@ -95,22 +188,23 @@ class LoraSpec:
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "target_modules": list(self.target_modules),
-                "init_seed": self.init_seed}
+                "init_seed": self.init_seed, **({"start": self.start.to_dict()} if self.start is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> LoraSpec:
         return cls(rank=int(data["rank"]), alpha=float(data["alpha"]), target_modules=tuple(data["target_modules"]),
-                   init_seed=int(data.get("init_seed", 0)))
+                   init_seed=int(data.get("init_seed", 0)),
+                   start=AdapterStart.from_dict(data["start"]) if data.get("start") else None)
 
     @classmethod
-    def from_peft_config(cls, config: dict, init_seed: int = 0) -> LoraSpec:
+    def from_peft_config(cls, config: dict, init_seed: int = 0, start: AdapterStart | None = None) -> LoraSpec:
         """The spec of a PEFT adapter folder's ``adapter_config.json`` (a list of module names or PEFT's
         ``all-linear``)."""
         targets = config.get("target_modules") or ()
         if isinstance(targets, str):
             targets = MODULES if targets == "all-linear" else (targets,)
         return cls(rank=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
-                   target_modules=tuple(targets), init_seed=init_seed)
+                   target_modules=tuple(targets), init_seed=init_seed, start=start)
 
 
 def peft_name(layer: int, module: str, part: str) -> str:
@@ -139,8 +233,11 @@ def peft_manifest(dims: ModelDims, spec: LoraSpec) -> dict[str, tuple[int, int]]
 
 
 def initial_weights(dims: ModelDims, spec: LoraSpec) -> dict[str, torch.Tensor]:
-    """A fresh adapter's fp32 tensors: B = 0, A = z(seed_A)/√(3·in), z Gaussian and keyed like a step's (each A
-    draws from a seed derived from the spec's ``init_seed`` and its layer, module index as probe index)."""
+    """An adapter's fp32 tensors before its job's first step: its start's, or a fresh adapter's, B = 0,
+    A = z(seed_A)/√(3·in), z Gaussian and keyed like a step's (each A draws from a seed derived from the spec's
+    ``init_seed`` and its layer, module index as probe index)."""
+    if spec.start is not None:
+        return spec.start.weights(dims, spec)
     tensors: dict[str, torch.Tensor] = {}
     for name, shape in peft_manifest(dims, spec).items():
         layer, module, part = parse_peft_name(name)

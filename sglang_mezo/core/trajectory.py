@@ -68,8 +68,9 @@ class Trajectory:
     created: float = field(default_factory=time.time)
     records: list[StepRecord] = field(default_factory=list)
     adapter: dict | None = None
-    """For a LoRA adapter's trajectory: its :class:`~.lora.LoraSpec` (rank, alpha, target modules, init seed), from
-    which :func:`~.lora.initial_weights` rebuilds the start the records apply to (their updates only, in fp32:
+    """For a LoRA adapter's trajectory: its :class:`~.lora.LoraSpec` (rank, alpha, target modules, and its start: a
+    seed, or another adapter's trajectory or PEFT folder), from which :func:`~.lora.initial_weights` rebuilds the
+    start the records apply to (their updates only, in fp32:
     :func:`~.probes.replay_updates`). None: the records apply to the base model's weights."""
 
     @classmethod

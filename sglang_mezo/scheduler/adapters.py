@@ -174,9 +174,10 @@ class AdapterTrainer:
             raise
         adapter = TrainedAdapter(target.name, chunk.job_id, target.spec, master, probe_ids)
         self.adapters[chunk.job_id] = adapter
-        logger.info("MeZO job %s: adapter %s (rank %d, alpha %g, %s): %d tensors, %d parameters, %d probe slots",
-                    chunk.job_id, target.name, target.spec.rank, target.spec.alpha, ",".join(target.spec.target_modules),
-                    len(pieces), master.numel, needed)
+        logger.info("MeZO job %s: adapter %s (%s), from %s: %d tensors, %d parameters, %d probe slots",
+                    chunk.job_id, target.name, target.spec.shape_text(),
+                    "its seed" if target.spec.start is None else target.spec.start.describe(), len(pieces),
+                    master.numel, needed)
         return adapter
 
     def _publish(self, adapter: TrainedAdapter, job_id: str, committed_steps: int) -> AdapterVersion:
