@@ -4,8 +4,10 @@
 #   benchmarks/gpu_server_check.sh build           here: .gpu-bundle/ (about 31 MiB) from the package registry:
 #                                                  SGLang 0.5.23's cp312 wheel, stripped and patched, and the 32
 #                                                  small packages the GPU machine lacks (benchmarks/gpu_bundle.py)
-#   benchmarks/gpu_server_check.sh run [OUT_DIR]   there, with .gpu-bundle carried beside the working tree
-#                                                  (default OUT_DIR: $OUT, else ./gpu-server-check-out)
+#   benchmarks/gpu_server_check.sh run [OUT_DIR] [--adapters [--lora-backend B]]
+#                                                  there, with .gpu-bundle carried beside the working tree
+#                                                  (default OUT_DIR: $OUT, else ./gpu-server-check-out);
+#                                                  --adapters adds the adapter check (second server, < 9 min in all)
 #
 # `run` unpacks the bundle, stages this package (sglang_mezo with kernels/ and server/ inside it, and the entry point
 # SGLang loads plugins by), puts the sgl_kernel stand-in first on the path (the real wheel and flashinfer cannot
@@ -37,10 +39,13 @@ case "${1:-}" in
     export PYTHONPATH="$work/stage/sglang_mezo/cpu_stub:$work/stage:$work/site"
     export PYTHONUNBUFFERED=1
     cd "$root"
-    timeout 280 "$python" tests/gpu_server_probe.py "$out"
+    shift $(( $# < 2 ? $# : 2 ))
+    limit=280
+    [[ " $* " == *" --adapters "* ]] && limit=540  # a second server, with the LoRA pool
+    timeout "$limit" "$python" tests/gpu_server_probe.py "$out" "$@"
     ;;
   *)
-    echo "usage: $0 build | run [OUT_DIR]" >&2
+    echo "usage: $0 build | run [OUT_DIR] [--adapters [--lora-backend B]]" >&2
     exit 2
     ;;
 esac

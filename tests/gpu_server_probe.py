@@ -12,6 +12,15 @@ sampling, and then, over HTTP:
 4. /generate again (served by the fine-tuned weights, labelled so);
 5. a reset: the base's log-probs again.
 
+With ``--adapters`` (the adapters issue's H200 targets), a second server with SGLang's LoRA pool (``--lora-backend``,
+default SGLang's own ``csgmv``) and, over HTTP:
+
+6. base ``/generate`` latency from a few client threads with no job, then during a rank-8 adapter job (n = 4
+   probes, every module): p50 and p99, and their ratio (target: p99 ≤ 1.3× idle);
+7. the same adapter steps with the 2n probe adapters in one forward batch and one forward each (no traffic): the
+   median step time of each (target: batched ≤ 0.5×);
+8. the adapter served by name after its job, and the base's log-probs unchanged by it.
+
 CUDA graphs: SGLang 0.5.23 turns them off for torch-native attention (``arg_groups/attention_hook.py``), and the
 backends that capture them (flashinfer, FA3) cannot travel to that machine, so this check does not exercise them.
 Writes ``server_check.json`` and the server's log tail to the folder it is given, and prints a summary.
@@ -88,10 +97,92 @@ def check(model: str, log_dir: Path, startup_timeout_s: float) -> dict:
     return result
 
 
+ADAPTER_FLAGS = ["--enable-lora", "--max-lora-rank", "8", "--lora-target-modules", "all",
+                 "--max-loras-per-batch", "10"]
+
+
+def _latencies(server, stop, out: list[float]) -> None:
+    """Base /generate requests, one after another, until ``stop``: each one's seconds (errors raise)."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        status, body = server.request("POST", "/generate", {**PROBE, "return_logprob": False}, timeout=120)
+        if status != 200:
+            raise RuntimeError(f"/generate answered {status} under traffic: {str(body)[:300]}")
+        out.append(time.perf_counter() - started)
+
+
+def _traffic(server, clients: int, run) -> tuple[list[float], object]:
+    """``run()``'s result and the latencies of ``clients`` threads of base traffic meanwhile."""
+    import threading
+
+    stop, out, errors = threading.Event(), [], []
+
+    def loop() -> None:
+        try:
+            _latencies(server, stop, out)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        result = run()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=130)
+    if errors:
+        raise errors[0]
+    return out, result
+
+
+def _quantiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"n": len(ordered), "p50_ms": round(1e3 * at(0.5), 2), "p99_ms": round(1e3 * at(0.99), 2)}
+
+
+def check_adapters(model: str, log_dir: Path, startup_timeout_s: float, backend: str, clients: int = 4) -> dict:
+    import statistics
+
+    flags = [*FLAGS, *ADAPTER_FLAGS, "--lora-backend", backend, "--mezo-n-probes", "4"]
+    result: dict = {"flags": flags}
+    adapter = {"rank": 8}
+    body = {"examples": EXAMPLES, "batch_size": 8, "lr": 1e-3, "eps": 1e-2, "n_probes": 4, "adaptive": "scalar_rms"}
+    with running_server(model, *flags, log_dir=log_dir, env=ENV, startup_timeout_s=startup_timeout_s) as server:
+        base = generate(server)
+        _traffic(server, clients, lambda: time.sleep(5))  # warm-up, not measured
+        idle, _ = _traffic(server, clients, lambda: time.sleep(15))
+        during, trained = _traffic(server, clients, lambda: job(server, {
+            **body, "steps": 40, "seed": 1, "adapter": {**adapter, "name": "under-traffic"}}))
+        result["idle"], result["during_adapter_job"] = _quantiles(idle), _quantiles(during)
+        result["p99_ratio"] = round(result["during_adapter_job"]["p99_ms"] / result["idle"]["p99_ms"], 3)
+        result["p50_ratio"] = round(result["during_adapter_job"]["p50_ms"] / result["idle"]["p50_ms"], 3)
+        result["traffic_job"] = {k: trained[k] for k in ("status", "error", "weight_version")}
+        steps = {}
+        for together in (True, False):
+            done = job(server, {**body, "steps": 10, "seed": 2, "adapter": {
+                **adapter, "name": f"batched-{together}", "probes_in_one_batch": together}})
+            steps[together] = done
+            result[f"probes_in_one_batch={together}"] = {"status": done["status"], "error": done["error"],
+                                                        "step_ms": done["step_ms"]}
+        if all(steps[t]["status"] == "succeeded" for t in steps):
+            one, each = (statistics.median(steps[t]["step_ms"][1:]) for t in (True, False))
+            result["batched_step_ratio"] = round(one / each, 3)  # the first step registers the probe adapters
+        served = server.request("POST", "/generate", {**PROBE, "lora_path": "under-traffic"}, timeout=120)
+        result["adapter_served"] = served[0] == 200 and served[1][0]["meta_info"]["input_token_logprobs"] != [
+            [e] for e in base["input_logprobs"]]
+        result["base_unchanged"] = generate(server)["input_logprobs"] == base["input_logprobs"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--adapters", action="store_true", help="also the adapter check (a second server)")
+    parser.add_argument("--lora-backend", default="csgmv")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}
@@ -104,6 +195,16 @@ def main() -> None:
             report.update(check(model, log_dir, startup_timeout_s=180))
         except Exception as exc:  # noqa: BLE001 - what broke is the finding: report it
             report.update(error=f"{type(exc).__name__}: {exc}"[:4000], traceback=traceback.format_exc()[-4000:])
+        if args.adapters:
+            adapter_logs = log_dir / "adapters"
+            adapter_logs.mkdir()
+            try:
+                report["adapters"] = check_adapters(model, adapter_logs, 180, args.lora_backend)
+            except Exception as exc:  # noqa: BLE001
+                report["adapters"] = {"error": f"{type(exc).__name__}: {exc}"[:4000],
+                                      "traceback": traceback.format_exc()[-4000:]}
+            for log in adapter_logs.glob("server-*.log"):
+                (args.out / "server-adapters.log").write_text(log.read_text(errors="replace")[-20000:])
         for log in log_dir.glob("server-*.log"):
             (args.out / "server.log").write_text(log.read_text(errors="replace")[-20000:])
     (args.out / "server_check.json").write_text(json.dumps(report, indent=1, default=str))
@@ -115,6 +216,8 @@ def main() -> None:
           f"{report['train_job']['losses']}, step ms {report['train_job']['step_ms']}; served version "
           f"{report['trained']['weight_version']}, log-probs moved: {report['trained_differs']}; reset back to the "
           f"base: {report['reset_equals_base']}")
+    if "adapters" in report:
+        print(f"adapters: {json.dumps(report['adapters'])[:3000]}")
 
 
 if __name__ == "__main__":
