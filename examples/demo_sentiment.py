@@ -1,11 +1,11 @@
 """The main job, end to end on a CPU: `make demo`.
 
-1. start `sglang-mezo serve` (SGLang on CPU, embedded SmolLM2-135M-Instruct, --enable-mezo), training the final
-   RMSNorm's gain only: the recipe `make bench-learning` chose (README, "Learning");
+1. start `sglang-mezo serve` (SGLang on CPU, embedded SmolLM2-135M-Instruct, --enable-mezo) with no MeZO knob;
 2. submit a MeZO job over HTTP (POST /mezo/step, classification objective, MeZO's prompt "<review> It was" ->
-   " great" / " terrible", SPSA with the scalar_rms step size) with a balanced held-out set of Rotten Tomatoes
-   reviews, which the server evaluates (accuracy and loss) before the first step, midway and after the last;
-   follow it with a progress bar;
+   " great" / " terrible") that names no hyper-parameter either: the server's recipe chooses what trains (the final
+   RMSNorm's gain) and the step (scalar_rms, lr 1e-2, ε 1e-3; README, "Defaults"), and the job's status says so.
+   A balanced held-out set of Rotten Tomatoes reviews is evaluated by the server (accuracy and loss) before the
+   first step, midway and after the last; the job is followed with a progress bar;
 3. print the before/after table;
 4. send one /v1/chat/completions request, served by the fine-tuned weights;
 5. stop the server.
@@ -76,21 +76,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-2, help="in units of a unit-RMS step (scalar_rms)")
-    parser.add_argument("--eps", type=float, default=1e-3)
-    parser.add_argument("--adaptive", choices=["none", "scalar_rms"], default="scalar_rms")
+    parser.add_argument("--lr", type=float, default=None, help="default: the server's recipe's")
+    parser.add_argument("--eps", type=float, default=None, help="default: the server's recipe's")
+    parser.add_argument("--adaptive", choices=["none", "scalar_rms"], default=None,
+                        help="default: the server's recipe's (scalar_rms)")
     parser.add_argument("--train-per-class", type=int, default=64)
     parser.add_argument("--eval-per-class", type=int, default=50)
-    parser.add_argument("--train", default=r"^model\.norm\.weight$", metavar="REGEX",
-                        help="the checkpoint tensors that train (--mezo-train); default: the final norm's gain")
+    parser.add_argument("--train", default=None, metavar="REGEX",
+                        help="the checkpoint tensors that train (--mezo-train); default: the recipe's, the final norm")
     parser.add_argument("--last-layers", type=int, default=None, help="train the last K blocks instead")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     model = default_model_path()  # converts the embedded GGUF once
     train, held_out = balanced_split(rotten_tomatoes(), [args.train_per_class, args.eval_per_class], args.seed)
-    trained = ["--mezo-last-layers", str(args.last_layers)] if args.last_layers else ["--mezo-train", args.train]
-    print(f"starting SGLang on CPU with {model.name} (MeZO enabled, training {' '.join(trained[1:])})")
+    trained = (["--mezo-last-layers", str(args.last_layers)] if args.last_layers else
+               ["--mezo-train", args.train] if args.train else [])
+    print(f"starting SGLang on CPU with {model.name} (MeZO enabled, training "
+          f"{' '.join(trained[1:]) or 'what the recipe chooses'})")
     with running_server(["--model-path", str(model), *trained]) as url:
         client = MezoClient(url)
         # the server evaluates the held-out reviews before the first step and after the last (POST /mezo/step's
@@ -98,13 +101,14 @@ def main() -> None:
         job = client.train({
             "examples": [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in train],
             "eval_examples": [{"prompt": TEMPLATE.format(text=t), "options": OPTIONS, "label": y} for t, y in held_out],
-            "objective": "classification", "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "eps": args.eps, "adaptive": args.adaptive, "seed": args.seed,
+            "objective": "classification", "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
             "eval_every": max(1, args.steps // 2),
+            **{k: v for k, v in (("lr", args.lr), ("eps", args.eps), ("adaptive", args.adaptive)) if v is not None},
         })
         if job["status"] != "succeeded":
             raise SystemExit(f"job {job['status']}: {job['error']}")
         print(format_job(job))
+        print(f"the server's recipe: {job['recipe']['why']}")
         rows = "".join(f"| {row_name(e['step'])} | {e['accuracy']:.1%} | {e['loss']:.4f} |\n" for e in job["evals"])
         print(f"\n| held-out (balanced, n={job['evals'][0]['n']}) | accuracy | loss |\n|---|---|---|\n{rows}")
 

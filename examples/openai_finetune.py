@@ -79,14 +79,12 @@ def main() -> None:
     parser.add_argument("--eval-per-class", type=int, default=25)
     parser.add_argument("--epochs", type=int, default=15, help="15 x 128 / 16 = 120 steps, the demo's")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-2, help="the server's --mezo-lr (multiplier 1)")
     args = parser.parse_args()
 
     train, held_out = balanced_split(rotten_tomatoes(), [args.train_per_class, args.eval_per_class], seed=1)
     data = Path(tempfile.mkdtemp(prefix="mezo-openai-"))
-    # the recipe of benchmarks/RESULTS.md: the final norm's gain, a normalised step (see the README)
-    flags = ["--model-path", str(default_model_path()), "--mezo-data-dir", str(data), "--mezo-lr", str(args.lr),
-             "--mezo-train", r"^model\.norm\.weight$", "--mezo-adaptive", "scalar_rms"]
+    # no MeZO knob: the server's recipe (the final norm's gain, scalar_rms, lr 1e-2; README, "Defaults")
+    flags = ["--model-path", str(default_model_path()), "--mezo-data-dir", str(data)]
     print("starting SGLang on CPU with SmolLM2-135M-Instruct (MeZO enabled)")
     with running_server(flags) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=os.environ.get("SGLANG_API_KEY", "none"),

@@ -8,13 +8,16 @@ import os
 
 from fastapi import FastAPI
 
+from sglang_mezo.checkpoint import CheckpointError, tensor_shapes
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.master import Precision
+from sglang_mezo.core.recipe import JobDefaults
 from sglang_mezo.jobs.journal import Journal
 from sglang_mezo.jobs.runner import JobObserver, JobRunner
 from sglang_mezo.options import MezoServerOptions
 
 from . import errors
+from .adapter_starts import AdapterStarts
 from .context import MezoContext
 from .files import FileAccess
 from .fine_tuning import routes as fine_tuning_routes
@@ -23,7 +26,6 @@ from .fine_tuning.service import FineTuning
 from .fine_tuning.translate import FileTranslator
 from .limits import BodyLimit
 from .routes import ROUTERS
-from .adapter_starts import AdapterStarts
 from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
 from .translate import LoraLaunch, Translator
 
@@ -45,6 +47,16 @@ def install(app: FastAPI, context: MezoContext) -> None:
         app.router.routes.extend(router.routes)
     # before SGLang's own /v1/models routes, which list the base model only: the first route that matches answers
     app.router.routes[0:0] = fine_tuning_routes.models_router.routes
+
+
+def _shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
+    """The checkpoint's tensor shapes (the recipe sizes a job's lr by what it trains); None if they cannot be read."""
+    try:
+        return tensor_shapes(base_model)
+    except (CheckpointError, OSError, ValueError) as exc:
+        logger.warning("MeZO: the checkpoint's tensor shapes cannot be read (%s): jobs that leave lr out get plain "
+                       "SGD at the paper's lr", exc)
+        return None
 
 
 def _observers(server_args, model_name: str) -> list[JobObserver]:
@@ -73,16 +85,17 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                        journal=journal, journaled=journaled, max_adapter_jobs=options.limits.max_adapter_jobs)
     for name in runner.adapter_names():  # the schedulers registered each at launch, from the journal
         executor.adopt(runner.adapter(name).adapter_version)
-    defaults = MezoConfig(lr=options.lr, eps=options.eps, n_probes=options.n_probes,
-                          z_kind=options.resolved_z_kind(str(server_args.device)), estimator=options.estimator,
-                          adaptive=options.adaptive, selection=options.selection)
+    hf_config = tokenizer_manager.model_config.hf_config
+    defaults = JobDefaults(base=MezoConfig(z_kind=options.resolved_z_kind(str(server_args.device))),
+                           flags=options.knobs(), shapes=_shapes(base_model),
+                           num_layers=getattr(hf_config, "num_hidden_layers", None))
     files = FileAccess.of(options.folders, base_model)
     precision = Precision.of(tokenizer_manager.model_config.dtype, options.master)
     if precision.refusal:
         logger.warning("MeZO: training is off: %s", precision.refusal)
     translator = Translator(tokenizer_manager.tokenizer, int(tokenizer_manager.context_len))
     uploads = FileStore(files.data_dirs[0] / "files" if files.data_dirs else None, options.limits.max_stored_files)
-    lora = LoraLaunch.of(server_args, tokenizer_manager.model_config.hf_config)
+    lora = LoraLaunch.of(server_args, hf_config)
     starts = AdapterStarts(runner, executor.loaded_folder)
     service = FineTuning(runner, uploads, FileTranslator(translator), defaults, options.limits,
                          model_name, lora, starts)

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
-from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.recipe import JobDefaults
 from sglang_mezo.core.master import Precision
 from sglang_mezo.jobs.job import Job
 from sglang_mezo.jobs.runner import JobRunner
@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 class MezoContext:
     runner: JobRunner
     translator: Translator
-    defaults: MezoConfig
-    """A job's hyper-parameters where the request leaves them out (the ``--mezo-*`` flags)."""
+    defaults: JobDefaults
+    """A job's hyper-parameters where the request leaves them out: the ``--mezo-*`` flags given, else the recipe."""
     limits: Limits
     files: FileAccess
     base_model: str

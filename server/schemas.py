@@ -241,6 +241,26 @@ class StepOut(BaseModel):
                    projected_grads=list(r.projected_grads), lr=r.lr, step_ms=report.step_ms)
 
 
+class RecipeOut(BaseModel):
+    """What a job got for the knobs it left out (README, "Defaults")."""
+
+    recipe: Literal["final-norm", "scaled", "adapter", "none"]
+    why: str
+    sources: dict[str, Literal["job", "flag", "recipe"]]
+    """Each knob (lr, eps, n_probes, estimator, adaptive, selection): who set it."""
+    trained_numbers: int | None = None
+    lr: float
+    eps: float
+    adaptive: str
+
+    @classmethod
+    def of(cls, job: Job) -> RecipeOut | None:
+        choice, config = job.spec.recipe, job.spec.config
+        if choice is None:
+            return None
+        return cls(**choice.to_dict(), lr=config.lr, eps=config.eps, adaptive=config.adaptive.value)
+
+
 class JobOut(BaseModel):
     job_id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -265,6 +285,8 @@ class JobOut(BaseModel):
     error_kind: FailureKind | None = None
     """What kind of failure ``error`` describes (``step_failed``, ``weights_inconsistent``, …)."""
     weights_inconsistent: bool = False
+    recipe: RecipeOut | None = None
+    """The knobs this job left out and what it got for them (None: a job restored from the journal)."""
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
@@ -280,7 +302,7 @@ class JobOut(BaseModel):
             best_eval=JobEvalOut.of_evaluation(best) if best else None,
             longest_step_ms=job.longest_step_ms, elapsed_s=job.elapsed_s(), eta_s=job.eta_s(),
             error=job.failure.message if job.failure else None, error_kind=job.failure.kind if job.failure else None,
-            weights_inconsistent=job.weights_lost,
+            weights_inconsistent=job.weights_lost, recipe=RecipeOut.of(job),
         )
 
 

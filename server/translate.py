@@ -16,6 +16,7 @@ from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.lora import MODULES, AdapterStart, LoraSpec, ModelDims
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
 from sglang_mezo.core.probes import copies_needed
+from sglang_mezo.core.recipe import JobDefaults, Knobs, RecipeChoice
 from sglang_mezo.jobs.data import DataError, examples_from_records, load_records
 from sglang_mezo.jobs.errors import InvalidRequest
 from sglang_mezo.jobs.templates import (
@@ -49,17 +50,17 @@ def objective_for(examples: Sequence[TextExample], requested: Objective | None) 
     return objective
 
 
-def job_config(defaults: MezoConfig, request: StepRequest, limits: Limits) -> MezoConfig:
-    """The server's ``--mezo-*`` defaults, overridden by what the request sets (``replace`` re-validates), within
-    the server's limits on steps and probes."""
+def job_config(defaults: JobDefaults, request: StepRequest, limits: Limits) -> tuple[MezoConfig, RecipeChoice]:
+    """The request's knobs, else the server's ``--mezo-*`` flags, else the recipe (``config`` re-validates), within
+    the server's limits on steps and probes; and where each knob came from."""
     if request.steps > limits.max_steps_per_job:
         raise InvalidRequest(f"steps={request.steps} is more than this server allows per job "
                              f"({Limits.flag('max_steps_per_job')} {limits.max_steps_per_job})")
     try:
-        config = dataclasses.replace(
-            defaults,
-            **request.model_dump(include={"lr", "eps", "n_probes", "z_kind", "estimator", "adaptive"},
-                                 exclude_none=True),
+        config, choice = defaults.resolve(
+            Knobs(**request.model_dump(include={"lr", "eps", "n_probes", "estimator", "adaptive"})),
+            adapter=request.adapter is not None,
+            **request.model_dump(include={"z_kind"}, exclude_none=True),
             **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
             total_steps=request.steps,
         )
@@ -68,7 +69,7 @@ def job_config(defaults: MezoConfig, request: StepRequest, limits: Limits) -> Me
     if config.n_probes > limits.max_probes:
         raise InvalidRequest(f"n_probes={config.n_probes} is more than this server allows "
                              f"({Limits.flag('max_probes')} {limits.max_probes})")
-    return config
+    return config, choice
 
 
 @dataclass(frozen=True)

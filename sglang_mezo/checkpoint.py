@@ -44,6 +44,20 @@ def tensor_files(model_dir: str | Path) -> dict[str, Path]:
     return out
 
 
+def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, from the safetensors headers alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in tensor_files(model_dir).items():
+        by_file.setdefault(file, []).append(name)
+    out: dict[str, tuple[int, ...]] = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            out.update((name, tuple(f.get_slice(name).get_shape())) for name in names)
+    return out
+
+
 def plan_reads(model_dir: str | Path, pieces: Iterable[TrainablePiece]) -> dict[Path, list[tuple[str, TrainablePiece]]]:
     """Which file and tensor each piece is read from; raises :class:`CheckpointError` before anything is read if
     one is missing. A tied ``lm_head`` absent from the files is read from ``model.embed_tokens.weight``, as

@@ -15,6 +15,7 @@ from pathlib import Path
 from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.core.params import ParamSelection
+from sglang_mezo.core.recipe import Knobs
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.kernels import ZKind
 
@@ -72,19 +73,21 @@ class Folders:
 @dataclass(frozen=True)
 class MezoServerOptions:
     enabled: bool = False
-    lr: float = 1e-6
-    eps: float = 1e-3
-    n_probes: int = 1
+    lr: float | None = None
+    """This and the other knobs below left None: a job gets the recipe's (:mod:`sglang_mezo.core.recipe`)."""
+    eps: float | None = None
+    n_probes: int | None = None
     z_kind: str = "auto"
     """``auto``: Rademacher on a CPU (a Gaussian pass over SmolLM2 costs seconds there), Gaussian on a GPU."""
-    estimator: str = "spsa"
-    adaptive: str = "none"
+    estimator: str | None = None
+    adaptive: str | None = None
     chunk_ms: float = 200.0
     """Steps are sent to the scheduler in chunks of about this duration; user requests wait at most one chunk."""
     yield_ms: float = 2000.0
     """After each chunk, training waits (at most this long) for the user requests in flight at that moment to
     finish, so a request that arrives during a chunk is served to the end before the next one."""
-    selection: ParamSelection = field(default_factory=ParamSelection)
+    selection: ParamSelection | None = None
+    """None: no --mezo-train, --mezo-freeze or --mezo-last-layers (a job trains the recipe's set)."""
     limits: Limits = field(default_factory=Limits)
     folders: Folders = field(default_factory=Folders)
     master: str = "none"
@@ -105,7 +108,7 @@ class MezoServerOptions:
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
+            if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--mezo-{name} must be a finite number >= 0, got {value}")
         if self.eps == 0:
             raise ValueError("--mezo-eps must be > 0")
@@ -113,16 +116,23 @@ class MezoServerOptions:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--mezo-{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if not 1 <= self.n_probes <= self.limits.max_probes:
+        if self.n_probes is not None and not 1 <= self.n_probes <= self.limits.max_probes:
             raise ValueError(f"--mezo-n-probes must be >= 1 and <= --mezo-max-probes ({self.limits.max_probes})")
         if self.z_kind != "auto":
             ZKind(self.z_kind)
-        Adaptive(self.adaptive)
+        if self.adaptive is not None:
+            Adaptive(self.adaptive)
         if self.master not in MASTER_CHOICES:
             raise ValueError(f"--mezo-master must be one of {', '.join(MASTER_CHOICES)}, got {self.master!r}")
-        if self.n_probes < Estimator(self.estimator).min_probes:
+        if self.estimator is not None and (self.n_probes or 1) < Estimator(self.estimator).min_probes:
             raise ValueError(f"--mezo-estimator {self.estimator} needs --mezo-n-probes >= "
                              f"{Estimator(self.estimator).min_probes}")
+
+    def knobs(self) -> Knobs:
+        """The knobs the operator set (each a job's default; the recipe fills the others)."""
+        return Knobs(lr=self.lr, eps=self.eps, n_probes=self.n_probes,
+                     estimator=None if self.estimator is None else Estimator(self.estimator),
+                     adaptive=None if self.adaptive is None else Adaptive(self.adaptive), selection=self.selection)
 
     def resolved_z_kind(self, device: str) -> ZKind:
         if self.z_kind != "auto":
@@ -137,17 +147,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("MeZO fine-tuning (sglang-mezo)")
     group.add_argument("--enable-mezo", action="store_true",
                        help="Serve the /mezo/* API and let training jobs update the served weights in place.")
-    group.add_argument("--mezo-lr", type=float, default=MezoServerOptions.lr, help="Default learning rate of a job.")
-    group.add_argument("--mezo-eps", type=float, default=MezoServerOptions.eps,
-                       help="Default perturbation scale ε of a job.")
-    group.add_argument("--mezo-n-probes", type=int, default=MezoServerOptions.n_probes,
-                       help="Default number of SPSA probes per step.")
+    group.add_argument("--mezo-lr", type=float, default=None,
+                       help="Default learning rate of a job (default: the recipe's, from what the job trains; README, "
+                            "'Defaults').")
+    group.add_argument("--mezo-eps", type=float, default=None,
+                       help="Default perturbation scale ε of a job (default: the recipe's: 1e-3, 1e-2 for adapters).")
+    group.add_argument("--mezo-n-probes", type=int, default=None,
+                       help="Default number of SPSA probes per step (default: the recipe's: 1).")
     group.add_argument("--mezo-z-kind", choices=["auto", *(k.value for k in ZKind)], default="auto",
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
-    group.add_argument("--mezo-estimator", choices=[e.value for e in Estimator], default=MezoServerOptions.estimator,
-                       help="Default estimator of a job: spsa (MeZO) or fzoo (one-sided probes, needs n_probes >= 2).")
-    group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=MezoServerOptions.adaptive,
-                       help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS).")
+    group.add_argument("--mezo-estimator", choices=[e.value for e in Estimator], default=None,
+                       help="Default estimator of a job: spsa (MeZO; the recipe's) or fzoo (one-sided probes, needs "
+                            "n_probes >= 2).")
+    group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=None,
+                       help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS; the "
+                            "recipe's).")
     group.add_argument("--mezo-master", choices=MASTER_CHOICES, default=MezoServerOptions.master,
                        help="For a bf16/fp16 server: keep an fp32 master of every trainable weight (4 bytes per "
                             "trainable parameter) on the device or in host memory, so that updates and probes are "
@@ -159,7 +173,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                        help="After each chunk, wait up to this long for the user requests in flight to finish "
                             "before the next chunk (0: do not wait).")
     group.add_argument("--mezo-train", action="append", default=[], metavar="REGEX",
-                       help="Train only checkpoint tensors whose name matches (repeatable; default: all).")
+                       help="Train only checkpoint tensors whose name matches (repeatable; without this, "
+                            "--mezo-freeze and --mezo-last-layers: the recipe's set, the final norm).")
     group.add_argument("--mezo-freeze", action="append", default=[], metavar="REGEX",
                        help="Never train checkpoint tensors whose name matches (repeatable).")
     group.add_argument("--mezo-last-layers", type=int, default=None, metavar="K",
@@ -188,7 +203,8 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
         chunk_ms=ns.mezo_chunk_ms,
         yield_ms=ns.mezo_yield_ms,
         selection=ParamSelection(include=tuple(ns.mezo_train), exclude=tuple(ns.mezo_freeze),
-                                 last_layers=ns.mezo_last_layers),
+                                 last_layers=ns.mezo_last_layers)
+        if ns.mezo_train or ns.mezo_freeze or ns.mezo_last_layers is not None else None,
         limits=Limits(**{f.name: getattr(ns, "mezo_" + f.name) for f in fields(Limits)}),
         folders=Folders(data_dirs=tuple(str(Path(d).resolve()) for d in ns.mezo_data_dir),
                         output_dir=str(Path(ns.mezo_output_dir).resolve()) if ns.mezo_output_dir else None),

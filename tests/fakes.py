@@ -18,10 +18,12 @@ from fastapi import FastAPI
 from tiny_models import tiny_llama
 
 from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.objectives import batch_loss_fn
 from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
 from sglang_mezo.core.probes import ProbeCopies, copies_needed, run_slot_step
+from sglang_mezo.core.recipe import JobDefaults, Knobs
 from sglang_mezo.core.run import run_step
 from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError
 from sglang_mezo.core.trajectory import Trajectory
@@ -251,7 +253,10 @@ def mezo_app(root: Path, *, limits: Limits = Limits(max_steps_per_job=50), conte
     folders = folders or Folders(data_dirs=(str(root / "data"),), output_dir=str(root / "out"))
     files = FileAccess.of(folders, str(root / "base"))
     translator = Translator(CharTokenizer(), context_len)
-    defaults = MezoConfig(lr=1e-2, z_kind=ZKind.RADEMACHER)
+    # every knob set, as flags would: these tests are about the routes, not the recipe (tests/test_recipe.py)
+    defaults = JobDefaults(base=MezoConfig(z_kind=ZKind.RADEMACHER),
+                           flags=Knobs(lr=1e-2, eps=1e-3, n_probes=1, estimator=Estimator.SPSA, adaptive=Adaptive.NONE,
+                                       selection=ParamSelection()))
     uploads = FileStore(root / "uploads", limits.max_stored_files)
     service = FineTuning(runner, uploads, FileTranslator(translator), defaults, limits, FAKE_MODEL_NAME)
     install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=limits, files=files,

@@ -33,7 +33,8 @@ FLAGS = ("--enable-lora", "--lora-backend", "torch_native", "--max-lora-rank", "
 EXAMPLES = [{"prompt": "a great story with", "completion": " great music"},
             {"prompt": "a terrible script,", "completion": " boring scenes"},
             {"prompt": "the plot was", "completion": " great"}]
-JOB = {"examples": EXAMPLES, "eval_examples": EXAMPLES, "batch_size": 3, "lr": 2e-2, "eps": 1e-2, "n_probes": 2}
+JOB = {"examples": EXAMPLES, "eval_examples": EXAMPLES, "batch_size": 3, "lr": 2e-2, "eps": 1e-2, "n_probes": 2,
+       "adaptive": "none"}
 GREEDY = {"text": ["a great story", "the plot"], "sampling_params": {"max_new_tokens": 6, "temperature": 0},
           "return_logprob": True}
 
@@ -149,6 +150,34 @@ def shared(shared_root):
     with running_server(str(root / "base"), *FLAGS, "--mezo-data-dir", str(root / "data"), "--lora-paths",
                         f"loaded={root / 'loaded'}", log_dir=root) as server:
         yield server
+
+
+def _text_loss(logprobs: list[list[float]]) -> float:
+    return -sum(map(sum, logprobs)) / sum(map(len, logprobs))
+
+
+def test_a_job_that_names_no_knob_gets_the_recipe_and_keeps_an_unrelated_text_s_loss(shared):
+    """The server's defaults on a server launched with none of the --mezo-* knobs: a base job trains the final norm,
+    an adapter job gets the adapter recipe; neither moves the loss on a text it never saw by more than 0.1 nats."""
+    server = shared
+    base = served_logprobs(server)
+    job = run_job(server, {"examples": EXAMPLES, "steps": 40, "batch_size": 3})
+    assert job["status"] == "succeeded", job
+    recipe = job["recipe"]
+    assert recipe["recipe"] == "final-norm" and recipe["lr"] == 1e-2 and recipe["adaptive"] == "scalar_rms", recipe
+    assert set(recipe["sources"].values()) == {"recipe"} and recipe["trained_numbers"] == 32  # the tiny model's
+    trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
+    assert trajectory["trainable_names"] == ["model.norm.weight"]
+    assert abs(_text_loss(served_logprobs(server)) - _text_loss(base)) <= 0.1
+    assert server.request("POST", "/mezo/reset", {})[0] == 200
+    assert max_diff(served_logprobs(server), base) == 0.0
+    job = run_job(server, {"examples": EXAMPLES, "steps": 100, "batch_size": 3, "adapter": {"name": "no-knobs"}})
+    assert job["status"] == "succeeded", job
+    recipe = job["recipe"]
+    assert (recipe["recipe"], recipe["lr"], recipe["eps"], recipe["adaptive"]) == ("adapter", 1e-3, 1e-2, "scalar_rms")
+    tuned = served_logprobs(server, lora="no-knobs")
+    assert max_diff(tuned, base) > 0  # it trained
+    assert _text_loss(tuned) - _text_loss(base) <= 0.1, (_text_loss(tuned), _text_loss(base))
 
 
 def test_a_job_starts_from_a_trained_adapter_or_a_loaded_peft_folder_and_replays_from_its_trajectory(
@@ -280,8 +309,9 @@ def test_an_openai_fine_tune_with_an_adapter_is_served_as_that_adapter_beside_th
                                  purpose="fine-tune")
     created = client.fine_tuning.jobs.create(
         model=base, training_file=upload.id,
-        hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 2e4},  # lr 2e-2
-        extra_body={"mezo": {"eps": 1e-2, "n_probes": 2, "adapter": {"rank": 4}}})
+        # the adapter recipe (scalar_rms, lr 1e-3, ε 1e-2), its lr scaled by OpenAI's multiplier
+        hyperparameters={"n_epochs": 5, "batch_size": 4, "learning_rate_multiplier": 10},
+        extra_body={"mezo": {"n_probes": 2, "adapter": {"rank": 4}}})
     deadline = time.monotonic() + 300
     while (job := client.fine_tuning.jobs.retrieve(created.id)).status not in ("succeeded", "failed"):
         assert time.monotonic() < deadline
@@ -296,8 +326,8 @@ def test_an_openai_fine_tune_with_an_adapter_is_served_as_that_adapter_beside_th
     # fine-tuning the fine-tuned model continues its adapter: a new adapter that starts from it
     continued = client.fine_tuning.jobs.create(
         model=job.fine_tuned_model, training_file=upload.id,
-        hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2e4},
-        extra_body={"mezo": {"eps": 1e-2, "n_probes": 2}})
+        hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10},
+        extra_body={"mezo": {"n_probes": 2}})
     while (continued := client.fine_tuning.jobs.retrieve(continued.id)).status not in ("succeeded", "failed"):
         assert time.monotonic() < deadline + 300
         time.sleep(0.3)

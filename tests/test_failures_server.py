@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs, served_weights
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
@@ -33,7 +33,7 @@ def model_path(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     # the job with seed 2: its 3rd loss call of step 4 raises; the job with seed 3: a weight pass of step 7 is torn
-    with running_server(model_path, "--mezo-z-kind", "rademacher", log_dir=tmp_path_factory.mktemp("logs"),
+    with running_server(model_path, *PAPER_STEP, "--mezo-z-kind", "rademacher", log_dir=tmp_path_factory.mktemp("logs"),
                         env={"SGLANG_MEZO_INJECT_FAULT": "raise@2/4:3,torn@3/7:2"}) as srv:
         yield srv
 

@@ -11,7 +11,7 @@ import pytest
 from fuzz import fuzz
 from mezo_checks import assert_served_is_replay, served_logprobs
 from schemathesis import GenerationMode
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.server  # starts a real SGLang server
@@ -25,7 +25,7 @@ TRAIN = [{"prompt": "the movie was", "completion": " great"}, {"prompt": "the fi
 def test_generated_requests_against_a_real_server(tmp_path):
     model_path = save_tiny_llama(tmp_path / "model", seed=13)
     (tmp_path / "data").mkdir()
-    with running_server(model_path, *LIMITS, "--mezo-data-dir", str(tmp_path / "data"), "--mezo-output-dir",
+    with running_server(model_path, *PAPER_STEP, *LIMITS, "--mezo-data-dir", str(tmp_path / "data"), "--mezo-output-dir",
                         str(tmp_path / "out"), log_dir=tmp_path) as server:
         before = served_logprobs(server)
         invalid = fuzz(server.url, GenerationMode.NEGATIVE, examples=5)

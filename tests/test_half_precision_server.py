@@ -10,7 +10,7 @@ import pytest
 import torch
 from mezo_checks import SERVED_NAMES, TRAIN, base_engine, fused, run_job, served_weights
 from safetensors.torch import load_file
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 from sglang_mezo.core.config import MezoConfig
@@ -32,8 +32,8 @@ def output_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_path, output_dir, tmp_path_factory):
-    with running_server(model_path, "--dtype", "bfloat16", "--mezo-master", "device", "--mezo-z-kind", "gaussian",
-                        "--mezo-output-dir", str(output_dir), log_dir=tmp_path_factory.mktemp("logs")) as srv:
+    with running_server(model_path, *PAPER_STEP, "--dtype", "bfloat16", "--mezo-master", "device",
+                        "--mezo-z-kind", "gaussian", "--mezo-output-dir", str(output_dir), log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 
 
@@ -125,7 +125,7 @@ def test_tp2_bf16_masters_shard_tear_recover_and_save_as_the_fp32_replay(tmp_pat
     masters are the fp32 update-only replay of the kept history, bit for bit."""
     model_path = save_tiny_llama(tmp_path / "model", seed=7, num_key_value_heads=1)
     out = tmp_path / "out"
-    with running_server(model_path, "--tp", "2", "--dtype", "bfloat16", "--mezo-master", "device",
+    with running_server(model_path, *PAPER_STEP, "--tp", "2", "--dtype", "bfloat16", "--mezo-master", "device",
                         "--mezo-z-kind", "gaussian", "--mezo-output-dir", str(out), log_dir=tmp_path,
                         env={"SGLANG_MEZO_INJECT_FAULT": "torn@2/12:2#1"}) as server:
         body = {"examples": TRAIN, "lr": 3e-3, "eps": 1e-3, "batch_size": 2}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mezo_checks import (assert_served_is_replay, assert_step_scores_per_option, choice_batch, engine_for_served,
                          run_job)
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 from transformers import AutoTokenizer
 
@@ -49,7 +49,7 @@ def files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_path, files, tmp_path_factory):
-    with running_server(model_path, "--mezo-z-kind", "gaussian", "--mezo-data-dir", str(files / "data"),
+    with running_server(model_path, *PAPER_STEP, "--mezo-z-kind", "gaussian", "--mezo-data-dir", str(files / "data"),
                         "--mezo-output-dir", str(files / "out"), log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 
@@ -175,6 +175,10 @@ def test_a_job_from_a_data_file_on_the_server(server, files):
                             "labels": ["low", "high"]}}
     job = run_job(server, {"dataset": dataset, "steps": 4, "eval_every": 2, "lr": 1e-2, "batch_size": 4})
     assert job["status"] == "succeeded", job
+    # each knob from the job, else the server's flags (PAPER_STEP), else the recipe
+    assert job["recipe"]["sources"] == {"lr": "job", "eps": "recipe", "n_probes": "recipe", "estimator": "recipe",
+                                        "adaptive": "flag", "selection": "flag"}, job["recipe"]
+    assert (job["recipe"]["lr"], job["recipe"]["eps"], job["recipe"]["adaptive"]) == (1e-2, 1e-3, "none")
     assert [(e["step"], e["n"]) for e in job["evals"]] == [(0, 4), (2, 4), (4, 4)]  # 2 held out per class
     status, out = server.request("POST", "/mezo/eval", {"dataset": dataset})
     assert status == 200 and out["n"] == 4 and out["weight_version"] == job["evals"][-1]["weight_version"], out

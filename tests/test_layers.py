@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "options": {"core", "kernels"},
     "jobs": {"core", "kernels", "protocol"},
     "scheduler": {"core", "kernels", "protocol", "checkpoint", "sglang"},
-    "server": {"core", "kernels", "protocol", "jobs", "options", "scheduler", "sglang"},
+    "server": {"core", "kernels", "protocol", "checkpoint", "jobs", "options", "scheduler", "sglang"},
     "plugin": {"options", "jobs", "scheduler", "server", "sglang"},
     "client": set(),
 }

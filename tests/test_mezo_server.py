@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from mezo_checks import (PROBE, TRAIN, engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs,
                          served_weights)
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
@@ -37,7 +37,7 @@ def output_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_path, output_dir, tmp_path_factory):
     # one step per chunk: a user request then waits at most one step (asserted below)
-    with running_server(model_path, "--mezo-z-kind", "gaussian", "--mezo-chunk-ms", "0", "--mezo-output-dir",
+    with running_server(model_path, *PAPER_STEP, "--mezo-z-kind", "gaussian", "--mezo-chunk-ms", "0", "--mezo-output-dir",
                         str(output_dir), log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
@@ -36,7 +36,7 @@ def jsonl(records) -> bytes:
 def server(tmp_path_factory):
     model = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=7)
     data = tmp_path_factory.mktemp("data")
-    with running_server(model, "--mezo-z-kind", "gaussian", "--mezo-lr", "1e-2", "--mezo-eps", "1e-2",
+    with running_server(model, *PAPER_STEP, "--mezo-z-kind", "gaussian", "--mezo-lr", "1e-2", "--mezo-eps", "1e-2",
                         "--mezo-data-dir", str(data), log_dir=tmp_path_factory.mktemp("logs")) as srv:
         yield srv
 

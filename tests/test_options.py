@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sglang_mezo.core.params import ParamSelection
+from sglang_mezo.core.recipe import Knobs
 from sglang_mezo.options import Limits, add_cli_args, from_namespace
 
 
@@ -29,7 +31,8 @@ def test_flags_reach_the_options_and_folders_resolve(tmp_path):
     assert parse().folders.data_dirs == () and parse().folders.output_dir is None  # file access off
     method = parse("--mezo-estimator", "fzoo", "--mezo-n-probes", "4", "--mezo-adaptive", "scalar_rms")
     assert (method.estimator, method.n_probes, method.adaptive) == ("fzoo", 4, "scalar_rms")
-    assert (parse().estimator, parse().adaptive) == ("spsa", "none")
+    assert parse().knobs() == Knobs()  # no flag given: every knob is the recipe's
+    assert parse("--mezo-last-layers", "2").knobs() == Knobs(selection=ParamSelection(last_layers=2))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 from mezo_checks import run_job
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 from sglang_mezo.launch import server_command
@@ -42,7 +42,7 @@ def test_without_enable_mezo_the_server_is_stock(tiny_model_path, tmp_path):
 
 def test_enable_mezo_options_reach_the_server(tiny_model_path, tmp_path):
     # on every interface and with no key: the launch says who can train it
-    with running_server(tiny_model_path, "--mezo-last-layers", "1", "--mezo-z-kind", "gaussian", "--enable-metrics",
+    with running_server(tiny_model_path, *PAPER_STEP, "--mezo-last-layers", "1", "--mezo-z-kind", "gaussian", "--enable-metrics",
                         "--host", "0.0.0.0", log_dir=tmp_path) as server:
         log = server.log.read_text()
         assert "MeZO enabled" in log and "last_layers=1" in log and "z_kind='gaussian'" in log

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from mezo_checks import assert_served_is_replay, run_job
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 
@@ -37,7 +37,8 @@ def kill_during(server, job_id: str, after_steps: int) -> int:
 
 def test_a_server_killed_mid_job_comes_back_with_the_weights_it_had_committed(tmp_path):
     model_path = save_tiny_llama(tmp_path / "model", seed=9)
-    state = ["--mezo-state-dir", str(tmp_path / "state"), "--mezo-z-kind", "gaussian", "--mezo-chunk-ms", "0"]
+    state = [*PAPER_STEP, "--mezo-state-dir", str(tmp_path / "state"), "--mezo-z-kind", "gaussian", "--mezo-chunk-ms",
+             "0"]
     rng = random.Random(2026)
     with running_server(model_path, *state, log_dir=tmp_path) as server:
         done = run_job(server, {**JOB, "steps": 4, "seed": 1})

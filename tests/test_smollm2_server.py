@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from mezo_checks import engine_for_served, hf_logprobs, max_diff, run_job, served_logprobs
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
@@ -30,7 +30,7 @@ def test_smollm2_trains_in_the_server_and_replays(smollm2_path, tmp_path):
     tok = AutoTokenizer.from_pretrained(smollm2_path)
     probe = [(tok(e["prompt"])["input_ids"], tok(e["completion"], add_special_tokens=False)["input_ids"])
              for e in EXAMPLES]
-    with running_server(smollm2_path, "--mezo-last-layers", "2", log_dir=tmp_path) as server:
+    with running_server(smollm2_path, *PAPER_STEP, "--mezo-last-layers", "2", log_dir=tmp_path) as server:
         before = served_logprobs(server, probe)
         job = run_job(server, {"examples": EXAMPLES, "steps": 5, "lr": 0.0, "batch_size": 2})
         assert job["status"] == "succeeded" and job["last"]["projected_grads"][0] != 0.0, job

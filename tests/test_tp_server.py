@@ -10,7 +10,7 @@ import pytest
 
 from mezo_checks import (assert_step_scores_per_option, engine_for_served, hf_logprobs, max_diff, run_job,
                          served_logprobs)
-from servers import running_server
+from servers import PAPER_STEP, running_server
 from tiny_models import save_tiny_llama
 
 pytestmark = pytest.mark.server  # starts real SGLang servers
@@ -22,7 +22,7 @@ def test_tp2_trajectory_replays_onto_the_checkpoint(tmp_path):
     # one KV head for two ranks: SGLang replicates it, and both copies must move identically
     model_path = save_tiny_llama(tmp_path / "model", seed=7, num_key_value_heads=1)
     # on TP rank 1 only: a scorer failure in step 32 of the job with seed 1, a torn pass in step 34 of seed 2's
-    with running_server(model_path, "--tp", "2", "--mezo-z-kind", "gaussian", log_dir=tmp_path,
+    with running_server(model_path, *PAPER_STEP, "--tp", "2", "--mezo-z-kind", "gaussian", log_dir=tmp_path,
                         env={"SGLANG_MEZO_INJECT_FAULT": "raise@1/32:3#1,torn@2/34:2#1"}) as server:
         before = served_logprobs(server)
         # a sane lr: at 3e-2 the tiny model blows up (log-probs ~ -900), and 1e-4 absolute stops meaning anything

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.lora import AdapterStart, LoraSpec
 from sglang_mezo.core.objectives import Example, Objective
+from sglang_mezo.core.recipe import JobDefaults, Knobs
 from sglang_mezo.jobs.data import DataError
 from sglang_mezo.jobs.errors import Conflict, InvalidRequest, MezoError, NotFound
 from sglang_mezo.jobs.job import Evaluation, Job, JobStatus
@@ -76,7 +76,7 @@ class FineTuning:
     """Every fine-tuning job of this server (in memory: a restart keeps the files, the /mezo journal and the
     served weights, not this listing)."""
 
-    def __init__(self, runner: JobRunner, store: FileStore, translator: FileTranslator, defaults: MezoConfig,
+    def __init__(self, runner: JobRunner, store: FileStore, translator: FileTranslator, defaults: JobDefaults,
                  limits: Limits, model_name: str, lora: LoraLaunch = LoraLaunch(),
                  starts: AdapterStarts | None = None) -> None:
         self.runner = runner
@@ -255,14 +255,16 @@ class FineTuning:
         check_count(self.limits, len(train) + len(held_out))
         check_tokens(self.limits, train, held_out)
         ft.resolved = resolved = resolve(request, len(train), self.limits)
-        knobs = request.mezo.model_dump(exclude_none=True, exclude={"eval_every", "train", "last_layers",
-                                                                    "adapter"}) if request.mezo else {}
-        if request.mezo and request.mezo.selection is not None:  # the job's own subset, else the server's
-            knobs["selection"] = request.mezo.selection
+        mezo = request.mezo
+        knobs = Knobs(**mezo.model_dump(include={"eps", "n_probes", "estimator", "adaptive"}),
+                      selection=mezo.selection) if mezo else Knobs()  # the job's own subset, else the server's
         try:
-            config = dataclasses.replace(self.defaults, **knobs, lr=self.defaults.lr * resolved.lr_multiplier,
-                                         total_steps=resolved.steps,
-                                         seed=request.seed if request.seed is not None else self.defaults.seed)
+            config, recipe = self.defaults.resolve(
+                knobs, adapter=section is not None, total_steps=resolved.steps,
+                **({"z_kind": mezo.z_kind} if mezo and mezo.z_kind else {}),
+                **({"seed": request.seed} if request.seed is not None else {}))
+            # OpenAI's multiplier scales the lr the flags or the recipe chose
+            config = dataclasses.replace(config, lr=config.lr * resolved.lr_multiplier)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
         if config.n_probes > self.limits.max_probes:
@@ -274,7 +276,7 @@ class FineTuning:
                                                                start)
         return JobSpec(examples=train, objective=Objective.DPO if dpo else Objective.CROSS_ENTROPY, config=config,
                        batch_size=resolved.batch_size, base_model=self.runner.weights.base_model,
-                       eval_examples=held_out, eval_every=eval_every, adapter=adapter)
+                       eval_examples=held_out, eval_every=eval_every, adapter=adapter, recipe=recipe)
 
     # -- following the runner's job (JobObserver) ----------------------------------------------------------------
 

@@ -52,6 +52,7 @@ async def diagnose(request: DiagnoseRequest, mezo: Context) -> DiagnoseOut:
     objective = objective_for(examples, request.objective)
     tokenized = await asyncio.to_thread(mezo.translator.tokenize, examples, chat=request.chat)
     check_tokens(mezo.limits, tokenized)
-    results = await run_diagnosis(mezo.runner, mezo.defaults, tokenized, objective, eps=request.eps,
+    # the config a job that names nothing would train with (its set, its z kind)
+    results = await run_diagnosis(mezo.runner, mezo.defaults.resolve()[0], tokenized, objective, eps=request.eps,
                                   probes=request.probes, seed=request.seed, base_model=mezo.base_model)
     return DiagnoseOut(objective=objective, results=results)

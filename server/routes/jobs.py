@@ -26,7 +26,7 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     """Queue a training job; with ``wait`` (one step), answer with the step's result."""
-    config = job_config(mezo.defaults, request, mezo.limits)
+    config, recipe = job_config(mezo.defaults, request, mezo.limits)
     # an adapter trains through its own fp32 master: the served weights' precision does not matter to it
     adapter = None if request.adapter is None else await mezo.starts.target(request.adapter.name, request.adapter,
                                                                             mezo.lora, config)
@@ -45,7 +45,7 @@ async def step(request: StepRequest, mezo: Context) -> JobOut | StepOut:
     job = mezo.runner.submit(JobSpec(examples=examples, objective=objective, config=config,
                                      batch_size=request.batch_size, base_model=mezo.base_model,
                                      eval_examples=eval_examples, eval_every=request.eval_every,
-                                     eval_generate=request.eval_generate, adapter=adapter))
+                                     eval_generate=request.eval_generate, adapter=adapter, recipe=recipe))
     if not request.wait:
         return JobOut.of(job)
     await finished(job)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Example, Objective
+from sglang_mezo.core.recipe import RecipeChoice
 from sglang_mezo.protocol import AdapterTarget
 
 
@@ -33,6 +34,8 @@ class JobSpec:
     purpose: Purpose = Purpose.TRAIN
     adapter: AdapterTarget | None = None
     """Train this LoRA adapter in SGLang's pool instead of the served weights."""
+    recipe: RecipeChoice | None = None
+    """Where the config's knobs came from (the job, the server's flags, the recipe), and why (None: not recorded)."""
 
     @property
     def steps(self) -> int:

@@ -1,0 +1,149 @@
+"""What a job trains, and with which step, where neither the job nor the server's flags say: the server's recipe.
+
+Precedence, knob by knob (``lr``, ``eps``, ``n_probes``, ``estimator``, ``adaptive``, the trainable set): the job's
+own value, else the server's ``--mezo-*`` flag where the operator gave one, else the recipe. OpenAI's
+``learning_rate_multiplier`` scales the lr so chosen.
+
+The recipe (docs/learning.md has the measurements behind it):
+
+- **What trains** (jobs on the served weights): the final norm's gain (``model.norm.weight``), unless the job or the
+  flags name a set. On SmolLM2-135M that is 576 numbers, and a linear probe on the last hidden state: the set where
+  SPSA's noise is smallest for what it can learn (``make bench-learning``, 2026-12-01: 70.0 % held-out at 16,000
+  example-forwards from 52.5 % zero-shot). A checkpoint without that tensor trains every weight.
+- **The step**: ``scalar_rms`` (lr over a running RMS of the projected gradients, so each trained number moves about
+  lr a step whatever the loss's scale), ε 1e-3, one two-sided probe, and ``lr = 1e-2·√(576 / d)`` for a set of d
+  numbers. At d = 576 that is the measured 1e-2. For a larger set the step's norm stays the measured recipe's,
+  lr·√d = 0.24, so a default job never moves a large set further than it moves the final norm: SPSA's step is mostly
+  noise outside the probed direction, and a per-number lr of 1e-2 on 14 M numbers is a random walk that wrecks the
+  model (README, "Learning").
+- **Adapter jobs**: ``scalar_rms``, lr 1e-3, ε 1e-2, one probe (``make bench-learning``, 2026-12-04: a rank-8 adapter
+  on every module reached 72.0 % at 16,000 example-forwards).
+
+Nothing here reads a checkpoint: the caller gives the tensors' names and shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+
+from .config import MezoConfig
+from .estimators import Adaptive, Estimator
+from .params import ParamSelection
+
+FINAL_NORM = ParamSelection(include=(r"^model\.norm\.weight$",))
+"""The recipe's trainable set: the decoder's final norm (Llama, Qwen2, Mistral, SmolLM2 name it so)."""
+REFERENCE_NUMBERS = 576
+"""d of the set the recipe's lr was measured on (SmolLM2-135M's final norm)."""
+REFERENCE_LR = 1e-2
+EPS = 1e-3
+ADAPTER_LR = 1e-3
+ADAPTER_EPS = 1e-2
+KNOBS = ("lr", "eps", "n_probes", "estimator", "adaptive", "selection")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The knobs someone set (the job, or the server's flags); None: not set."""
+
+    lr: float | None = None
+    eps: float | None = None
+    n_probes: int | None = None
+    estimator: Estimator | None = None
+    adaptive: Adaptive | None = None
+    selection: ParamSelection | None = None
+
+    def given(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """What a job got for the knobs it left out, and why: shown in its status."""
+
+    recipe: str
+    """``final-norm`` (the recipe's set), ``scaled`` (the recipe's step on a set named by the job or the flags),
+    ``adapter``, or ``none`` (the job and the flags set every knob)."""
+    why: str
+    sources: dict[str, str]
+    """Each knob's source: ``job``, ``flag`` or ``recipe``."""
+    trained_numbers: int | None = None
+    """d: how many numbers the job trains (None: unknown, the checkpoint's shapes could not be read)."""
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "why": self.why, "sources": dict(self.sources),
+                "trained_numbers": self.trained_numbers}
+
+
+def recipe_lr(numbers: int) -> float:
+    """The recipe's lr for a set of ``numbers`` trained numbers: 1e-2 at 576, the same step norm above."""
+    return REFERENCE_LR * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers)))
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """What a job gets for what it leaves out: the server's flags where given, else the recipe for what it trains.
+    ``shapes`` are the checkpoint's tensors (name -> shape; None: unknown) and ``num_layers`` its blocks, which
+    decide how many numbers a trainable set holds."""
+
+    base: MezoConfig = MezoConfig()
+    """Every other field of a job's config (z kind, seed, schedule)."""
+    flags: Knobs = Knobs()
+    shapes: Mapping[str, Sequence[int]] | None = None
+    num_layers: int | None = None
+
+    def resolve(self, job: Knobs = Knobs(), *, adapter: bool = False, **fields_) -> tuple[MezoConfig, RecipeChoice]:
+        """The config of a job that set ``job`` (and the other config ``fields_``), and where each knob came from.
+        Raises ValueError (a 400) for values a config refuses."""
+        set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
+        chosen = {**self.flags.given(), **job.given()}
+        if adapter:
+            chosen.pop("selection", None)  # an adapter's tensors are its own
+            recipe = {"lr": ADAPTER_LR, "eps": ADAPTER_EPS, "n_probes": 1, "estimator": Estimator.SPSA,
+                      "adaptive": Adaptive.SCALAR_RMS}
+            name, why, numbers = "adapter", (f"an adapter job: scalar_rms, lr {ADAPTER_LR:g}, ε {ADAPTER_EPS:g}, one "
+                                             "probe (measured on rank-8 adapters)"), None
+        else:
+            selection = chosen.get("selection")
+            recipe_set = selection is None
+            if recipe_set:
+                selection = FINAL_NORM if self._numbers(FINAL_NORM) else ParamSelection()
+            numbers = self._numbers(selection)
+            recipe = {"eps": EPS, "n_probes": 1, "estimator": Estimator.SPSA, "adaptive": Adaptive.SCALAR_RMS,
+                      "selection": selection}
+            plain = (chosen.get("adaptive", Adaptive.SCALAR_RMS) is Adaptive.NONE
+                     and chosen.get("estimator", Estimator.SPSA) is Estimator.SPSA)
+            if plain:  # lr multiplies the projected gradient itself: the paper's lr, safe on any set
+                recipe["lr"] = MezoConfig.lr
+                name, why = "scaled", (f"plain SGD steps (adaptive none): the paper's lr {MezoConfig.lr:g}, on "
+                                       f"{numbers if numbers is not None else 'an unknown number of'} numbers")
+            elif numbers:
+                recipe["lr"] = recipe_lr(numbers)
+                name = "final-norm" if selection == FINAL_NORM else "scaled"
+                what = ("the final norm's gain (no trainable set named)" if selection == FINAL_NORM else
+                        "every weight (no trainable set named, and no final norm found)" if recipe_set else
+                        "the set named by the " + set_by["selection"])
+                why = (f"{what}: {numbers:,} numbers; scalar_rms, ε {EPS:g}, lr 1e-2·√(576/{numbers}) = "
+                       f"{recipe['lr']:.3g}")
+            else:  # the checkpoint's shapes are unknown: the paper's plain step, safe on any set
+                recipe.update(lr=MezoConfig.lr, adaptive=Adaptive.NONE)
+                name, why = "scaled", ("the checkpoint's tensor shapes could not be read: plain SGD at the paper's "
+                                       f"lr {MezoConfig.lr:g}")
+        # an estimator that needs several probes gets its least number of them
+        recipe["n_probes"] = Estimator(chosen.get("estimator", Estimator.SPSA)).min_probes
+        sources = {k: set_by.get(k, "recipe") for k in KNOBS if not (adapter and k == "selection")}
+        if all(v != "recipe" for v in sources.values()):
+            name, why = "none", "the job and the server's flags set every knob"
+        config = replace(self.base, **{**recipe, **chosen}, **fields_)
+        return config, RecipeChoice(name, why, sources, numbers)
+
+    def _numbers(self, selection: ParamSelection) -> int | None:
+        """How many numbers ``selection`` trains in this checkpoint (None: unknown; 0: none)."""
+        if self.shapes is None:
+            return None
+        try:
+            names = selection.select(self.shapes, self.num_layers)
+        except ValueError:
+            return None
+        return sum(math.prod(self.shapes[n]) for n in names)

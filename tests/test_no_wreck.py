@@ -1,0 +1,68 @@
+"""No default wrecks a model: a job that sets no knob, on each trainable set, leaves the model's loss on a fixed text
+it never trained on within a stated bound; and the bound is one a wrecking step size does break.
+
+The tiny Llama (2 blocks, ~20 k numbers, random weights: its loss on any text is near ln 64 = 4.16) trains 200
+default steps (the recipe: scalar_rms, ε 1e-3, lr from the set's size) on a memorisation task; its loss on 16 other
+random sequences may rise by at most BOUND. Measured 2026-12-05 on 2 CPU cores: every set's rise was at most 0.04
+nats; scalar_rms at lr 1e-2 on every weight (the README's wreck) rose by 0.27. The adapter's own check is a server
+test (tests/test_adapter_server.py), where adapters live.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from tiny_models import memorisation_task, tiny_llama
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.objectives import CompletionExample, Objective, batch_loss_fn
+from sglang_mezo.core.params import ParamSelection, TrainableSet
+from sglang_mezo.core.recipe import JobDefaults, Knobs
+from sglang_mezo.core.run import MezoRun
+from sglang_mezo.engines.hf import HFEngine
+from sglang_mezo.kernels import ZKind
+
+STEPS = 200
+BOUND = 0.1
+"""Nats the unrelated text's loss may rise by."""
+SETS = {"final norm": None, "all norms": ParamSelection(include=(r"norm\.weight$",)),
+        "last block": ParamSelection(last_layers=1), "all weights": ParamSelection()}
+
+
+def unrelated_text() -> list[CompletionExample]:
+    rng = random.Random(99)
+    return [CompletionExample(tuple(rng.randrange(4, 64) for _ in range(6)), tuple(rng.randrange(4, 64)
+                                                                                 for _ in range(6)))
+            for _ in range(16)]
+
+
+def rise(knobs: Knobs) -> tuple[float, MezoConfig]:
+    """How much STEPS steps of a job with ``knobs`` raise the loss on the unrelated text (and the job's config)."""
+    model = tiny_llama(0)
+    engine = HFEngine(model)
+    defaults = JobDefaults(base=MezoConfig(z_kind=ZKind.RADEMACHER),
+                           shapes={n: tuple(p.shape) for n, p in model.named_parameters()}, num_layers=2)
+    config, _ = defaults.resolve(knobs, total_steps=STEPS)
+    params = TrainableSet.from_pieces(engine.trainable_pieces(), config.selection, 2)
+    train = batch_loss_fn(engine, Objective.CROSS_ENTROPY, memorisation_task(seed=1))
+    held = batch_loss_fn(engine, Objective.CROSS_ENTROPY, unrelated_text())
+    before = held()
+    run = MezoRun(params, config)
+    for _ in range(STEPS):
+        run.step(train)
+    return held() - before, config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SETS))
+def test_default_steps_on_each_trainable_set_hold_the_loss_on_an_unrelated_text(name):
+    risen, config = rise(Knobs(selection=SETS[name]))
+    assert config.lr > 0 and config.adaptive.value == "scalar_rms"  # the recipe's step, not a frozen model
+    assert risen <= BOUND, f"{name}: lr {config.lr:.3g} raised the unrelated loss by {risen:.3f} nats"
+
+
+@pytest.mark.slow
+def test_the_bound_catches_a_wrecking_step_size():
+    risen, _ = rise(Knobs(selection=ParamSelection(), lr=1e-2))  # the per-number lr of the final norm, on all
+    assert risen > BOUND, risen

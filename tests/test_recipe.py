@@ -1,0 +1,70 @@
+"""core.recipe: what a job gets for the knobs it leaves out, and from where (job > flag > recipe)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sglang_mezo.core.config import MezoConfig
+from sglang_mezo.core.estimators import Adaptive, Estimator
+from sglang_mezo.core.params import ParamSelection
+from sglang_mezo.core.recipe import FINAL_NORM, JobDefaults, Knobs, recipe_lr
+from sglang_mezo.kernels import ZKind
+
+# a SmolLM2-shaped checkpoint of two blocks (the recipe's lr was measured on its final norm, 576 numbers)
+SHAPES = {"model.embed_tokens.weight": (1000, 576), "model.norm.weight": (576,),
+          **{f"model.layers.{i}.{n}": s for i in range(2) for n, s in (
+              ("self_attn.q_proj.weight", (576, 576)), ("mlp.down_proj.weight", (576, 1536)),
+              ("input_layernorm.weight", (576,)))}}
+DEFAULTS = JobDefaults(base=MezoConfig(z_kind=ZKind.RADEMACHER), shapes=SHAPES, num_layers=2)
+
+
+def test_a_job_that_names_nothing_trains_the_final_norm_with_the_measured_step():
+    config, choice = DEFAULTS.resolve(total_steps=50, seed=3)
+    assert config.selection == FINAL_NORM and config.lr == 1e-2 and config.eps == 1e-3
+    assert (config.adaptive, config.estimator, config.n_probes) == (Adaptive.SCALAR_RMS, Estimator.SPSA, 1)
+    assert (config.total_steps, config.seed, config.z_kind) == (50, 3, ZKind.RADEMACHER)
+    assert choice.recipe == "final-norm" and choice.trained_numbers == 576
+    assert set(choice.sources.values()) == {"recipe"} and "final norm" in choice.why
+
+
+def test_a_larger_set_keeps_the_recipe_s_step_norm():
+    blocks = ParamSelection(last_layers=1)
+    config, choice = DEFAULTS.resolve(Knobs(selection=blocks))
+    d = 576 * 576 + 576 * 1536 + 576
+    assert choice.recipe == "scaled" and choice.trained_numbers == d and choice.sources["selection"] == "job"
+    assert config.lr == pytest.approx(1e-2 * math.sqrt(576 / d))
+    assert config.lr * math.sqrt(d) == pytest.approx(1e-2 * math.sqrt(576))  # the same norm of a step
+    assert recipe_lr(10) == 1e-2  # never above the measured lr
+    # no final norm in the checkpoint: every weight, at the same step norm
+    bare = JobDefaults(shapes={k: v for k, v in SHAPES.items() if k != "model.norm.weight"}, num_layers=2)
+    config, choice = bare.resolve()
+    assert config.selection == ParamSelection() and "every weight" in choice.why
+    assert config.lr == recipe_lr(sum(math.prod(s) for s in bare.shapes.values()))
+
+
+def test_the_job_beats_the_flags_and_the_flags_beat_the_recipe():
+    flags = JobDefaults(flags=Knobs(lr=5e-3, eps=2e-3, selection=ParamSelection(last_layers=1)), shapes=SHAPES,
+                        num_layers=2)
+    config, choice = flags.resolve(Knobs(eps=1e-2))
+    assert (config.lr, config.eps, config.selection) == (5e-3, 1e-2, ParamSelection(last_layers=1))
+    assert choice.sources == {"lr": "flag", "eps": "job", "n_probes": "recipe", "estimator": "recipe",
+                              "adaptive": "recipe", "selection": "flag"}
+    everything = Knobs(lr=1e-4, eps=1e-3, n_probes=2, estimator=Estimator.SPSA, adaptive=Adaptive.NONE,
+                       selection=ParamSelection())
+    assert flags.resolve(everything)[1].recipe == "none"
+
+
+def test_plain_sgd_fzoo_adapters_and_unknown_shapes_get_their_own_safe_defaults():
+    config, choice = DEFAULTS.resolve(Knobs(adaptive=Adaptive.NONE))  # lr multiplies the gradient itself
+    assert config.lr == MezoConfig.lr and "paper" in choice.why
+    config, _ = DEFAULTS.resolve(Knobs(estimator=Estimator.FZOO))
+    assert config.n_probes == 2  # fzoo's least
+    config, choice = DEFAULTS.resolve(Knobs(selection=ParamSelection(last_layers=1)), adapter=True)
+    assert (config.lr, config.eps, config.adaptive, choice.recipe) == (1e-3, 1e-2, Adaptive.SCALAR_RMS, "adapter")
+    assert "selection" not in choice.sources
+    config, choice = JobDefaults().resolve()
+    assert (config.lr, config.adaptive, choice.trained_numbers) == (MezoConfig.lr, Adaptive.NONE, None)
+    with pytest.raises(ValueError):
+        DEFAULTS.resolve(Knobs(eps=0.0))
