@@ -13,7 +13,8 @@ demo's settings; **full fine-tuning** with backprop (AdamW, one epoch: the ceili
 server (``sglang-mezo serve``), one job each, the held-out set evaluated every ``--evals`` th of the budget.
 
 Writes the table (stdout), the curves (``benchmarks/bench-learning.json``) and a plot (``benchmarks/bench-learning.png``).
-Run: ``make bench-learning``: the recommended recipe (:data:`RECIPE`) to 16,000 example-forwards and the references
+Run: ``make bench-learning``: a job with no knobs (:data:`NO_KNOBS`: the server's recipe, what a user gets first) and
+the recipe named in full (:data:`RECIPE`) to 16,000 example-forwards and the references
 (the paper's curve to 4,000), about an hour on 2 cores with nothing else running (the steps' wall time is part of
 what it measures; ``--budget 64000`` is the issue's full budget, about 4 hours). ``--methods`` runs the other methods explored (README, "Learning"). It measures, it does not
 gate.
@@ -82,12 +83,16 @@ NORMS = ("--mezo-train", "norm")  # every RMSNorm gain: 61 vectors, 35k numbers 
 # the final RMSNorm's gain alone (576 numbers): with the tied head it scales each feature of the readout, so
 # training it is fitting a linear probe on the last hidden state, a space small enough for SPSA's d-fold noise
 FINAL_NORM = ("--mezo-train", r"^model\.norm\.weight$")
-DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1}
+# every knob named, so these rows do not move with the server's recipe (core/recipe.py)
+DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1, "adaptive": "none", "estimator": "spsa"}
 # adapter jobs: a LoRA on every linear module of every block, trained in SGLang's pool (--enable-lora), its probes
 # scored in one forward batch; the pool holds the probes' slots, the trained adapter's and the base's
 LORA = ("--enable-lora", "--lora-backend", "torch_native", "--max-lora-rank", "16", "--max-loras-per-batch", "4",
         "--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NO_KNOBS = "no knobs (the server's recipe)"
+"""A job that names no hyper-parameter, on a server launched with no --mezo-* knob: what a user gets first."""
 METHODS = {m.name: m for m in [
+    Method(NO_KNOBS, {}, flags=()),
     Method("mezo (demo settings)", DEMO),
     Method("fzoo n=4", {**DEMO, "estimator": "fzoo", "n_probes": 4, "lr": 2e-4}),
     Method("spsa + scalar_rms", {**DEMO, "adaptive": "scalar_rms", "lr": 2e-4}),
@@ -285,7 +290,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=16_000, help="example-forwards per method")
     parser.add_argument("--evals", type=int, default=8, help="evaluations of the held-out set per curve")
-    parser.add_argument("--methods", nargs="*", default=[RECIPE], choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=[NO_KNOBS, RECIPE], choices=list(METHODS))
     parser.add_argument("--skip-paper", action="store_true", help="leave out the paper's MeZO curve (slow)")
     parser.add_argument("--paper-budget", type=int, default=4_000,
                         help="example-forwards for the paper's curve (full-parameter steps on transformers: slow)")
