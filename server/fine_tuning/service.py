@@ -217,6 +217,8 @@ class FineTuning:
         self._of_runner_job[ft.job.id] = ft
         ft.status = "queued"
         self._event(ft, f"Files validated; {ft.resolved.steps} MeZO steps queued as /mezo job {ft.job.id}")
+        if spec.recipe is not None:
+            self._event(ft, f"MeZO settings ({spec.recipe.recipe}): {spec.recipe.why}")
 
     def _read(self, file_id: str, param: str, kinds: Sequence[LineKind]) -> TrainingFile:
         stored = self.store.get(file_id)

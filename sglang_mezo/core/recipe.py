@@ -98,44 +98,44 @@ class JobDefaults:
         Raises ValueError (a 400) for values a config refuses."""
         set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
         chosen = {**self.flags.given(), **job.given()}
+        numbers, lr_rule = None, ""
         if adapter:
             chosen.pop("selection", None)  # an adapter's tensors are its own
-            recipe = {"lr": ADAPTER_LR, "eps": ADAPTER_EPS, "n_probes": 1, "estimator": Estimator.SPSA,
-                      "adaptive": Adaptive.SCALAR_RMS}
-            name, why, numbers = "adapter", (f"an adapter job: scalar_rms, lr {ADAPTER_LR:g}, ε {ADAPTER_EPS:g}, one "
-                                             "probe (measured on rank-8 adapters)"), None
+            recipe = {"lr": ADAPTER_LR, "eps": ADAPTER_EPS, "adaptive": Adaptive.SCALAR_RMS}
+            name, what = "adapter", "a LoRA adapter (the adapter recipe, measured on rank-8 adapters)"
         else:
             selection = chosen.get("selection")
-            recipe_set = selection is None
-            if recipe_set:
+            if selection is None:
                 selection = FINAL_NORM if self._numbers(FINAL_NORM) else ParamSelection()
             numbers = self._numbers(selection)
-            recipe = {"eps": EPS, "n_probes": 1, "estimator": Estimator.SPSA, "adaptive": Adaptive.SCALAR_RMS,
-                      "selection": selection}
+            recipe = {"eps": EPS, "adaptive": Adaptive.SCALAR_RMS, "selection": selection}
+            name = "final-norm" if selection == FINAL_NORM else "scaled"
+            what = ("the final norm's gain" if selection == FINAL_NORM else
+                    f"the set named by the {set_by['selection']}" if "selection" in set_by else
+                    "every weight (the checkpoint's shapes could not be read)" if self.shapes is None else
+                    "every weight (no final norm found)")
+            what += f" ({numbers:,} numbers)" if numbers is not None else ""
             plain = (chosen.get("adaptive", Adaptive.SCALAR_RMS) is Adaptive.NONE
                      and chosen.get("estimator", Estimator.SPSA) is Estimator.SPSA)
-            if plain:  # lr multiplies the projected gradient itself: the paper's lr, safe on any set
+            if plain or not numbers:  # lr multiplies the projected gradient itself, or d is unknown: the paper's lr
                 recipe["lr"] = MezoConfig.lr
-                name, why = "scaled", (f"plain SGD steps (adaptive none): the paper's lr {MezoConfig.lr:g}, on "
-                                       f"{numbers if numbers is not None else 'an unknown number of'} numbers")
-            elif numbers:
+                lr_rule = "the paper's plain-SGD lr"
+                if not plain:
+                    recipe["adaptive"] = Adaptive.NONE
+            else:
                 recipe["lr"] = recipe_lr(numbers)
-                name = "final-norm" if selection == FINAL_NORM else "scaled"
-                what = ("the final norm's gain (no trainable set named)" if selection == FINAL_NORM else
-                        "every weight (no trainable set named, and no final norm found)" if recipe_set else
-                        "the set named by the " + set_by["selection"])
-                why = (f"{what}: {numbers:,} numbers; scalar_rms, ε {EPS:g}, lr 1e-2·√(576/{numbers}) = "
-                       f"{recipe['lr']:.3g}")
-            else:  # the checkpoint's shapes are unknown: the paper's plain step, safe on any set
-                recipe.update(lr=MezoConfig.lr, adaptive=Adaptive.NONE)
-                name, why = "scaled", ("the checkpoint's tensor shapes could not be read: plain SGD at the paper's "
-                                       f"lr {MezoConfig.lr:g}")
+                lr_rule = f"1e-2·√(576/{numbers})"
+        recipe["estimator"] = Estimator.SPSA
         # an estimator that needs several probes gets its least number of them
         recipe["n_probes"] = Estimator(chosen.get("estimator", Estimator.SPSA)).min_probes
         sources = {k: set_by.get(k, "recipe") for k in KNOBS if not (adapter and k == "selection")}
         if all(v != "recipe" for v in sources.values()):
-            name, why = "none", "the job and the server's flags set every knob"
+            name = "none"
         config = replace(self.base, **{**recipe, **chosen}, **fields_)
+        values = {"lr": f"lr {config.lr:.3g}" + (f" = {lr_rule}" if sources["lr"] == "recipe" and lr_rule else ""),
+                  "eps": f"ε {config.eps:g}", "adaptive": f"adaptive {config.adaptive.value}",
+                  "estimator": config.estimator.value, "n_probes": f"{config.n_probes} probe(s)"}
+        why = f"trains {what}; " + ", ".join(f"{text} ({sources[k]})" for k, text in values.items())
         return config, RecipeChoice(name, why, sources, numbers)
 
     def _numbers(self, selection: ParamSelection) -> int | None:
