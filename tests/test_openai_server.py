@@ -159,9 +159,12 @@ def test_a_dpo_job_moves_the_margins_towards_the_preferred_answers(server, clien
     # the same flow as a chat job's: events, checkpoints, and the fine-tuned name served by its weights
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert events[0].message.startswith("The job has successfully completed")
-    assert [e.message for e in events[::-1][:4]] == [
+    first = [e.message for e in events[::-1][:5]]
+    assert first[:3] + first[4:] == [
         f"Created fine-tuning job: {job.id}", f"Validating training file: {training.id}",
         f"Files validated; {job.steps} MeZO steps queued as /mezo job {job.mezo_job_id}", "Fine-tuning job started"]
+    # the flags set lr, ε and the step rule (and a multiplier scaled the lr); the recipe the rest
+    assert first[3].startswith("MeZO settings (scaled): trains the set named by the flag") and "(flag)" in first[3]
     assert [e.data["valid_loss"] for e in events[::-1] if e.type == "metrics" and "valid_loss" in e.data] == losses
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [10, 5]
