@@ -4,6 +4,7 @@ replays (a trained adapter's trajectory up to its served version, or a PEFT fold
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,16 +32,17 @@ class AdapterStarts:
     loaded_folder: Callable[[str], str | None] = no_loaded_folders
     """A name SGLang serves from a folder -> that folder (None: no such adapter)."""
 
-    async def resolve(self, name: str) -> tuple[AdapterStart, LoraSpec]:
-        """The start and the spec (rank, alpha, modules) of the adapter served as ``name``; a 400 for a name no
-        adapter is served under. On the event loop (the runner's jobs are its); a folder is read in a thread."""
+    async def resolve(self, name: str) -> LoraSpec:
+        """The spec of an adapter that starts from the one served as ``name``: that adapter's rank, alpha and
+        modules, its ``start`` that adapter's weights; a 400 for a name no adapter is served under. On the event
+        loop (the runner's jobs are its); a folder is read in a thread."""
         try:
             job = self.runner.adapter(name)
         except NotFound:
             job = None
         if job is not None and job.trajectory is not None and job.adapter_version is not None:
             trajectory = job.trajectory.upto(job.adapter_version.committed_steps)
-            return AdapterStart(trajectory=trajectory), LoraSpec.from_dict(trajectory.adapter)
+            return dataclasses.replace(LoraSpec.from_dict(trajectory.adapter), start=AdapterStart(trajectory=trajectory))
         folder = self.loaded_folder(name)
         if folder is None:
             raise InvalidRequest(f"adapter.start_from: no adapter named {name!r} is served here (trained here: "

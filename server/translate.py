@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_mezo.core.config import MezoConfig
-from sglang_mezo.core.lora import MODULES, AdapterStart, LoraSpec, ModelDims
+from sglang_mezo.core.lora import MODULES, LoraSpec, ModelDims
 from sglang_mezo.core.objectives import ChoiceExample, CompletionExample, Example, Objective
 from sglang_mezo.core.probes import copies_needed
 from sglang_mezo.core.recipe import JobDefaults, Knobs, RecipeChoice
@@ -98,9 +98,9 @@ class LoraLaunch:
 
 
 def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, config: MezoConfig,
-                   start: tuple[AdapterStart, LoraSpec] | None = None) -> AdapterTarget:
-    """The adapter ``name`` a job trains, its unset fields from ``start``'s (the adapter it starts from, resolved from
-    ``request.start_from``) or else the launch flags; a 400 naming the flag it goes beyond, or the field that
+                   start: LoraSpec | None = None) -> AdapterTarget:
+    """The adapter ``name`` a job trains, its unset fields from ``start``'s (the spec of an adapter that starts from
+    ``request.start_from``: :meth:`~.adapter_starts.AdapterStarts.resolve`) or else the launch flags; a 400 naming the flag it goes beyond, or the field that
     differs from its start."""
     if not launch.enabled:
         raise InvalidRequest("adapter jobs train in SGLang's LoRA pool: start the server with --enable-lora "
@@ -109,7 +109,7 @@ def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, confi
         raise InvalidRequest(f"adapter jobs train at tensor-parallel size 1 only; this server runs --tp-size "
                              f"{launch.tp_size}")
     if start is not None:
-        request = _shaped_as(request, start[1])
+        request = _shaped_as(request, start)
     rank = request.rank or launch.max_rank
     if rank is None:
         raise InvalidRequest("adapter.rank is required: this server sets no --max-lora-rank")
@@ -127,7 +127,7 @@ def adapter_target(name: str, request: AdapterShapeIn, launch: LoraLaunch, confi
         raise InvalidRequest(f"adapter.target_modules {beyond} are not in this server's LoRA pool "
                              f"(--lora-target-modules {' '.join(launch.target_modules)})")
     spec = LoraSpec(rank=rank, alpha=request.alpha or 2.0 * rank, target_modules=modules, init_seed=config.seed,
-                    start=None if start is None else start[0])
+                    start=None if start is None else start.start)
     refusal = loadable_refusal(spec)
     if refusal:
         raise InvalidRequest(f"adapter.target_modules: {refusal}")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_mezo.core.lora import AdapterStart, LoraSpec
+from sglang_mezo.core.lora import LoraSpec
 from sglang_mezo.core.objectives import Example, Objective
 from sglang_mezo.core.recipe import JobDefaults, Knobs
 from sglang_mezo.jobs.data import DataError
@@ -244,7 +244,7 @@ class FineTuning:
             raise _FileError(str(exc), param) from None
 
     def _spec(self, ft: FineTuningJob, section: AdapterShapeIn | None,
-              start: tuple[AdapterStart, LoraSpec] | None) -> JobSpec:
+              start: LoraSpec | None) -> JobSpec:
         """The runner's job for ``ft`` (blocking: files are read and tokenized), training the adapter ``section``
         from ``start`` if it has one."""
         request = ft.request

@@ -87,8 +87,9 @@ class AdapterStart:
             raise ValueError("the trajectory to start from is not an adapter's")
 
     @classmethod
-    def of_peft_folder(cls, folder: str | Path) -> tuple[AdapterStart, LoraSpec]:
-        """The start a PEFT folder gives and the spec it defines; ValueError for what is not one."""
+    def of_peft_folder(cls, folder: str | Path) -> LoraSpec:
+        """The spec of an adapter that starts from a PEFT folder: the folder's rank, alpha and modules, its ``start``
+        the folder; ValueError for what is not one."""
         folder = Path(folder)
         try:
             config = json.loads((folder / PEFT_CONFIG).read_text())
@@ -97,8 +98,7 @@ class AdapterStart:
             raise ValueError(f"not a readable PEFT adapter folder ({PEFT_CONFIG}, {PEFT_WEIGHTS}): {exc}") from exc
         if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
             raise ValueError("only plain LoRA adapters (no DoRA, no rsLoRA) can be trained further")
-        start = cls(peft_path=str(folder.resolve()), sha256=digest)
-        return start, LoraSpec.from_peft_config(config, start=start)
+        return LoraSpec.from_peft_config(config, start=cls(peft_path=str(folder.resolve()), sha256=digest))
 
     def weights(self, dims: ModelDims, spec: LoraSpec) -> dict[str, torch.Tensor]:
         """The start's fp32 tensors under PEFT's names, checked against ``spec``'s manifest."""
@@ -138,11 +138,8 @@ class AdapterStart:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)

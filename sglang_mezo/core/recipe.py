@@ -40,7 +40,6 @@ REFERENCE_LR = 1e-2
 EPS = 1e-3
 ADAPTER_LR = 1e-3
 ADAPTER_EPS = 1e-2
-KNOBS = ("lr", "eps", "n_probes", "estimator", "adaptive", "selection")
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,9 @@ class Knobs:
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+KNOBS = tuple(f.name for f in fields(Knobs))
 
 
 @dataclass(frozen=True)

@@ -76,11 +76,8 @@ def base_identity(model_path: str | Path, cache_dir: Path | None = None) -> dict
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
         if key not in cache:
-            digest = hashlib.sha256()
             with file.open("rb") as f:
-                for block in iter(lambda: f.read(2**24), b""):
-                    digest.update(block)
-            cache[key] = digest.hexdigest()
+                cache[key] = hashlib.file_digest(f, "sha256").hexdigest()
         fresh[key] = identity[file.name] = cache[key]
     if cache_file is not None:
         try:
