@@ -110,6 +110,7 @@ METHODS = {m.name: m for m in [
              LORA) for r in (8, 16) for lr in (1e-3, 1e-4)),
 ]}
 RECIPE = "mezo final norm + scalar_rms lr 1e-2"
+PAPER = "paper MeZO (transformers)"
 """The README's recommendation for classification jobs, and what the demo runs."""
 
 
@@ -199,7 +200,7 @@ def paper_curve(ref: Reference, train, test, budget: int, evals: int, seed: int 
                                                         engine.num_layers).targets]
     steps = budget // (2 * BATCH)
     every = max(1, steps // evals)
-    curve = Curve("paper MeZO (transformers)")
+    curve = Curve(PAPER)
     curve.forwards.append(0), curve.seconds.append(0.0), curve.accuracy.append(ref.accuracy(test))
     spent = 0.0
     for step in tqdm(range(1, steps + 1), desc="paper MeZO", unit="step"):
@@ -290,6 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=16_000, help="example-forwards per method")
     parser.add_argument("--evals", type=int, default=8, help="evaluations of the held-out set per curve")
+    parser.add_argument("--held-out", type=int, default=200,
+                        help="held-out reviews (balanced; one standard error is ~3 points at 200, ~1.4 at 1,000)")
     parser.add_argument("--methods", nargs="*", default=[NO_KNOBS, RECIPE], choices=list(METHODS))
     parser.add_argument("--skip-paper", action="store_true", help="leave out the paper's MeZO curve (slow)")
     parser.add_argument("--paper-budget", type=int, default=4_000,
@@ -298,6 +301,8 @@ def main() -> None:
     parser.add_argument("--skip-references", action="store_true",
                         help="leave out every transformers row (zero-shot, bias only, full fine-tuning, paper MeZO)")
     parser.add_argument("--out", default=OUT, help="the name of the curves' json and plot beside this script")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose json is --out: measure only the rows it does not hold yet")
     parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                         help="measure nothing: print the table and draw the plot of an earlier run's json")
     args = parser.parse_args()
@@ -306,41 +311,54 @@ def main() -> None:
         return replot(args.from_json, out_png)
 
     model_path = default_model_path()
-    train, test = split(1000, 200)
+    train, test = split(1000, args.held_out)
     methods = [METHODS[m] for m in args.methods]
     flat: dict[str, float] = {}
+    full_s = 0.0
+    curves: list[Curve] = []
+    if args.resume:  # a run split over several sittings: the rows its json holds are not measured again
+        saved = json.loads(out_json.read_text())
+        if saved.get("held_out", 200) != len(test) or saved.get("budget", args.budget) != args.budget:
+            raise SystemExit(f"{out_json} was measured on another held-out set or budget; resume it with the same")
+        flat, full_s = saved["flat"], saved["full_finetune_seconds"]
+        curves = [Curve(**c) for c in saved["curves"]]
+    done = {c.name for c in curves}
     prompts = [] if args.skip_references else [PLAIN] + [m.prompt for m in methods]
     for prompt in dict.fromkeys(prompts):  # the references of every prompt in use
+        if f"zero-shot ({prompt.name})" in flat:
+            continue
         ref = Reference(model_path, prompt)
         flat[f"zero-shot ({prompt.name})"] = ref.accuracy(test)
         flat[f"bias only ({prompt.name})"] = bias_only(ref, train, test)
-    full_s = 0.0
-    curves: list[Curve] = []
 
     def keep() -> None:  # after every row: a run cut short keeps what it measured
-        out_json.write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s,
-                                                           "curves": [asdict(c) for c in curves]}, indent=1))
+        out_json.write_text(json.dumps({"flat": flat, "full_finetune_seconds": full_s, "held_out": len(test),
+                                        "budget": args.budget, "curves": [asdict(c) for c in curves]}, indent=1))
 
+    keep()
     for m in methods:  # ours first: the rows the run is for
+        if m.name in done:
+            continue
         curves.append(server_curve(model_path, m, train, test, args.budget, args.evals))
         keep()
-    if not (args.skip_full or args.skip_references):
+    if not (args.skip_full or args.skip_references or "full fine-tune (backprop, 1 epoch)" in flat):
         full_acc, full_s = full_finetune(model_path, train, test)
         flat["full fine-tune (backprop, 1 epoch)"] = full_acc
         keep()
-    if not (args.skip_paper or args.skip_references):
+    if not (args.skip_paper or args.skip_references or PAPER in done):
         curves.insert(0, paper_curve(Reference(model_path), train, test, args.paper_budget, args.evals))
         keep()
-    report(flat, full_s, curves, args.budget, out_png)
+    report(flat, full_s, curves, args.budget, out_png, len(test))
 
 
-def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: int, png: Path) -> None:
+def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: int, png: Path,
+           held_out: int) -> None:
     """The plot, and the table: each row's accuracy at 1/8, 1/4, 1/2 and all of the budget ("-" past what the
     row spent), the forwards and seconds it spent."""
     plot(curves, flat, png)
     points = [budget // 8, budget // 4, budget // 2, budget]
     print(f"\n{time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPUs; SmolLM2-135M-Instruct fp32; "
-          f"held-out 200, train 1,000; budget {budget:,} example-forwards\n")
+          f"held-out {held_out:,}, train 1,000; budget {budget:,} example-forwards\n")
     print("| row | " + " | ".join(f"at {p:,}" for p in points) + " | example-forwards spent | seconds spent |")
     print("|---|" + "---|" * (len(points) + 2))
     for name, value in flat.items():
@@ -357,7 +375,7 @@ def replot(path: Path, png: Path) -> None:
     saved = json.loads(path.read_text())
     curves = [Curve(**c) for c in saved["curves"]]
     budget = max((c.forwards[-1] for c in curves), default=0)
-    report(saved["flat"], saved["full_finetune_seconds"], curves, budget, png)
+    report(saved["flat"], saved["full_finetune_seconds"], curves, budget, png, saved.get("held_out", 200))
 
 
 if __name__ == "__main__":

@@ -197,7 +197,9 @@ class StepRequest(_Strict):
     z_kind: ZKind | None = None
     estimator: Estimator | None = Field(None, description="spsa: MeZO's two-sided probes (2n forwards a step); "
                                                           "fzoo: one forward at the weights and n one-sided "
-                                                          "probes, normalised by their spread (n + 1; n >= 2)")
+                                                          "probes, normalised by their spread (n + 1; n >= 2); "
+                                                          "greedy: SPSA's probes, the step along the one best "
+                                                          "aligned with the gradient (2n; n >= 2)")
     adaptive: Adaptive | None = Field(None, description="none: lr as given; scalar_rms: lr divided by a running "
                                                         "RMS of the projected gradients (two scalars of state)")
     weight_decay: float = Field(0.0, ge=0, le=1.0)

@@ -157,8 +157,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mezo-z-kind", choices=["auto", *(k.value for k in ZKind)], default="auto",
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
     group.add_argument("--mezo-estimator", choices=[e.value for e in Estimator], default=None,
-                       help="Default estimator of a job: spsa (MeZO; the recipe's) or fzoo (one-sided probes, needs "
-                            "n_probes >= 2).")
+                       help="Default estimator of a job: spsa (MeZO; the recipe's), fzoo (one-sided probes, needs "
+                            "n_probes >= 2) or greedy (SPSA's probes, the step along the best of them; n_probes >= 2).")
     group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=None,
                        help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS; the "
                             "recipe's).")

@@ -22,6 +22,14 @@ Estimators (:class:`Estimator`):
   one-sided difference also holds ε²/2·z^T H z, nearly the same for every probe, which σ does not see; where
   the gradient is small next to ε times the curvature, the c_k are all large and of one sign.
 
+* ``greedy`` (MeZO-Greedy, Jin et al., arXiv 2601.04710: "keeps the single best perturbation within a fixed
+  evaluation budget"): SPSA's probes and g_k, and the step goes along the one probe whose |g_k| is largest, the
+  direction of the pool best aligned with ∇L (ties: the first): c_k* = n·g_k*, the others 0, so that the step
+  -Σ c_k z_k / n is that probe's own SPSA step, -g_k* z_k*. Its mean is still along -∇L (the pool's law is
+  symmetric about ∇L), longer than SPSA's by E[max_k g_k²]/E[g²]. 2n forwards and passes like SPSA; n >= 2.
+  The paper's other rule, MeZO-GV (a guiding vector from the elite probes, then an SPSA pair along it), probes
+  along a combination that depends on the losses, which exact replay would have to record; not implemented.
+
 Step-size rules (:class:`Adaptive`):
 
 * ``none``: u_k = -lr·c_k/n (MeZO's SGD step).
@@ -53,21 +61,37 @@ from dataclasses import dataclass
 class Estimator(str, enum.Enum):
     SPSA = "spsa"
     FZOO = "fzoo"
+    GREEDY = "greedy"
+
+    @property
+    def two_sided(self) -> bool:
+        """Whether the step probes θ ± εz_k (SPSA's probes; greedy's too) rather than θ and θ + εz_k (FZOO)."""
+        return self is not Estimator.FZOO
 
     def forwards(self, n_probes: int) -> int:
         """Forward passes (scorings of the batch) per step."""
-        return 2 * n_probes if self is Estimator.SPSA else n_probes + 1
+        return 2 * n_probes if self.two_sided else n_probes + 1
 
     def probe_states(self, seeds: Sequence[int], eps: float) -> list[tuple[int, float]]:
         """The perturbations the weights go through, one pass each, before the commit pass: (seed, scale) for
-        θ + scale·z(seed). SPSA: +εz_1, -εz_1, +εz_2, …; FZOO (after scoring θ itself): +εz_1, +εz_2, …"""
-        if self is Estimator.SPSA:
+        θ + scale·z(seed). Two-sided: +εz_1, -εz_1, +εz_2, …; FZOO (after scoring θ itself): +εz_1, +εz_2, …"""
+        if self.two_sided:
             return [(seed, scale) for seed in seeds for scale in (eps, -eps)]
         return [(seed, eps) for seed in seeds]
 
     @property
     def min_probes(self) -> int:
+        """SPSA works with one probe; FZOO needs two for a spread, greedy two to have a choice."""
         return 1 if self is Estimator.SPSA else 2
+
+    def direction(self, loss_plus: Sequence[float], loss_minus: Sequence[float], eps: float) -> Direction:
+        """The step's direction from its probe losses: L(θ + εz_k) and, per probe, the loss it is differenced
+        against (L(θ - εz_k), or FZOO's L(θ) repeated)."""
+        if self is Estimator.FZOO:
+            return fzoo_direction(loss_plus, loss_minus[0], eps)
+        if self is Estimator.GREEDY:
+            return greedy_direction(loss_plus, loss_minus, eps)
+        return spsa_direction(loss_plus, loss_minus, eps)
 
 
 class Adaptive(str, enum.Enum):
@@ -117,6 +141,15 @@ class Direction:
 def spsa_direction(loss_plus: Sequence[float], loss_minus: Sequence[float], eps: float) -> Direction:
     grads = tuple((plus - minus) / (2 * eps) for plus, minus in zip(loss_plus, loss_minus, strict=True))
     return Direction(projected_grads=grads, coefficients=grads)
+
+
+def greedy_direction(loss_plus: Sequence[float], loss_minus: Sequence[float], eps: float) -> Direction:
+    """SPSA's g_k, and the whole step along the probe of largest |g_k| (the first of equals)."""
+    grads = spsa_direction(loss_plus, loss_minus, eps).projected_grads
+    best = max(range(len(grads)), key=lambda k: abs(grads[k]))
+    n = len(grads)
+    return Direction(projected_grads=grads, coefficients=tuple(n * g if k == best else 0.0
+                                                               for k, g in enumerate(grads)))
 
 
 def fzoo_direction(losses: Sequence[float], base: float, eps: float) -> Direction:

@@ -31,8 +31,6 @@ from .estimators import (
     AdaptiveState,
     Estimator,
     ScalarRMS,
-    fzoo_direction,
-    spsa_direction,
     update_coefficients,
 )
 from .params import TrainableSet
@@ -95,7 +93,7 @@ class ProbeCopies:
 def probe_plan(estimator: Estimator, seeds: Sequence[int], eps: float) -> list[tuple[tuple[int, ...], float]]:
     """The probe copies of a step, in the order they are scored: (seeds, coefficient) per copy. SPSA: +εz_1, -εz_1,
     +εz_2, …; FZOO: the master itself (no seed), then +εz_1, +εz_2, …"""
-    if Estimator(estimator) is Estimator.SPSA:
+    if Estimator(estimator).two_sided:
         return [((s,), sign * eps) for s in seeds for sign in (1.0, -1.0)]
     return [((), 0.0)] + [((s,), eps) for s in seeds]
 
@@ -135,12 +133,11 @@ def slot_step(
         raise RuntimeError(f"the scorer returned {len(losses)} losses for {len(plan)} copies")
     if not all(math.isfinite(x) for x in losses):
         raise NonFiniteLossError(f"non-finite probe loss: {losses}")
-    if estimator is Estimator.SPSA:
+    if estimator.two_sided:
         loss_plus, loss_minus = losses[0::2], losses[1::2]
-        direction = spsa_direction(loss_plus, loss_minus, eps)
     else:
         loss_plus, loss_minus = losses[1:], [losses[0]] * len(seeds)
-        direction = fzoo_direction(loss_plus, losses[0], eps)
+    direction = estimator.direction(loss_plus, loss_minus, eps)
     update, state_after = update_coefficients(direction, lr=lr, rule=adaptive, state=state)
     if not all(math.isfinite(u) for u in update):
         raise NonFiniteLossError(f"refusing an update that is not finite: {update}")

@@ -33,9 +33,7 @@ from .estimators import (
     AdaptiveState,
     Estimator,
     ScalarRMS,
-    fzoo_direction,
     sgd_update,
-    spsa_direction,
     update_coefficients,
 )
 from .params import TrainableSet
@@ -219,13 +217,12 @@ def mezo_step(
     probe = _Probe(params, kind)
     sync = before_pass or (lambda: None)
     try:
-        if estimator is Estimator.SPSA:
+        if estimator.two_sided:
             loss_plus, loss_minus = _probe_two_sided(probe, loss_fn, seeds, eps, sync)
-            direction = spsa_direction(loss_plus, loss_minus, eps)
         else:
             loss_plus, base = _probe_one_sided(probe, loss_fn, seeds, eps, sync)
             loss_minus = (base,) * len(seeds)
-            direction = fzoo_direction(loss_plus, base, eps)
+        direction = estimator.direction(loss_plus, loss_minus, eps)
         update, state_after = update_coefficients(direction, lr=lr, rule=adaptive, state=state)
         # -- commit: take the last probe off and apply the update, one pass ------------------------------------
         if not all(math.isfinite(u) for u in update) or not 0.0 < 1.0 - lr * weight_decay <= 1.0:
