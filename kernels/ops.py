@@ -33,6 +33,10 @@ class ZTarget:
     master: torch.Tensor | None = None
     """An fp32 block of theta's shape, contiguous, that holds the weights' truth: passes read it instead of theta.
     It may live in host memory while theta is on a GPU (streamed to the device for each pass)."""
+    scale: float = 1.0
+    """This block moves along scale·z: every coefficient of a pass (restore and update) is multiplied by it, in
+    float64, before it is rounded to the kernels' fp32 (per-tensor step sizes; 1 leaves a pass bit for bit as it
+    was). Blocks of one scale share a launch."""
 
 
 def as_block(t: torch.Tensor) -> torch.Tensor:
@@ -101,21 +105,22 @@ class PassTargets(Sequence[ZTarget]):
     def __len__(self) -> int:
         return len(self._targets)
 
-    def device_blocks(self, force_triton: bool) -> tuple[dict[torch.device, list[TritonBlock]], list[int]]:
-        """The blocks that run on Triton in one launch per device, and the indices of the targets that do not (CPU
-        tensors, and masters in host memory, streamed one tensor at a time)."""
+    def device_blocks(self, force_triton: bool) -> tuple[dict[tuple[torch.device, float], list[TritonBlock]],
+                                                         list[int]]:
+        """The blocks that run on Triton in one launch per device and scale, and the indices of the targets that do
+        not (CPU tensors, and masters in host memory, streamed one tensor at a time)."""
         if force_triton not in self._split:
             self._split[force_triton] = _device_blocks(self._targets, force_triton)
         return self._split[force_triton]
 
 
 def _device_blocks(targets: Sequence[ZTarget], force_triton: bool = False):
-    blocks: dict[torch.device, list[TritonBlock]] = {}
+    blocks: dict[tuple[torch.device, float], list[TritonBlock]] = {}
     others = []
     for i, t in enumerate(targets):
         if (t.theta.is_cuda or force_triton) and (t.master is None or t.master.device == t.theta.device):
             source, out = (t.theta, None) if t.master is None else (t.master, t.theta)
-            blocks.setdefault(t.theta.device, []).append(TritonBlock(as_block(source), None if out is None else
+            blocks.setdefault((t.theta.device, t.scale), []).append(TritonBlock(as_block(source), None if out is None else
                                                                      as_block(out), t.where, t.decay))
         else:
             others.append(i)
@@ -130,26 +135,32 @@ def _zaxpy_impl(targets: Sequence[ZTarget], seeds: list[int], restore: list[floa
     else:
         on_triton, others = _device_blocks(targets, force_triton)
         memo = None
-    for device, blocks in on_triton.items():
-        zaxpy_triton_(blocks, *_coefficients(device, seeds, restore, update), decay=decay, kind=kind,
-                      write_back=commit or targets[0].master is None, memo=memo)
+    for (device, scale), blocks in on_triton.items():
+        zaxpy_triton_(blocks, *_coefficients(device, seeds, _scaled(restore, scale), _scaled(update, scale)),
+                      decay=decay, kind=kind, write_back=commit or targets[0].master is None,
+                      memo=None if memo is None else memo.setdefault(("scale", scale), {}))
     for i in others:
         t = targets[i]
         target_decay = decay if t.decay else 1.0
+        t_restore, t_update = _scaled(restore, t.scale), _scaled(update, t.scale)  # this target's own
         if t.theta.is_cuda or force_triton:  # a master in host memory, streamed through the device
             source = t.master.to(t.theta.device, non_blocking=True)
             zaxpy_triton_([TritonBlock(source, as_block(t.theta), t.where, t.decay)],
-                          *_coefficients(t.theta.device, seeds, restore, update), decay=decay, kind=kind,
+                          *_coefficients(t.theta.device, seeds, t_restore, t_update), decay=decay, kind=kind,
                           write_back=commit)
             if commit:
                 t.master.copy_(source)
         elif t.master is not None:
-            _master_pass_cpu(t.master, as_block(t.theta), t.where, commit=commit, seeds=seeds, restore=restore,
-                             update=update, decay=target_decay, kind=kind)
+            _master_pass_cpu(t.master, as_block(t.theta), t.where, commit=commit, seeds=seeds, restore=t_restore,
+                             update=t_update, decay=target_decay, kind=kind)
         else:
             cpu_pass = zaxpy_numba_ if t.theta.dtype in NUMBA_DTYPES else zaxpy_torch_
-            cpu_pass(as_block(t.theta), t.where, seeds=seeds, restore=restore, update=update, decay=target_decay,
-                     kind=kind)
+            cpu_pass(as_block(t.theta), t.where, seeds=seeds, restore=t_restore, update=t_update,
+                     decay=target_decay, kind=kind)
+
+
+def _scaled(coefficients: list[float], scale: float) -> list[float]:
+    return coefficients if scale == 1.0 else [c * scale for c in coefficients]
 
 
 def _coefficients(device: torch.device, seeds: list[int], restore: list[float],
@@ -169,6 +180,7 @@ def _zaxpy_op(
     row_offsets: list[int],
     col_offsets: list[int],
     decayed: list[bool],
+    scales: list[float],
     seeds: list[int],
     restore: list[float],
     update: list[float],
@@ -177,16 +189,16 @@ def _zaxpy_op(
     force_triton: bool,
 ) -> None:
     """A pass as torch sees it under ``torch.compile``: the tensors it mutates, declared."""
-    targets = [ZTarget(theta, ZSlice(key, fc, ro, co), d, masters[i] if masters else None)
-               for i, (theta, key, fc, ro, co, d) in enumerate(
-                   zip(thetas, keys, full_cols, row_offsets, col_offsets, decayed, strict=True))]
+    targets = [ZTarget(theta, ZSlice(key, fc, ro, co), d, masters[i] if masters else None, scale)
+               for i, (theta, key, fc, ro, co, d, scale) in enumerate(
+                   zip(thetas, keys, full_cols, row_offsets, col_offsets, decayed, scales, strict=True))]
     _zaxpy_impl(targets, seeds, restore, update, decay, ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER,
                 force_triton, commit)
 
 
 @_zaxpy_op.register_fake
-def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decayed, seeds, restore, update, decay,
-      kind, force_triton) -> None:
+def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decayed, scales, seeds, restore, update,
+      decay, kind, force_triton) -> None:
     return None
 
 
@@ -202,7 +214,8 @@ def zaxpy_(
     commit: bool = True,
 ) -> None:
     """For every target: θ ← (θ + Σ_k restore[k]·z_k)·d + Σ_k update[k]·z_k, with d = ``decay`` for targets whose
-    ``decay`` flag is set and 1 otherwise. In place, fp32 math, no parameter-sized temporaries.
+    ``decay`` flag is set and 1 otherwise, and every coefficient times the target's ``scale``. In place, fp32 math,
+    no parameter-sized temporaries.
 
     Targets with a ``master`` (all of them or none): the right side reads the master for θ, the result is
     written rounded to the served ``theta``, and to the master as well only with ``commit``.
@@ -238,6 +251,7 @@ def zaxpy_(
         [t.where.row_offset for t in targets],
         [t.where.col_offset for t in targets],
         [t.decay for t in targets],
+        [t.scale for t in targets],
         seeds,
         restore,
         update,

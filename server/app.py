@@ -3,12 +3,14 @@ error handler, and the context the routes depend on."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
 
-from sglang_mezo.checkpoint import CheckpointError, tensor_shapes
+from sglang_mezo.checkpoint import CheckpointError, tensor_shapes, tensor_square_sums
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.master import Precision
 from sglang_mezo.core.recipe import JobDefaults
@@ -59,6 +61,22 @@ def _shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
         return None
 
 
+def _square_sums(base_model: str) -> Callable[[Sequence[str]], dict[str, tuple[float, int]]]:
+    """(Σ t², elements) of checkpoint tensors, read once each per server (a job scaling its tensors reads what no
+    job read before it); a tensor that cannot be read is the job's 400."""
+    @functools.cache
+    def one(name: str) -> tuple[float, int]:
+        return tensor_square_sums(base_model, [name])[name]
+
+    def read(names: Sequence[str]) -> dict[str, tuple[float, int]]:
+        try:
+            return {name: one(name) for name in names}
+        except (CheckpointError, OSError) as exc:
+            raise ValueError(f"the checkpoint's tensors cannot be read for tensor_scale: {exc}") from exc
+
+    return read
+
+
 def _observers(server_args, model_name: str) -> list[JobObserver]:
     if not getattr(server_args, "enable_metrics", False):
         return []
@@ -88,7 +106,8 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     hf_config = tokenizer_manager.model_config.hf_config
     defaults = JobDefaults(base=MezoConfig(z_kind=options.resolved_z_kind(str(server_args.device))),
                            flags=options.knobs(), shapes=_shapes(base_model),
-                           num_layers=getattr(hf_config, "num_hidden_layers", None))
+                           num_layers=getattr(hf_config, "num_hidden_layers", None),
+                           square_sums=_square_sums(base_model))
     files = FileAccess.of(options.folders, base_model)
     precision = Precision.of(tokenizer_manager.model_config.dtype, options.master)
     if precision.refusal:

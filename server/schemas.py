@@ -5,14 +5,17 @@ message names the field (see :mod:`sglang_mezo.server.errors` for every status).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sglang_mezo.core.config import TensorScale
 from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.master import Precision
 from sglang_mezo.core.objectives import EvalMetrics, Objective
+from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.jobs.diagnose import EpsDiagnosis
 from sglang_mezo.jobs.job import Evaluation, Job
@@ -175,7 +178,39 @@ class AdapterIn(AdapterShapeIn):
                       description="letters, digits, '.', '_', '-' (no ':': SGLang splits model names there)")
 
 
-class StepRequest(_Strict):
+class TrainSetIn(BaseModel):
+    """What a job trains, where it chooses (default: the server's ``--mezo-train`` / ``--mezo-last-layers``, else
+    the recipe's set), and how far each of those tensors moves against the others."""
+
+    train: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=1, max_length=32, description=(
+            "regular expressions searched in the checkpoint's tensor names: the job trains those that match one "
+            "(with last_layers: of those blocks); default: the server's --mezo-train / --mezo-last-layers"))
+    last_layers: int | None = Field(None, ge=1, description="the job trains the last K transformer blocks only")
+    tensor_scale: TensorScale | None = Field(None, description=(
+        "none: every trained number moves by lr·z; pretrained_rms: each tensor moves in proportion to its root "
+        "mean square in the checkpoint (a norm's gain of ~1 fifty times as far as a matrix entry of ~0.02), the "
+        "step's norm unchanged"))
+
+    @field_validator("train")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
+        for pattern in patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+    @property
+    def selection(self) -> ParamSelection | None:
+        """The weights this job trains, where it chooses them (None: the server's)."""
+        if self.train is None and self.last_layers is None:
+            return None
+        return ParamSelection(include=tuple(self.train or ()), last_layers=self.last_layers)
+
+
+class StepRequest(TrainSetIn, _Strict):
     """A training job. Hyper-parameters left out take the server's ``--mezo-*`` defaults."""
 
     examples: list[ExampleIn] = Field(default_factory=list)

@@ -58,8 +58,10 @@ def job_config(defaults: JobDefaults, request: StepRequest, limits: Limits) -> t
                              f"({Limits.flag('max_steps_per_job')} {limits.max_steps_per_job})")
     try:
         config, choice = defaults.resolve(
-            Knobs(**request.model_dump(include={"lr", "eps", "n_probes", "estimator", "adaptive"})),
+            Knobs(**request.model_dump(include={"lr", "eps", "n_probes", "estimator", "adaptive"}),
+                  selection=request.selection),
             adapter=request.adapter is not None,
+            **request.model_dump(include={"tensor_scale"}, exclude_none=True),
             **request.model_dump(include={"z_kind"}, exclude_none=True),
             **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
             total_steps=request.steps,

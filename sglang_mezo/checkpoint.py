@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sglang_mezo.core.params import TrainablePiece
+from sglang_mezo.core.scales import square_sum
 
 _INDEX = "model.safetensors.index.json"
 
@@ -55,6 +56,22 @@ def tensor_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
             out.update((name, tuple(f.get_slice(name).get_shape())) for name in names)
+    return out
+
+
+def tensor_square_sums(model_dir: str | Path, names: Iterable[str]) -> dict[str, tuple[float, int]]:
+    """(Σ t², elements) of each named checkpoint tensor (:func:`~sglang_mezo.core.scales.square_sum`), read one
+    tensor at a time; a tied ``lm_head`` absent from the files is its embedding's, as :func:`plan_reads` reads it."""
+    from safetensors import safe_open
+
+    files = tensor_files(model_dir)
+    out: dict[str, tuple[float, int]] = {}
+    for name in names:
+        source = "model.embed_tokens.weight" if name not in files and name == "lm_head.weight" else name
+        if source not in files:
+            raise CheckpointError(f"tensor {name!r} is not in the checkpoint at {model_dir}")
+        with safe_open(files[source], framework="pt") as f:
+            out[name] = square_sum(f.get_tensor(source))
     return out
 
 

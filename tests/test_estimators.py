@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from fakes import FakeExecutor, FakeScorer, replayed
-from tiny_models import FlakyLoss, memorisation_task, tiny_llama
+from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama
 
 from sglang_mezo.core import params as params_module
 from sglang_mezo.core import spsa
@@ -91,22 +91,6 @@ def test_config_validates_and_round_trips_the_new_options():
 # -- on a quadratic whose gradient is known ---------------------------------------------------------------------------
 
 STEPS, PROBES = 400, 4
-
-
-def quadratic() -> tuple[TrainableSet, dict[str, torch.Tensor], callable, torch.Tensor]:
-    """L = ½ Σ a_i (θ_i - t_i)² over a (16, 8) weight and an (8,) bias, curvatures a_i in [0.5, 2]: ∇L = a⊙(θ - t).
-    Returns the set, the tensors, the loss (in float64, so the finite differences see no fp32 noise) and ∇L at θ."""
-    gen = torch.Generator().manual_seed(3)
-    tensors = {"a.weight": torch.randn(16, 8, generator=gen) * 0.1, "a.bias": torch.randn(8, generator=gen) * 0.1}
-    curv = {n: 0.5 + 1.5 * torch.rand(t.shape, generator=gen, dtype=torch.float64) for n, t in tensors.items()}
-    target = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.1 for n, t in tensors.items()}
-    params = TrainableSet.from_pieces([TrainablePiece(n, t, tuple(t.shape)) for n, t in tensors.items()])
-
-    def loss() -> float:
-        return 0.5 * sum(float((curv[n] * (t.double() - target[n]) ** 2).sum()) for n, t in tensors.items())
-
-    grad = torch.cat([(curv[n] * (t.double() - target[n])).flatten() for n, t in tensors.items()])
-    return params, tensors, loss, grad
 
 
 @pytest.mark.parametrize("kind", list(ZKind))

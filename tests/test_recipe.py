@@ -68,3 +68,31 @@ def test_plain_sgd_fzoo_adapters_and_unknown_shapes_get_their_own_safe_defaults(
     assert (config.lr, config.adaptive, choice.trained_numbers) == (MezoConfig.lr, Adaptive.NONE, None)
     with pytest.raises(ValueError):
         DEFAULTS.resolve(Knobs(eps=0.0))
+
+
+def test_a_job_that_scales_its_tensors_gets_each_one_s_pretrained_rms_in_its_config():
+    """The scales are resolved at submission from the checkpoint's tensors (here a reader of made-up sums: gains of
+    1, matrices of 0.02), for exactly the set the job trains; an adapter job or a server that cannot read its
+    checkpoint is refused (a 400)."""
+    read: list[str] = []
+
+    def square_sums(names):
+        read.extend(names)
+        return {n: ((1.0 if SHAPES[n] == (576,) else 0.02**2) * math.prod(SHAPES[n]), math.prod(SHAPES[n]))
+                for n in names}
+
+    defaults = JobDefaults(base=MezoConfig(z_kind=ZKind.RADEMACHER), shapes=SHAPES, num_layers=2,
+                           square_sums=square_sums)
+    job = Knobs(selection=ParamSelection(include=(r"^model\.norm", r"layers\.1\.")))
+    config, choice = defaults.resolve(job, tensor_scale="pretrained_rms")
+    scales = dict(config.tensor_scales)
+    assert sorted(scales) == sorted(read) == ["model.layers.1.input_layernorm.weight",
+                                              "model.layers.1.mlp.down_proj.weight",
+                                              "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]
+    assert scales["model.norm.weight"] / scales["model.layers.1.mlp.down_proj.weight"] == pytest.approx(50)
+    assert "pretrained_rms" in choice.why and config.lr == recipe_lr(choice.trained_numbers)
+    assert defaults.resolve(job)[0].tensor_scales == ()
+    with pytest.raises(ValueError, match="adapter"):
+        defaults.resolve(adapter=True, tensor_scale="pretrained_rms")
+    with pytest.raises(ValueError, match="cannot read"):
+        DEFAULTS.resolve(job, tensor_scale="pretrained_rms")

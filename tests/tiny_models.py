@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sglang_mezo.core.objectives import CompletionExample
+from sglang_mezo.core.params import TrainablePiece, TrainableSet
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -120,3 +121,19 @@ class FlakyLoss:
     def next_attempt(self) -> None:
         self.attempt += 1
         self.call = 0
+
+
+def quadratic() -> tuple[TrainableSet, dict[str, torch.Tensor], Callable[[], float], torch.Tensor]:
+    """L = ½ Σ a_i (θ_i - t_i)² over a (16, 8) weight and an (8,) bias, curvatures a_i in [0.5, 2]: ∇L = a⊙(θ - t).
+    Returns the set, the tensors, the loss (in float64, so the finite differences see no fp32 noise) and ∇L at θ."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"a.weight": torch.randn(16, 8, generator=gen) * 0.1, "a.bias": torch.randn(8, generator=gen) * 0.1}
+    curv = {n: 0.5 + 1.5 * torch.rand(t.shape, generator=gen, dtype=torch.float64) for n, t in tensors.items()}
+    target = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.1 for n, t in tensors.items()}
+    params = TrainableSet.from_pieces([TrainablePiece(n, t, tuple(t.shape)) for n, t in tensors.items()])
+
+    def loss() -> float:
+        return 0.5 * sum(float((curv[n] * (t.double() - target[n]) ** 2).sum()) for n, t in tensors.items())
+
+    grad = torch.cat([(curv[n] * (t.double() - target[n])).flatten() for n, t in tensors.items()])
+    return params, tensors, loss, grad

@@ -7,16 +7,14 @@ with ``extra_body={"mezo": {...}}``).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from sglang_mezo.core.estimators import Adaptive, Estimator
-from sglang_mezo.core.params import ParamSelection
 from sglang_mezo.kernels import MAX_SEED, ZKind
 
-from ..schemas import AdapterShapeIn
+from ..schemas import AdapterShapeIn, TrainSetIn
 
 Auto = Literal["auto"]
 
@@ -54,7 +52,7 @@ class MethodIn(_Strict):
     dpo: DpoMethod | None = None
 
 
-class MezoKnobs(_Strict):
+class MezoKnobs(TrainSetIn, _Strict):
     """MeZO's own settings of a job (default: the server's ``--mezo-*``)."""
 
     eps: float | None = Field(None, gt=0)
@@ -64,30 +62,9 @@ class MezoKnobs(_Strict):
     adaptive: Adaptive | None = None
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations of the validation file, each "
                                                            "a checkpoint (default: a quarter of the steps)")
-    train: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1, description=(
-        "regular expressions searched in the checkpoint's tensor names: the job trains those that match one "
-        "(with last_layers: of those blocks); default: the server's --mezo-train / --mezo-last-layers"))
-    last_layers: int | None = Field(None, ge=1, description="the job trains the last K transformer blocks only")
     adapter: AdapterShapeIn | None = Field(None, description=(
         "train a LoRA adapter in SGLang's pool instead of the served weights (the server needs --enable-lora); "
         "the fine-tuned model is served as that adapter, beside the unchanged base"))
-
-    @field_validator("train")
-    @classmethod
-    def _patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
-        for pattern in patterns or ():
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
-        return patterns
-
-    @property
-    def selection(self) -> ParamSelection | None:
-        """The weights this job trains, where it chooses them (None: the server's)."""
-        if self.train is None and self.last_layers is None:
-            return None
-        return ParamSelection(include=tuple(self.train or ()), last_layers=self.last_layers)
 
 
 class JobCreate(_Strict):

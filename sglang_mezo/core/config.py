@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import asdict, dataclass, field
 
 from sglang_mezo.kernels import ZKind, check_seed
 
 from .estimators import Adaptive, Estimator, ScalarRMS
-from .params import ParamSelection
+from .params import ParamSelection, check_scales
+
+
+class TensorScale(str, enum.Enum):
+    """How far each trained tensor moves, relative to the others (``tensor_scales`` holds the numbers)."""
+
+    NONE = "none"
+    """Every number moves by lr·z (MeZO): a norm's gain of ~1 as far as a matrix entry of ~0.02."""
+    PRETRAINED_RMS = "pretrained_rms"
+    """Tensor t moves along s_t·z, probes and updates, with s_t its root mean square in the checkpoint divided by
+    the whole set's, so Σ_t n_t·s_t² = d: the step's norm is what it would be unscaled (the same lr rule holds),
+    shared between tensors in proportion to their size. (The DiZO lead, arXiv 2502.03304, in its simplest form: a
+    per-layer step set against the pre-trained weights; DiZO's own projections towards them are not done.)"""
 from .schedules import LRSchedule, lr_at
 
 
@@ -35,6 +48,10 @@ class MezoConfig:
     adaptive: Adaptive = Adaptive.NONE
     rms_beta: float = 0.99
     rms_floor: float = 1e-8
+    tensor_scale: TensorScale = TensorScale.NONE
+    tensor_scales: tuple[tuple[str, float], ...] = ()
+    """(checkpoint name, scale) for every trained tensor under ``tensor_scale``, resolved before the run starts
+    (:func:`~.scales.pretrained_rms_scales`) and recorded, so that replay needs no checkpoint; empty otherwise."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -59,6 +76,13 @@ class MezoConfig:
             raise ValueError(f"the {self.estimator.value} estimator needs n_probes >= {self.estimator.min_probes} "
                              f"(it normalises by the spread of the probe losses), got {self.n_probes}")
         ScalarRMS(self.rms_beta, self.rms_floor)  # raises on constants out of range
+        object.__setattr__(self, "tensor_scale", TensorScale(self.tensor_scale))
+        object.__setattr__(self, "tensor_scales", tuple((str(n), float(v)) for n, v in self.tensor_scales))
+        if (self.tensor_scale is TensorScale.NONE) != (not self.tensor_scales):
+            raise ValueError(f"tensor_scale {self.tensor_scale.value} needs its per-tensor scales resolved "
+                             f"(and only it has them): got {len(self.tensor_scales)}")
+        if self.tensor_scales:
+            check_scales(dict(self.tensor_scales), [n for n, _ in self.tensor_scales])
 
     @property
     def adaptive_rule(self) -> ScalarRMS | None:
@@ -77,12 +101,15 @@ class MezoConfig:
         out["estimator"] = self.estimator.value
         out["adaptive"] = self.adaptive.value
         out["selection"] = self.selection.to_dict()
+        out["tensor_scale"] = self.tensor_scale.value
+        out["tensor_scales"] = [list(pair) for pair in self.tensor_scales]
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> MezoConfig:
         data = dict(data)
         selection = data.pop("selection", None) or {}
+        data["tensor_scales"] = tuple(tuple(pair) for pair in data.get("tensor_scales", ()))
         return cls(**data, selection=ParamSelection(
             include=tuple(selection.get("include", ())),
             exclude=tuple(selection.get("exclude", ())),

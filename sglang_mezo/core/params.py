@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,18 @@ def applies_weight_decay(name: str, full_shape: Sequence[int]) -> bool:
     """Weight decay skips biases and normalisation weights (the MeZO paper and HF Trainer convention)."""
     lowered = name.lower()
     return len(full_shape) >= 2 and not lowered.endswith(".bias") and "norm" not in lowered
+
+
+def check_scales(scales: Mapping[str, float], names: Iterable[str]) -> None:
+    """Per-tensor scales must name exactly the trainable tensors, each a positive finite number (ValueError)."""
+    names = set(names)
+    missing, extra = sorted(names - set(scales)), sorted(set(scales) - names)
+    if missing or extra:
+        raise ValueError(f"per-tensor scales must name exactly the trainable tensors: missing {missing[:3]}, "
+                         f"not trainable {extra[:3]}")
+    bad = [n for n, v in scales.items() if not (isinstance(v, int | float) and math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"per-tensor scales must be positive finite numbers: {bad[:3]}")
 
 
 def layer_index(name: str) -> int | None:
@@ -98,12 +111,18 @@ class TrainableSet:
     pieces: list[TrainablePiece]
     masters: MasterWeights | None = None
     """fp32 masters of half-precision weights (see :mod:`.master`); None: the pieces are trained in place."""
+    scales: Mapping[str, float] | None = None
+    """Per-tensor scales (every tensor of the manifest, by checkpoint name): tensor t moves along scale_t·z, in its
+    probes and its updates (see :meth:`scaled`). None: every scale is 1."""
     targets: PassTargets = field(init=False, repr=False)
+    _scaled: dict[tuple, TrainableSet] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         unknown = {p.name for p in self.pieces} - set(self.manifest)
         if unknown:
             raise ValueError(f"pieces of tensors outside the manifest: {sorted(unknown)[:5]}")
+        if self.scales is not None:
+            check_scales(self.scales, self.manifest)
         self.targets = [
             ZTarget(
                 theta=as_block(p.data),
@@ -114,6 +133,7 @@ class TrainableSet:
                     col_offset=p.col_offset,
                 ),
                 decay=applies_weight_decay(p.name, p.full_shape),
+                scale=1.0 if self.scales is None else float(self.scales[p.name]),
             )
             for p in self.pieces
         ]
@@ -136,6 +156,18 @@ class TrainableSet:
             zaxpy_(self.targets, seeds, restore, update, decay=decay, kind=kind)
         else:
             self.masters.apply(self.targets, seeds, restore, update, decay=decay, kind=kind)
+
+    def scaled(self, scales: Mapping[str, float] | Sequence[tuple[str, float]]) -> TrainableSet:
+        """This set with per-tensor scales (a mapping, or (name, scale) pairs; empty: this set itself): the same
+        storage and masters, other pass targets. Made once per distinct scales and kept, so that every step of a
+        job reuses one launch plan."""
+        scales = dict(scales)
+        if not scales:
+            return self
+        key = tuple(sorted(scales.items()))
+        if key not in self._scaled:
+            self._scaled[key] = TrainableSet(self.manifest, self.pieces, self.masters, scales)
+        return self._scaled[key]
 
     @classmethod
     def from_pieces(

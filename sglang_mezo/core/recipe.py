@@ -25,12 +25,13 @@ Nothing here reads a checkpoint: the caller gives the tensors' names and shapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
-from .config import MezoConfig
+from .config import MezoConfig, TensorScale
 from .estimators import Adaptive, Estimator
 from .params import ParamSelection
+from .scales import pretrained_rms_scales
 
 FINAL_NORM = ParamSelection(include=(r"^model\.norm\.weight$",))
 """The recipe's trainable set: the decoder's final norm (Llama, Qwen2, Mistral, SmolLM2 name it so)."""
@@ -94,10 +95,15 @@ class JobDefaults:
     flags: Knobs = Knobs()
     shapes: Mapping[str, Sequence[int]] | None = None
     num_layers: int | None = None
+    square_sums: Callable[[Sequence[str]], Mapping[str, tuple[float, int]]] | None = None
+    """Reads (Σ t², elements) of the named checkpoint tensors, for ``tensor_scale = pretrained_rms`` (None: this
+    server cannot, and such a job is refused)."""
 
-    def resolve(self, job: Knobs = Knobs(), *, adapter: bool = False, **fields_) -> tuple[MezoConfig, RecipeChoice]:
-        """The config of a job that set ``job`` (and the other config ``fields_``), and where each knob came from.
-        Raises ValueError (a 400) for values a config refuses."""
+    def resolve(self, job: Knobs = Knobs(), *, adapter: bool = False, tensor_scale: TensorScale = TensorScale.NONE,
+                **fields_) -> tuple[MezoConfig, RecipeChoice]:
+        """The config of a job that set ``job`` (and the other config ``fields_``), and where each knob came from;
+        under ``tensor_scale`` the config holds the scales of the tensors it trains. Raises ValueError (a 400) for
+        values a config refuses."""
         set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
         chosen = {**self.flags.given(), **job.given()}
         numbers, lr_rule = None, ""
@@ -134,11 +140,25 @@ class JobDefaults:
         if all(v != "recipe" for v in sources.values()):
             name = "none"
         config = replace(self.base, **{**recipe, **chosen}, **fields_)
+        if TensorScale(tensor_scale) is not TensorScale.NONE:
+            config = replace(config, tensor_scale=tensor_scale, tensor_scales=self._scales(config, adapter))
+            what += f", each tensor moving in proportion to its RMS in the checkpoint ({config.tensor_scale.value})"
         values = {"lr": f"lr {config.lr:.3g}" + (f" = {lr_rule}" if sources["lr"] == "recipe" and lr_rule else ""),
                   "eps": f"ε {config.eps:g}", "adaptive": f"adaptive {config.adaptive.value}",
                   "estimator": config.estimator.value, "n_probes": f"{config.n_probes} probe(s)"}
         why = f"trains {what}; " + ", ".join(f"{text} ({sources[k]})" for k, text in values.items())
         return config, RecipeChoice(name, why, sources, numbers)
+
+    def _scales(self, config: MezoConfig, adapter: bool) -> tuple[tuple[str, float], ...]:
+        if adapter:
+            raise ValueError("tensor_scale scales the served weights' tensors; an adapter job trains its own")
+        if self.square_sums is None or self.shapes is None:
+            raise ValueError("tensor_scale pretrained_rms needs the checkpoint's tensors, which this server cannot "
+                             "read")
+        names = config.selection.select(self.shapes, self.num_layers)
+        if not names:
+            raise ValueError("the trainable set matches no tensor of the checkpoint")
+        return tuple(sorted(pretrained_rms_scales(self.square_sums(names)).items()))
 
     def _numbers(self, selection: ParamSelection) -> int | None:
         """How many numbers ``selection`` trains in this checkpoint (None: unknown; 0: none)."""

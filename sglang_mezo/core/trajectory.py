@@ -28,7 +28,10 @@ from .spsa import AbortedProbes, StepResult, replay_aborted, replay_step
 
 FORMAT = "sglang-mezo-trajectory"
 FORMAT_VERSION = 3
-_READS = (1, 2, 3)  # v1 had no aborted steps; v1 and v2 only SPSA steps with MeZO's update, -lr·g_k/n
+_READS = (1, 2, 3, 4)  # v1 had no aborted steps; v1 and v2 only SPSA steps with MeZO's update, -lr·g_k/n
+SCALED_VERSION = 4
+"""Written for a run with per-tensor scales (its config's ``tensor_scales``, which replay applies): a reader of
+version 3 would ignore them and replay other weights, so it must refuse the document. Other runs still write 3."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class Trajectory:
         :func:`replay_step` for ``exact``; an update-only replay skips aborted steps, which applied no update.
         """
         self.check_compatible(params)
+        params = params.scaled(self.tensor_scales)
         applied = 0
         for record in self.records:
             if upto is not None and record.step >= upto:
@@ -164,12 +168,17 @@ class Trajectory:
             applied += 1
         return applied
 
+    @property
+    def tensor_scales(self) -> dict[str, float]:
+        """The run's per-tensor scales (its config's), which its records' z were scaled by; empty: none."""
+        return {str(n): float(v) for n, v in self.config.get("tensor_scales") or ()}
+
     # -- (de)serialisation ---------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": SCALED_VERSION if self.tensor_scales else FORMAT_VERSION,
             "generator_version": self.generator_version,
             "z_kind": self.z_kind.value,
             "trainable_fingerprint": self.trainable_fingerprint,
