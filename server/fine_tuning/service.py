@@ -14,7 +14,6 @@ those weights or refused; nothing is guessed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -23,23 +22,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_mezo.core.lora import LoraSpec
-from sglang_mezo.core.objectives import Example, Objective
-from sglang_mezo.core.recipe import JobDefaults, Knobs
-from sglang_mezo.jobs.data import DataError
+from sglang_mezo.core.recipe import JobDefaults
 from sglang_mezo.jobs.errors import Conflict, InvalidRequest, MezoError, NotFound
 from sglang_mezo.jobs.job import Evaluation, Job, JobStatus
-from sglang_mezo.jobs.openai_data import LineKind, TrainingFile, parse_jsonl
 from sglang_mezo.jobs.runner import JobRunner
-from sglang_mezo.jobs.spec import JobSpec
 from sglang_mezo.options import Limits
 from sglang_mezo.protocol import StepReport, weight_version_label
 
 from ..adapter_starts import AdapterStarts
 from ..schemas import AdapterShapeIn
-from ..translate import LoraLaunch, adapter_target, check_count, check_tokens
+from ..translate import LoraLaunch
 from .files import FileStore
-from .hyperparameters import AUTO_BETA, Resolved, auto, resolve
+from .hyperparameters import Resolved, auto
+from .job_spec import FileError, SpecBuilder
 from .results import metrics_csv, trained_tokens, valid_metrics
 from .schemas import CheckpointOut, ErrorOut, EventOut, HyperparametersOut, JobCreate, JobOut, MethodOut
 from .translate import FileTranslator
@@ -80,12 +75,9 @@ class FineTuning:
                  limits: Limits, model_name: str, lora: LoraLaunch = LoraLaunch(),
                  starts: AdapterStarts | None = None) -> None:
         self.runner = runner
-        self.lora = lora
         self.starts = starts or AdapterStarts(runner)
         self.store = store
-        self.translator = translator
-        self.defaults = defaults
-        self.limits = limits
+        self.specs = SpecBuilder(store, translator, defaults, limits, lora, runner.weights.base_model)
         self.model_name = model_name
         self.jobs: dict[str, FineTuningJob] = {}
         self._of_runner_job: dict[str, FineTuningJob] = {}
@@ -202,15 +194,16 @@ class FineTuning:
             section = self._adapter_request(ft)
             start = None if section is None or section.start_from is None else await self.starts.resolve(
                 section.start_from)
-            spec = await asyncio.to_thread(self._spec, ft, section, start)
+            spec, ft.resolved = await asyncio.to_thread(self.specs.build, ft.request, self.adapter_name(ft),
+                                                        section, start)
             if ft.cancel_requested:  # cancelled while its files were read: it ended then, nothing to submit
                 return
             ft.job = self.runner.submit(spec)
-        except _FileError as exc:
+        except FileError as exc:
             return self._fail(ft, ErrorOut(code=f"invalid_{exc.param}", message=str(exc), param=exc.param))
         except MezoError as exc:
             return self._fail(ft, ErrorOut(code=exc.kind, message=str(exc)))
-        except Exception as exc:  # noqa: BLE001 - a job's failure, not the server's; its text may hold server paths
+        except Exception as exc:
             logger.exception("fine-tuning job %s: validation crashed", ft.id)
             return self._fail(ft, ErrorOut(code="internal_error", message=f"validation failed ({type(exc).__name__}; "
                                            "the server's log has the details)"))
@@ -219,67 +212,6 @@ class FineTuning:
         self._event(ft, f"Files validated; {ft.resolved.steps} MeZO steps queued as /mezo job {ft.job.id}")
         if spec.recipe is not None:
             self._event(ft, f"MeZO settings ({spec.recipe.recipe}): {spec.recipe.why}")
-
-    def _read(self, file_id: str, param: str, kinds: Sequence[LineKind]) -> TrainingFile:
-        stored = self.store.get(file_id)
-        try:
-            with self.store.path(file_id).open(encoding="utf-8") as f:
-                parsed = parse_jsonl(stored.filename, f)
-        except UnicodeDecodeError:
-            raise _FileError(f"{stored.filename}: not UTF-8 text", param) from None
-        except OSError:  # deleted meanwhile, or unreadable: the error's text would name the server's folder
-            raise _FileError(f"{stored.filename} ({file_id}) could not be read", param) from None
-        except DataError as exc:
-            raise _FileError(str(exc), param) from None
-        if parsed.kind not in kinds:
-            raise _FileError(f"{stored.filename} holds {parsed.kind.value} lines; a {ft_method(kinds)} job takes "
-                             f"{' or '.join(k.value for k in kinds)} lines", param)
-        return parsed
-
-    def _examples(self, file_id: str, param: str, kinds: Sequence[LineKind], beta: float) -> tuple[Example, ...]:
-        parsed = self._read(file_id, param, kinds)
-        try:
-            return self.translator.examples(self.store.get(file_id).filename, parsed, beta=beta)
-        except DataError as exc:
-            raise _FileError(str(exc), param) from None
-
-    def _spec(self, ft: FineTuningJob, section: AdapterShapeIn | None,
-              start: LoraSpec | None) -> JobSpec:
-        """The runner's job for ``ft`` (blocking: files are read and tokenized), training the adapter ``section``
-        from ``start`` if it has one."""
-        request = ft.request
-        dpo = request.method_type == "dpo"
-        kinds = (LineKind.PREFERENCE,) if dpo else (LineKind.CHAT, LineKind.PROMPT_COMPLETION)
-        beta = auto(getattr(request.given_hyperparameters(), "beta", None), AUTO_BETA)
-        train = self._examples(request.training_file, "training_file", kinds, beta)
-        held_out = (self._examples(request.validation_file, "validation_file", kinds, beta)
-                    if request.validation_file else ())
-        check_count(self.limits, len(train) + len(held_out))
-        check_tokens(self.limits, train, held_out)
-        ft.resolved = resolved = resolve(request, len(train), self.limits)
-        mezo = request.mezo
-        knobs = Knobs(**mezo.model_dump(include={"eps", "n_probes", "estimator", "adaptive"}),
-                      selection=mezo.selection) if mezo else Knobs()  # the job's own subset, else the server's
-        try:
-            config, recipe = self.defaults.resolve(
-                knobs, adapter=section is not None, total_steps=resolved.steps,
-                **(mezo.model_dump(include={"tensor_scale"}, exclude_none=True) if mezo else {}),
-                **({"z_kind": mezo.z_kind} if mezo and mezo.z_kind else {}),
-                **({"seed": request.seed} if request.seed is not None else {}))
-            # OpenAI's multiplier scales the lr the flags or the recipe chose
-            config = dataclasses.replace(config, lr=config.lr * resolved.lr_multiplier)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
-        if config.n_probes > self.limits.max_probes:
-            raise InvalidRequest(f"n_probes={config.n_probes} is more than this server allows "
-                                 f"({Limits.flag('max_probes')} {self.limits.max_probes})")
-        eval_every = (request.mezo.eval_every if request.mezo and request.mezo.eval_every
-                      else max(1, resolved.steps // 4)) if held_out else 0
-        adapter = None if section is None else adapter_target(self.adapter_name(ft), section, self.lora, config,
-                                                               start)
-        return JobSpec(examples=train, objective=Objective.DPO if dpo else Objective.CROSS_ENTROPY, config=config,
-                       batch_size=resolved.batch_size, base_model=self.runner.weights.base_model,
-                       eval_examples=held_out, eval_every=eval_every, adapter=adapter, recipe=recipe)
 
     # -- following the runner's job (JobObserver) ----------------------------------------------------------------
 
@@ -422,15 +354,3 @@ class FineTuning:
             return
         ft.status, ft.finished_at = status, int(time.time())
         self._event(ft, message or f"The job was {status}", level=level)
-
-
-class _FileError(InvalidRequest):
-    """A training or validation file that does not validate; ``param`` names which."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def ft_method(kinds: Sequence[LineKind]) -> str:
-    return "dpo" if LineKind.PREFERENCE in kinds else "supervised"
