@@ -109,6 +109,15 @@ METHODS = {m.name: m for m in [
     *(Method(f"adapter r{r} lr {lr:g}", {**DEMO, "eps": 1e-2, "lr": lr, "adapter": {"name": f"bench-r{r}", "rank": r}},
              LORA) for r in (8, 16) for lr in (1e-3, 1e-4)),
 ]}
+# the methods of issue 26, each with no other knob (the recipe fills the rest), so they move with the server's recipe
+GREEDY = "greedy n=4 (the recipe's set)"
+FZOO8 = "fzoo n=8 (the recipe's set)"
+SCALED = "every norm, scaled by its pretrained RMS"
+METHODS.update({m.name: m for m in [
+    Method(GREEDY, {"estimator": "greedy", "n_probes": 4}, flags=()),
+    Method(FZOO8, {"estimator": "fzoo", "n_probes": 8}, flags=()),
+    Method(SCALED, {"tensor_scale": "pretrained_rms", "train": [r"norm\.weight$"]}, flags=()),
+]})
 RECIPE = "mezo final norm + scalar_rms lr 1e-2"
 PAPER = "paper MeZO (transformers)"
 """The README's recommendation for classification jobs, and what the demo runs."""
