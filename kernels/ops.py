@@ -18,6 +18,7 @@ import torch
 
 from .stream import ZKind, ZSlice, check_seed
 from .triton_launch import TritonBlock, zaxpy_triton_
+from .z_lowrank import zaxpy_lowrank_
 from .z_numba import SUPPORTED as NUMBA_DTYPES
 from .z_numba import zaxpy_numba_
 from .z_torch import zaxpy_torch_
@@ -37,6 +38,9 @@ class ZTarget:
     """This block moves along scale·z: every coefficient of a pass (restore and update) is multiplied by it, in
     float64, before it is rounded to the kernels' fp32 (per-tensor step sizes; 1 leaves a pass bit for bit as it
     was). Blocks of one scale share a launch."""
+    rank: int = 0
+    """0: the dense z of the pass's kind; r >= 1: the low-rank z = U·Vᵀ/√r of :mod:`.z_lowrank` (stream version 2),
+    for blocks of matrices only."""
 
 
 def as_block(t: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,8 @@ def _device_blocks(targets: Sequence[ZTarget], force_triton: bool = False):
     blocks: dict[tuple[torch.device, float], list[TritonBlock]] = {}
     others = []
     for i, t in enumerate(targets):
-        if (t.theta.is_cuda or force_triton) and (t.master is None or t.master.device == t.theta.device):
+        if t.rank == 0 and (t.theta.is_cuda or force_triton) and (t.master is None or
+                                                                  t.master.device == t.theta.device):
             source, out = (t.theta, None) if t.master is None else (t.master, t.theta)
             blocks.setdefault((t.theta.device, t.scale), []).append(TritonBlock(as_block(source), None if out is None else
                                                                      as_block(out), t.where, t.decay))
@@ -143,7 +148,14 @@ def _zaxpy_impl(targets: Sequence[ZTarget], seeds: list[int], restore: list[floa
         t = targets[i]
         target_decay = decay if t.decay else 1.0
         t_restore, t_update = _scaled(restore, t.scale), _scaled(update, t.scale)  # this target's own
-        if t.theta.is_cuda or force_triton:  # a master in host memory, streamed through the device
+        if t.rank:  # PyTorch's elementwise ops on either device; a host master goes through the device and back
+            source = as_block(t.theta) if t.master is None else t.master.to(t.theta.device, non_blocking=True)
+            zaxpy_lowrank_(source, None if t.master is None else as_block(t.theta), t.where, seeds=seeds,
+                           restore=t_restore, update=t_update, decay=target_decay, kind=kind, rank=t.rank,
+                           write_back=commit or t.master is None)
+            if commit and t.master is not None and source is not t.master:
+                t.master.copy_(source)
+        elif t.theta.is_cuda or force_triton:  # a master in host memory, streamed through the device
             source = t.master.to(t.theta.device, non_blocking=True)
             zaxpy_triton_([TritonBlock(source, as_block(t.theta), t.where, t.decay)],
                           *_coefficients(t.theta.device, seeds, t_restore, t_update), decay=decay, kind=kind,
@@ -181,6 +193,7 @@ def _zaxpy_op(
     col_offsets: list[int],
     decayed: list[bool],
     scales: list[float],
+    ranks: list[int],
     seeds: list[int],
     restore: list[float],
     update: list[float],
@@ -189,16 +202,16 @@ def _zaxpy_op(
     force_triton: bool,
 ) -> None:
     """A pass as torch sees it under ``torch.compile``: the tensors it mutates, declared."""
-    targets = [ZTarget(theta, ZSlice(key, fc, ro, co), d, masters[i] if masters else None, scale)
-               for i, (theta, key, fc, ro, co, d, scale) in enumerate(
-                   zip(thetas, keys, full_cols, row_offsets, col_offsets, decayed, scales, strict=True))]
+    targets = [ZTarget(theta, ZSlice(key, fc, ro, co), d, masters[i] if masters else None, scale, rank)
+               for i, (theta, key, fc, ro, co, d, scale, rank) in enumerate(
+                   zip(thetas, keys, full_cols, row_offsets, col_offsets, decayed, scales, ranks, strict=True))]
     _zaxpy_impl(targets, seeds, restore, update, decay, ZKind.GAUSSIAN if kind == 0 else ZKind.RADEMACHER,
                 force_triton, commit)
 
 
 @_zaxpy_op.register_fake
-def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decayed, scales, seeds, restore, update,
-      decay, kind, force_triton) -> None:
+def _(thetas, masters, commit, keys, full_cols, row_offsets, col_offsets, decayed, scales, ranks, seeds, restore,
+      update, decay, kind, force_triton) -> None:
     return None
 
 
@@ -252,6 +265,7 @@ def zaxpy_(
         [t.where.col_offset for t in targets],
         [t.decay for t in targets],
         [t.scale for t in targets],
+        [t.rank for t in targets],
         seeds,
         restore,
         update,

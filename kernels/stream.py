@@ -17,6 +17,10 @@ Stream version 1 — z(seed, key, i) for element i (row-major index in the full,
 * ``rademacher``: group = i >> 7; bit (i & 31) of word ((i >> 5) & 3); z = +1 when the bit is 0, else -1.
   One Philox call yields 128 signs, which is what makes it cheap on a CPU.
 
+Stream version 2 adds, without changing anything above, the *low-rank* direction of a matrix (``rank`` r >= 1):
+z = U·Vᵀ/√r with factors drawn from two version-1 streams of the same kind, defined in :mod:`.z_lowrank`. A run
+whose z is dense needs version 1 only, and is recorded so (:func:`stream_version`).
+
 Why float64 for Box–Muller: float32 log/cos/sin differ by up to 4 ulp between libraries (numpy, which the Triton
 interpreter uses, against torch's), so an fp32 transform cannot give the same normals everywhere. Evaluated in
 float64 and rounded once, every implementation returns the correctly rounded value, bit for bit, except when
@@ -30,8 +34,15 @@ import enum
 import hashlib
 from dataclasses import dataclass
 
-GENERATOR_VERSION = 1
-"""Bump whenever anything in the definition above changes; trajectories record it and replay refuses others."""
+GENERATOR_VERSION = 2
+"""Bump whenever anything in the definition above changes; trajectories record the version they need and replay
+refuses a later one. Versions only ever add: every version this build knows replays (:data:`READABLE`)."""
+READABLE = (1, 2)
+
+
+def stream_version(rank: int) -> int:
+    """The stream version a run needs: 1 for dense z, 2 for low-rank z."""
+    return 2 if rank else 1
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -67,7 +78,13 @@ def tensor_key(name: str) -> int:
     A name, not an iteration index: every TP rank, a CPU replay and the plain transformers checkpoint see the
     same key for the same tensor, whatever order they hold their parameters in.
     """
-    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()
+    return hash63(name)
+
+
+def hash63(text: str) -> int:
+    """A stable 63-bit number from a string: BLAKE2b, 8 bytes little-endian, the top bit cleared. Tensor keys,
+    derived seeds and low-rank factor keys are all made so."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & MAX_SEED
 
 
@@ -85,8 +102,7 @@ def derive_seed(job_seed: int, step: int, probe: int) -> int:
     Resuming a job at step k therefore needs nothing but the job seed; and the server's sampling RNG is
     never touched.
     """
-    payload = f"{check_seed(job_seed)}:{int(step)}:{int(probe)}".encode()
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") & MAX_SEED
+    return hash63(f"{check_seed(job_seed)}:{int(step)}:{int(probe)}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from sglang_mezo.jobs.diagnose import EpsDiagnosis
 from sglang_mezo.jobs.job import Evaluation, Job
 from sglang_mezo.jobs.served import SaveReport, ServedSegment, ServedWeights
 from sglang_mezo.jobs.templates import TextChoice, TextCompletion
-from sglang_mezo.kernels import MAX_SEED, ZKind
+from sglang_mezo.kernels import MAX_RANK, MAX_SEED, ZKind
 from sglang_mezo.protocol import FailureKind, StepReport
 
 
@@ -191,6 +191,10 @@ class TrainSetIn(BaseModel):
         "none: every trained number moves by lr·z; pretrained_rms: each tensor moves in proportion to its root "
         "mean square in the checkpoint (a norm's gain of ~1 fifty times as far as a matrix entry of ~0.02), the "
         "step's norm unchanged"))
+
+    z_rank: int | None = Field(None, ge=0, le=MAX_RANK, description=(
+        "0: dense z (MeZO); r >= 1: each trained matrix moves along a rank-r z = U·Vᵀ/√r regenerated from the seed "
+        "(LOZO), vectors along dense z"))
 
     @field_validator("train")
     @classmethod

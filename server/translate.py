@@ -61,7 +61,7 @@ def job_config(defaults: JobDefaults, request: StepRequest, limits: Limits) -> t
             Knobs(**request.model_dump(include={"lr", "eps", "n_probes", "estimator", "adaptive"}),
                   selection=request.selection),
             adapter=request.adapter is not None,
-            **request.model_dump(include={"tensor_scale"}, exclude_none=True),
+            **request.model_dump(include={"tensor_scale", "z_rank"}, exclude_none=True),
             **request.model_dump(include={"z_kind"}, exclude_none=True),
             **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
             total_steps=request.steps,

@@ -6,13 +6,12 @@ size carried across chunks by the job runner as one run would be."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 
 import pytest
 import torch
 from fakes import FakeExecutor, FakeScorer, replayed
-from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama
+from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama, train_through_failures
 
 from sglang_mezo.core import params as params_module
 from sglang_mezo.core import spsa
@@ -239,10 +238,7 @@ def test_each_method_replays_bit_identically(estimator, adaptive, tmp_path):
     run = MezoRun(params, config)
     score = batch_loss_fn(engine, Objective.CROSS_ENTROPY, memorisation_task())
     flaky = FlakyLoss(score, {1: 3, 3: -4, 5: 1})  # attempt -> the loss call that raises (negative: returns NaN)
-    while run.next_step < config.total_steps:
-        with contextlib.suppress(RuntimeError):  # the injected failures (NonFiniteLossError is one too)
-            run.step(flaky)
-        flaky.next_attempt()
+    train_through_failures(run, flaky)
     # SPSA: calls are L+_1, L-_1, L+_2, L-_2 (NaN, checked after the pair: 4 passes); FZOO: L0, L_1, L_2, L_3. A
     # failure at FZOO's L0 (call 1) made no pass, so it leaves no record.
     expected = [2, 3] if estimator is Estimator.FZOO else [3, 4, 1]

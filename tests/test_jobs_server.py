@@ -103,7 +103,7 @@ def test_one_token_options_share_their_prompt_in_evaluation_and_in_steps(server,
     assert_step_scores_per_option(server, model_path, examples, eps=1e-2, n_probes=2, seed=4)
 
 
-SCALED = {"tensor_scale": "pretrained_rms", "train": [r"^model\.norm\.", r"layers\.1\."]}
+SCALED = {"tensor_scale": "pretrained_rms", "train": [r"^model\.norm\.", r"layers\.1\."], "z_rank": 2}
 
 
 @pytest.mark.parametrize("estimator, adaptive, extra", [("spsa", "scalar_rms", {}), ("fzoo", "none", {}),
@@ -112,8 +112,9 @@ def test_each_estimator_trains_through_the_api_and_replays_bit_for_bit(server, m
                                                                        extra):
     """Each method, chosen per job, runs a few steps through the HTTP API in chunks of one step (so the step-size
     rule's state crosses chunks); its trajectory names the method, and the served weights are bit for bit the
-    reference engine's replay of the served history. The last job also names its own trainable set and scales
-    its tensors by their RMS in the checkpoint: the trajectory holds those scales, and replay needs nothing else."""
+    reference engine's replay of the served history. The last job also names its own trainable set, scales its
+    tensors by their RMS in the checkpoint and moves its matrices along rank-2 z: the trajectory holds the scales
+    and the rank (stream version 2), and replay needs nothing else."""
     job = run_job(server, {"examples": choice(REVIEWS), "steps": 3, "batch_size": 4, "lr": 1e-3, "eps": 1e-3,
                            "n_probes": 2, "estimator": estimator, "adaptive": adaptive, "seed": 5, **extra})
     assert job["status"] == "succeeded" and job["step"] == 3, job
@@ -123,7 +124,7 @@ def test_each_estimator_trains_through_the_api_and_replays_bit_for_bit(server, m
         scales = dict(trajectory["config"]["tensor_scales"])
         assert set(scales) == set(trajectory["trainable_names"]) and "model.norm.weight" in scales
         assert len(set(scales.values())) > 1 and job["recipe"]["sources"]["selection"] == "job"
-        assert trajectory["format_version"] == 4
+        assert trajectory["format_version"] == 4 and trajectory["generator_version"] == 2
     assert_served_is_replay(server, model_path)
     status, out = server.request("POST", "/mezo/step", {"examples": choice(REVIEWS), "estimator": "fzoo",
                                                         "n_probes": 1})

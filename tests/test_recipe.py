@@ -96,3 +96,6 @@ def test_a_job_that_scales_its_tensors_gets_each_one_s_pretrained_rms_in_its_con
         defaults.resolve(adapter=True, tensor_scale="pretrained_rms")
     with pytest.raises(ValueError, match="cannot read"):
         DEFAULTS.resolve(job, tensor_scale="pretrained_rms")
+    with pytest.raises(ValueError, match="adapter"):
+        defaults.resolve(adapter=True, z_rank=2)
+    assert "rank-2" in defaults.resolve(job, z_rank=2)[1].why

@@ -4,12 +4,11 @@ known (along -S²∇L), and bit-identical replay of a scaled run with failed ste
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
-from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama
+from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama, train_through_failures
 
 from sglang_mezo.core.config import MezoConfig, TensorScale
 from sglang_mezo.core.master import MasterWeights
@@ -111,10 +110,7 @@ def test_a_scaled_run_replays_bit_identically(tmp_path):
     run = MezoRun(params, config)
     score = batch_loss_fn(engine, Objective.CROSS_ENTROPY, memorisation_task())
     flaky = FlakyLoss(score, {1: 3, 3: -2})
-    while run.next_step < config.total_steps:
-        with contextlib.suppress(RuntimeError):
-            run.step(flaky)
-        flaky.next_attempt()
+    train_through_failures(run, flaky)
     assert [r.aborted_passes for r in run.trajectory if not r.committed] == [3, 2]
     path = run.trajectory.save(tmp_path / "run.json")
     assert Trajectory.load(path).to_dict()["format_version"] == 4 and run.trajectory.tensor_scales == scales
@@ -136,8 +132,8 @@ def test_a_scaled_run_replays_bit_identically(tmp_path):
 def test_scaled_sets_share_the_weights_and_are_made_once():
     tensors = {"a": torch.zeros(3), "b": torch.zeros(2, 2)}
     params = TrainableSet.from_pieces([TrainablePiece(n, t, tuple(t.shape)) for n, t in tensors.items()])
-    scaled = params.scaled({"a": 2.0, "b": 0.5})
-    assert params.scaled([("b", 0.5), ("a", 2.0)]) is scaled and params.scaled(()) is params
+    scaled = params.variant({"a": 2.0, "b": 0.5})
+    assert params.variant([("b", 0.5), ("a", 2.0)]) is scaled and params.variant(()) is params
     assert [t.scale for t in scaled.targets] == [2.0, 0.5] and scaled.targets[0].theta.data_ptr() == tensors["a"].data_ptr()
     with pytest.raises(ValueError, match="exactly the trainable tensors"):
-        params.scaled({"a": 1.0})
+        params.variant({"a": 1.0})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -121,6 +122,15 @@ class FlakyLoss:
     def next_attempt(self) -> None:
         self.attempt += 1
         self.call = 0
+
+
+def train_through_failures(run, loss: FlakyLoss) -> None:
+    """Step ``run`` (a :class:`~sglang_mezo.core.run.MezoRun`) to its config's total steps, each attempt scored by
+    ``loss``: the planned failures (RuntimeError, and NonFiniteLossError, which is one) are recorded, not raised."""
+    while run.next_step < run.config.total_steps:
+        with contextlib.suppress(RuntimeError):
+            run.step(loss)
+        loss.next_attempt()
 
 
 def quadratic() -> tuple[TrainableSet, dict[str, torch.Tensor], Callable[[], float], torch.Tensor]:

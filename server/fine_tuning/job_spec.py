@@ -89,7 +89,7 @@ class SpecBuilder:
         try:
             config, recipe = self.defaults.resolve(
                 knobs, adapter=section is not None, total_steps=resolved.steps,
-                **(mezo.model_dump(include={"tensor_scale"}, exclude_none=True) if mezo else {}),
+                **(mezo.model_dump(include={"tensor_scale", "z_rank"}, exclude_none=True) if mezo else {}),
                 **({"z_kind": mezo.z_kind} if mezo and mezo.z_kind else {}),
                 **({"seed": request.seed} if request.seed is not None else {}))
             # OpenAI's multiplier scales the lr the flags or the recipe chose

@@ -6,7 +6,7 @@ import enum
 import math
 from dataclasses import asdict, dataclass, field
 
-from sglang_mezo.kernels import ZKind, check_seed
+from sglang_mezo.kernels import ZKind, check_rank, check_seed
 
 from .estimators import Adaptive, Estimator, ScalarRMS
 from .params import ParamSelection, check_scales
@@ -52,6 +52,9 @@ class MezoConfig:
     tensor_scales: tuple[tuple[str, float], ...] = ()
     """(checkpoint name, scale) for every trained tensor under ``tensor_scale``, resolved before the run starts
     (:func:`~.scales.pretrained_rms_scales`) and recorded, so that replay needs no checkpoint; empty otherwise."""
+    z_rank: int = 0
+    """0: dense z (MeZO); r >= 1: each trained matrix moves along a rank-r z = U·Vᵀ/√r regenerated from the seed
+    (LOZO's perturbation, arXiv 2410.07698; :mod:`sglang_mezo.kernels.z_lowrank`), vectors along dense z."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -76,6 +79,7 @@ class MezoConfig:
             raise ValueError(f"the {self.estimator.value} estimator needs n_probes >= {self.estimator.min_probes} "
                              f"(it normalises by the spread of the probe losses), got {self.n_probes}")
         ScalarRMS(self.rms_beta, self.rms_floor)  # raises on constants out of range
+        object.__setattr__(self, "z_rank", check_rank(self.z_rank))
         object.__setattr__(self, "tensor_scale", TensorScale(self.tensor_scale))
         object.__setattr__(self, "tensor_scales", tuple((str(n), float(v)) for n, v in self.tensor_scales))
         if (self.tensor_scale is TensorScale.NONE) != (not self.tensor_scales):

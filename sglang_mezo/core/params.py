@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_mezo.kernels import PassTargets, ZKind, ZSlice, ZTarget, as_block, tensor_key, zaxpy_
+from sglang_mezo.kernels import PassTargets, ZKind, ZSlice, ZTarget, as_block, check_rank, tensor_key, zaxpy_
 
 from .master import MasterWeights
 
@@ -113,9 +113,12 @@ class TrainableSet:
     """fp32 masters of half-precision weights (see :mod:`.master`); None: the pieces are trained in place."""
     scales: Mapping[str, float] | None = None
     """Per-tensor scales (every tensor of the manifest, by checkpoint name): tensor t moves along scale_t·z, in its
-    probes and its updates (see :meth:`scaled`). None: every scale is 1."""
+    probes and its updates (see :meth:`variant`). None: every scale is 1."""
+    z_rank: int = 0
+    """0: dense z; r >= 1: every matrix moves along a rank-r z (:mod:`sglang_mezo.kernels.z_lowrank`), the
+    one-dimensional tensors along dense z."""
     targets: PassTargets = field(init=False, repr=False)
-    _scaled: dict[tuple, TrainableSet] = field(default_factory=dict, init=False, repr=False)
+    _variants: dict[tuple, TrainableSet] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         unknown = {p.name for p in self.pieces} - set(self.manifest)
@@ -123,6 +126,7 @@ class TrainableSet:
             raise ValueError(f"pieces of tensors outside the manifest: {sorted(unknown)[:5]}")
         if self.scales is not None:
             check_scales(self.scales, self.manifest)
+        check_rank(self.z_rank)
         self.targets = [
             ZTarget(
                 theta=as_block(p.data),
@@ -134,6 +138,7 @@ class TrainableSet:
                 ),
                 decay=applies_weight_decay(p.name, p.full_shape),
                 scale=1.0 if self.scales is None else float(self.scales[p.name]),
+                rank=self.z_rank if len(p.full_shape) >= 2 else 0,
             )
             for p in self.pieces
         ]
@@ -157,17 +162,19 @@ class TrainableSet:
         else:
             self.masters.apply(self.targets, seeds, restore, update, decay=decay, kind=kind)
 
-    def scaled(self, scales: Mapping[str, float] | Sequence[tuple[str, float]]) -> TrainableSet:
-        """This set with per-tensor scales (a mapping, or (name, scale) pairs; empty: this set itself): the same
-        storage and masters, other pass targets. Made once per distinct scales and kept, so that every step of a
-        job reuses one launch plan."""
+    def variant(self, scales: Mapping[str, float] | Sequence[tuple[str, float]] = (),
+                z_rank: int = 0) -> TrainableSet:
+        """This set moving along other directions: per-tensor scales (a mapping, or (name, scale) pairs; empty:
+        none) and low-rank z for its matrices (``z_rank`` >= 1). The same storage and masters, other pass targets;
+        with neither, this set itself. Made once per distinct variant and kept, so that every step of a job reuses
+        one launch plan."""
         scales = dict(scales)
-        if not scales:
+        if not scales and not z_rank:
             return self
-        key = tuple(sorted(scales.items()))
-        if key not in self._scaled:
-            self._scaled[key] = TrainableSet(self.manifest, self.pieces, self.masters, scales)
-        return self._scaled[key]
+        key = (tuple(sorted(scales.items())), z_rank)
+        if key not in self._variants:
+            self._variants[key] = TrainableSet(self.manifest, self.pieces, self.masters, scales or None, z_rank)
+        return self._variants[key]
 
     @classmethod
     def from_pieces(

@@ -150,6 +150,8 @@ def slot_step(
 def run_slot_step(copies: ProbeCopies, config: MezoConfig, step: int, score: CopyScorer, *,
                   state: AdaptiveState = INITIAL_STATE) -> StepResult:
     """Step ``step`` of a run with ``config`` (its seeds, scheduled lr and rules), probes scored together."""
+    if config.z_rank or config.tensor_scales:  # the copies are written along dense, unscaled z
+        raise ValueError("z_rank and tensor_scale apply to the served weights, not to an adapter's copies")
     return slot_step(copies, score, seeds_for(config, step), eps=config.eps, lr=config.lr_at(step),
                      weight_decay=config.weight_decay, kind=config.z_kind, estimator=config.estimator,
                      adaptive=config.adaptive_rule, state=state)

@@ -140,6 +140,11 @@ class JobDefaults:
         if all(v != "recipe" for v in sources.values()):
             name = "none"
         config = replace(self.base, **{**recipe, **chosen}, **fields_)
+        if config.z_rank:
+            if adapter:
+                raise ValueError("z_rank shapes the served weights' matrices' directions; an adapter job trains its "
+                                 "own low-rank factors")
+            what += f", its matrices along rank-{config.z_rank} z"
         if TensorScale(tensor_scale) is not TensorScale.NONE:
             config = replace(config, tensor_scale=tensor_scale, tensor_scales=self._scales(config, adapter))
             what += f", each tensor moving in proportion to its RMS in the checkpoint ({config.tensor_scale.value})"

@@ -38,10 +38,11 @@ def run_step(
     """Step ``step`` of a run with ``config``: its seeds, its scheduled lr, the config's ε, weight decay, z kind,
     estimator and step-size rule. ``state`` is the rule's state after the previous committed step (the previous
     result's ``adaptive``; the initial state for step 0, and always for a run without a rule). See
-    :func:`~sglang_mezo.core.spsa.mezo_step` for ``on_abort`` and ``before_pass``. Under per-tensor scales
-    (``config.tensor_scales``) the step moves ``params.scaled(...)``, the same weights along scaled directions."""
+    :func:`~sglang_mezo.core.spsa.mezo_step` for ``on_abort`` and ``before_pass``. Under per-tensor scales or a
+    low-rank z (``config.tensor_scales``, ``config.z_rank``) the step moves ``params.variant(...)``: the same
+    weights along other directions."""
     return mezo_step(
-        params.scaled(config.tensor_scales),
+        params.variant(config.tensor_scales, config.z_rank),
         loss_fn,
         seeds_for(config, step),
         eps=config.eps,

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sglang_mezo.kernels import GENERATOR_VERSION, ZKind
+from sglang_mezo.kernels import READABLE, ZKind, stream_version
 
 from .estimators import Estimator, sgd_update
 from .params import TrainableSet
@@ -67,7 +67,9 @@ class Trajectory:
     trainable_names: list[str]
     config: dict = field(default_factory=dict)
     base_model: str = ""
-    generator_version: int = GENERATOR_VERSION
+    generator_version: int = 1
+    """The z stream version the records need (:func:`~sglang_mezo.kernels.stream_version`: 2 for a low-rank z,
+    which :meth:`to_dict` writes whatever this says; 1 otherwise)."""
     created: float = field(default_factory=time.time)
     records: list[StepRecord] = field(default_factory=list)
     adapter: dict | None = None
@@ -124,10 +126,11 @@ class Trajectory:
 
     def check_compatible(self, params: TrainableSet) -> None:
         """Raise ValueError unless replaying onto ``params`` with this code regenerates the recorded z."""
-        if self.generator_version != GENERATOR_VERSION:
+        if self.generator_version not in READABLE or self.generator_version < stream_version(self.z_rank):
             raise ValueError(
                 f"trajectory was recorded with z generator version {self.generator_version}; "
-                f"this build has version {GENERATOR_VERSION}"
+                f"this build replays versions {', '.join(map(str, READABLE))}"
+                + (f" (and its low-rank z needs {stream_version(self.z_rank)})" if self.z_rank else "")
             )
         if params.fingerprint() != self.trainable_fingerprint:
             missing = sorted(set(self.trainable_names) - set(params.manifest))[:5]
@@ -144,7 +147,7 @@ class Trajectory:
         :func:`replay_step` for ``exact``; an update-only replay skips aborted steps, which applied no update.
         """
         self.check_compatible(params)
-        params = params.scaled(self.tensor_scales)
+        params = params.variant(self.tensor_scales, self.z_rank)
         applied = 0
         for record in self.records:
             if upto is not None and record.step >= upto:
@@ -169,6 +172,11 @@ class Trajectory:
         return applied
 
     @property
+    def z_rank(self) -> int:
+        """The rank of the run's low-rank z (its config's; 0: dense)."""
+        return int(self.config.get("z_rank") or 0)
+
+    @property
     def tensor_scales(self) -> dict[str, float]:
         """The run's per-tensor scales (its config's), which its records' z were scaled by; empty: none."""
         return {str(n): float(v) for n, v in self.config.get("tensor_scales") or ()}
@@ -179,7 +187,7 @@ class Trajectory:
         return {
             "format": FORMAT,
             "format_version": SCALED_VERSION if self.tensor_scales else FORMAT_VERSION,
-            "generator_version": self.generator_version,
+            "generator_version": max(self.generator_version, stream_version(self.z_rank)),
             "z_kind": self.z_kind.value,
             "trainable_fingerprint": self.trainable_fingerprint,
             "trainable_names": self.trainable_names,
