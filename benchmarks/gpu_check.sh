@@ -43,6 +43,8 @@ cat "$out/env.txt"
 # the tests that touch CUDA when it is there (the compile test is left to CI: it needs no GPU)
 timeout 150 "$python" -m pytest -q -p no:cacheprovider --durations=5 \
   tests/test_z_stream.py tests/test_z_kernels.py tests/test_master.py > "$out/tests.txt" 2>&1 || status=1
+# the low-rank z's CUDA path against the CPU's (its other tests need no GPU)
+timeout 60 "$python" -m pytest -q -p no:cacheprovider -k cuda tests/test_lowrank.py >> "$out/tests.txt" 2>&1 || status=1
 tail -n 15 "$out/tests.txt"
 
 if timeout 170 "$python" benchmarks/bench_gpu.py --out "$out" > "$out/bench.log" 2>&1; then

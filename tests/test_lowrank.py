@@ -143,3 +143,18 @@ def test_a_low_rank_run_replays_bit_identically(tmp_path):
         loaded.check_compatible(params)
     with pytest.raises(ValueError, match="rank"):
         MezoConfig(z_rank=65)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("kind", list(ZKind))
+def test_cuda_low_rank_z_equals_the_cpu_s_bit_for_bit(kind):
+    """The factors come from the version-1 kernels (Triton there, numba here) and the product from elementwise fp32
+    ops, correctly rounded on both: the same bits (Gaussian: but for the double-rounding case of stream.py, about
+    one factor element in 2^29, which these sizes are unlikely to meet)."""
+    where = ZSlice(tensor_key("model.layers.3.mlp.up_proj.weight"), 1536, row_offset=5)
+    seeds, restore, update = [11, 12], [1e-3, -1e-3], [2e-4, -3e-4]
+    base = torch.randn(64, 1536, generator=torch.Generator().manual_seed(0)) * 0.02
+    cpu, gpu = base.clone(), base.cuda()
+    for theta in (cpu, gpu):
+        zaxpy_([ZTarget(theta, where, rank=4)], seeds, restore, update, decay=0.999, kind=kind)
+    assert torch.equal(gpu.cpu(), cpu)
