@@ -113,10 +113,13 @@ METHODS = {m.name: m for m in [
 GREEDY = "greedy n=4 (the recipe's set)"
 FZOO8 = "fzoo n=8 (the recipe's set)"
 SCALED = "every norm, scaled by its pretrained RMS"
+LOWRANK = "norms + last block, scaled, rank-2 z"  # SmolLM2-135M's 30 blocks: the last is layers.29
 METHODS.update({m.name: m for m in [
     Method(GREEDY, {"estimator": "greedy", "n_probes": 4}, flags=()),
     Method(FZOO8, {"estimator": "fzoo", "n_probes": 8}, flags=()),
     Method(SCALED, {"tensor_scale": "pretrained_rms", "train": [r"norm\.weight$"]}, flags=()),
+    Method(LOWRANK, {"tensor_scale": "pretrained_rms", "z_rank": 2, "train": [r"norm\.weight$", r"layers\.29\."]},
+           flags=()),
 ]})
 RECIPE = "mezo final norm + scalar_rms lr 1e-2"
 PAPER = "paper MeZO (transformers)"
