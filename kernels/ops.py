@@ -152,7 +152,7 @@ def _zaxpy_impl(targets: Sequence[ZTarget], seeds: list[int], restore: list[floa
             source = as_block(t.theta) if t.master is None else t.master.to(t.theta.device, non_blocking=True)
             zaxpy_lowrank_(source, None if t.master is None else as_block(t.theta), t.where, seeds=seeds,
                            restore=t_restore, update=t_update, decay=target_decay, kind=kind, rank=t.rank,
-                           write_back=commit or t.master is None)
+                           dense=_dense_z, write_back=commit or t.master is None)
             if commit and t.master is not None and source is not t.master:
                 t.master.copy_(source)
         elif t.theta.is_cuda or force_triton:  # a master in host memory, streamed through the device
@@ -273,6 +273,10 @@ def zaxpy_(
         kind.code,
         force_triton,
     )
+
+
+def _dense_z(seed: int, where: ZSlice, shape: tuple[int, int], kind: ZKind, device: torch.device) -> torch.Tensor:
+    return materialize_z(seed, where, shape, kind, device=device)
 
 
 def materialize_z(

@@ -24,7 +24,7 @@ kernel of its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,6 +33,10 @@ from .stream import ZKind, ZSlice, hash63
 MAX_RANK = 64
 TILE = 1 << 16
 """Elements per tile of the pass (rows × columns, at least one row)."""
+
+DenseZ = Callable[[int, ZSlice, tuple[int, int], ZKind, torch.device], torch.Tensor]
+"""The dense pass's z for a block (seed, where, shape, kind, device) as a new fp32 tensor: the factors' maker.
+:mod:`.ops` passes its own in (it dispatches low-rank targets here, so this module cannot import it)."""
 
 
 def factor_key(key: int, which: int) -> int:
@@ -47,15 +51,11 @@ def check_rank(rank: int) -> int:
     return rank
 
 
-def factors(seed: int, where: ZSlice, rows: int, cols: int, kind: ZKind, rank: int,
+def factors(dense: DenseZ, seed: int, where: ZSlice, rows: int, cols: int, kind: ZKind, rank: int,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """U's rows and V's rows for a block of ``rows`` × ``cols`` at ``where`` in its matrix: [rows, r], [cols, r]."""
-    from .ops import materialize_z  # the dense pass makes the factors; ops dispatches here: imported late
-
-    u = materialize_z(seed, ZSlice(factor_key(where.key, 0), rank, where.row_offset, 0), (rows, rank), kind,
-                      device=device)
-    v = materialize_z(seed, ZSlice(factor_key(where.key, 1), rank, where.col_offset, 0), (cols, rank), kind,
-                      device=device)
+    u = dense(seed, ZSlice(factor_key(where.key, 0), rank, where.row_offset, 0), (rows, rank), kind, device)
+    v = dense(seed, ZSlice(factor_key(where.key, 1), rank, where.col_offset, 0), (cols, rank), kind, device)
     return u, v
 
 
@@ -83,11 +83,12 @@ def zaxpy_lowrank_(
     decay: float,
     kind: ZKind,
     rank: int,
+    dense: DenseZ,
     write_back: bool = True,
 ) -> None:
     """θ ← (θ + Σ_k restore[k]·z_k)·decay + Σ_k update[k]·z_k with low-rank z_k, θ read from the 2-D block
     ``source`` (any float dtype; fp32 math) and the result written to ``out`` (rounded) if given and back to
-    ``source`` if ``write_back``. The accumulation is the dense kernels': restore and update terms summed in seed
+    ``source`` if ``write_back``; ``dense`` makes the factors. The accumulation is the dense kernels': restore and update terms summed in seed
     order from 0, then (θ + Σ restore)·decay + Σ update, each op rounded to fp32."""
     rows, cols = source.shape
     if rows == 0 or cols == 0:
@@ -97,7 +98,7 @@ def zaxpy_lowrank_(
     as32 = lambda c: torch.tensor(c, dtype=torch.float64).to(torch.float32).to(device)
     terms = [(seed, as32(a), as32(b)) for seed, a, b in zip(seeds, restore, update, strict=True)
              if a != 0 or b != 0]  # a zero coefficient adds +0 to an accumulator that is never -0: no bit changes
-    made = [(factors(seed, where, rows, cols, kind, rank, device), a, b) for seed, a, b in terms]
+    made = [(factors(dense, seed, where, rows, cols, kind, rank, device), a, b) for seed, a, b in terms]
     scale = rank_scale(rank, device)
     d = as32(decay)
     step = max(1, TILE // cols)

@@ -138,9 +138,13 @@ def test_a_low_rank_run_replays_bit_identically(tmp_path):
     trained = dict(engine.model.named_parameters())
     for name, p in fresh.model.named_parameters():
         assert torch.equal(p, trained[name]), f"exact replay differs in {name}"
-    loaded.generator_version = 1  # a version-1 document cannot hold a low-rank run
-    with pytest.raises(ValueError, match="needs 2"):
-        loaded.check_compatible(params)
+    with pytest.raises(ValueError, match="needs 2"):  # a version-1 document cannot hold a low-rank run
+        Trajectory.from_dict({**loaded.to_dict(), "generator_version": 1})
+    # the job's own trajectory is made before its config names the rank: it still restores (its best step)
+    in_memory = Trajectory(z_kind=loaded.z_kind, trainable_fingerprint=loaded.trainable_fingerprint,
+                           trainable_names=loaded.trainable_names, config=loaded.config, records=loaded.records)
+    assert in_memory.needs == 2
+    in_memory.check_compatible(params)
     with pytest.raises(ValueError, match="rank"):
         MezoConfig(z_rank=65)
 

@@ -68,8 +68,8 @@ class Trajectory:
     config: dict = field(default_factory=dict)
     base_model: str = ""
     generator_version: int = 1
-    """The z stream version the records need (:func:`~sglang_mezo.kernels.stream_version`: 2 for a low-rank z,
-    which :meth:`to_dict` writes whatever this says; 1 otherwise)."""
+    """The z stream version the records were recorded with; a low-rank z's config raises it to 2 (:attr:`needs`),
+    whatever this says, since its records could only have been made with version 2."""
     created: float = field(default_factory=time.time)
     records: list[StepRecord] = field(default_factory=list)
     adapter: dict | None = None
@@ -126,11 +126,10 @@ class Trajectory:
 
     def check_compatible(self, params: TrainableSet) -> None:
         """Raise ValueError unless replaying onto ``params`` with this code regenerates the recorded z."""
-        if self.generator_version not in READABLE or self.generator_version < stream_version(self.z_rank):
+        if self.needs not in READABLE:
             raise ValueError(
-                f"trajectory was recorded with z generator version {self.generator_version}; "
+                f"trajectory was recorded with z generator version {self.needs}; "
                 f"this build replays versions {', '.join(map(str, READABLE))}"
-                + (f" (and its low-rank z needs {stream_version(self.z_rank)})" if self.z_rank else "")
             )
         if params.fingerprint() != self.trainable_fingerprint:
             missing = sorted(set(self.trainable_names) - set(params.manifest))[:5]
@@ -172,6 +171,12 @@ class Trajectory:
         return applied
 
     @property
+    def needs(self) -> int:
+        """The stream version replay needs: the recorded one, or 2 where the config has a low-rank z (a job's
+        trajectory is made before its config says so, and its low-rank records were made with version 2)."""
+        return max(self.generator_version, stream_version(self.z_rank))
+
+    @property
     def z_rank(self) -> int:
         """The rank of the run's low-rank z (its config's; 0: dense)."""
         return int(self.config.get("z_rank") or 0)
@@ -187,7 +192,7 @@ class Trajectory:
         return {
             "format": FORMAT,
             "format_version": SCALED_VERSION if self.tensor_scales else FORMAT_VERSION,
-            "generator_version": max(self.generator_version, stream_version(self.z_rank)),
+            "generator_version": self.needs,
             "z_kind": self.z_kind.value,
             "trainable_fingerprint": self.trainable_fingerprint,
             "trainable_names": self.trainable_names,
@@ -235,11 +240,16 @@ class Trajectory:
                 aborted, estimators, updates, strict=True,
             )
         ]
+        config = dict(data.get("config") or {})
+        if int(data["generator_version"]) < stream_version(int(config.get("z_rank") or 0)):
+            # only a hand-edited document says so: its low-rank records were made with version 2
+            raise ValueError(f"trajectory says z generator version {data['generator_version']}, but its low-rank z "
+                             f"needs {stream_version(int(config['z_rank']))}")
         return cls(
             z_kind=ZKind(data["z_kind"]),
             trainable_fingerprint=data["trainable_fingerprint"],
             trainable_names=list(data["trainable_names"]),
-            config=dict(data.get("config") or {}),
+            config=config,
             base_model=data.get("base_model", ""),
             generator_version=int(data["generator_version"]),
             created=float(data.get("created", 0.0)),
