@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning bench-gpu clean
+.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning sim-final-norm bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench-step: $(STAMP)
 ## make bench-learning: held-out accuracy against example-forwards: our methods, the paper's step, full fine-tuning
 bench-learning: $(STAMP)
 	$(PY) benchmarks/bench_learning.py
+
+## make sim-final-norm: a final-norm job's whole run on cached features, MeZO's own step: which lr, schedule,
+## estimator and batch learn best (chosen on a validation split, reported on bench-learning's held-out set)
+sim-final-norm: $(STAMP)
+	$(PY) benchmarks/sim_final_norm.py
 
 ## make bench-gpu: a pass and a step against copy_, the paper's loop and forwards (bench_gpu.py). On a CPU, a tiny
 ## model as a smoke test (CI runs it); on a GPU machine without SGLang run benchmarks/gpu_check.sh instead
