@@ -65,11 +65,15 @@ class Features:
     def accuracy(self, gain: torch.Tensor) -> float:
         return float(((self.gaps(gain) > 0).long() == self.y).double().mean())
 
-    def loss(self, gain: torch.Tensor, rows: list[int] | None = None) -> float:
-        """The classification objective's mean loss (a softmax over the two options = softplus of the signed gap)."""
+    def objective(self, gain: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """The classification objective's mean loss (a softmax over the two options = softplus of the signed gap),
+        differentiable in ``gain``."""
         x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
         signed = (x @ gain.double()) * (2 * y.double() - 1)
-        return float(torch.nn.functional.softplus(-signed).mean())
+        return torch.nn.functional.softplus(-signed).mean()
+
+    def loss(self, gain: torch.Tensor, rows: list[int] | None = None) -> float:
+        return float(self.objective(gain, rows))
 
 
 def splits() -> dict[str, list[tuple[str, int]]]:
@@ -186,8 +190,7 @@ def ceiling(data: dict[str, Features], gain0: torch.Tensor) -> dict:
         def closure(gain: torch.Tensor = gain, lam: float = lam,
                     optimizer: torch.optim.Optimizer = optimizer) -> torch.Tensor:
             optimizer.zero_grad()
-            signed = (train.x @ gain) * (2 * train.y.double() - 1)
-            loss = torch.nn.functional.softplus(-signed).mean() + lam * (gain - gain0.double()).pow(2).sum()
+            loss = train.objective(gain) + lam * (gain - gain0.double()).pow(2).sum()
             loss.backward()
             return loss
 
@@ -266,11 +269,10 @@ def main() -> None:
     if check:
         print(f"the recipe's simulated curve against the server's no-knob row: {check['points']} points, "
               f"largest difference {check['max_abs_difference']:.1%}")
-    head = " | ".join(f"val @ {p:,}" for p in args.points) + " | " + " | ".join(f"held-out @ {p:,}" for p in args.points)
-    print(f"\n| setting | {head} |\n|---|" + "---|" * (2 * len(args.points)))
+    head = " | ".join(f"{judge} @ {p:,}" for judge in JUDGES for p in args.points)
+    print(f"\n| setting | {head} |\n|---|" + "---|" * (len(JUDGES) * len(args.points)))
     for row in [rows[0], *best]:
-        cells = [f"{row['validation'][p]:.1%}" for p in args.points] + [f"{row['held_out'][p]:.1%}"
-                                                                          for p in args.points]
+        cells = [f"{row[judge][p]:.1%}" for judge in JUDGES for p in args.points]
         print(f"| {row['label']} | " + " | ".join(cells) + " |")
 
 

@@ -88,8 +88,8 @@ def zaxpy_lowrank_(
 ) -> None:
     """θ ← (θ + Σ_k restore[k]·z_k)·decay + Σ_k update[k]·z_k with low-rank z_k, θ read from the 2-D block
     ``source`` (any float dtype; fp32 math) and the result written to ``out`` (rounded) if given and back to
-    ``source`` if ``write_back``; ``dense`` makes the factors. The accumulation is the dense kernels': restore and update terms summed in seed
-    order from 0, then (θ + Σ restore)·decay + Σ update, each op rounded to fp32."""
+    ``source`` if ``write_back``; ``dense`` makes the factors. The accumulation is the dense kernels': restore and
+    update terms summed in seed order from 0, then (θ + Σ restore)·decay + Σ update, each op rounded to fp32."""
     rows, cols = source.shape
     if rows == 0 or cols == 0:
         return

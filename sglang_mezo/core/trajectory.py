@@ -240,22 +240,21 @@ class Trajectory:
                 aborted, estimators, updates, strict=True,
             )
         ]
-        config = dict(data.get("config") or {})
-        if int(data["generator_version"]) < stream_version(int(config.get("z_rank") or 0)):
-            # only a hand-edited document says so: its low-rank records were made with version 2
-            raise ValueError(f"trajectory says z generator version {data['generator_version']}, but its low-rank z "
-                             f"needs {stream_version(int(config['z_rank']))}")
-        return cls(
+        trajectory = cls(
             z_kind=ZKind(data["z_kind"]),
             trainable_fingerprint=data["trainable_fingerprint"],
             trainable_names=list(data["trainable_names"]),
-            config=config,
+            config=dict(data.get("config") or {}),
             base_model=data.get("base_model", ""),
             generator_version=int(data["generator_version"]),
             created=float(data.get("created", 0.0)),
             records=records,
             adapter=data.get("adapter"),
         )
+        if trajectory.generator_version < trajectory.needs:  # only a hand-edited document: to_dict writes needs
+            raise ValueError(f"trajectory says z generator version {trajectory.generator_version}, but its low-rank "
+                             f"z needs {trajectory.needs}")
+        return trajectory
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
