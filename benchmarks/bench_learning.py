@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import served  # noqa: E402
 from reference_mezo import ChoiceBatch, choice_logits, paper_step  # noqa: E402
 
+from sglang_mezo.core.estimators import Estimator  # noqa: E402
 from sglang_mezo.core.params import ParamSelection, TrainableSet  # noqa: E402
+from sglang_mezo.core.recipe import probes_for  # noqa: E402
 from sglang_mezo.default_model import default_model_path  # noqa: E402
 from sglang_mezo.engines.hf import HFEngine  # noqa: E402
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes  # noqa: E402
@@ -75,8 +77,9 @@ class Method:
 
     @property
     def forwards_per_step(self) -> int:
-        n = int(self.job.get("n_probes", 1))
-        return n + 1 if self.job.get("estimator") == "fzoo" else 2 * n
+        """Scorings of the batch per step: the job's estimator and probes, or the recipe's where it names none."""
+        estimator, n = probes_for(self.job.get("estimator"), self.job.get("n_probes"), adapter="adapter" in self.job)
+        return estimator.forwards(n)
 
 
 NORMS = ("--mezo-train", "norm")  # every RMSNorm gain: 61 vectors, 35k numbers in SmolLM2-135M
@@ -84,7 +87,8 @@ NORMS = ("--mezo-train", "norm")  # every RMSNorm gain: 61 vectors, 35k numbers 
 # training it is fitting a linear probe on the last hidden state, a space small enough for SPSA's d-fold noise
 FINAL_NORM = ("--mezo-train", r"^model\.norm\.weight$")
 # every knob named, so these rows do not move with the server's recipe (core/recipe.py)
-DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1, "adaptive": "none", "estimator": "spsa"}
+DEMO = {"lr": 1e-4, "eps": 1e-3, "z_kind": "rademacher", "n_probes": 1, "adaptive": "none", "estimator": "spsa",
+        "schedule": "constant"}
 # adapter jobs: a LoRA on every linear module of every block, trained in SGLang's pool (--enable-lora), its probes
 # scored in one forward batch; the pool holds the probes' slots, the trained adapter's and the base's
 LORA = ("--enable-lora", "--lora-backend", "torch_native", "--max-lora-rank", "16", "--max-loras-per-batch", "4",
@@ -259,6 +263,10 @@ def server_curve(model_path: Path, method: Method, train, test, budget: int, eva
         done = client.train(job)
         if done["status"] != "succeeded":
             raise SystemExit(f"{method.name}: the job ended {done['status']}: {done}")
+        got = done.get("recipe") or {}
+        if got and Estimator(got["estimator"]).forwards(got["n_probes"]) != method.forwards_per_step:
+            raise SystemExit(f"{method.name}: the server ran {got['estimator']} n={got['n_probes']}, not the "
+                             f"{method.forwards_per_step} forwards a step this row's budget assumed")
         history = client.request("GET", f"/mezo/jobs/{done['job_id']}/history", admin=True).body
     elapsed = [0.0]
     for s in history["steps"]:

@@ -242,7 +242,8 @@ class StepRequest(TrainSetIn, _Strict):
     adaptive: Adaptive | None = Field(None, description="none: lr as given; scalar_rms: lr divided by a running "
                                                         "RMS of the projected gradients (two scalars of state)")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
-    schedule: LRSchedule = LRSchedule.CONSTANT
+    schedule: LRSchedule | None = Field(None, description="the lr over the job's steps: constant, or a linear or "
+                                                         "cosine decay to 0 (default: the recipe's)")
     warmup_steps: int = Field(0, ge=0)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     wait: bool = Field(False, description="with steps = 1: answer with the step's result instead of a job id")
@@ -288,18 +289,22 @@ class RecipeOut(BaseModel):
     recipe: Literal["final-norm", "scaled", "adapter", "none"]
     why: str
     sources: dict[str, Literal["job", "flag", "recipe"]]
-    """Each knob (lr, eps, n_probes, estimator, adaptive, selection): who set it."""
+    """Each knob (lr, eps, n_probes, estimator, adaptive, selection, schedule): who set it."""
     trained_numbers: int | None = None
     lr: float
     eps: float
     adaptive: str
+    estimator: str
+    n_probes: int
+    schedule: str
 
     @classmethod
     def of(cls, job: Job) -> RecipeOut | None:
         choice, config = job.spec.recipe, job.spec.config
         if choice is None:
             return None
-        return cls(**choice.to_dict(), lr=config.lr, eps=config.eps, adaptive=config.adaptive.value)
+        return cls(**choice.to_dict(), lr=config.lr, eps=config.eps, adaptive=config.adaptive.value,
+                   estimator=config.estimator.value, n_probes=config.n_probes, schedule=config.schedule.value)
 
 
 class JobOut(BaseModel):

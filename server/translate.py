@@ -58,12 +58,12 @@ def job_config(defaults: JobDefaults, request: StepRequest, limits: Limits) -> t
                              f"({Limits.flag('max_steps_per_job')} {limits.max_steps_per_job})")
     try:
         config, choice = defaults.resolve(
-            Knobs(**request.model_dump(include={"lr", "eps", "n_probes", "estimator", "adaptive"}),
+            Knobs(**request.model_dump(include={"lr", "eps", "n_probes", "estimator", "adaptive", "schedule"}),
                   selection=request.selection),
             adapter=request.adapter is not None,
             **request.model_dump(include={"tensor_scale", "z_rank"}, exclude_none=True),
             **request.model_dump(include={"z_kind"}, exclude_none=True),
-            **request.model_dump(include={"weight_decay", "schedule", "warmup_steps", "seed"}),
+            **request.model_dump(include={"weight_decay", "warmup_steps", "seed"}),
             total_steps=request.steps,
         )
     except ValueError as exc:

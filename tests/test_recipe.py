@@ -9,7 +9,16 @@ import pytest
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.params import ParamSelection
-from sglang_mezo.core.recipe import FINAL_NORM, JobDefaults, Knobs, recipe_lr
+from sglang_mezo.core.recipe import (
+    FINAL_NORM,
+    ONE_PROBE_STEP,
+    RECIPE_STEP,
+    SAFE_STEP_LENGTH,
+    JobDefaults,
+    Knobs,
+    safe_lr,
+)
+from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.kernels import ZKind
 
 # a SmolLM2-shaped checkpoint of two blocks (the recipe's lr was measured on its final norm, 576 numbers)
@@ -20,10 +29,16 @@ SHAPES = {"model.embed_tokens.weight": (1000, 576), "model.norm.weight": (576,),
 DEFAULTS = JobDefaults(base=MezoConfig(z_kind=ZKind.RADEMACHER), shapes=SHAPES, num_layers=2)
 
 
+def recipe_lr(numbers: int) -> float:
+    """The recipe's lr on a set that is not the final norm: FZOO's 8 probes, a step SAFE_STEP_LENGTH long."""
+    return min(RECIPE_STEP.lr_for(numbers), safe_lr(numbers, RECIPE_STEP.n_probes))
+
+
 def test_a_job_that_names_nothing_trains_the_final_norm_with_the_measured_step():
     config, choice = DEFAULTS.resolve(total_steps=50, seed=3)
-    assert config.selection == FINAL_NORM and config.lr == 1e-2 and config.eps == 1e-3
-    assert (config.adaptive, config.estimator, config.n_probes) == (Adaptive.SCALAR_RMS, Estimator.SPSA, 1)
+    assert config.selection == FINAL_NORM and config.lr == 0.2 and config.eps == 1e-3
+    assert (config.adaptive, config.estimator, config.n_probes) == (Adaptive.SCALAR_RMS, Estimator.FZOO, 8)
+    assert config.schedule is LRSchedule.COSINE and config.lr_at(49) == 0.0  # decays to 0 over the job's steps
     assert (config.total_steps, config.seed, config.z_kind) == (50, 3, ZKind.RADEMACHER)
     assert choice.recipe == "final-norm" and choice.trained_numbers == 576
     assert set(choice.sources.values()) == {"recipe"} and "final norm" in choice.why
@@ -34,9 +49,16 @@ def test_a_larger_set_keeps_the_recipe_s_step_norm():
     config, choice = DEFAULTS.resolve(Knobs(selection=blocks))
     d = 576 * 576 + 576 * 1536 + 576
     assert choice.recipe == "scaled" and choice.trained_numbers == d and choice.sources["selection"] == "job"
+    assert config.lr == pytest.approx(0.24 * math.sqrt(8 / d)) == recipe_lr(d)
+    assert config.lr * math.sqrt(d / 8) == pytest.approx(SAFE_STEP_LENGTH)  # the first recipe's step length
+    assert "a step 0.24 long" in choice.why
+    assert RECIPE_STEP.lr_for(10) == 0.2  # never above the measured lr
+    # the final norm of a larger model keeps the step length the recipe was measured at
+    wide = JobDefaults(shapes={"model.norm.weight": (2304,)}, num_layers=0)
+    assert wide.resolve()[0].lr == pytest.approx(0.2 * math.sqrt(576 / 2304)) == 0.1
+    # one probe named: MeZO's step, its measured lr on 576 numbers, the same length above
+    config, _ = DEFAULTS.resolve(Knobs(selection=blocks, n_probes=1))
     assert config.lr == pytest.approx(1e-2 * math.sqrt(576 / d))
-    assert config.lr * math.sqrt(d) == pytest.approx(1e-2 * math.sqrt(576))  # the same norm of a step
-    assert recipe_lr(10) == 1e-2  # never above the measured lr
     # no final norm in the checkpoint: every weight, at the same step norm
     bare = JobDefaults(shapes={k: v for k, v in SHAPES.items() if k != "model.norm.weight"}, num_layers=2)
     config, choice = bare.resolve()
@@ -50,19 +72,39 @@ def test_the_job_beats_the_flags_and_the_flags_beat_the_recipe():
     config, choice = flags.resolve(Knobs(eps=1e-2))
     assert (config.lr, config.eps, config.selection) == (5e-3, 1e-2, ParamSelection(last_layers=1))
     assert choice.sources == {"lr": "flag", "eps": "job", "n_probes": "recipe", "estimator": "recipe",
-                              "adaptive": "recipe", "selection": "flag"}
+                              "adaptive": "recipe", "selection": "flag", "schedule": "recipe"}
     everything = Knobs(lr=1e-4, eps=1e-3, n_probes=2, estimator=Estimator.SPSA, adaptive=Adaptive.NONE,
-                       selection=ParamSelection())
+                       selection=ParamSelection(), schedule=LRSchedule.LINEAR)
     assert flags.resolve(everything)[1].recipe == "none"
 
 
-def test_plain_sgd_fzoo_adapters_and_unknown_shapes_get_their_own_safe_defaults():
-    config, choice = DEFAULTS.resolve(Knobs(adaptive=Adaptive.NONE))  # lr multiplies the gradient itself
-    assert config.lr == MezoConfig.lr and "paper" in choice.why
+def test_a_job_that_names_part_of_the_step_gets_the_measured_step_it_belongs_to():
     config, _ = DEFAULTS.resolve(Knobs(estimator=Estimator.FZOO))
-    assert config.n_probes == 2  # fzoo's least
+    assert (config.n_probes, config.lr, config.schedule) == (8, 0.2, LRSchedule.COSINE)  # the recipe's own
+    config, _ = DEFAULTS.resolve(Knobs(n_probes=4))
+    assert (config.estimator, config.n_probes, config.lr) == (Estimator.FZOO, 4, 0.2)
+    for knobs in (Knobs(estimator=Estimator.SPSA), Knobs(n_probes=1)):  # MeZO's one probe, at its measured step
+        config, _ = DEFAULTS.resolve(knobs)
+        assert (config.estimator, config.n_probes) == (Estimator.SPSA, 1)
+        assert (config.lr, config.schedule) == (ONE_PROBE_STEP.lr, LRSchedule.CONSTANT)
+    config, _ = DEFAULTS.resolve(Knobs(estimator=Estimator.GREEDY))
+    assert (config.n_probes, config.lr) == (2, ONE_PROBE_STEP.lr)  # greedy's least
+    config, choice = DEFAULTS.resolve(Knobs(schedule=LRSchedule.CONSTANT))
+    assert config.schedule is LRSchedule.CONSTANT and choice.sources["schedule"] == "job"
+    assert "constant lr schedule (job)" in choice.why and config.estimator is Estimator.FZOO
+    with pytest.raises(ValueError, match="fzoo"):
+        DEFAULTS.resolve(Knobs(estimator=Estimator.FZOO, n_probes=1))
+
+
+def test_plain_sgd_fzoo_adapters_and_unknown_shapes_get_their_own_safe_defaults():
+    config, choice = DEFAULTS.resolve(Knobs(adaptive=Adaptive.NONE, estimator=Estimator.SPSA))  # lr × the gradient
+    assert config.lr == MezoConfig.lr and "paper" in choice.why
+    config, choice = DEFAULTS.resolve(Knobs(adaptive=Adaptive.NONE))  # FZOO normalises its step itself
+    assert config.lr == 0.2 and config.estimator is Estimator.FZOO
     config, choice = DEFAULTS.resolve(Knobs(selection=ParamSelection(last_layers=1)), adapter=True)
     assert (config.lr, config.eps, config.adaptive, choice.recipe) == (1e-3, 1e-2, Adaptive.SCALAR_RMS, "adapter")
+    assert (config.estimator, config.n_probes, config.schedule) == (Estimator.SPSA, 1, LRSchedule.CONSTANT)
+    assert DEFAULTS.resolve(Knobs(estimator=Estimator.FZOO), adapter=True)[0].n_probes == 2  # fits the LoRA pool
     assert "selection" not in choice.sources
     config, choice = JobDefaults().resolve()
     assert (config.lr, config.adaptive, choice.trained_numbers) == (MezoConfig.lr, Adaptive.NONE, None)

@@ -84,7 +84,7 @@ class SpecBuilder:
         check_tokens(self.limits, train, held_out)
         resolved = resolve(request, len(train), self.limits)
         mezo = request.mezo
-        knobs = Knobs(**mezo.model_dump(include={"eps", "n_probes", "estimator", "adaptive"}),
+        knobs = Knobs(**mezo.model_dump(include={"eps", "n_probes", "estimator", "adaptive", "schedule"}),
                       selection=mezo.selection) if mezo else Knobs()  # the job's own subset, else the server's
         try:
             config, recipe = self.defaults.resolve(

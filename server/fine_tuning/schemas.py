@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sglang_mezo.core.estimators import Adaptive, Estimator
+from sglang_mezo.core.schedules import LRSchedule
 from sglang_mezo.kernels import MAX_SEED, ZKind
 
 from ..schemas import AdapterShapeIn, TrainSetIn
@@ -60,6 +61,8 @@ class MezoKnobs(TrainSetIn, _Strict):
     z_kind: ZKind | None = None
     estimator: Estimator | None = None
     adaptive: Adaptive | None = None
+    schedule: LRSchedule | None = Field(None, description="the lr over the job's steps: constant, or a linear or "
+                                                         "cosine decay to 0 (default: the recipe's)")
     eval_every: int | None = Field(None, ge=1, description="steps between evaluations of the validation file, each "
                                                            "a checkpoint (default: a quarter of the steps)")
     adapter: AdapterShapeIn | None = Field(None, description=(

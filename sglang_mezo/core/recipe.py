@@ -1,7 +1,7 @@
 """What a job trains, and with which step, where neither the job nor the server's flags say: the server's recipe.
 
-Precedence, knob by knob (``lr``, ``eps``, ``n_probes``, ``estimator``, ``adaptive``, the trainable set): the job's
-own value, else the server's ``--mezo-*`` flag where the operator gave one, else the recipe. OpenAI's
+Precedence, knob by knob (``lr``, ``eps``, ``n_probes``, ``estimator``, ``adaptive``, the trainable set, the lr's
+``schedule``; no flag sets the schedule): the job's own value, else the server's ``--mezo-*`` flag where the operator gave one, else the recipe. OpenAI's
 ``learning_rate_multiplier`` scales the lr so chosen.
 
 The recipe (docs/learning.md has the measurements behind it):
@@ -10,14 +10,22 @@ The recipe (docs/learning.md has the measurements behind it):
   flags name a set. On SmolLM2-135M that is 576 numbers, and a linear probe on the last hidden state: the set where
   SPSA's noise is smallest for what it can learn (``make bench-learning``, 2026-12-01: 70.0 % held-out at 16,000
   example-forwards from 52.5 % zero-shot). A checkpoint without that tensor trains every weight.
-- **The step**: ``scalar_rms`` (lr over a running RMS of the projected gradients, so each trained number moves about
-  lr a step whatever the loss's scale), ε 1e-3, one two-sided probe, and ``lr = 1e-2·√(576 / d)`` for a set of d
-  numbers. At d = 576 that is the measured 1e-2. For a larger set the step's norm stays the measured recipe's,
-  lr·√d = 0.24, so a default job never moves a large set further than it moves the final norm: SPSA's step is mostly
-  noise outside the probed direction, and a per-number lr of 1e-2 on 14 M numbers is a random walk that wrecks the
-  model (README, "Learning").
-- **Adapter jobs**: ``scalar_rms``, lr 1e-3, ε 1e-2, one probe (``make bench-learning``, 2026-12-04: a rank-8 adapter
-  on every module reached 72.0 % at 16,000 example-forwards).
+- **The step** (:data:`RECIPE_STEP`): FZOO with 8 one-sided probes (one forward at the weights and 8 probes, 9 a
+  step), ``scalar_rms``, ε 1e-3, a cosine decay of the lr to 0 over the job's steps, and ``lr = 0.2·√(576 / d)``
+  for a set of d numbers. Chosen with ``make sim-final-norm`` (2026-12-05), which runs a final-norm job exactly
+  with this package's step on cached features: over 360 settings and then lr 0.1-0.5 at the server's batch of 16
+  (5 seeds, chosen on a validation split), FZOO n = 8 with a decaying lr learns most per example-forward, lr 0.15
+  to 0.3 equally (0.2, the middle, is taken); held-out 70 % at 16,000 and 75 % at 64,000 example-forwards against
+  68 % and 71 % for the earlier recipe (SPSA, one probe, lr 1e-2, constant). The rule holds the recipe's step norm
+  for a larger set: FZOO's step is about lr·√(d/n) long, so lr ∝ 1/√d keeps it, and a default job never moves a
+  large set further than it moves the final norm (SPSA's step is mostly noise outside the probed directions; the
+  no-wreck tests hold it to that).
+- **A job that names another estimator, or one probe** (:data:`ONE_PROBE_STEP`): MeZO's one two-sided probe at the
+  step measured for it, lr ``1e-2·√(576 / d)`` constant (``make bench-learning``, 2026-12-01); greedy gets its
+  least number of probes at that step.
+- **Adapter jobs**: ``scalar_rms``, lr 1e-3, ε 1e-2, one SPSA probe, constant lr (``make bench-learning``,
+  2026-12-04: a rank-8 adapter on every module reached 72.0 % at 16,000 example-forwards). Not FZOO's 9 forwards:
+  an adapter step scores its probes as adapters in one batch, and SGLang's pool holds 8 by default.
 
 Nothing here reads a checkpoint: the caller gives the tensors' names and shapes.
 """
@@ -32,15 +40,67 @@ from .config import MezoConfig, TensorScale
 from .estimators import Adaptive, Estimator
 from .params import ParamSelection
 from .scales import pretrained_rms_scales
+from .schedules import LRSchedule
 
 FINAL_NORM = ParamSelection(include=(r"^model\.norm\.weight$",))
 """The recipe's trainable set: the decoder's final norm (Llama, Qwen2, Mistral, SmolLM2 name it so)."""
 REFERENCE_NUMBERS = 576
 """d of the set the recipe's lr was measured on (SmolLM2-135M's final norm)."""
-REFERENCE_LR = 1e-2
 EPS = 1e-3
-ADAPTER_LR = 1e-3
 ADAPTER_EPS = 1e-2
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step measured on the reference set: an estimator with its probes, its lr at d = REFERENCE_NUMBERS, and
+    the lr's schedule over the job's steps."""
+
+    estimator: Estimator
+    n_probes: int
+    lr: float
+    schedule: LRSchedule
+
+    def lr_for(self, numbers: int) -> float:
+        """The lr for the recipe's own set (the final norm) of ``numbers`` numbers: this step's at the reference
+        set, the same step length above it (never more than the measured lr below it)."""
+        return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers)))
+
+
+SAFE_STEP_LENGTH = 1e-2 * math.sqrt(REFERENCE_NUMBERS)
+"""How far a default step may move any other set (0.24): the step length of the first recipe (SPSA, one probe, lr
+1e-2 on 576 numbers), under which every set of the no-wreck tests held its loss on an unrelated text. Under
+``scalar_rms`` a step of n probes is about lr·√(d/n) long (each probe's unit-variance coefficient along its z,
+n nearly orthogonal z's of length √d, divided by n), whatever the estimator."""
+
+
+def safe_lr(numbers: int, n_probes: int) -> float:
+    """The lr that makes a step of ``n_probes`` probes on ``numbers`` numbers SAFE_STEP_LENGTH long."""
+    return SAFE_STEP_LENGTH * math.sqrt(n_probes / max(1, numbers))
+
+
+RECIPE_STEP = Step(Estimator.FZOO, 8, 0.2, LRSchedule.COSINE)
+"""What a job that names no estimator gets (``make sim-final-norm``, 2026-12-05)."""
+ONE_PROBE_STEP = Step(Estimator.SPSA, 1, 1e-2, LRSchedule.CONSTANT)
+"""What a job that names another estimator, or a single probe, gets (``make bench-learning``, 2026-12-01)."""
+ADAPTER_STEP = Step(Estimator.SPSA, 1, 1e-3, LRSchedule.CONSTANT)
+"""What an adapter job gets (``make bench-learning``, 2026-12-04); its lr does not scale with the adapter's size."""
+
+
+def measured_step(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False) -> Step:
+    """The measured step a job gets for the estimator and probes it names (None: not named)."""
+    if adapter:
+        return ADAPTER_STEP
+    if estimator is None:
+        return ONE_PROBE_STEP if n_probes == 1 else RECIPE_STEP
+    return RECIPE_STEP if Estimator(estimator) is RECIPE_STEP.estimator else ONE_PROBE_STEP
+
+
+def probes_for(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False) -> tuple[Estimator, int]:
+    """The estimator and probes of a job that names ``estimator`` and ``n_probes`` (None: not named): the measured
+    step's probes for its own estimator, else the named estimator's least."""
+    step = measured_step(estimator, n_probes, adapter=adapter)
+    chosen = Estimator(estimator or step.estimator)
+    return chosen, n_probes or (step.n_probes if chosen is step.estimator else chosen.min_probes)
 
 
 @dataclass(frozen=True)
@@ -53,6 +113,7 @@ class Knobs:
     estimator: Estimator | None = None
     adaptive: Adaptive | None = None
     selection: ParamSelection | None = None
+    schedule: LRSchedule | None = None
 
     def given(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -79,11 +140,6 @@ class RecipeChoice:
                 "trained_numbers": self.trained_numbers}
 
 
-def recipe_lr(numbers: int) -> float:
-    """The recipe's lr for a set of ``numbers`` trained numbers: 1e-2 at 576, the same step norm above."""
-    return REFERENCE_LR * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers)))
-
-
 @dataclass(frozen=True)
 class JobDefaults:
     """What a job gets for what it leaves out: the server's flags where given, else the recipe for what it trains.
@@ -91,7 +147,7 @@ class JobDefaults:
     decide how many numbers a trainable set holds."""
 
     base: MezoConfig = MezoConfig()
-    """Every other field of a job's config (z kind, seed, schedule)."""
+    """Every other field of a job's config (z kind, seed, warm-up)."""
     flags: Knobs = Knobs()
     shapes: Mapping[str, Sequence[int]] | None = None
     num_layers: int | None = None
@@ -106,36 +162,40 @@ class JobDefaults:
         values a config refuses."""
         set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
         chosen = {**self.flags.given(), **job.given()}
+        step = measured_step(chosen.get("estimator"), chosen.get("n_probes"), adapter=adapter)
+        estimator, n_probes = probes_for(chosen.get("estimator"), chosen.get("n_probes"), adapter=adapter)
+        recipe = {"estimator": estimator, "n_probes": n_probes, "schedule": step.schedule}
         numbers, lr_rule = None, ""
         if adapter:
             chosen.pop("selection", None)  # an adapter's tensors are its own
-            recipe = {"lr": ADAPTER_LR, "eps": ADAPTER_EPS, "adaptive": Adaptive.SCALAR_RMS}
+            recipe |= {"lr": step.lr, "eps": ADAPTER_EPS, "adaptive": Adaptive.SCALAR_RMS}
             name, what = "adapter", "a LoRA adapter (the adapter recipe, measured on rank-8 adapters)"
         else:
             selection = chosen.get("selection")
             if selection is None:
                 selection = FINAL_NORM if self._numbers(FINAL_NORM) else ParamSelection()
             numbers = self._numbers(selection)
-            recipe = {"eps": EPS, "adaptive": Adaptive.SCALAR_RMS, "selection": selection}
+            recipe |= {"eps": EPS, "adaptive": Adaptive.SCALAR_RMS, "selection": selection}
             name = "final-norm" if selection == FINAL_NORM else "scaled"
             what = ("the final norm's gain" if selection == FINAL_NORM else
                     f"the set named by the {set_by['selection']}" if "selection" in set_by else
                     "every weight (the checkpoint's shapes could not be read)" if self.shapes is None else
                     "every weight (no final norm found)")
             what += f" ({numbers:,} numbers)" if numbers is not None else ""
-            plain = (chosen.get("adaptive", Adaptive.SCALAR_RMS) is Adaptive.NONE
-                     and chosen.get("estimator", Estimator.SPSA) is Estimator.SPSA)
+            plain = chosen.get("adaptive", Adaptive.SCALAR_RMS) is Adaptive.NONE and estimator is Estimator.SPSA
             if plain or not numbers:  # lr multiplies the projected gradient itself, or d is unknown: the paper's lr
                 recipe["lr"] = MezoConfig.lr
                 lr_rule = "the paper's plain-SGD lr"
                 if not plain:
                     recipe["adaptive"] = Adaptive.NONE
-            else:
-                recipe["lr"] = recipe_lr(numbers)
-                lr_rule = f"1e-2·√(576/{numbers})"
-        recipe["estimator"] = Estimator.SPSA
-        # an estimator that needs several probes gets its least number of them
-        recipe["n_probes"] = Estimator(chosen.get("estimator", Estimator.SPSA)).min_probes
+            elif selection == FINAL_NORM:  # the set the step was measured on: its lr, its step length above 576
+                recipe["lr"] = step.lr_for(numbers)
+                lr_rule = f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})"
+            else:  # a set of matrices moves by what the recipe gives a gain of ~1 only if it is made to: held safe
+                recipe["lr"] = min(step.lr_for(numbers), safe_lr(numbers, n_probes))
+                lr_rule = (f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})"
+                           if recipe["lr"] < safe_lr(numbers, n_probes) else
+                           f"{SAFE_STEP_LENGTH:.2g}·√({n_probes}/{numbers}), a step {SAFE_STEP_LENGTH:.2g} long")
         sources = {k: set_by.get(k, "recipe") for k in KNOBS if not (adapter and k == "selection")}
         if all(v != "recipe" for v in sources.values()):
             name = "none"
@@ -150,7 +210,8 @@ class JobDefaults:
             what += f", each tensor moving in proportion to its RMS in the checkpoint ({config.tensor_scale.value})"
         values = {"lr": f"lr {config.lr:.3g}" + (f" = {lr_rule}" if sources["lr"] == "recipe" and lr_rule else ""),
                   "eps": f"ε {config.eps:g}", "adaptive": f"adaptive {config.adaptive.value}",
-                  "estimator": config.estimator.value, "n_probes": f"{config.n_probes} probe(s)"}
+                  "estimator": config.estimator.value, "n_probes": f"{config.n_probes} probe(s)",
+                  "schedule": f"{config.schedule.value} lr schedule"}
         why = f"trains {what}; " + ", ".join(f"{text} ({sources[k]})" for k, text in values.items())
         return config, RecipeChoice(name, why, sources, numbers)
 
