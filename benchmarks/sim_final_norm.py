@@ -16,7 +16,8 @@ example-forwards): which lr, schedule, ε, batch and estimator to make the recip
 then reported on the held-out set, so the recipe is not tuned on the numbers it is judged by.
 
 Run: ``make sim-final-norm`` (about 5 minutes the first time, for the features; then a second or two a run, about
-15 minutes for the grid on one core).
+25 minutes for the grid on one core); ``--grid recipe-lr`` runs the recipe's lr and its neighbours only (5 seeds,
+a minute or two), the check that chose the recipe's lr at the server's batch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from bench_learning import BATCH, PLAIN, Reference  # noqa: E402
 from sglang_mezo.core.config import MezoConfig  # noqa: E402
 from sglang_mezo.core.estimators import INITIAL_STATE, Adaptive, Estimator  # noqa: E402
 from sglang_mezo.core.params import TrainablePiece, TrainableSet  # noqa: E402
+from sglang_mezo.core.recipe import ONE_PROBE_STEP, RECIPE_STEP, Step  # noqa: E402
 from sglang_mezo.core.run import run_step  # noqa: E402
 from sglang_mezo.core.schedules import LRSchedule  # noqa: E402
 from sglang_mezo.default_model import default_model_path  # noqa: E402
@@ -148,6 +150,18 @@ class Setting:
     def forwards_per_step(self) -> int:
         return self.batch * Estimator(self.estimator).forwards(self.n_probes)
 
+    @classmethod
+    def of(cls, step: Step, **changes) -> Setting:
+        """A measured step of the core's recipe (``core/recipe.py``) at the server's batch, with ``changes``."""
+        return cls(**{"lr": step.lr, "schedule": step.schedule.value, "estimator": step.estimator.value,
+                      "n_probes": step.n_probes, **changes})
+
+
+RECIPE = Setting.of(RECIPE_STEP)
+"""What a job that names nothing runs: the row the server's no-knob row is checked against."""
+FIRST_RECIPE = Setting.of(ONE_PROBE_STEP)
+"""The recipe until 2026-12-05 (SPSA, one probe, lr 1e-2, constant)."""
+
 
 def run(setting: Setting, data: dict[str, Features], gain0: torch.Tensor, *, budget: int, evals: int,
         seed: int) -> dict[str, list[tuple[int, float]]]:
@@ -230,20 +244,33 @@ def grid() -> list[Setting]:
     return out
 
 
+def recipe_lr_grid() -> list[Setting]:
+    """The recipe's step at lrs around its own, and the first recipe."""
+    return [Setting.of(RECIPE_STEP, lr=lr) for lr in (0.1, 0.15, 0.2, 0.3, 0.5)] + [FIRST_RECIPE]
+
+
+GRIDS = {"full": (grid, "sim-final-norm.json"), "recipe-lr": (recipe_lr_grid, "sim-final-norm-recipe-lr.json")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=64_000, help="example-forwards per run")
     parser.add_argument("--points", type=int, nargs="*", default=[16_000, 64_000],
                         help="budgets at which accuracies are reported")
-    parser.add_argument("--seeds", type=int, default=3, help="job seeds per setting (medians reported)")
+    parser.add_argument("--grid", choices=list(GRIDS), default="full",
+                        help="full: 360 settings; recipe-lr: the recipe's lr and its neighbours")
+    parser.add_argument("--seeds", type=int, default=None, help="job seeds per setting (medians reported; default "
+                                                                "3 for the full grid, 5 for recipe-lr)")
     parser.add_argument("--top", type=int, default=10, help="settings shown, best on validation first")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("sim-final-norm.json"))
+    parser.add_argument("--out", type=Path, default=None, help="the json (default: beside this script, per grid)")
     args = parser.parse_args()
+    make_grid, name = GRIDS[args.grid]
+    args.out = args.out or Path(__file__).with_name(name)
+    args.seeds = args.seeds or (3 if args.grid == "full" else 5)
     torch.set_num_threads(1)  # [16-64, 576] products: threads cost more than they give, and leave a core free
     data, gain0 = load()
     began = time.perf_counter()
-    recipe = Setting()
-    settings = [recipe] + [s for s in grid() if s != recipe]
+    settings = [RECIPE] + [s for s in make_grid() if s != RECIPE]
     rows = []
     for setting in tqdm(settings, desc="settings", unit="setting"):
         runs = [run(setting, data, gain0, budget=args.budget, evals=16, seed=s) for s in range(args.seeds)]

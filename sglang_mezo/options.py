@@ -15,7 +15,7 @@ from pathlib import Path
 from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.core.params import ParamSelection
-from sglang_mezo.core.recipe import Knobs
+from sglang_mezo.core.recipe import Knobs, probes_for
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.kernels import ZKind
 
@@ -124,9 +124,15 @@ class MezoServerOptions:
             Adaptive(self.adaptive)
         if self.master not in MASTER_CHOICES:
             raise ValueError(f"--mezo-master must be one of {', '.join(MASTER_CHOICES)}, got {self.master!r}")
-        if self.estimator is not None and (self.n_probes or 1) < Estimator(self.estimator).min_probes:
+        if self.estimator is not None and self.n_probes is not None and \
+                self.n_probes < Estimator(self.estimator).min_probes:
             raise ValueError(f"--mezo-estimator {self.estimator} needs --mezo-n-probes >= "
                              f"{Estimator(self.estimator).min_probes}")
+        recipe_probes = probes_for(None if self.estimator is None else Estimator(self.estimator), self.n_probes)[1]
+        if self.limits.max_probes < recipe_probes:
+            # otherwise every job that names no probes would be refused (a 400) for the recipe's own
+            raise ValueError(f"--mezo-max-probes {self.limits.max_probes} is below the recipe's "
+                             f"{recipe_probes} probes a step: give --mezo-n-probes too")
 
     def knobs(self) -> Knobs:
         """The knobs the operator set (each a job's default; the recipe fills the others)."""
@@ -153,12 +159,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mezo-eps", type=float, default=None,
                        help="Default perturbation scale ε of a job (default: the recipe's: 1e-3, 1e-2 for adapters).")
     group.add_argument("--mezo-n-probes", type=int, default=None,
-                       help="Default number of SPSA probes per step (default: the recipe's: 1).")
+                       help="Default number of probes per step (default: the recipe's: 8 FZOO probes; 1 for spsa, 2 for "
+                            "greedy).")
     group.add_argument("--mezo-z-kind", choices=["auto", *(k.value for k in ZKind)], default="auto",
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
     group.add_argument("--mezo-estimator", choices=[e.value for e in Estimator], default=None,
-                       help="Default estimator of a job: spsa (MeZO; the recipe's), fzoo (one-sided probes, needs "
-                            "n_probes >= 2) or greedy (SPSA's probes, the step along the best of them; n_probes >= 2).")
+                       help="Default estimator of a job: fzoo (one-sided probes normalised by their spread, n_probes "
+                            ">= 2; the recipe's, with 8), spsa (MeZO) or greedy (SPSA's probes, the step along the best of them; n_probes >= 2).")
     group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=None,
                        help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS; the "
                             "recipe's).")

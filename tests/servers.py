@@ -25,7 +25,7 @@ STARTUP_TIMEOUT_S = 240
 _PORTS = range(10000, 22000)
 _BIND_LOST = "address already in use"
 _STARTS = 3
-PAPER_STEP = ("--mezo-adaptive", "none", "--mezo-train", ".")
+PAPER_STEP = ("--mezo-adaptive", "none", "--mezo-estimator", "spsa", "--mezo-train", ".")
 """Flags for servers whose tests check mechanics (replay, masters, TP, failures, restarts), not the recipe: the
 paper's plain step on every weight, as every server trained before the recipe became the default (the lr is each
 test's own)."""

@@ -164,7 +164,8 @@ def test_a_job_that_names_no_knob_gets_the_recipe_and_keeps_an_unrelated_text_s_
     job = run_job(server, {"examples": EXAMPLES, "steps": 40, "batch_size": 3})
     assert job["status"] == "succeeded", job
     recipe = job["recipe"]
-    assert recipe["recipe"] == "final-norm" and recipe["lr"] == 1e-2 and recipe["adaptive"] == "scalar_rms", recipe
+    assert recipe["recipe"] == "final-norm" and recipe["lr"] == 0.2 and recipe["adaptive"] == "scalar_rms", recipe
+    assert (recipe["estimator"], recipe["n_probes"], recipe["schedule"]) == ("fzoo", 8, "cosine"), recipe
     assert set(recipe["sources"].values()) == {"recipe"} and recipe["trained_numbers"] == 32  # the tiny model's
     trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
     assert trajectory["trainable_names"] == ["model.norm.weight"]
@@ -175,6 +176,7 @@ def test_a_job_that_names_no_knob_gets_the_recipe_and_keeps_an_unrelated_text_s_
     assert job["status"] == "succeeded", job
     recipe = job["recipe"]
     assert (recipe["recipe"], recipe["lr"], recipe["eps"], recipe["adaptive"]) == ("adapter", 1e-3, 1e-2, "scalar_rms")
+    assert (recipe["estimator"], recipe["n_probes"], recipe["schedule"]) == ("spsa", 1, "constant"), recipe
     tuned = served_logprobs(server, lora="no-knobs")
     assert max_diff(tuned, base) > 0  # it trained
     assert _text_loss(tuned) - _text_loss(base) <= 0.1, (_text_loss(tuned), _text_loss(base))

@@ -188,8 +188,9 @@ def test_a_job_from_a_data_file_on_the_server(server, files):
     job = run_job(server, {"dataset": dataset, "steps": 4, "eval_every": 2, "lr": 1e-2, "batch_size": 4})
     assert job["status"] == "succeeded", job
     # each knob from the job, else the server's flags (PAPER_STEP), else the recipe
-    assert job["recipe"]["sources"] == {"lr": "job", "eps": "recipe", "n_probes": "recipe", "estimator": "recipe",
-                                        "adaptive": "flag", "selection": "flag"}, job["recipe"]
+    assert job["recipe"]["sources"] == {"lr": "job", "eps": "recipe", "n_probes": "recipe", "estimator": "flag",
+                                        "adaptive": "flag", "selection": "flag", "schedule": "recipe"}, job["recipe"]
+    assert (job["recipe"]["n_probes"], job["recipe"]["schedule"]) == (1, "constant")  # spsa's measured step
     assert (job["recipe"]["lr"], job["recipe"]["eps"], job["recipe"]["adaptive"]) == (1e-2, 1e-3, "none")
     assert [(e["step"], e["n"]) for e in job["evals"]] == [(0, 4), (2, 4), (4, 4)]  # 2 held out per class
     status, out = server.request("POST", "/mezo/eval", {"dataset": dataset})

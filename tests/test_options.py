@@ -32,6 +32,8 @@ def test_flags_reach_the_options_and_folders_resolve(tmp_path):
     method = parse("--mezo-estimator", "fzoo", "--mezo-n-probes", "4", "--mezo-adaptive", "scalar_rms")
     assert (method.estimator, method.n_probes, method.adaptive) == ("fzoo", 4, "scalar_rms")
     assert parse().knobs() == Knobs()  # no flag given: every knob is the recipe's
+    assert parse("--mezo-estimator", "fzoo").knobs().n_probes is None  # the recipe's 8
+    assert parse("--mezo-max-probes", "4", "--mezo-n-probes", "1").limits.max_probes == 4
     assert parse("--mezo-last-layers", "2").knobs() == Knobs(selection=ParamSelection(last_layers=2))
 
 
@@ -39,7 +41,8 @@ def test_flags_reach_the_options_and_folders_resolve(tmp_path):
     (["--mezo-max-probes", "0"], "--mezo-max-probes must be >= 1"),
     (["--mezo-n-probes", "9", "--mezo-max-probes", "8"], "--mezo-max-probes (8)"),
     (["--mezo-data-dir", "/nonexistent/folder"], "not a folder"),
-    (["--mezo-estimator", "fzoo"], "--mezo-estimator fzoo needs --mezo-n-probes >= 2"),
+    (["--mezo-estimator", "fzoo", "--mezo-n-probes", "1"], "--mezo-estimator fzoo needs --mezo-n-probes >= 2"),
+    (["--mezo-max-probes", "4"], "below the recipe's 8 probes a step: give --mezo-n-probes too"),
 ])
 def test_bad_values_stop_the_launch(argv, message):
     with pytest.raises(ValueError, match=re.escape(message)):
