@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench_load import Sample, for_seconds, table, under_traffic
-from harness import served
+from harness import SPSA_STEP, served
 
 from sglang_mezo.client import MezoClient
 from sglang_mezo.default_model import default_model_path
@@ -54,7 +54,7 @@ def main() -> None:
 
     slots = 2 * args.probes + 2
     examples = _examples(32)
-    job = {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "n_probes": 2}
+    job = {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "n_probes": 2, **SPSA_STEP}
     with served(default_model_path(), ["--mezo-last-layers", "1", "--enable-lora", "--lora-backend",
                                        "torch_native", "--max-lora-rank", "8", "--lora-target-modules", *MODULES,
                                        "--max-loras-per-batch", str(slots)],

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import served
+from harness import SPSA_STEP, served
 
 from sglang_mezo.default_model import default_model_path
 from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
@@ -55,7 +55,7 @@ def main() -> None:
             as bf16:
         clients = {"fp32": fp32, "bf16 + fp32 master": bf16}
         job = {"examples": examples[:16], "steps": args.steps, "batch_size": 16, "lr": 0.0, "eps": 1e-3,
-               "z_kind": "rademacher", "objective": "classification"}
+               "z_kind": "rademacher", "objective": "classification", **SPSA_STEP}
         for rep in range(args.reps + 1):  # the first rep warms both up
             for mode, client in clients.items():
                 if client.request("POST", "/flush_cache", admin=True).status != 200:

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import served
+from harness import SPSA_STEP, served
 from tqdm import tqdm
 
 from sglang_mezo.default_model import default_model_path
@@ -178,7 +178,8 @@ def main() -> None:
         examples = [{"prompt": f"{text[:200]} It was", "options": [" terrible", " great"], "label": y}
                     for text, y in train]
         job = under_traffic(base, args.clients, phases[f"{args.steps}-step job"], lambda: client.train(
-            {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4, "eps": 1e-3}))
+            {"examples": examples, "steps": args.steps, "batch_size": args.batch_size, "lr": 1e-4, "eps": 1e-3,
+             **SPSA_STEP}))
 
     trained = phases[f"{args.steps}-step job"]
     bad = check_versions(trained, job["job_id"], job["step"], base_version)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import served  # noqa: E402
+from harness import SPSA_STEP, served  # noqa: E402
 from reference_mezo import ChoiceBatch, choice_loss, paper_step  # noqa: E402
 
 from sglang_mezo.client import MezoClient  # noqa: E402
@@ -163,7 +163,8 @@ class Drift:
 
 
 def measure_drift(client: MezoClient, examples: list[dict], eps: float, steps: int) -> Drift:
-    job = {"examples": examples, "batch_size": len(examples), "lr": 1e-4, "eps": eps, "z_kind": "rademacher"}
+    job = {"examples": examples, "batch_size": len(examples), "lr": 1e-4, "eps": eps, "z_kind": "rademacher",
+           **SPSA_STEP}
     before = statistics.median(cold_eval_seconds(client, examples) for _ in range(3))
     long_job = job_step_seconds(client, {**job, "steps": steps, "seed": 99})
     after = statistics.median(cold_eval_seconds(client, examples) for _ in range(3))
@@ -182,7 +183,7 @@ def measure_server(model_path: Path, reviews: list[tuple[str, int]], rows: list[
             for row in tqdm(mine, desc=f"server ({trainable})", unit="config"):
                 for rep in range(reps):
                     job = {"examples": examples, "steps": steps + 1, "batch_size": len(examples), "lr": 0.0,
-                           "eps": eps, "z_kind": row.kind.value, "seed": rep}
+                           "eps": eps, "z_kind": row.kind.value, "seed": rep, **SPSA_STEP}
                     for seconds in job_step_seconds(client, job)[1:]:  # the first step warms up
                         row.add("server", seconds)
                     row.add("server fwd", cold_eval_seconds(client, examples))

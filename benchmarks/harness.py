@@ -15,6 +15,12 @@ from pathlib import Path
 from sglang_mezo.client import MezoClient
 
 
+SPSA_STEP = {"estimator": "spsa", "schedule": "constant"}
+"""The step the cost and traffic benchmarks time (MeZO's two-sided probes, a constant lr), named so that their jobs
+do not move with the server's recipe (FZOO with 8 probes since 2026-12-05) and stay comparable with their earlier
+rows."""
+
+
 @contextlib.contextmanager
 def served(model_path: Path, flags: Sequence[str], log: Path, start_timeout_s: float = 900) -> Iterator[MezoClient]:
     """A server on a free loopback port with ``flags`` (its output in ``log``), and a client for it; stopped, with

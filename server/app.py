@@ -56,8 +56,8 @@ def _shapes(base_model: str) -> dict[str, tuple[int, ...]] | None:
     try:
         return tensor_shapes(base_model)
     except (CheckpointError, OSError, ValueError) as exc:
-        logger.warning("MeZO: the checkpoint's tensor shapes cannot be read (%s): jobs that leave lr out get plain "
-                       "SGD at the paper's lr", exc)
+        logger.warning("MeZO: the checkpoint's tensor shapes cannot be read (%s): jobs that leave the step out get "
+                       "MeZO's plain step at the paper's lr (one SPSA probe, lr 1e-6)", exc)
         return None
 
 

@@ -32,7 +32,7 @@ class Limits:
         "help": "training and held-out examples of one job together, inline or from a data file"})
     max_tokens_per_job: int = field(default=10_000_000, metadata={
         "help": "tokens of one job's examples together (prompts, completions, every option)"})
-    max_probes: int = field(default=64, metadata={"help": "SPSA probes per step (each costs two forwards)"})
+    max_probes: int = field(default=64, metadata={"help": "probes per step (SPSA's cost two forwards each, FZOO's one)"})
     max_queued_jobs: int = field(default=16, metadata={"help": "jobs queued or running at once"})
     max_adapter_jobs: int = field(default=4, metadata={"help": "adapter jobs training at once (each beside the "
                                                                  "others and the base's queue)"})

@@ -81,8 +81,9 @@ def test_the_job_beats_the_flags_and_the_flags_beat_the_recipe():
 def test_a_job_that_names_part_of_the_step_gets_the_measured_step_it_belongs_to():
     config, _ = DEFAULTS.resolve(Knobs(estimator=Estimator.FZOO))
     assert (config.n_probes, config.lr, config.schedule) == (8, 0.2, LRSchedule.COSINE)  # the recipe's own
-    config, _ = DEFAULTS.resolve(Knobs(n_probes=4))
-    assert (config.estimator, config.n_probes, config.lr) == (Estimator.FZOO, 4, 0.2)
+    config, choice = DEFAULTS.resolve(Knobs(n_probes=4))  # FZOO with 4, the step as long as measured with 8
+    assert (config.estimator, config.n_probes) == (Estimator.FZOO, 4) and "·√(4/8)" in choice.why
+    assert config.lr == pytest.approx(0.2 * math.sqrt(4 / 8))
     for knobs in (Knobs(estimator=Estimator.SPSA), Knobs(n_probes=1)):  # MeZO's one probe, at its measured step
         config, _ = DEFAULTS.resolve(knobs)
         assert (config.estimator, config.n_probes) == (Estimator.SPSA, 1)
@@ -106,8 +107,11 @@ def test_plain_sgd_fzoo_adapters_and_unknown_shapes_get_their_own_safe_defaults(
     assert (config.estimator, config.n_probes, config.schedule) == (Estimator.SPSA, 1, LRSchedule.CONSTANT)
     assert DEFAULTS.resolve(Knobs(estimator=Estimator.FZOO), adapter=True)[0].n_probes == 2  # fits the LoRA pool
     assert "selection" not in choice.sources
-    config, choice = JobDefaults().resolve()
+    config, choice = JobDefaults().resolve()  # the set's size unknown: MeZO's plain step, as before the recipe
     assert (config.lr, config.adaptive, choice.trained_numbers) == (MezoConfig.lr, Adaptive.NONE, None)
+    assert (config.estimator, config.n_probes, config.schedule) == (Estimator.SPSA, 1, LRSchedule.CONSTANT)
+    with pytest.raises(TypeError, match="schedule"):  # a knob passed as a plain field would bypass the recipe
+        DEFAULTS.resolve(schedule=LRSchedule.LINEAR)
     with pytest.raises(ValueError):
         DEFAULTS.resolve(Knobs(eps=0.0))
 

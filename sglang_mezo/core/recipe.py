@@ -1,30 +1,33 @@
 """What a job trains, and with which step, where neither the job nor the server's flags say: the server's recipe.
 
 Precedence, knob by knob (``lr``, ``eps``, ``n_probes``, ``estimator``, ``adaptive``, the trainable set, the lr's
-``schedule``; no flag sets the schedule): the job's own value, else the server's ``--mezo-*`` flag where the operator gave one, else the recipe. OpenAI's
-``learning_rate_multiplier`` scales the lr so chosen.
+``schedule``): the job's own value, else the server's ``--mezo-*`` flag where the operator gave one (no flag sets the
+schedule), else the recipe. OpenAI's ``learning_rate_multiplier`` scales the lr so chosen.
 
 The recipe (docs/learning.md has the measurements behind it):
 
 - **What trains** (jobs on the served weights): the final norm's gain (``model.norm.weight``), unless the job or the
   flags name a set. On SmolLM2-135M that is 576 numbers, and a linear probe on the last hidden state: the set where
-  SPSA's noise is smallest for what it can learn (``make bench-learning``, 2026-12-01: 70.0 % held-out at 16,000
-  example-forwards from 52.5 % zero-shot). A checkpoint without that tensor trains every weight.
+  a zeroth-order step's noise is smallest for what it can learn. A checkpoint without that tensor trains every
+  weight.
 - **The step** (:data:`RECIPE_STEP`): FZOO with 8 one-sided probes (one forward at the weights and 8 probes, 9 a
-  step), ``scalar_rms``, ε 1e-3, a cosine decay of the lr to 0 over the job's steps, and ``lr = 0.2·√(576 / d)``
-  for a set of d numbers. Chosen with ``make sim-final-norm`` (2026-12-05), which runs a final-norm job exactly
-  with this package's step on cached features: over 360 settings and then lr 0.1-0.5 at the server's batch of 16
-  (5 seeds, chosen on a validation split), FZOO n = 8 with a decaying lr learns most per example-forward, lr 0.15
-  to 0.3 equally (0.2, the middle, is taken); held-out 70 % at 16,000 and 75 % at 64,000 example-forwards against
-  68 % and 71 % for the earlier recipe (SPSA, one probe, lr 1e-2, constant). The rule holds the recipe's step norm
-  for a larger set: FZOO's step is about lr·√(d/n) long, so lr ∝ 1/√d keeps it, and a default job never moves a
-  large set further than it moves the final norm (SPSA's step is mostly noise outside the probed directions; the
-  no-wreck tests hold it to that).
-- **A job that names another estimator, or one probe** (:data:`ONE_PROBE_STEP`): MeZO's one two-sided probe at the
-  step measured for it, lr ``1e-2·√(576 / d)`` constant (``make bench-learning``, 2026-12-01); greedy gets its
-  least number of probes at that step.
-- **Adapter jobs**: ``scalar_rms``, lr 1e-3, ε 1e-2, one SPSA probe, constant lr (``make bench-learning``,
-  2026-12-04: a rank-8 adapter on every module reached 72.0 % at 16,000 example-forwards). Not FZOO's 9 forwards:
+  step), ``scalar_rms``, ε 1e-3, and lr 0.2 decaying to 0 on a cosine over the job's steps (the last step applies
+  nothing). Chosen with ``make sim-final-norm`` (2026-12-05), which runs a final-norm job exactly with this
+  package's step on cached features: over 360 settings and then lr 0.1-0.5 at the server's batch of 16 (5 seeds,
+  chosen on a validation split), FZOO n = 8 with a decaying lr learns most per example-forward, lr 0.15 to 0.3
+  alike (0.2, the middle, is taken); held-out 70 % at 16,000 and 75 % at 64,000 example-forwards, against 68 % and
+  71 % for the first recipe (SPSA, one probe, lr 1e-2, constant).
+- **The lr and the set's size**: under ``scalar_rms`` a step of n probes on d numbers is about lr·√(d/n) long. On the
+  final norm (:meth:`Step.lr_for`) the lr keeps the length it was measured at: 0.2·√(576/d)·√(n/8). Every other set
+  is held to :data:`SAFE_STEP_LENGTH`, the first recipe's 0.24 (:func:`safe_lr`): gains near 1 take the final
+  norm's length, weight matrices with entries near 0.02 do not (the no-wreck tests: tests/test_no_wreck.py).
+- **A job that names another estimator, or one probe** (:data:`ONE_PROBE_STEP`): MeZO's two-sided probes at the step
+  measured for one, lr ``1e-2·√(576 / d)`` constant (``make bench-learning``, 2026-12-01); greedy gets its least
+  number of probes. A job naming n >= 2 probes and no estimator gets FZOO with n.
+- **Where the set's size is unknown** (the checkpoint's shapes could not be read): MeZO's plain step at the paper's
+  lr 1e-6, as every job got before the recipe: safe on any set.
+- **Adapter jobs** (:data:`ADAPTER_STEP`): ``scalar_rms``, lr 1e-3, ε 1e-2, one SPSA probe, constant lr (``make
+  bench-learning``, 2026-12-04: rank 8 on every module, 72.0 % at 16,000 example-forwards). Not FZOO's 9 forwards:
   an adapter step scores its probes as adapters in one batch, and SGLang's pool holds 8 by default.
 
 Nothing here reads a checkpoint: the caller gives the tensors' names and shapes.
@@ -60,10 +63,11 @@ class Step:
     lr: float
     schedule: LRSchedule
 
-    def lr_for(self, numbers: int) -> float:
-        """The lr for the recipe's own set (the final norm) of ``numbers`` numbers: this step's at the reference
-        set, the same step length above it (never more than the measured lr below it)."""
-        return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers)))
+    def lr_for(self, numbers: int, n_probes: int | None = None) -> float:
+        """The lr for the recipe's own set (the final norm) of ``numbers`` numbers and ``n_probes`` probes (None:
+        this step's): the step length it was measured at, lr·√(d/n), never more than the measured lr."""
+        fewer = min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
+        return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers))) * fewer
 
 
 SAFE_STEP_LENGTH = 1e-2 * math.sqrt(REFERENCE_NUMBERS)
@@ -86,19 +90,22 @@ ADAPTER_STEP = Step(Estimator.SPSA, 1, 1e-3, LRSchedule.CONSTANT)
 """What an adapter job gets (``make bench-learning``, 2026-12-04); its lr does not scale with the adapter's size."""
 
 
-def measured_step(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False) -> Step:
-    """The measured step a job gets for the estimator and probes it names (None: not named)."""
+def measured_step(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False,
+                  sized: bool = True) -> Step:
+    """The measured step a job gets for the estimator and probes it names (None: not named); ``sized``: whether the
+    number of numbers it trains is known (else the safe one-probe step)."""
     if adapter:
         return ADAPTER_STEP
     if estimator is None:
-        return ONE_PROBE_STEP if n_probes == 1 else RECIPE_STEP
+        return ONE_PROBE_STEP if n_probes == 1 or (n_probes is None and not sized) else RECIPE_STEP
     return RECIPE_STEP if Estimator(estimator) is RECIPE_STEP.estimator else ONE_PROBE_STEP
 
 
-def probes_for(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False) -> tuple[Estimator, int]:
+def probes_for(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False,
+               sized: bool = True) -> tuple[Estimator, int]:
     """The estimator and probes of a job that names ``estimator`` and ``n_probes`` (None: not named): the measured
     step's probes for its own estimator, else the named estimator's least."""
-    step = measured_step(estimator, n_probes, adapter=adapter)
+    step = measured_step(estimator, n_probes, adapter=adapter, sized=sized)
     chosen = Estimator(estimator or step.estimator)
     return chosen, n_probes or (step.n_probes if chosen is step.estimator else chosen.min_probes)
 
@@ -160,21 +167,27 @@ class JobDefaults:
         """The config of a job that set ``job`` (and the other config ``fields_``), and where each knob came from;
         under ``tensor_scale`` the config holds the scales of the tensors it trains. Raises ValueError (a 400) for
         values a config refuses."""
+        clash = sorted(set(fields_) & set(KNOBS))
+        if clash:
+            raise TypeError(f"{clash} are knobs: pass them in Knobs, where the recipe can see them")
         set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
         chosen = {**self.flags.given(), **job.given()}
-        step = measured_step(chosen.get("estimator"), chosen.get("n_probes"), adapter=adapter)
-        estimator, n_probes = probes_for(chosen.get("estimator"), chosen.get("n_probes"), adapter=adapter)
-        recipe = {"estimator": estimator, "n_probes": n_probes, "schedule": step.schedule}
-        numbers, lr_rule = None, ""
+        numbers, lr_rule, selection = None, "", None
         if adapter:
             chosen.pop("selection", None)  # an adapter's tensors are its own
-            recipe |= {"lr": step.lr, "eps": ADAPTER_EPS, "adaptive": Adaptive.SCALAR_RMS}
-            name, what = "adapter", "a LoRA adapter (the adapter recipe, measured on rank-8 adapters)"
         else:
             selection = chosen.get("selection")
             if selection is None:
                 selection = FINAL_NORM if self._numbers(FINAL_NORM) else ParamSelection()
             numbers = self._numbers(selection)
+        named = (chosen.get("estimator"), chosen.get("n_probes"))
+        step = measured_step(*named, adapter=adapter, sized=bool(numbers))
+        estimator, n_probes = probes_for(*named, adapter=adapter, sized=bool(numbers))
+        recipe = {"estimator": estimator, "n_probes": n_probes, "schedule": step.schedule}
+        if adapter:
+            recipe |= {"lr": step.lr, "eps": ADAPTER_EPS, "adaptive": Adaptive.SCALAR_RMS}
+            name, what = "adapter", "a LoRA adapter (the adapter recipe, measured on rank-8 adapters)"
+        else:
             recipe |= {"eps": EPS, "adaptive": Adaptive.SCALAR_RMS, "selection": selection}
             name = "final-norm" if selection == FINAL_NORM else "scaled"
             what = ("the final norm's gain" if selection == FINAL_NORM else
@@ -188,11 +201,12 @@ class JobDefaults:
                 lr_rule = "the paper's plain-SGD lr"
                 if not plain:
                     recipe["adaptive"] = Adaptive.NONE
-            elif selection == FINAL_NORM:  # the set the step was measured on: its lr, its step length above 576
-                recipe["lr"] = step.lr_for(numbers)
-                lr_rule = f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})"
-            else:  # a set of matrices moves by what the recipe gives a gain of ~1 only if it is made to: held safe
-                recipe["lr"] = min(step.lr_for(numbers), safe_lr(numbers, n_probes))
+            elif selection == FINAL_NORM:  # the set the step was measured on: the length it was measured at
+                recipe["lr"] = step.lr_for(numbers, n_probes)
+                lr_rule = f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})" + (
+                    f"·√({n_probes}/{step.n_probes})" if n_probes < step.n_probes else "")
+            else:  # weight matrices do not take what gains near 1 take: any other set is held to the safe length
+                recipe["lr"] = min(step.lr_for(numbers, n_probes), safe_lr(numbers, n_probes))
                 lr_rule = (f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})"
                            if recipe["lr"] < safe_lr(numbers, n_probes) else
                            f"{SAFE_STEP_LENGTH:.2g}·√({n_probes}/{numbers}), a step {SAFE_STEP_LENGTH:.2g} long")
