@@ -14,7 +14,8 @@ server (``sglang-mezo serve``), one job each, the held-out set evaluated every `
 
 Writes the table (stdout), the curves (``benchmarks/bench-learning.json``) and a plot (``benchmarks/bench-learning.png``).
 Run: ``make bench-learning``: a job with no knobs (:data:`NO_KNOBS`: the server's recipe, what a user gets first) and
-the recipe named in full (:data:`RECIPE`) to 16,000 example-forwards and the references
+the first recipe named in full (:data:`RECIPE`: SPSA, one probe, lr 1e-2, the default until 2026-12-05) to 16,000
+example-forwards and the references
 (the paper's curve to 4,000), about an hour on 2 cores with nothing else running (the steps' wall time is part of
 what it measures; ``--budget 64000`` is the issue's full budget, about 4 hours). ``--methods`` runs the other methods explored (README, "Learning"). It measures, it does not
 gate.
@@ -126,8 +127,9 @@ METHODS.update({m.name: m for m in [
            flags=()),
 ]})
 RECIPE = "mezo final norm + scalar_rms lr 1e-2"
+"""The first recipe (the server's default until 2026-12-05), every knob named: the row the no-knob row is measured
+against."""
 PAPER = "paper MeZO (transformers)"
-"""The README's recommendation for classification jobs, and what the demo runs."""
 
 
 @dataclass
@@ -374,7 +376,8 @@ def main() -> None:
 def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: int, png: Path,
            held_out: int) -> None:
     """The plot, and the table: each row's accuracy at 1/8, 1/4, 1/2 and all of the budget ("-" past what the
-    row spent), the forwards and seconds it spent."""
+    row spent: a row whose last evaluation is short of a point by less than its evaluations' spacing ran to it in
+    whole steps), the forwards and seconds it spent."""
     plot(curves, flat, png)
     points = [budget // 8, budget // 4, budget // 2, budget]
     print(f"\n{time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPUs; SmolLM2-135M-Instruct fp32; "
@@ -386,7 +389,8 @@ def report(flat: dict[str, float], full_s: float, curves: list[Curve], budget: i
         spent = "1,000 + their backward passes" if name.startswith("full") else "-"
         print(f"| {name} | " + " | ".join(f"{value:.1%}" for _ in points) + f" | {spent} | {seconds} |")
     for c in curves:
-        cells = [f"{c.at(p):.1%}" if c.forwards[-1] >= p else "-" for p in points]
+        spacing = c.forwards[-1] - c.forwards[-2] if len(c.forwards) > 1 else 0
+        cells = [f"{c.at(p):.1%}" if p - c.forwards[-1] < max(1, spacing) else "-" for p in points]
         print(f"| {c.name} | " + " | ".join(cells) + f" | {c.forwards[-1]:,} | {c.seconds[-1]:.0f} |")
 
 
