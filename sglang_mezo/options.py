@@ -32,7 +32,8 @@ class Limits:
         "help": "training and held-out examples of one job together, inline or from a data file"})
     max_tokens_per_job: int = field(default=10_000_000, metadata={
         "help": "tokens of one job's examples together (prompts, completions, every option)"})
-    max_probes: int = field(default=64, metadata={"help": "probes per step (SPSA's cost two forwards each, FZOO's one)"})
+    max_probes: int = field(default=64,
+                            metadata={"help": "probes per step (SPSA's cost two forwards each, FZOO's one)"})
     max_queued_jobs: int = field(default=16, metadata={"help": "jobs queued or running at once"})
     max_adapter_jobs: int = field(default=4, metadata={"help": "adapter jobs training at once (each beside the "
                                                                  "others and the base's queue)"})
@@ -159,13 +160,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mezo-eps", type=float, default=None,
                        help="Default perturbation scale ε of a job (default: the recipe's: 1e-3, 1e-2 for adapters).")
     group.add_argument("--mezo-n-probes", type=int, default=None,
-                       help="Default number of probes per step (default: the recipe's: 8 FZOO probes; 1 for spsa, 2 for "
-                            "greedy).")
+                       help="Default number of probes per step (default: the recipe's: 8 FZOO probes; 1 for "
+                            "spsa, 2 for greedy).")
     group.add_argument("--mezo-z-kind", choices=["auto", *(k.value for k in ZKind)], default="auto",
                        help="Distribution of the direction z; auto = rademacher on CPU, gaussian on GPU.")
     group.add_argument("--mezo-estimator", choices=[e.value for e in Estimator], default=None,
                        help="Default estimator of a job: fzoo (one-sided probes normalised by their spread, n_probes "
-                            ">= 2; the recipe's, with 8), spsa (MeZO) or greedy (SPSA's probes, the step along the best of them; n_probes >= 2).")
+                            ">= 2; the recipe's, with 8), spsa (MeZO) or greedy (SPSA's probes, the step along the "
+                            "best of them; n_probes >= 2).")
     group.add_argument("--mezo-adaptive", choices=[a.value for a in Adaptive], default=None,
                        help="Default step-size rule of a job: none, or scalar_rms (lr over a running RMS; the "
                             "recipe's).")
