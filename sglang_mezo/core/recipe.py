@@ -69,6 +69,12 @@ class Step:
         fewer = min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
         return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers))) * fewer
 
+    def probes(self, estimator: Estimator | None, n_probes: int | None) -> tuple[Estimator, int]:
+        """The estimator and probes of a job that named ``estimator`` and ``n_probes`` (None: not named) and got
+        this step: this step's probes for its own estimator, else the named estimator's least."""
+        chosen = Estimator(estimator or self.estimator)
+        return chosen, n_probes or (self.n_probes if chosen is self.estimator else chosen.min_probes)
+
 
 SAFE_STEP_LENGTH = 1e-2 * math.sqrt(REFERENCE_NUMBERS)
 """How far a default step may move any other set (0.24): the step length of the first recipe (SPSA, one probe, lr
@@ -103,11 +109,8 @@ def measured_step(estimator: Estimator | None, n_probes: int | None, *, adapter:
 
 def probes_for(estimator: Estimator | None, n_probes: int | None, *, adapter: bool = False,
                sized: bool = True) -> tuple[Estimator, int]:
-    """The estimator and probes of a job that names ``estimator`` and ``n_probes`` (None: not named): the measured
-    step's probes for its own estimator, else the named estimator's least."""
-    step = measured_step(estimator, n_probes, adapter=adapter, sized=sized)
-    chosen = Estimator(estimator or step.estimator)
-    return chosen, n_probes or (step.n_probes if chosen is step.estimator else chosen.min_probes)
+    """The estimator and probes of a job that names ``estimator`` and ``n_probes`` (None: not named)."""
+    return measured_step(estimator, n_probes, adapter=adapter, sized=sized).probes(estimator, n_probes)
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class JobDefaults:
             numbers = self._numbers(selection)
         named = (chosen.get("estimator"), chosen.get("n_probes"))
         step = measured_step(*named, adapter=adapter, sized=bool(numbers))
-        estimator, n_probes = probes_for(*named, adapter=adapter, sized=bool(numbers))
+        estimator, n_probes = step.probes(*named)
         recipe = {"estimator": estimator, "n_probes": n_probes, "schedule": step.schedule}
         if adapter:
             recipe |= {"lr": step.lr, "eps": ADAPTER_EPS, "adaptive": Adaptive.SCALAR_RMS}
@@ -201,15 +204,16 @@ class JobDefaults:
                 lr_rule = "the paper's plain-SGD lr"
                 if not plain:
                     recipe["adaptive"] = Adaptive.NONE
-            elif selection == FINAL_NORM:  # the set the step was measured on: the length it was measured at
+            else:
+                # the set the step was measured on keeps the length it was measured at; weight matrices do not take
+                # what gains near 1 take, so any other set is held to the safe length where that is shorter
                 recipe["lr"] = step.lr_for(numbers, n_probes)
                 lr_rule = f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})" + (
                     f"·√({n_probes}/{step.n_probes})" if n_probes < step.n_probes else "")
-            else:  # weight matrices do not take what gains near 1 take: any other set is held to the safe length
-                recipe["lr"] = min(step.lr_for(numbers, n_probes), safe_lr(numbers, n_probes))
-                lr_rule = (f"{step.lr:g}·√({REFERENCE_NUMBERS}/{numbers})"
-                           if recipe["lr"] < safe_lr(numbers, n_probes) else
-                           f"{SAFE_STEP_LENGTH:.2g}·√({n_probes}/{numbers}), a step {SAFE_STEP_LENGTH:.2g} long")
+                safe = safe_lr(numbers, n_probes)
+                if selection != FINAL_NORM and safe <= recipe["lr"]:
+                    recipe["lr"] = safe
+                    lr_rule = f"{SAFE_STEP_LENGTH:.2g}·√({n_probes}/{numbers}), a step {SAFE_STEP_LENGTH:.2g} long"
         sources = {k: set_by.get(k, "recipe") for k in KNOBS if not (adapter and k == "selection")}
         if all(v != "recipe" for v in sources.values()):
             name = "none"
