@@ -13,6 +13,7 @@ from sglang_mezo.core.recipe import (
     FINAL_NORM,
     ONE_PROBE_STEP,
     RECIPE_STEP,
+    REFERENCE_RMS,
     SAFE_STEP_LENGTH,
     JobDefaults,
     Knobs,
@@ -136,7 +137,17 @@ def test_a_job_that_scales_its_tensors_gets_each_one_s_pretrained_rms_in_its_con
                                               "model.layers.1.mlp.down_proj.weight",
                                               "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]
     assert scales["model.norm.weight"] / scales["model.layers.1.mlp.down_proj.weight"] == pytest.approx(50)
-    assert "pretrained_rms" in choice.why and config.lr == recipe_lr(choice.trained_numbers)
+    # the lr is the final norm's step relative to the set's RMS: each number moves the same fraction of its own
+    # tensor's RMS per step as the reference's final norm (lr/√8 of REFERENCE_RMS), the set's size aside
+    d = choice.trained_numbers
+    rms = math.sqrt((2 * 576 + 0.02**2 * (d - 2 * 576)) / d)
+    assert config.lr == pytest.approx(RECIPE_STEP.lr * rms / REFERENCE_RMS)
+    assert config.lr / math.sqrt(8) * scales["model.norm.weight"] / 1.0 == pytest.approx(
+        RECIPE_STEP.lr / math.sqrt(8) / REFERENCE_RMS)  # a gain of RMS 1 moves 3.9 % of itself, as on the reference
+    assert "pretrained RMS" in choice.why and config.lr > recipe_lr(d)  # not held to the unscaled safe length
+    assert defaults.resolve(Knobs(selection=job.selection, n_probes=2), tensor_scale="pretrained_rms")[0].lr == (
+        pytest.approx(config.lr / 2))  # fewer probes: the measured step's length
+    assert defaults.resolve(Knobs(selection=job.selection, lr=1e-3), tensor_scale="pretrained_rms")[0].lr == 1e-3
     assert defaults.resolve(job)[0].tensor_scales == ()
     with pytest.raises(ValueError, match="adapter"):
         defaults.resolve(adapter=True, tensor_scale="pretrained_rms")

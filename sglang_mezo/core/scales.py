@@ -18,10 +18,9 @@ def square_sum(tensor: torch.Tensor) -> tuple[float, int]:
     return float(tensor.detach().double().square().sum()), tensor.numel()
 
 
-def pretrained_rms_scales(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
-    """s_t = rms(t) / rms(set), floored at :data:`FLOOR`, from each tensor's :func:`square_sum`, where
-    rms(set)² = Σ_t Σ t² / Σ_t n_t: the scales' mean square, weighted by size, is 1 (before the floor), so a step's
-    norm does not change with them."""
+def set_rms(sums: Mapping[str, tuple[float, int]]) -> float:
+    """rms(set), with rms(set)² = Σ_t Σ t² / Σ_t n_t, from each tensor's :func:`square_sum`: what the scales are
+    relative to, and what the recipe's lr for a scaled set is in proportion to (core/recipe.py)."""
     if not sums:
         raise ValueError("no tensors to scale")
     empty = [n for n, (_, count) in sums.items() if count == 0]
@@ -30,4 +29,11 @@ def pretrained_rms_scales(sums: Mapping[str, tuple[float, int]]) -> dict[str, fl
     whole = math.sqrt(math.fsum(sq for sq, _ in sums.values()) / sum(count for _, count in sums.values()))
     if not (whole > 0 and math.isfinite(whole)):
         raise ValueError("the tensors to scale are all zero (or not finite): no scale can be set against them")
+    return whole
+
+
+def pretrained_rms_scales(sums: Mapping[str, tuple[float, int]]) -> dict[str, float]:
+    """s_t = rms(t) / rms(set), floored at :data:`FLOOR`, from each tensor's :func:`square_sum`: the scales' mean
+    square, weighted by size, is 1 (before the floor), so a step's norm does not change with them."""
+    whole = set_rms(sums)
     return {n: max(FLOOR, math.sqrt(sq / count) / whole) for n, (sq, count) in sums.items()}
