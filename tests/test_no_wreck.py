@@ -6,8 +6,9 @@ default steps (the recipe: FZOO n = 8, scalar_rms, ε 1e-3, a cosine-decayed lr 
 memorisation task; its loss on 16 other random sequences may rise by at most BOUND. Measured 2026-12-05 on 2 CPU
 cores: the final norm (at the recipe's lr 0.2) rose by 0.059 nats, every other set (held to a step 0.24 long) by at
 most 0.006; the final norm's lr rule alone on every weight (lr 0.2·√(576/d) = 0.033) rose by 0.30, and lr 0.2 by
-4.7. A set scaled by its pretrained RMS (``tensor_scale``) takes the final norm's step relative to its own RMS, not
-the safe length: measured 2026-12-05, all norms +0.015, the last block -0.001, all weights +0.039. The adapter's
+4.7. A set scaled by its pretrained RMS (``tensor_scale``) takes the final norm's step relative to its own RMS (times
+(576/d)^¼), not the safe length: measured 2026-12-05, final norm +0.013, all norms +0.015, the last block +0.000, all
+weights +0.002 (without the ¼ power: at most +0.039). The adapter's
 own check is a server test (tests/test_adapter_server.py), where adapters live.
 """
 
@@ -71,7 +72,8 @@ def test_default_steps_on_each_trainable_set_hold_the_loss_on_an_unrelated_text(
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SETS))
 def test_default_steps_on_each_set_scaled_by_its_pretrained_rms_hold_the_loss_on_an_unrelated_text(name):
-    """Each tensor moves the final norm's relative step (3.9 % of its RMS a number): matrices as far in their units."""
+    """Each tensor moves the final norm's relative step (3.9 % of its RMS a number, times (576/d)^¼): a matrix as far
+    in its units as a gain."""
     risen, config = rise(Knobs(selection=SETS[name]), TensorScale.PRETRAINED_RMS)
     assert config.tensor_scales and config.lr > 0
     assert risen <= BOUND, f"{name} scaled: lr {config.lr:.3g} raised the unrelated loss by {risen:.3f} nats"

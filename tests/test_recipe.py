@@ -137,14 +137,18 @@ def test_a_job_that_scales_its_tensors_gets_each_one_s_pretrained_rms_in_its_con
                                               "model.layers.1.mlp.down_proj.weight",
                                               "model.layers.1.self_attn.q_proj.weight", "model.norm.weight"]
     assert scales["model.norm.weight"] / scales["model.layers.1.mlp.down_proj.weight"] == pytest.approx(50)
-    # the lr is the final norm's step relative to the set's RMS: each number moves the same fraction of its own
-    # tensor's RMS per step as the reference's final norm (lr/√8 of REFERENCE_RMS), the set's size aside
+    # the lr is the final norm's step relative to the set's RMS: each number moves the fraction of its own tensor's
+    # RMS per step that the reference's final norm's do (lr/√8 of REFERENCE_RMS), times (576/d)^¼
     d = choice.trained_numbers
     rms = math.sqrt((2 * 576 + 0.02**2 * (d - 2 * 576)) / d)
-    assert config.lr == pytest.approx(RECIPE_STEP.lr * rms / REFERENCE_RMS)
+    shrink = (576 / d) ** 0.25
+    assert config.lr == pytest.approx(RECIPE_STEP.lr * rms / REFERENCE_RMS * shrink)
     assert config.lr / math.sqrt(8) * scales["model.norm.weight"] / 1.0 == pytest.approx(
-        RECIPE_STEP.lr / math.sqrt(8) / REFERENCE_RMS)  # a gain of RMS 1 moves 3.9 % of itself, as on the reference
-    assert "pretrained RMS" in choice.why and config.lr > recipe_lr(d)  # not held to the unscaled safe length
+        RECIPE_STEP.lr / math.sqrt(8) / REFERENCE_RMS * shrink)  # a gain of RMS 1: 3.9 % of itself × (576/d)^¼
+    small = Knobs(selection=FINAL_NORM)  # the reference's own size: the final norm's relative step, no more
+    assert defaults.resolve(small, tensor_scale="pretrained_rms")[0].lr == pytest.approx(
+        RECIPE_STEP.lr / REFERENCE_RMS)
+    assert "relative to each tensor's pretrained RMS" in choice.why  # not the unscaled safe length's rule
     assert defaults.resolve(Knobs(selection=job.selection, n_probes=2), tensor_scale="pretrained_rms")[0].lr == (
         pytest.approx(config.lr / 2))  # fewer probes: the measured step's length
     assert defaults.resolve(Knobs(selection=job.selection, lr=1e-3), tensor_scale="pretrained_rms")[0].lr == 1e-3

@@ -22,10 +22,12 @@ The recipe (docs/learning.md has the measurements behind it):
   is held to :data:`SAFE_STEP_LENGTH`, the first recipe's 0.24 (:func:`safe_lr`): gains near 1 take the final
   norm's length, weight matrices with entries near 0.02 do not (the no-wreck tests: tests/test_no_wreck.py).
 - **A set scaled by its pretrained RMS** (a job naming ``tensor_scale: pretrained_rms``; :meth:`Step.lr_scaled`):
-  every number moves the fraction of its own tensor's RMS that the final norm's move under the recipe (lr/√8 of
-  REFERENCE_RMS, 3.9 %), whatever the set's size: a gain and a matrix each in its own units. Every norm of SmolLM2
-  gets lr 0.04 (the safe length would give 0.0036): 70.0 % on 200 held-out after 8,000 example-forwards, against
-  65.5 % for the safe length (lr 0.0128: 70.5 %; 2026-12-05, through the server, benchmarks/pilot-scaled-norms.json).
+  every number moves a fraction of its own tensor's RMS, a gain and a matrix each in its own units: the final norm's
+  under the recipe (lr/√8 of REFERENCE_RMS, 3.9 %) times (576/d)^¼. Every norm of SmolLM2 gets lr 0.0145 (the safe
+  length would give 0.0036). Pilot through the server, 8,000 example-forwards on a 55-step cosine, 200 held-out
+  (2026-12-05, benchmarks/pilot-scaled-norms.json): lr 0.0036 65.5 %, 0.0128 70.5 %, 0.04 70.0 %; but lr 0.04 on
+  a 444-step job diverged within 50 steps (losses above ln 2, 51.7 % at 3,888): hence the ¼ power, between a
+  relative step that does not shrink with d (0.04) and one of fixed relative length (0.0052).
 - **A job that names another estimator, or one probe** (:data:`ONE_PROBE_STEP`): MeZO's two-sided probes at the step
   measured for one, lr ``1e-2·√(576 / d)`` constant (``make bench-learning``, 2026-12-01); greedy gets its least
   number of probes. A job naming n >= 2 probes and no estimator gets FZOO with n.
@@ -77,12 +79,16 @@ class Step:
         fewer = min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
         return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers))) * fewer
 
-    def lr_scaled(self, rms: float, n_probes: int | None = None) -> float:
-        """The lr for a set of pretrained RMS ``rms`` whose tensors move in proportion to their own RMS
-        (``tensor_scale = pretrained_rms``): each number then moves, per step, the fraction of its tensor's RMS that
-        the final norm's moves of REFERENCE_RMS on the reference (lr/√n per number under ``scalar_rms``; 3.9 % for the
-        recipe's step), whatever the set's size; fewer probes than measured keep the measured step's length."""
-        return self.lr * rms / REFERENCE_RMS * min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
+    def lr_scaled(self, rms: float, numbers: int, n_probes: int | None = None) -> float:
+        """The lr for a set of ``numbers`` numbers and pretrained RMS ``rms`` whose tensors move in proportion to their
+        own RMS (``tensor_scale = pretrained_rms``): each number moves, per step, the fraction of its tensor's RMS that
+        the final norm's move of REFERENCE_RMS on the reference (lr/√n per number under ``scalar_rms``; 3.9 % for
+        the recipe's step) times (REFERENCE_NUMBERS / numbers)^¼. Measured on every norm of SmolLM2 (35,136 numbers):
+        without the factor the step diverged within 50 steps of a 444-step job; with it squared (the relative
+        length held fixed, about the safe length) it learned slowest at 8,000 example-forwards. Fewer probes than
+        measured keep the measured step's length; a set smaller than the reference never gets more."""
+        fewer = min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
+        return self.lr * rms / REFERENCE_RMS * min(1.0, (REFERENCE_NUMBERS / max(1, numbers)) ** 0.25) * fewer
 
     def probes(self, estimator: Estimator | None, n_probes: int | None) -> tuple[Estimator, int]:
         """The estimator and probes of a job that named ``estimator`` and ``n_probes`` (None: not named) and got
@@ -224,8 +230,8 @@ class JobDefaults:
             elif sums is not None:
                 # each tensor moves in its own units: the final norm's relative step, a gain's and a matrix's alike
                 rms = set_rms(sums)
-                recipe["lr"] = step.lr_scaled(rms, n_probes)
-                lr_rule = f"{step.lr:g}·{rms:.3g}/{REFERENCE_RMS}" + (
+                recipe["lr"] = step.lr_scaled(rms, numbers, n_probes)
+                lr_rule = f"{step.lr:g}·{rms:.3g}/{REFERENCE_RMS}·({REFERENCE_NUMBERS}/{numbers})^¼" + (
                     f"·√({n_probes}/{step.n_probes})" if n_probes < step.n_probes else "") + (
                     ", the final norm's step relative to each tensor's pretrained RMS")
             else:
