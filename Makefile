@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning sim-final-norm bench-gpu clean
+.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning sim-final-norm sim-fleet bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-learning: $(STAMP)
 ## estimator and batch learn best (chosen on a validation split, reported on bench-learning's held-out set)
 sim-final-norm: $(STAMP)
 	$(PY) benchmarks/sim_final_norm.py
+
+## make sim-fleet: replicas sharing a step by exchanging loss sums (issue 27, docs/fleet.md), simulated with no
+## model: step time against one shard's, the batch used, aborts, re-syncs, bytes per replica, from 1 to 1,000
+sim-fleet: $(STAMP)
+	$(PY) benchmarks/sim_fleet.py
 
 ## make bench-gpu: a pass and a step against copy_, the paper's loop and forwards (bench_gpu.py). On a CPU, a tiny
 ## model as a smoke test (CI runs it); on a GPU machine without SGLang run benchmarks/gpu_check.sh instead
