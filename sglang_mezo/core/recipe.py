@@ -19,8 +19,9 @@ The recipe (docs/learning.md has the measurements behind it):
   71 % for the first recipe (SPSA, one probe, lr 1e-2, constant).
 - **The lr and the set's size**: under ``scalar_rms`` a step of n probes on d numbers is about lr·√(d/n) long. On the
   final norm (:meth:`Step.lr_for`) the lr keeps the length it was measured at: 0.2·√(576/d)·√(n/8). Every other set
-  is held to :data:`SAFE_STEP_LENGTH`, the first recipe's 0.24 (:func:`safe_lr`): gains near 1 take the final
-  norm's length, weight matrices with entries near 0.02 do not (the no-wreck tests: tests/test_no_wreck.py).
+  is held to :data:`SAFE_STEP_LENGTH`, the first recipe's 0.24 (:func:`safe_lr`): gains of RMS ~1-2 take the final
+  norm's length, weight matrices (RMS 0.02 in the tiny Llama, 0.13-0.29 in SmolLM2) do not (the no-wreck tests:
+  tests/test_no_wreck.py).
 - **A set scaled by its pretrained RMS** (a job naming ``tensor_scale: pretrained_rms``; :meth:`Step.lr_scaled`):
   every number moves a fraction of its own tensor's RMS, a gain and a matrix each in its own units: the final norm's
   under the recipe (lr/√8 of REFERENCE_RMS, 3.9 %) times (576/d)^¼. Every norm of SmolLM2 gets lr 0.0145 (the safe
