@@ -153,11 +153,15 @@ def simulate(fleet: Fleet, steps: int, seed: int = 0) -> Stats:
             # at the deadline, commit with the shards in if they hold min_share of the batch; else wait for the
             # shard that brings them there (a small fleet's slow shard), up to the timeout
             enough = math.ceil(fleet.min_share * len(live) - 1e-9)
-            in_time = [r for r in order if arrivals[r] <= fleet.deadline_x * fleet.shard_s]
+            deadline = fleet.deadline_x * fleet.shard_s
+            in_time = [r for r in order if arrivals[r] <= deadline]
             used = in_time if len(in_time) >= enough else order[:enough]
-            wait = (arrivals[used[-1]] if len(used) == len(live) or len(in_time) < enough
-                    else fleet.deadline_x * fleet.shard_s) if len(used) >= enough else timeout
-            wait = min(wait, timeout)
+            if len(used) < enough:  # too many replicas never answer: abort at the timeout
+                wait = timeout
+            elif len(used) == len(live) or len(in_time) < enough:  # every shard in, or waiting past the deadline
+                wait = min(arrivals[used[-1]], timeout)
+            else:
+                wait = deadline
         share = len(used) * shard / batch
         stats.lost += len(lost)
         live = [r for r in live if r not in lost]  # removed at the deadline; the next step re-splits the batch

@@ -77,8 +77,7 @@ class Step:
     def lr_for(self, numbers: int, n_probes: int | None = None) -> float:
         """The lr for the recipe's own set (the final norm) of ``numbers`` numbers and ``n_probes`` probes (None:
         this step's): the step length it was measured at, lr·√(d/n), never more than the measured lr."""
-        fewer = min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
-        return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers))) * fewer
+        return self.lr * min(1.0, math.sqrt(REFERENCE_NUMBERS / max(1, numbers))) * self._fewer(n_probes)
 
     def lr_scaled(self, rms: float, numbers: int, n_probes: int | None = None) -> float:
         """The lr for a set of ``numbers`` numbers and pretrained RMS ``rms`` whose tensors move in proportion to their
@@ -88,8 +87,12 @@ class Step:
         without the factor the step diverged within 50 steps of a 444-step job; with it squared (the relative
         length held fixed, about the safe length) it learned slowest at 8,000 example-forwards. Fewer probes than
         measured keep the measured step's length; a set smaller than the reference never gets more."""
-        fewer = min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
-        return self.lr * rms / REFERENCE_RMS * min(1.0, (REFERENCE_NUMBERS / max(1, numbers)) ** 0.25) * fewer
+        return self.lr * rms / REFERENCE_RMS * min(1.0, (REFERENCE_NUMBERS / max(1, numbers)) ** 0.25) * self._fewer(
+            n_probes)
+
+    def _fewer(self, n_probes: int | None) -> float:
+        """√(n / measured n) for fewer probes than measured (the measured step's length kept), else 1."""
+        return min(1.0, math.sqrt((n_probes or self.n_probes) / self.n_probes))
 
     def probes(self, estimator: Estimator | None, n_probes: int | None) -> tuple[Estimator, int]:
         """The estimator and probes of a job that named ``estimator`` and ``n_probes`` (None: not named) and got
