@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning sim-final-norm sim-fleet bench-gpu clean
+.PHONY: install demo test test-unit bench-precision bench-half bench-load bench-adapter bench-step bench-learning sim-final-norm sim-fleet bench-fleet bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ sim-final-norm: $(STAMP)
 ## model: step time against one shard's, the batch used, aborts, re-syncs, bytes per replica, from 1 to 1,000
 sim-fleet: $(STAMP)
 	$(PY) benchmarks/sim_fleet.py
+
+## make bench-fleet: one job at --dp-size 1 and 2 on this machine: step time, bytes the replicas exchange per step,
+## /generate latency on each replica during the job, and the replicas' fingerprints after it (issue 27)
+bench-fleet: $(STAMP)
+	$(PY) benchmarks/bench_fleet.py
 
 ## make bench-gpu: a pass and a step against copy_, the paper's loop and forwards (bench_gpu.py). On a CPU, a tiny
 ## model as a smoke test (CI runs it); on a GPU machine without SGLang run benchmarks/gpu_check.sh instead

@@ -104,7 +104,9 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     for name in runner.adapter_names():  # the schedulers registered each at launch, from the journal
         executor.adopt(runner.adapter(name).adapter_version)
     hf_config = tokenizer_manager.model_config.hf_config
-    defaults = JobDefaults(base=MezoConfig(z_kind=options.resolved_z_kind(str(server_args.device))),
+    # every replica scores its shard of each step (--dp-size): the jobs' configs record how many shared it
+    defaults = JobDefaults(base=MezoConfig(z_kind=options.resolved_z_kind(str(server_args.device)),
+                                           shards=int(server_args.dp_size or 1)),
                            flags=options.knobs(), shapes=_shapes(base_model),
                            num_layers=getattr(hf_config, "num_hidden_layers", None),
                            square_sums=_square_sums(base_model))

@@ -22,7 +22,7 @@ from sglang_mezo.jobs.job import Evaluation, Job
 from sglang_mezo.jobs.served import SaveReport, ServedSegment, ServedWeights
 from sglang_mezo.jobs.templates import TextChoice, TextCompletion
 from sglang_mezo.kernels import MAX_RANK, MAX_SEED, ZKind
-from sglang_mezo.protocol import FailureKind, StepReport
+from sglang_mezo.protocol import FailureKind, ReplicaFingerprint, StepReport
 
 
 class _Strict(BaseModel):
@@ -434,6 +434,21 @@ class AdapterOut(BaseModel):
                    trained_on=job.trained_on, base_changed=bool(job.trained_on) and job.trained_on != served_version)
 
 
+class FingerprintOut(BaseModel):
+    """One replica's SHA-256 of the weights jobs can move (its TP rank 0's shard), byte for byte."""
+
+    dp_rank: int
+    tp_rank: int
+    digest: str
+    tensors: int
+    weight_version: str
+    consistent: bool
+
+    @classmethod
+    def of(cls, fingerprint: ReplicaFingerprint) -> FingerprintOut:
+        return cls(**dataclasses.asdict(fingerprint))
+
+
 class WeightsOut(BaseModel):
     """What the served weights are: the base checkpoint plus these jobs' steps, in order; and the adapters served
     beside them."""
@@ -447,14 +462,17 @@ class WeightsOut(BaseModel):
     message: str = ""
     precision: PrecisionOut | None = None
     adapters: list[AdapterOut] = []
+    fingerprints: list[FingerprintOut] | None = None
+    """With ``?fingerprint=1``: each data-parallel replica's digest of its weights, computed for this request."""
 
     @classmethod
     def of(cls, weights: ServedWeights, message: str = "", precision: Precision | None = None,
-           adapters: Sequence[Job] = ()) -> WeightsOut:
+           adapters: Sequence[Job] = (), fingerprints: Sequence[ReplicaFingerprint] | None = None) -> WeightsOut:
         return cls(base_model=weights.base_model, weight_version=weights.weight_version, weights_lost=weights.lost,
                    message=message, history=[ServedSegmentOut.of(s) for s in weights.segments],
                    precision=None if precision is None else PrecisionOut.of(precision),
-                   adapters=[AdapterOut.of(job, weights.weight_version) for job in adapters])
+                   adapters=[AdapterOut.of(job, weights.weight_version) for job in adapters],
+                   fingerprints=None if fingerprints is None else [FingerprintOut.of(f) for f in fingerprints])
 
 
 class SaveRequest(_Strict):

@@ -1,13 +1,14 @@
 """The job runner's interfaces implemented over SGLang's tokenizer manager, in the HTTP process.
 
 :class:`TokenizerManagerExecutor` sends chunks, restores and saves to the scheduler(s) as IPC control messages
-(:mod:`sglang_mezo.scheduler.messages`) and waits for the reply; :class:`TokenizerManagerScorer` scores and
-generates through SGLang's own request path, as user traffic.
+(:mod:`sglang_mezo.scheduler.messages`) and waits for the replies, one per data-parallel replica, which must
+agree; :class:`TokenizerManagerScorer` scores and generates through SGLang's own request path, as user traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -19,17 +20,29 @@ import torch
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.jobs.errors import InvalidRequest, Unavailable
-from sglang_mezo.protocol import AdapterRetired, AdapterVersion, ChunkOutcome, RestoreOutcome, SaveOutcome, StepChunk
+from sglang_mezo.protocol import (
+    AdapterRetired,
+    AdapterVersion,
+    ChunkOutcome,
+    Failure,
+    FailureKind,
+    ReplicaFingerprint,
+    RestoreOutcome,
+    SaveOutcome,
+    StepChunk,
+)
 from sglang_mezo.scheduler.messages import (
     MezoAdapterRetireReqInput,
     MezoChunkReqInput,
+    MezoFingerprintReqInput,
+    MezoReqOutput,
     MezoRestoreReqInput,
     MezoSaveReqInput,
 )
 
 logger = logging.getLogger(__name__)
 
-_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome, AdapterRetired)
+_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome, AdapterRetired, ReplicaFingerprint)
 _Moved = TypeVar("_Moved", ChunkOutcome, RestoreOutcome)
 
 COMMUNICATOR = "mezo"
@@ -37,7 +50,8 @@ COMMUNICATOR = "mezo"
 
 
 class TokenizerManagerExecutor:
-    """Implements :class:`sglang_mezo.protocol.ChunkExecutor`: one control message per call, one reply."""
+    """Implements :class:`sglang_mezo.protocol.ChunkExecutor`: one control message per call, one reply per
+    replica."""
 
     def __init__(self, tokenizer_manager) -> None:
         self.tm = tokenizer_manager
@@ -116,23 +130,61 @@ class TokenizerManagerExecutor:
     async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
         return await self._send(MezoSaveReqInput(path=path, float32=float32), SaveOutcome)
 
+    async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
+        return tuple(r.outcome for r in await self._replies(MezoFingerprintReqInput(), ReplicaFingerprint))
+
     async def _send(self, request, expected: type[_O]) -> _O:
+        """The replicas' one answer: replica 0's, once every replica's agrees with it (see :func:`agreed`)."""
+        return agreed([r.outcome for r in await self._replies(request, expected)])
+
+    async def _replies(self, request, expected: type[_O]) -> list[MezoReqOutput]:
+        """One reply per replica (SGLang's fan-out communicator waits for each), in replica order."""
         self.tm.auto_create_handle_loop()
         communicator = getattr(self.tm, f"{COMMUNICATOR}_communicator")
-        replies = await communicator(request)
-        if len(replies) != 1:
-            # each data-parallel replica would draw its own losses; keeping replicas identical is not built yet
-            raise Unavailable(f"expected one scheduler reply, got {len(replies)} (data parallel is not supported)")
-        outcome = replies[0].outcome
-        if not isinstance(outcome, expected):
-            raise Unavailable(f"the scheduler answered a {type(request).__name__} with a {type(outcome).__name__}")
-        return outcome
+        replies = sorted(await communicator(request), key=lambda r: r.dp_rank)
+        if not replies:
+            raise Unavailable("no scheduler answered")
+        for reply in replies:
+            if not isinstance(reply.outcome, expected):
+                raise Unavailable(f"the scheduler answered a {type(request).__name__} with a "
+                                  f"{type(reply.outcome).__name__}")
+        return replies
 
     def _relabelled(self, outcome: _Moved) -> _Moved:
         """Weights that moved have a new label: what /model_info and responses without spans report."""
         if outcome.weight_version:
             self.tm._update_weight_version_if_provided(outcome.weight_version)
         return outcome
+
+
+def agreed(outcomes: Sequence[_O]) -> _O:
+    """The replicas' common outcome (replica 0's first). Replicas that moved in lockstep report the same steps, the
+    same losses and coefficients, the same label and the same consistency; a failure is reported by whichever
+    replica had it (the others say only that another replica failed). Replicas that disagree about what their
+    weights did are no longer one model: that is reported as inconsistent weights, with no step kept, so the
+    runner restores every replica to the last committed history."""
+    first = outcomes[0]
+    failed = next((o for o in outcomes if getattr(o, "failure", None) is not None
+                   and "on another" not in o.failure.message), None)
+    chosen = failed or first
+    if isinstance(first, ChunkOutcome | RestoreOutcome):
+        seen = {_moved(o) for o in outcomes}
+        if len(seen) > 1:
+            logger.error("MeZO: the replicas disagree about a %s: %s", type(first).__name__, seen)
+            moved = dataclasses.replace(first, failure=Failure(
+                FailureKind.WEIGHTS_INCONSISTENT, f"the {len(outcomes)} replicas disagree about what their weights "
+                                                  "did; restoring them"), weights_consistent=False)
+            return moved if isinstance(first, RestoreOutcome) else dataclasses.replace(moved, reports=(),
+                                                                                       aborted=None)
+    return chosen
+
+
+def _moved(outcome: ChunkOutcome | RestoreOutcome) -> tuple:
+    """What must be equal on every replica: what the weights did, not how long it took or why it failed."""
+    if isinstance(outcome, RestoreOutcome):
+        return (outcome.failure is None, outcome.weights_consistent, outcome.weight_version)
+    return (tuple((r.step, r.result) for r in outcome.reports), outcome.aborted, outcome.failure is None,
+            outcome.weights_consistent, outcome.weight_version)
 
 
 class TokenizerManagerScorer:

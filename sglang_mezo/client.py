@@ -88,8 +88,9 @@ class MezoClient:
             body["objective"] = objective
         return self._call("POST", "/mezo/eval", body, admin=True)
 
-    def weights(self) -> dict:
-        return self._call("GET", "/mezo/weights")
+    def weights(self, *, fingerprint: bool = False) -> dict:
+        """GET /mezo/weights; ``fingerprint``: with each replica's digest of its weights, computed now."""
+        return self._call("GET", "/mezo/weights" + ("?fingerprint=1" if fingerprint else ""))
 
     def reset(self, job_id: str | None = None, step: int | None = None) -> dict:
         body = {k: v for k, v in (("job_id", job_id), ("step", step)) if v is not None}

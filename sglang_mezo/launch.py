@@ -58,11 +58,13 @@ def server_command(args: Sequence[str], *, cuda: bool, enable_mezo: bool = True,
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (stub_path(), env.get("PYTHONPATH", "")) if p)
         tp = int(_flag_value(args, "--tp", "--tp-size", "--tensor-parallel-size") or 1)
-        if tp > 1:
-            # tensor parallel on a CPU: one core set per rank (else SGLang asserts about NUMA nodes), and no NCCL
-            # (the CUDA wheels ship one whose communicator fails on a CPU device; all-reduce then uses gloo)
+        dp = int(_flag_value(args, "--dp", "--dp-size", "--data-parallel-size") or 1)
+        if tp * dp > 1:
+            # tensor or data parallel on a CPU: one core set per scheduler process (else SGLang asserts about NUMA
+            # nodes), and no NCCL (the CUDA wheels ship one whose communicator fails on a CPU device; all-reduce
+            # then uses gloo)
             cores = os.cpu_count() or 1
-            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(str(rank % cores) for rank in range(tp)))
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(str(rank % cores) for rank in range(tp * dp)))
             env.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so")
         env.pop("TRITON_INTERPRET", None)  # a test-only switch; the server's own Triton code must not see it
     return [sys.executable, "-m", "sglang.launch_server", *args], env

@@ -105,6 +105,9 @@ class MezoServerOptions:
     resume_adapters: tuple[ServedAdapter, ...] = field(default=(), repr=False)
     """The trained adapters the journal held at launch, each at the version its name served: the scheduler registers
     them with SGLang's LoRA manager before serving."""
+    replica_address: str | None = field(default=None, repr=False)
+    """Under ``--dp-size > 1``: the loopback ``host:port`` where the scheduler processes of every replica form
+    their group (:mod:`sglang_mezo.scheduler.replicas`), chosen by the plugin in the HTTP process at launch."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):

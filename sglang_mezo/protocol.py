@@ -175,7 +175,27 @@ class AdapterRetired:
     job_id: str | None = None
 
 
-Outcome = ChunkOutcome | RestoreOutcome | SaveOutcome | AdapterRetired
+@dataclass(frozen=True)
+class ReplicaFingerprint:
+    """One replica's digest of the weights jobs can move, as its TP rank 0 holds them (see
+    :func:`~sglang_mezo.core.params.weights_digest`)."""
+
+    dp_rank: int
+    tp_rank: int
+    digest: str
+    tensors: int
+    """How many checkpoint tensors the digest covers."""
+    weight_version: str
+    consistent: bool = True
+    """False while the replica's weights are at no committed step (training disabled until a restore)."""
+    exchanged_bytes: int = 0
+    """What this replica's TP rank 0 has put into the replicas' collectives since launch (payload bytes; 0 with
+    one replica)."""
+    exchanges: int = 0
+    """How many collectives that was."""
+
+
+Outcome = ChunkOutcome | RestoreOutcome | SaveOutcome | AdapterRetired | ReplicaFingerprint
 
 
 def weight_version_label(job_id: str, committed_steps: int, aborted: bool = False) -> str:
@@ -209,6 +229,10 @@ class ChunkExecutor(Protocol):
 
     async def end_adapter_job(self, job_id: str) -> None:
         """An adapter job ended (any way): its training state may go; the versions it published keep serving."""
+        ...
+
+    async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
+        """Each replica's digest of the weights jobs can move, in replica order, computed now."""
         ...
 
 

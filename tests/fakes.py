@@ -21,7 +21,7 @@ from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.estimators import Adaptive, Estimator
 from sglang_mezo.core.interface import CompletionScores, ScoringItem
 from sglang_mezo.core.objectives import batch_loss_fn
-from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
+from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet, weights_digest
 from sglang_mezo.core.probes import ProbeCopies, copies_needed, run_slot_step
 from sglang_mezo.core.recipe import JobDefaults, Knobs
 from sglang_mezo.core.run import run_step
@@ -31,6 +31,7 @@ from sglang_mezo.engines.hf import HFEngine
 from sglang_mezo.kernels import ZKind, zaxpy_
 from sglang_mezo.options import Folders, Limits
 from sglang_mezo.protocol import (
+    ReplicaFingerprint,
     AbortedStep,
     AdapterVersion,
     ChunkOutcome,
@@ -179,6 +180,11 @@ class FakeExecutor:
 
     async def end_adapter_job(self, job_id: str) -> None:
         self.ended_adapter_jobs.append(job_id)
+
+    async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
+        pieces = self.engine.trainable_pieces()
+        return (ReplicaFingerprint(dp_rank=0, tp_rank=0, digest=weights_digest(pieces),
+                                   tensors=len({p.name for p in pieces}), weight_version=self.version),)
 
     async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
         if self.faults.save is not None:

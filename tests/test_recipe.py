@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -115,6 +116,13 @@ def test_plain_sgd_fzoo_adapters_and_unknown_shapes_get_their_own_safe_defaults(
         DEFAULTS.resolve(schedule=LRSchedule.LINEAR)
     with pytest.raises(ValueError):
         DEFAULTS.resolve(Knobs(eps=0.0))
+
+
+def test_a_server_with_replicas_records_them_in_every_job_and_refuses_adapter_jobs():
+    replicated = dataclasses.replace(DEFAULTS, base=MezoConfig(shards=2))
+    assert replicated.resolve()[0].shards == 2  # the job's steps are shared between them: replay needs to know
+    with pytest.raises(ValueError, match="data parallelism"):
+        replicated.resolve(adapter=True)
 
 
 def test_a_job_that_scales_its_tensors_gets_each_one_s_pretrained_rms_in_its_config():

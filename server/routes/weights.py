@@ -24,11 +24,14 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
 @router.get("/weights")
 @auth_level(AuthLevel.NORMAL)
-async def weights(mezo: Context) -> WeightsOut:
+async def weights(mezo: Context, fingerprint: bool = False) -> WeightsOut:
     """The base checkpoint and the jobs' steps the served weights carry, in order, and their SGLang label; the
-    trained adapters served beside them."""
+    trained adapters served beside them. ``?fingerprint=1`` adds each data-parallel replica's SHA-256 of the weights
+    jobs can move, computed now on the scheduler (between batches; a full pass over those weights)."""
+    fingerprints = await mezo.runner.weights.fingerprints() if fingerprint else None
     return WeightsOut.of(mezo.runner.weights, precision=mezo.precision,
-                         adapters=[mezo.runner.adapter(name) for name in mezo.runner.adapter_names()])
+                         adapters=[mezo.runner.adapter(name) for name in mezo.runner.adapter_names()],
+                         fingerprints=fingerprints)
 
 
 @router.post("/reset")

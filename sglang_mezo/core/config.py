@@ -55,6 +55,10 @@ class MezoConfig:
     z_rank: int = 0
     """0: dense z (MeZO); r >= 1: each trained matrix moves along a rank-r z = U·Vᵀ/√r regenerated from the seed
     (LOZO's perturbation, arXiv 2410.07698; :mod:`sglang_mezo.kernels.z_lowrank`), vectors along dense z."""
+    shards: int = 1
+    """1: one process scores each step's whole batch. N > 1: N data-parallel replicas each score their shard of it
+    (:mod:`.shards`), take the probe off, and combine their losses before the commit, which is then a pass of its
+    own (replay repeats it: the run's bits depend on it)."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "weight_decay", "min_lr_ratio"):
@@ -68,6 +72,8 @@ class MezoConfig:
                              f"{self.lr} * {self.weight_decay}")
         if self.n_probes < 1:
             raise ValueError("n_probes must be >= 1")
+        if not (isinstance(self.shards, int) and self.shards >= 1):
+            raise ValueError(f"shards must be an integer >= 1, got {self.shards!r}")
         if self.total_steps < 1 or self.warmup_steps < 0:
             raise ValueError("total_steps must be >= 1 and warmup_steps >= 0")
         check_seed(self.seed)

@@ -214,3 +214,16 @@ class TrainableSet:
         trajectory can check that it is replayed onto the tensors it was trained on."""
         payload = json.dumps(sorted((n, list(s)) for n, s in self.manifest.items()))
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def weights_digest(pieces: Iterable[TrainablePiece]) -> str:
+    """A SHA-256 of the pieces' values, byte for byte, keyed by checkpoint name and position (each distinct block
+    once, tied weights included once): two engines that hold the same blocks of the same tensors (a replica and a
+    one-process replay, or two replicas) have equal digests exactly when every byte is equal."""
+    blocks = {(p.name, p.row_offset, p.col_offset): p for p in pieces}
+    digest = hashlib.sha256()
+    for key in sorted(blocks):
+        data = blocks[key].data
+        digest.update(json.dumps([*key, list(data.shape), str(data.dtype)]).encode())
+        digest.update(data.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -198,6 +198,9 @@ class JobDefaults:
         clash = sorted(set(fields_) & set(KNOBS))
         if clash:
             raise TypeError(f"{clash} are knobs: pass them in Knobs, where the recipe can see them")
+        if adapter and self.base.shards > 1:
+            raise ValueError(f"adapter jobs do not run under data parallelism yet (this server has "
+                             f"{self.base.shards} replicas, --dp-size): train the served weights, or use one replica")
         set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
         chosen = {**self.flags.given(), **job.given()}
         numbers, lr_rule, selection = None, "", None

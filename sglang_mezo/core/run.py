@@ -16,7 +16,7 @@ from sglang_mezo.kernels import derive_seed
 from .config import MezoConfig
 from .estimators import INITIAL_STATE, AdaptiveState
 from .params import TrainableSet
-from .spsa import AbortedProbes, LossFn, StepResult, mezo_step
+from .spsa import AbortedProbes, LossFn, Reduce, StepResult, mezo_step
 from .trajectory import Trajectory
 
 
@@ -34,13 +34,16 @@ def run_step(
     state: AdaptiveState = INITIAL_STATE,
     on_abort: Callable[[AbortedProbes], None] | None = None,
     before_pass: Callable[[], None] | None = None,
+    reduce: Reduce | None = None,
 ) -> StepResult:
     """Step ``step`` of a run with ``config``: its seeds, its scheduled lr, the config's ε, weight decay, z kind,
     estimator and step-size rule. ``state`` is the rule's state after the previous committed step (the previous
     result's ``adaptive``; the initial state for step 0, and always for a run without a rule). See
     :func:`~sglang_mezo.core.spsa.mezo_step` for ``on_abort`` and ``before_pass``. Under per-tensor scales or a
     low-rank z (``config.tensor_scales``, ``config.z_rank``) the step moves ``params.variant(...)``: the same
-    weights along other directions."""
+    weights along other directions. A config with ``shards > 1`` always takes its probes off before the commit
+    (its replay does), with ``reduce`` combining this shard's losses with the other replicas' (none given: this
+    process holds the whole batch, as a test or a one-replica check of the passes)."""
     return mezo_step(
         params.variant(config.tensor_scales, config.z_rank),
         loss_fn,
@@ -54,7 +57,12 @@ def run_step(
         state=state,
         on_abort=on_abort,
         before_pass=before_pass,
+        reduce=reduce if reduce is not None or config.shards == 1 else _whole_batch,
     )
+
+
+def _whole_batch(loss_plus, loss_minus):
+    return loss_plus, loss_minus
 
 
 class MezoRun:

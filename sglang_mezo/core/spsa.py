@@ -40,6 +40,8 @@ from .params import TrainableSet
 
 LossFn = Callable[[], float]
 """Scores the step's batch under the weights as they are now and returns the mean loss (a host sync)."""
+Reduce = Callable[[Sequence[float], Sequence[float]], tuple[Sequence[float], Sequence[float]]]
+"""Turns one shard's (L+, L-) per probe into the whole batch's (every replica's, combined: :mod:`.shards`)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,6 +203,7 @@ def mezo_step(
     state: AdaptiveState = INITIAL_STATE,
     on_abort: Callable[[AbortedProbes], None] | None = None,
     before_pass: Callable[[], None] | None = None,
+    reduce: Reduce | None = None,
 ) -> StepResult:
     """Run one MeZO step on ``params`` in place and return what it measured.
 
@@ -212,6 +215,10 @@ def mezo_step(
     passes that were applied and taken off, so a trajectory can record them (see :class:`AbortedProbes`).
     ``before_pass`` (if given) runs before every pass over the weights, the commit included; an exception from it
     aborts the step like any other (engines whose processes must move in lockstep agree there).
+
+    With ``reduce`` (a shard of a data-parallel step), ``loss_fn`` scores this replica's shard: the last probe is
+    taken off in a pass of its own, the weights are at the committed step while ``reduce`` waits for the other
+    replicas, and the commit applies the update alone (:func:`replay_step` with ``probes_off`` repeats this).
     """
     seeds, estimator = checked_step(seeds, estimator, eps=eps, lr=lr, weight_decay=weight_decay)
     probe = _Probe(params, kind)
@@ -222,6 +229,11 @@ def mezo_step(
         else:
             loss_plus, base = _probe_one_sided(probe, loss_fn, seeds, eps, sync)
             loss_minus = (base,) * len(seeds)
+        if reduce is not None:
+            sync()
+            probe.take_off()
+            sync()  # a replica whose take-off failed says so here, before anyone waits in the reduction
+            loss_plus, loss_minus = (tuple(v) for v in reduce(loss_plus, loss_minus))
         direction = estimator.direction(loss_plus, loss_minus, eps)
         update, state_after = update_coefficients(direction, lr=lr, rule=adaptive, state=state)
         # -- commit: take the last probe off and apply the update, one pass ------------------------------------
@@ -332,13 +344,15 @@ def replay_step(
     kind: ZKind,
     estimator: Estimator = Estimator.SPSA,
     exact: bool = True,
+    probes_off: bool = False,
 ) -> None:
     """Re-apply a recorded step, its update coefficients as they were applied, without scoring anything.
 
     ``exact`` repeats the step's perturbation passes too (2n + 1 passes for SPSA, n + 1 for FZOO), so every ±ε
     rounding happens as it did in training: a replay on the same kind of device is then bit-identical to the run.
     Without it, only the update is applied (1 pass), which differs from the run by the fp32 round-trip error of
-    its probes (~1 ulp per step).
+    its probes (~1 ulp per step). ``probes_off``: the step took its last probe off before its commit (a sharded
+    step, see :func:`mezo_step`'s ``reduce``), one pass more.
     """
     decay = 1.0 - lr * weight_decay
     if not exact:
@@ -347,6 +361,8 @@ def replay_step(
     probe = _Probe(params, kind)
     for seed, scale in Estimator(estimator).probe_states(seeds, eps):
         probe.move(seed, scale)
+    if probes_off:
+        probe.take_off()
     apply_update(params, seeds, update, decay=decay, kind=kind, take_off=-probe.scale)
 
 

@@ -30,8 +30,9 @@ FORMAT = "sglang-mezo-trajectory"
 FORMAT_VERSION = 3
 _READS = (1, 2, 3, 4)  # v1 had no aborted steps; v1 and v2 only SPSA steps with MeZO's update, -lr·g_k/n
 SCALED_VERSION = 4
-"""Written for a run with per-tensor scales (its config's ``tensor_scales``, which replay applies): a reader of
-version 3 would ignore them and replay other weights, so it must refuse the document. Other runs still write 3."""
+"""Written for a run with per-tensor scales or shards (its config's ``tensor_scales``, which replay applies, or
+``shards > 1``, whose steps took their probes off in a pass of their own): a reader of version 3 would ignore them
+and replay other weights, so it must refuse the document. Other runs still write 3."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class Trajectory:
                 kind=self.z_kind,
                 estimator=record.estimator,
                 exact=exact,
+                probes_off=self.shards > 1,
             )
             applied += 1
         return applied
@@ -182,6 +184,11 @@ class Trajectory:
         return int(self.config.get("z_rank") or 0)
 
     @property
+    def shards(self) -> int:
+        """How many data-parallel replicas shared each step's batch (its config's; 1: one process)."""
+        return int(self.config.get("shards") or 1)
+
+    @property
     def tensor_scales(self) -> dict[str, float]:
         """The run's per-tensor scales (its config's), which its records' z were scaled by; empty: none."""
         return {str(n): float(v) for n, v in self.config.get("tensor_scales") or ()}
@@ -191,7 +198,7 @@ class Trajectory:
     def to_dict(self) -> dict:
         return {
             "format": FORMAT,
-            "format_version": SCALED_VERSION if self.tensor_scales else FORMAT_VERSION,
+            "format_version": SCALED_VERSION if self.tensor_scales or self.shards > 1 else FORMAT_VERSION,
             "generator_version": self.needs,
             "z_kind": self.z_kind.value,
             "trainable_fingerprint": self.trainable_fingerprint,

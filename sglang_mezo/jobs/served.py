@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.protocol import ChunkExecutor, weight_version_label
+from sglang_mezo.protocol import ChunkExecutor, ReplicaFingerprint, weight_version_label
 
 from .errors import Conflict, Unavailable, error_for
 from .journal import Journal, JournalWriteError, Segment
@@ -104,6 +104,10 @@ class ServedWeights:
         except Exception as exc:  # noqa: BLE001 - reported in the job and in /mezo/weights
             logger.error("MeZO: %s", exc)
             return f"{exc}; training stays disabled until POST /mezo/reset succeeds"
+
+    async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
+        """Each replica's digest of the weights jobs can move, computed now (equal digests: equal bytes)."""
+        return await self.executor.fingerprints()
 
     async def save(self, path: str, *, float32: bool = False) -> SaveReport:
         """Write the served weights to ``path`` (a folder) as a Hugging Face checkpoint that transformers and SGLang

@@ -22,8 +22,10 @@ Research notes on these targets (routes, IPC, the scheduler-side step): ``docs/n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
+import socket
 
 from .internals import (
     CPU_LORA_HOOKS,
@@ -84,7 +86,8 @@ def _after_scheduler_dispatcher(result, scheduler) -> None:
     if options.enabled:
         from sglang_mezo.scheduler.handler import install
 
-        install(scheduler, options.resume, options.resume_base_version, options.master, options.resume_adapters)
+        install(scheduler, options.resume, options.resume_base_version, options.master, options.resume_adapters,
+                options.replica_address)
 
 
 def _before_http_setup(server_args, tokenizer_manager, *args, **kwargs) -> None:
@@ -125,8 +128,9 @@ def _refusal(namespace) -> str | None:
     if getattr(namespace, "skip_tokenizer_init", False):
         return "--enable-mezo needs the tokenizer (training examples are text): drop --skip-tokenizer-init"
     if int(getattr(namespace, "dp_size", 1) or 1) > 1:
-        return ("--enable-mezo does not support data parallelism (--dp-size > 1) yet: every replica would have to "
-                "apply the same updates")
+        if getattr(namespace, "enable_dp_attention", False):
+            return ("--enable-mezo with --dp-size supports replicas of the whole model, not --enable-dp-attention "
+                    "(its DP ranks share one TP group)")
     if not envs.SGLANG_USE_PICKLE_IPC.get():
         return "--enable-mezo needs SGLang's pickle IPC (SGLANG_USE_PICKLE_IPC=1, the default)"
     return None
@@ -145,6 +149,8 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
             raise SystemExit(f"sglang-mezo: {refusal}")
         if options.state_dir:
             options = _resume(options, server_args)
+        if int(server_args.dp_size or 1) > 1:
+            options = dataclasses.replace(options, replica_address=_loopback_address())
     setattr(server_args, ATTRIBUTE, options)
     if options.enabled:
         logger.info("MeZO enabled: %s", options)
@@ -156,7 +162,6 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
 def _resume(options, server_args):
     """Read the journal once, before any process serves: the served history goes to the schedulers with the options,
     and SGLang's weight version starts at the label of those weights."""
-    import dataclasses
     import os
 
     from sglang_mezo.jobs.journal import Journal, JournalError
@@ -173,6 +178,13 @@ def _resume(options, server_args):
     return dataclasses.replace(options, resume=tuple(trajectory for _, trajectory in history),
                                resume_base_version=state.base_weight_version,
                                resume_adapters=tuple(state.adapters()))
+
+
+def _loopback_address() -> str:
+    """A free loopback port for the replicas' group: every replica of one server runs on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def _open_to_the_network(namespace) -> bool:

@@ -1,5 +1,5 @@
 """Fault injection for the failure tests (``SGLANG_MEZO_INJECT_FAULT``): a scorer that raises, a NaN loss, or a
-weight pass that dies half-way, at a given step of a given job, on every TP rank or on one."""
+weight pass that dies half-way, at a given step of a given job, on every rank or on one."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from sglang_mezo.kernels import zaxpy_
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "SGLANG_MEZO_INJECT_FAULT"
-"""Testing only: comma-separated ``<kind>@[<seed>/]<step>:<call>[#<tp rank>]`` entries, each making step ``step``
+"""Testing only: comma-separated ``<kind>@[<seed>/]<step>:<call>[#<rank>]`` entries, each making step ``step``
 fail once per server (of the first job with that seed, or of any job), just before its loss call ``call``
-(1-based), that is after the weight pass that precedes that call, on every TP rank or only on the one given.
+(1-based), that is after the weight pass that precedes that call, on every rank or only on the one given (a
+process's rank in the server: replica × TP size + TP rank, so the TP rank with one replica and the replica with
+one TP rank each).
 ``raise`` raises, ``nan`` returns NaN, ``torn`` moves part of the trainable tensors (as a weight pass that died
 half-way would) and raises :class:`InconsistentWeightsError`. An adapter job's step makes one scoring call (every
 probe at once): there ``raise`` and ``nan`` fail that call, and ``torn`` moves half of the adapter's fp32 master
@@ -26,16 +28,16 @@ KINDS = ("raise", "nan", "torn")
 
 
 class FaultInjector:
-    def __init__(self, spec: str | None, tp_rank: int) -> None:
+    def __init__(self, spec: str | None, rank: int) -> None:
         self.pending: dict[tuple[int | None, int], tuple[str, int]] = {}  # (seed, step) -> (kind, loss call)
         for entry in filter(None, (spec or "").split(",")):
-            what, _, rank = entry.strip().partition("#")
+            what, _, only = entry.strip().partition("#")
             kind, _, where = what.partition("@")
             seed, _, where = where.rpartition("/")
             step, _, call = where.partition(":")
             if kind not in KINDS:
                 raise ValueError(f"{FAULT_ENV}: {entry!r}: the kind must be one of {', '.join(KINDS)}")
-            if not rank or int(rank) == tp_rank:
+            if not only or int(only) == rank:
                 self.pending[(int(seed) if seed else None, int(step))] = (kind, int(call))
 
     def _take(self, seed: int, step: int) -> tuple[str, int] | None:

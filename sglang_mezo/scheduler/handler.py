@@ -19,8 +19,17 @@ the trainable tensors are re-read from the checkpoint on disk and the given hist
 reproduces the weights bit for bit (no model reload).
 
 Tensor parallel: every rank runs these handlers on the same message and agrees with the others at every pass,
-forward and step end (:mod:`.agreement`); the reply, which only rank 0 sends, speaks for all ranks. Everything the
-handler asks of SGLang goes through :class:`.serving.SchedulerServing`.
+forward and step end (:mod:`.agreement`); the reply, which only rank 0 sends, speaks for all ranks.
+
+Data parallel (``--dp-size N``): every replica gets every message too (SGLang's DP controller sends control
+messages to all). A step's batch is split between them (:func:`~sglang_mezo.core.shards.shard_of`); each replica
+scores its shard under every probe, takes the probe off, and the replicas exchange their (examples, per-probe
+losses) in one all-gather; every replica combines the same rows into the same losses, so each computes the same
+coefficients and applies the same commit pass: identical weights, bit for bit, with only scalars exchanged. The
+ranks of all replicas agree at every pass as TP ranks do, so a failure anywhere stops the step everywhere at the
+same pass. Each replica's TP rank 0 replies; the HTTP process checks that the replies agree.
+
+Everything the handler asks of SGLang goes through :class:`.serving.SchedulerServing`.
 
 Every outcome is a reply, never an exception: an exception escaping a handler would kill the scheduler.
 """
@@ -44,9 +53,10 @@ from sglang_mezo.core.estimators import AdaptiveState
 from sglang_mezo.core.lora import ServedAdapter
 from sglang_mezo.core.master import MasterWeights, Placement, Precision
 from sglang_mezo.core.objectives import batch_loss_fn
-from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet
+from sglang_mezo.core.params import ParamSelection, TrainablePiece, TrainableSet, weights_digest
 from sglang_mezo.core.run import run_step
-from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn
+from sglang_mezo.core.shards import combine, shard_of
+from sglang_mezo.core.spsa import AbortedProbes, InconsistentWeightsError, LossFn, Reduce
 from sglang_mezo.core.trajectory import Trajectory
 from sglang_mezo.protocol import (
     AbortedStep,
@@ -54,6 +64,7 @@ from sglang_mezo.protocol import (
     ChunkOutcome,
     Failure,
     FailureKind,
+    ReplicaFingerprint,
     RestoreOutcome,
     SaveOutcome,
     StepChunk,
@@ -61,9 +72,16 @@ from sglang_mezo.protocol import (
 )
 
 from .adapters import AdapterTrainer
-from .agreement import OtherRankFailed, TPAgreement, Verdict
+from .agreement import Agreement, OtherRankFailed, Verdict
 from .faults import FAULT_ENV, FaultInjector
-from .messages import MezoAdapterRetireReqInput, MezoChunkReqInput, MezoReqOutput, MezoRestoreReqInput, MezoSaveReqInput
+from .messages import (
+    MezoAdapterRetireReqInput,
+    MezoChunkReqInput,
+    MezoFingerprintReqInput,
+    MezoReqOutput,
+    MezoRestoreReqInput,
+    MezoSaveReqInput,
+)
 from .serving import SchedulerServing
 
 logger = logging.getLogger(__name__)
@@ -72,12 +90,17 @@ _DISABLED = ("training is disabled: an earlier weight update failed part-way and
              "restored (POST /mezo/reset)")
 
 
+def _no_examples() -> float:
+    """The loss of a replica's empty shard (a batch smaller than the replicas): it weighs nothing in the sum."""
+    return 0.0
+
+
 class MezoSchedulerHandler:
     def __init__(self, serving: SchedulerServing, *, faults: FaultInjector | None = None,
                  master: str = "none") -> None:
         self.serving = serving
         self._faults = faults
-        self._tp: TPAgreement | None = None
+        self._ranks: Agreement | None = None
         self._params: dict[ParamSelection, TrainableSet] = {}
         self._master = master
         self._masters: MasterWeights | None = None
@@ -89,15 +112,16 @@ class MezoSchedulerHandler:
 
     @property
     def faults(self) -> FaultInjector:
-        if self._faults is None:  # the TP rank is known once the model is loaded
-            self._faults = FaultInjector(os.environ.get(FAULT_ENV), self.serving.tp_rank)
+        if self._faults is None:  # the rank is known once the model is loaded
+            self._faults = FaultInjector(os.environ.get(FAULT_ENV), self.serving.place.rank)
         return self._faults
 
     @property
-    def tp(self) -> TPAgreement:
-        if self._tp is None:
-            self._tp = TPAgreement(self.serving.tp_size)
-        return self._tp
+    def ranks(self) -> Agreement:
+        """Every rank that moves in lockstep with this one: its TP group, or every replica's ranks."""
+        if self._ranks is None:
+            self._ranks = self.serving.agreement()
+        return self._ranks
 
     def params_for(self, selection: ParamSelection) -> TrainableSet:
         if selection not in self._params:
@@ -140,7 +164,7 @@ class MezoSchedulerHandler:
         if not verdict.ok:
             self.inconsistent = not verdict.consistent
             failure = failure or Failure(FailureKind.TRAINING_DISABLED if self.inconsistent else FailureKind.INVALID,
-                                         "bad chunk on another tensor-parallel rank")
+                                         "bad chunk on another rank")
             return MezoReqOutput(outcome=ChunkOutcome(failure=failure, weights_consistent=not self.inconsistent))
         params = self.params_for(chunk.config.selection)
         reports: list[StepReport] = []
@@ -168,6 +192,9 @@ class MezoSchedulerHandler:
         """Everything a chunk needs before the weights move, or why it cannot run."""
         if self.inconsistent:
             return Failure(FailureKind.TRAINING_DISABLED, _DISABLED)
+        if chunk.config.shards != self.serving.place.dp_size:
+            return Failure(FailureKind.INVALID, f"the job's steps are shared between {chunk.config.shards} "
+                                                f"replica(s), this server has {self.serving.place.dp_size}")
         try:
             self.params_for(chunk.config.selection)
             self.faults  # noqa: B018 - parses the fault spec now, not mid-step
@@ -181,14 +208,18 @@ class MezoSchedulerHandler:
         """One step, agreed between the ranks: its report, or (None, the failed step's probe passes, why)."""
         config = chunk.config
         started = time.perf_counter()
+        reduce = None
+        if config.shards > 1:
+            batch = shard_of(batch, step, self.serving.place.dp_rank, config.shards)
+            reduce = self._reduce(len(batch))
+        scored = batch_loss_fn(self.serving.engine, chunk.objective, batch) if batch else _no_examples
         # a fault is injected before the forward's agreement: where a failing weight pass would be
-        loss = self.faults.wrap(self._agreeing(batch_loss_fn(self.serving.engine, chunk.objective, batch)),
-                                config.seed, step, params)
+        loss = self.faults.wrap(self._agreeing(scored), config.seed, step, params)
         abort: list[AbortedProbes] = []
         failure = None
         try:
             result = run_step(params, config, step, loss, state=state, on_abort=abort.append,
-                              before_pass=self._in_step_check)
+                              before_pass=self._in_step_check, reduce=reduce)
             verdict = self._agree(True, in_step=False, committed=True)
         except Exception as exc:  # noqa: BLE001 - reported; the weights are handled below
             failure = self._step_failed(chunk.job_id, exc)
@@ -201,10 +232,27 @@ class MezoSchedulerHandler:
             return StepReport(step, result, 1e3 * (time.perf_counter() - started)), None, None
         if self.inconsistent:
             failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, failure.message if failure else
-                              "the weights on another tensor-parallel rank were left inconsistent")
-        failure = failure or Failure(FailureKind.STEP_FAILED, "the step failed on another tensor-parallel rank")
+                              "the weights on another rank were left inconsistent")
+        failure = failure or Failure(FailureKind.STEP_FAILED, f"the step failed on another {self._other}")
         aborted = AbortedStep(step, abort[0]) if abort and not self.inconsistent else None
         return None, aborted, failure
+
+    @property
+    def _other(self) -> str:
+        return "replica" if self.serving.place.dp_size > 1 else "tensor-parallel rank"
+
+    def _reduce(self, examples: int) -> Reduce:
+        """This replica's shard of ``examples`` combined with every other's: one all-gather of (examples, L+…,
+        L-…) per step; the rows of TP ranks other than 0 repeat their replica's and are left out."""
+        place = self.serving.place
+
+        def reduce(loss_plus, loss_minus):
+            rows = self.serving.replicas.all_gather([float(examples), *loss_plus, *loss_minus])
+            totals = combine(rows[::place.tp_size])
+            n = len(loss_plus)
+            return totals[:n], totals[n:]
+
+        return reduce
 
     def _label(self, version: str) -> None:
         """Give the served weights SGLang's weight version ``version``; called while serving is paused, so that
@@ -224,12 +272,18 @@ class MezoSchedulerHandler:
         return Failure(FailureKind.STEP_FAILED, f"{type(exc).__name__}: {exc}")
 
     def _in_step_check(self) -> None:
-        """Under TP, before each weight pass and each forward: every rank says it is still in the step. A rank that
-        failed answers "no" here instead of leaving the others in a collective, and all stop at the same pass."""
-        if self.serving.tp_size > 1 and not self._agree(True, in_step=True).ok:
-            raise OtherRankFailed("the step failed on another tensor-parallel rank")
+        """With more than one rank, before each weight pass (and under TP each forward): every rank says it is still
+        in the step. A rank that failed answers "no" here instead of leaving the others in a collective, and all
+        stop at the same pass."""
+        if self.ranks.size > 1 and not self._agree(True, in_step=True).ok:
+            raise OtherRankFailed(f"the step failed on another {self._other}")
 
     def _agreeing(self, loss: LossFn) -> LossFn:
+        """``loss``, checked first under TP, whose forwards are collectives. A replica's forward is its own: a
+        replica that failed is met at the next pass's check instead (one forward later, 28 bytes fewer each)."""
+        if self.serving.place.tp_size == 1:
+            return loss
+
         def agreed() -> float:
             self._in_step_check()
             return loss()
@@ -237,8 +291,8 @@ class MezoSchedulerHandler:
         return agreed
 
     def _agree(self, ok: bool, *, in_step: bool, passes: int = 0, committed: bool = False) -> Verdict:
-        return self.tp.agree(ok, in_step=in_step, consistent=not self.inconsistent, passes=passes,
-                              committed=committed)
+        return self.ranks.agree(ok, in_step=in_step, consistent=not self.inconsistent, passes=passes,
+                                committed=committed)
 
     def _all_ranks_ok(self, ok: bool) -> bool:
         return self._agree(ok, in_step=False).ok
@@ -284,7 +338,7 @@ class MezoSchedulerHandler:
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             failure = Failure(FailureKind.INVALID, f"bad history: {type(exc).__name__}: {exc}")
         if not self._all_ranks_ok(failure is None):
-            failure = failure or Failure(FailureKind.INVALID, "bad history on another tensor-parallel rank")
+            failure = failure or Failure(FailureKind.INVALID, "bad history on another rank")
             return RestoreOutcome(failure=failure, weights_consistent=not self.inconsistent)
         try:
             copied = load_pieces(plan, None if self._masters is None else self._load_into_master)
@@ -299,7 +353,7 @@ class MezoSchedulerHandler:
         self.inconsistent = not ok
         if not ok:
             failure = failure or Failure(FailureKind.WEIGHTS_INCONSISTENT,
-                                         "restore failed on another tensor-parallel rank")
+                                         "restore failed on another rank")
             return RestoreOutcome(failure=failure, weights_consistent=False)
         return RestoreOutcome(message=f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the "
                                       f"checkpoint and replayed {steps} step(s)")
@@ -308,14 +362,17 @@ class MezoSchedulerHandler:
 
     def save(self, req: MezoSaveReqInput) -> MezoReqOutput:
         """Write the served weights as an HF checkpoint: each rank writes its trainable pieces, rank 0 pastes them
-        into the base checkpoint's tensors. Runs on the scheduler thread, so the weights cannot change meanwhile."""
+        into the base checkpoint's tensors. Runs on the scheduler thread, so the weights cannot change meanwhile.
+        Under data parallelism replica 0's ranks write (every replica holds the same weights); the others wait at
+        the same agreement, so no replica serves a later step before the files are written."""
         parts = Path(req.path) / ".mezo-parts"
         failure = None
         started = time.perf_counter()
+        writes = self.serving.place.dp_rank == 0
         if self.inconsistent:
             failure = Failure(FailureKind.TRAINING_DISABLED,
                               "the served weights are at no committed step: reset them first")
-        else:
+        elif writes:
             try:
                 read = None if self._masters is None else (lambda piece: self._masters.master_of(piece.data))
                 write_parts(parts / f"rank{self.serving.tp_rank}.safetensors", self._movable_pieces(), read)
@@ -323,11 +380,11 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: writing the trainable tensors failed")
                 failure = Failure(FailureKind.CHECKPOINT, f"{type(exc).__name__}: {exc}")
         if not self._all_ranks_ok(failure is None):  # also a barrier: every rank's parts are on disk now
-            failure = failure or Failure(FailureKind.CHECKPOINT, "writing failed on another tensor-parallel rank")
+            failure = failure or Failure(FailureKind.CHECKPOINT, "writing failed on another rank")
             return MezoReqOutput(outcome=SaveOutcome(failure=failure))
         version = self.serving.weight_version()
         tensors: list[str] = []
-        if self.serving.tp_rank == 0:  # the one that replies
+        if writes and self.serving.tp_rank == 0:  # the one that replies for the replica that wrote
             try:
                 tensors = assemble(self.serving.model_path, req.path,
                                    sorted(parts.glob("rank*.safetensors")),
@@ -340,6 +397,18 @@ class MezoSchedulerHandler:
         message = f"saved in {time.perf_counter() - started:.2f} s"
         logger.info("MeZO: weights %s %s to %s", version, message, req.path)
         return MezoReqOutput(outcome=SaveOutcome(weight_version=version, tensors=tuple(tensors), message=message))
+
+    def fingerprint(self, req: MezoFingerprintReqInput) -> MezoReqOutput:
+        """A digest of every weight a job can move, as this rank holds them now (byte for byte: equal on two
+        replicas exactly when their weights are), computed on demand on the scheduler thread, between batches."""
+        place = self.serving.place
+        pieces = self.serving.engine.trainable_pieces()
+        traffic = getattr(self.serving.replicas, "traffic", None)
+        return MezoReqOutput(outcome=ReplicaFingerprint(
+            dp_rank=place.dp_rank, tp_rank=place.tp_rank, digest=weights_digest(pieces),
+            tensors=len({p.name for p in pieces}), weight_version=self.serving.weight_version(),
+            consistent=not self.inconsistent, exchanged_bytes=traffic.payload_bytes if traffic else 0,
+            exchanges=traffic.collectives if traffic else 0))
 
     # -- adapters ------------------------------------------------------------------------------------------------
 
@@ -388,13 +457,15 @@ class MezoSchedulerHandler:
 
 
 def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = "", master: str = "none",
-            adapters: tuple[ServedAdapter, ...] = ()) -> None:
+            adapters: tuple[ServedAdapter, ...] = (), replica_address: str | None = None) -> None:
     """Add the MeZO handlers to a scheduler's request dispatcher (called from the init_request_dispatcher hook, when
     the model is loaded and nothing has been served yet), after replaying ``resume`` (the journal's served
-    history) onto the weights."""
+    history) onto the weights. Under ``--dp-size > 1`` this process first joins the replicas' group at
+    ``replica_address`` (every replica's schedulers start together, so the rendezvous is here, at launch)."""
     from sglang.utils import TypeBasedDispatcher
 
-    handler = MezoSchedulerHandler(SchedulerServing(scheduler), master=master)
+    handler = MezoSchedulerHandler(SchedulerServing(scheduler, replica_address), master=master)
+    handler.ranks  # noqa: B018 - forms the replicas' group now: a replica that cannot join fails its launch
     pieces = handler.serving.engine.trainable_pieces()
     precision = Precision.of(pieces[0].data.dtype if pieces else torch.float32, master)
     if precision.master_bytes_per_parameter:
@@ -406,10 +477,21 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
     if resume:
         handler.restore_at_launch(resume, base_version)
     handler.adapters.restore_at_launch(adapters)
+    replica = handler.serving.place.dp_rank
+
+    def signed(method: Callable[[object], MezoReqOutput]) -> Callable[[object], MezoReqOutput]:
+        def answer(req) -> MezoReqOutput:
+            reply = method(req)
+            reply.dp_rank = replica  # the HTTP process compares the replicas' replies
+            return reply
+
+        return answer
+
     scheduler._request_dispatcher += TypeBasedDispatcher([
-        (MezoChunkReqInput, handler.handle),
-        (MezoRestoreReqInput, handler.restore),
-        (MezoSaveReqInput, handler.save),
-        (MezoAdapterRetireReqInput, handler.retire_adapters),
+        (MezoChunkReqInput, signed(handler.handle)),
+        (MezoRestoreReqInput, signed(handler.restore)),
+        (MezoSaveReqInput, signed(handler.save)),
+        (MezoAdapterRetireReqInput, signed(handler.retire_adapters)),
+        (MezoFingerprintReqInput, signed(handler.fingerprint)),
     ])
     scheduler._mezo_handler = handler

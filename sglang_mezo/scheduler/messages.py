@@ -42,5 +42,11 @@ class MezoAdapterRetireReqInput(BaseReq, kw_only=True):
     """A finished adapter job: its training state (master, probe adapters) is dropped."""
 
 
+class MezoFingerprintReqInput(BaseReq, kw_only=True):
+    """Asks every replica for the digest of its trainable weights (``GET /mezo/weights?fingerprint=1``)."""
+
+
 class MezoReqOutput(BaseReq, kw_only=True):
     outcome: Outcome
+    dp_rank: int = 0
+    """The replica that answered (each replica's TP rank 0 answers every message)."""

@@ -4,13 +4,21 @@ goes through here, so the handler itself runs (and is tested) over any object wi
 
 from __future__ import annotations
 
+from .agreement import Agreement
+from .replicas import Place, ReplicaGroup
 from .scoring import SchedulerEngine
+
+GROUP_TIMEOUT_S = 300.0
+"""How long a collective of the replicas' group may wait for a replica (the launch rendezvous included) before it
+fails: a replica that died leaves the others a failed step, never a hang."""
 
 
 class SchedulerServing:
-    def __init__(self, scheduler) -> None:
+    def __init__(self, scheduler, replica_address: str | None = None) -> None:
         self.scheduler = scheduler
         self._engine: SchedulerEngine | None = None
+        self._replica_address = replica_address
+        self._replicas: ReplicaGroup | None = None
 
     @property
     def engine(self) -> SchedulerEngine:
@@ -25,6 +33,38 @@ class SchedulerServing:
     @property
     def tp_size(self) -> int:
         return self.engine.tp_size
+
+    @property
+    def place(self) -> Place:
+        """This process's replica and TP rank in the server."""
+        from sglang.srt.runtime_context import get_parallel
+
+        dp_size = int(self.scheduler.server_args.dp_size or 1)
+        return Place(dp_rank=int(get_parallel().dp_rank or 0) if dp_size > 1 else 0, dp_size=dp_size,
+                     tp_rank=self.tp_rank, tp_size=self.tp_size)
+
+    @property
+    def replicas(self) -> ReplicaGroup | None:
+        """The group of every scheduler process of every replica (None with one replica); formed on first use,
+        which :func:`~.handler.install` makes at launch, when every replica's schedulers start together."""
+        if self._replicas is None and self.place.dp_size > 1:
+            if not self._replica_address:
+                raise RuntimeError("--dp-size > 1 but no address for the replicas' group was passed")
+            self._replicas = ReplicaGroup(self.place, self._replica_address, GROUP_TIMEOUT_S)
+        return self._replicas
+
+    def agreement(self) -> Agreement:
+        """Agreement over every rank that must move in lockstep: all replicas' ranks, or this replica's TP group."""
+        place = self.place
+        if place.dp_size > 1:
+            return Agreement(place.size, self.replicas.all_reduce_min)
+        if place.tp_size == 1:
+            return Agreement(1, None)
+        import torch.distributed as dist
+        from sglang.srt.distributed import get_tp_group
+
+        group = get_tp_group().cpu_group
+        return Agreement(place.size, lambda flags: dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group))
 
     @property
     def model_path(self) -> str:
