@@ -2,7 +2,7 @@
 latency on each replica during the job, and whether the replicas end with the same weights.
 
 Each row is one ``sglang-mezo serve`` of SmolLM2-135M-Instruct (the demo's model, the server's recipe: its final
-norm, FZOO with 8 probes), the same 40-step job on the same batches of movie reviews. dp 1 is the reference row,
+norm, FZOO with 8 probes), the same 20-step job on the same batches of movie reviews. dp 1 is the reference row,
 measured in the same run. For each server: /generate latency idle (one client, 12 requests) and during the job
 (one client throughout), per replica (``meta_info.dp_rank``); the job's median step (``step_ms`` of its steps); the
 payload each replica put into the replicas' collectives per step (``GET /mezo/weights?fingerprint=1``: bytes and
@@ -32,7 +32,7 @@ from sglang_mezo.jobs.data import balanced_split, rotten_tomatoes
 
 HERE = Path(__file__).parent
 PROMPT = "Review: {text}\nSentiment:"
-STEPS = 40
+STEPS = 20
 BATCH = 16
 
 
