@@ -443,6 +443,9 @@ class FingerprintOut(BaseModel):
     tensors: int
     weight_version: str
     consistent: bool
+    exchanged_bytes: int
+    """Payload this replica has put into the replicas' collectives since launch (0 with one replica)."""
+    exchanges: int
 
     @classmethod
     def of(cls, fingerprint: ReplicaFingerprint) -> FingerprintOut:

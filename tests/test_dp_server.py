@@ -52,6 +52,10 @@ def test_dp2_replicas_train_one_model_by_exchanging_losses(tmp_path):
         job = run_job(server, {"examples": TRAIN, "steps": 50, "lr": 3e-3, "eps": 1e-3, "batch_size": 3,
                                "n_probes": 2})
         assert job["status"] == "succeeded" and job["step"] == 50, job
+        # scalars only: per step and replica, 8 agreements of 28 B and one all-gather of 5 float64, plus a few
+        # agreements per chunk; far under the 1 KB
+        sent = [(p["exchanged_bytes"] - b["exchanged_bytes"]) / 50 for p, b in zip(fingerprints(server), base)]
+        assert all(8 * 28 + 40 <= s < 1024 for s in sent), sent
         trajectory = server.request("GET", f"/mezo/jobs/{job['job_id']}/trajectory")[1]
         assert trajectory["config"]["shards"] == 2 and trajectory["format_version"] == 4
         assert fingerprints(server)[0]["digest"] != base[0]["digest"]
