@@ -49,6 +49,10 @@ def test_dp2_replicas_train_one_model_by_exchanging_losses(tmp_path):
                         env={"SGLANG_MEZO_INJECT_FAULT": "raise@1/12:3#1"}) as server:
         base = fingerprints(server)
         assert base[0]["digest"] == base[1]["digest"]
+        status, body = server.request("GET", "/mezo/weights?fingerprints=1")  # misspelt: said, not ignored
+        assert status == 400 and "fingerprint=1" in body["message"], body
+        assert "fingerprints" not in server.request("GET", "/mezo/weights")[1] or \
+            server.request("GET", "/mezo/weights")[1]["fingerprints"] is None  # computed only when asked
         job = run_job(server, {"examples": TRAIN, "steps": 50, "lr": 3e-3, "eps": 1e-3, "batch_size": 3,
                                "n_probes": 2})
         assert job["status"] == "succeeded" and job["step"] == 50, job

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Literal
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sglang.srt.utils.auth import AuthLevel, auth_level
 
 from sglang_mezo.core.lora import replay_adapter, save_peft_adapter
-from sglang_mezo.jobs.errors import Unavailable
+from sglang_mezo.jobs.errors import InvalidRequest, Unavailable
 from sglang_mezo.jobs.job import Job
 from sglang_mezo.jobs.served import SaveReport
 
@@ -24,11 +25,16 @@ router = APIRouter(prefix="/mezo", tags=["mezo"], route_class=MezoRoute)
 
 @router.get("/weights")
 @auth_level(AuthLevel.NORMAL)
-async def weights(mezo: Context, fingerprint: bool = False) -> WeightsOut:
+async def weights(request: Request, mezo: Context,
+                  fingerprint: Literal["0", "1", "false", "true"] = "0") -> WeightsOut:
     """The base checkpoint and the jobs' steps the served weights carry, in order, and their SGLang label; the
     trained adapters served beside them. ``?fingerprint=1`` adds each data-parallel replica's SHA-256 of the weights
     jobs can move, computed now on the scheduler (between batches; a full pass over those weights)."""
-    fingerprints = await mezo.runner.weights.fingerprints() if fingerprint else None
+    unknown = sorted(set(request.query_params) - {"fingerprint"})
+    if unknown:  # a misspelt fingerprint must not quietly answer without the fingerprints
+        raise InvalidRequest(f"unknown query parameter(s) {unknown}: GET /mezo/weights takes only fingerprint=1")
+    # the four spellings only: a boolean query would also take "on", "yes", "t", … which the schema does not say
+    fingerprints = await mezo.runner.weights.fingerprints() if fingerprint in ("1", "true") else None
     return WeightsOut.of(mezo.runner.weights, precision=mezo.precision,
                          adapters=[mezo.runner.adapter(name) for name in mezo.runner.adapter_names()],
                          fingerprints=fingerprints)
