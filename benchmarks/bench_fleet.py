@@ -9,7 +9,7 @@ payload each replica put into the replicas' collectives per step (``GET /mezo/we
 collectives since launch, before and after the job); every replica's fingerprint after the job.
 
 On 2 cores no speed-up is expected (two replicas share the cores, and SGLang's DP controller spins one while it
-waits): the rows show correctness and overhead. Run: ``make bench-fleet`` (about 10 minutes), then
+waits): the rows show correctness and overhead. Run: ``make bench-fleet`` (about 20 minutes on 2 cores), then
 ``make sim-fleet`` for the simulated fleets. Not a CI test: it measures, it does not gate.
 """
 
