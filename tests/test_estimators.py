@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from fakes import FakeExecutor, FakeScorer, replayed
-from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama, train_through_failures
+from tiny_models import FlakyLoss, mean_step, memorisation_task, quadratic, tiny_llama, train_through_failures
 
 from sglang_mezo.core import params as params_module
 from sglang_mezo.core import spsa
@@ -109,17 +109,12 @@ def test_the_mean_step_points_down_the_gradient(estimator, adaptive, kind):
     is over 6 standard deviations below every method's mean. (MEAZO's square-of-the-mean moment failed this:
     cosines down to 0.23, see :mod:`sglang_mezo.core.estimators`.)"""
     params, tensors, loss, grad = quadratic()
-    start = {n: t.clone() for n, t in tensors.items()}
     config = MezoConfig(lr=1e-2, eps=1e-3, n_probes=PROBES, z_kind=kind, estimator=estimator, adaptive=adaptive,
                         total_steps=STEPS, seed=11)
-    total = torch.zeros_like(grad)
-    state = AdaptiveState()
-    for step in range(STEPS):
-        for n, t in tensors.items():
-            t.copy_(start[n])
-        state = run_step(params, config, step, loss, state=state).adaptive
-        total += torch.cat([(t.double() - start[n].double()).flatten() for n, t in tensors.items()])
-    mean = total / STEPS
+    states = [AdaptiveState()]  # the rule's state carries from step to step; the weights do not
+    mean = mean_step(tensors, STEPS, lambda k: states.append(run_step(params, config, k, loss,
+                                                                      state=states[-1]).adaptive))
+    state = states[-1]
     cosine = float(torch.nn.functional.cosine_similarity(-mean, grad, dim=0))
     assert cosine > 0.9, cosine
     assert state.updates == (STEPS if adaptive is Adaptive.SCALAR_RMS else 0)

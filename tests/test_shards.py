@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama, train_through_failures
+from tiny_models import FlakyLoss, mean_step, memorisation_task, quadratic, tiny_llama, train_through_failures
 
 from sglang_mezo.core.config import MezoConfig
 from sglang_mezo.core.objectives import Objective, batch_loss_fn
@@ -119,13 +119,8 @@ def test_sharded_steps_descend_a_quadratic_along_its_gradient():
     """The mean update of many sharded steps (two "replicas", each reporting the same loss) points along -∇L: the
     extra take-off pass changes the rounding, never the estimator."""
     params, tensors, loss, grad = quadratic()
-    start = {n: t.clone() for n, t in tensors.items()}
     config = MezoConfig(lr=1e-3, eps=1e-3, n_probes=1, z_kind=ZKind.GAUSSIAN, total_steps=2000, seed=1, shards=2)
-    moved = torch.zeros_like(grad)
-    for step in range(config.total_steps):
-        for n, t in tensors.items():
-            t.copy_(start[n])
-        run_step(params, config, step, loss, reduce=lambda p, m: (p, m))
-        moved += torch.cat([(tensors[n].double() - start[n].double()).flatten() for n in tensors])
-    cosine = float(torch.nn.functional.cosine_similarity(-moved, grad, dim=0))
+    mean = mean_step(tensors, config.total_steps,
+                     lambda k: run_step(params, config, k, loss, reduce=lambda p, m: (p, m)))
+    cosine = float(torch.nn.functional.cosine_similarity(-mean, grad, dim=0))
     assert cosine > 0.9, cosine

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import FlakyLoss, memorisation_task, quadratic, tiny_llama, train_through_failures
+from tiny_models import FlakyLoss, mean_step, memorisation_task, quadratic, tiny_llama, train_through_failures
 
 from sglang_mezo.core.config import MezoConfig, TensorScale
 from sglang_mezo.core.master import MasterWeights
@@ -78,16 +78,9 @@ def test_the_mean_scaled_step_points_along_minus_s_squared_grad():
     params, tensors, loss, grad = quadratic()
     scales = {"a.weight": 0.5, "a.bias": 2.0}
     s2 = torch.cat([torch.full((tensors[n].numel(),), scales[n] ** 2, dtype=torch.float64) for n in tensors])
-    start = {n: t.clone() for n, t in tensors.items()}
     config = MezoConfig(lr=1e-3, eps=1e-3, n_probes=PROBES, z_kind=ZKind.RADEMACHER, total_steps=STEPS, seed=11,
                         tensor_scale="pretrained_rms", tensor_scales=tuple(scales.items()))
-    total = torch.zeros_like(grad)
-    for step in range(STEPS):
-        for n, t in tensors.items():
-            t.copy_(start[n])
-        run_step(params, config, step, loss)
-        total += torch.cat([(t.double() - start[n].double()).flatten() for n, t in tensors.items()])
-    mean = total / STEPS
+    mean = mean_step(tensors, STEPS, lambda k: run_step(params, config, k, loss))
     preconditioned = s2 * grad
     cosine = float(torch.nn.functional.cosine_similarity(-mean, preconditioned, dim=0))
     along = float(-mean @ preconditioned) / float(preconditioned @ preconditioned)

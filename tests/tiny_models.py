@@ -147,3 +147,19 @@ def quadratic() -> tuple[TrainableSet, dict[str, torch.Tensor], Callable[[], flo
 
     grad = torch.cat([(curv[n] * (t.double() - target[n])).flatten() for n, t in tensors.items()])
     return params, tensors, loss, grad
+
+
+def mean_step(tensors: dict[str, torch.Tensor], steps: int, step: Callable[[int], object]) -> torch.Tensor:
+    """The mean update of ``step(k)`` for k < ``steps``, each taken from the same start (``tensors`` put back
+    before every step, and left at the start after the last): what a step estimates, in float64, flattened."""
+    start = {n: t.clone() for n, t in tensors.items()}
+    total = None
+    for k in range(steps):
+        for n, t in tensors.items():
+            t.copy_(start[n])
+        step(k)
+        moved = torch.cat([(t.double() - start[n].double()).flatten() for n, t in tensors.items()])
+        total = moved if total is None else total + moved
+    for n, t in tensors.items():
+        t.copy_(start[n])
+    return total / steps

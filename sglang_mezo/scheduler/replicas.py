@@ -38,11 +38,6 @@ class Place:
     def size(self) -> int:
         return self.dp_size * self.tp_size
 
-    @property
-    def replies(self) -> bool:
-        """The TP rank 0 of each replica answers the HTTP process (SGLang sends its replies)."""
-        return self.tp_rank == 0
-
 
 @dataclass
 class Traffic:
