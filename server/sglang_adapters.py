@@ -164,8 +164,8 @@ def agreed(outcomes: Sequence[_O]) -> _O:
     weights did are no longer one model: that is reported as inconsistent weights, with no step kept, so the
     runner restores every replica to the last committed history."""
     first = outcomes[0]
-    failed = next((o for o in outcomes if getattr(o, "failure", None) is not None
-                   and "on another" not in o.failure.message), None)
+    failed = next((o for o in outcomes if getattr(o, "failure", None) is not None and not o.failure.elsewhere),
+                  None)
     chosen = failed or first
     if isinstance(first, ChunkOutcome | RestoreOutcome):
         seen = {_moved(o) for o in outcomes}

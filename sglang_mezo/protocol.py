@@ -52,6 +52,8 @@ class FailureKind(str, enum.Enum):
 class Failure:
     kind: FailureKind
     message: str
+    elsewhere: bool = False
+    """Another rank's or replica's failure, reported by this one: the HTTP side names the one that had it."""
 
 
 @dataclass(frozen=True)

@@ -299,8 +299,8 @@ def test_a_failure_on_one_replica_aborts_the_step_on_both_at_the_same_pass(model
     outcomes = on_both(pairs, lambda h: run(h, "job", range(0, 3), SHARDED))
     assert [len(o.reports) for o in outcomes] == [1, 1]
     assert outcomes[0].aborted == outcomes[1].aborted and outcomes[0].aborted.probes.passes == 3
-    assert "another replica" in outcomes[0].failure.message
-    assert "injected" in outcomes[1].failure.message
+    assert "another replica" in outcomes[0].failure.message and outcomes[0].failure.elsewhere
+    assert "injected" in outcomes[1].failure.message and not outcomes[1].failure.elsewhere
     assert "injected" in agreed(outcomes).failure.message  # the HTTP side reports the replica that failed
     (_, first), (_, second) = pairs
     assert_same(first.weights(), second.weights())

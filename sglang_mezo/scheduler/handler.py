@@ -164,7 +164,7 @@ class MezoSchedulerHandler:
         if not verdict.ok:
             self.inconsistent = not verdict.consistent
             failure = failure or Failure(FailureKind.TRAINING_DISABLED if self.inconsistent else FailureKind.INVALID,
-                                         "bad chunk on another rank")
+                                         "bad chunk on another rank", elsewhere=True)
             return MezoReqOutput(outcome=ChunkOutcome(failure=failure, weights_consistent=not self.inconsistent))
         params = self.params_for(chunk.config.selection)
         reports: list[StepReport] = []
@@ -231,9 +231,11 @@ class MezoSchedulerHandler:
         if verdict.ok:
             return StepReport(step, result, 1e3 * (time.perf_counter() - started)), None, None
         if self.inconsistent:
-            failure = Failure(FailureKind.WEIGHTS_INCONSISTENT, failure.message if failure else
-                              "the weights on another rank were left inconsistent")
-        failure = failure or Failure(FailureKind.STEP_FAILED, f"the step failed on another {self._other}")
+            failure = (Failure(FailureKind.WEIGHTS_INCONSISTENT, failure.message, failure.elsewhere) if failure else
+                       Failure(FailureKind.WEIGHTS_INCONSISTENT, "the weights on another rank were left inconsistent",
+                               elsewhere=True))
+        failure = failure or Failure(FailureKind.STEP_FAILED, f"the step failed on another {self._other}",
+                                     elsewhere=True)
         aborted = AbortedStep(step, abort[0]) if abort and not self.inconsistent else None
         return None, aborted, failure
 
@@ -269,7 +271,8 @@ class MezoSchedulerHandler:
             return Failure(FailureKind.WEIGHTS_INCONSISTENT, f"{type(exc).__name__}: {exc}")
         if not isinstance(exc, OtherRankFailed):
             logger.warning("MeZO job %s: step failed: %s", job_id, exc)
-        return Failure(FailureKind.STEP_FAILED, f"{type(exc).__name__}: {exc}")
+        return Failure(FailureKind.STEP_FAILED, f"{type(exc).__name__}: {exc}",
+                       elsewhere=isinstance(exc, OtherRankFailed))
 
     def _in_step_check(self) -> None:
         """With more than one rank, before each weight pass (and under TP each forward): every rank says it is still
@@ -338,7 +341,7 @@ class MezoSchedulerHandler:
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             failure = Failure(FailureKind.INVALID, f"bad history: {type(exc).__name__}: {exc}")
         if not self._all_ranks_ok(failure is None):
-            failure = failure or Failure(FailureKind.INVALID, "bad history on another rank")
+            failure = failure or Failure(FailureKind.INVALID, "bad history on another rank", elsewhere=True)
             return RestoreOutcome(failure=failure, weights_consistent=not self.inconsistent)
         try:
             copied = load_pieces(plan, None if self._masters is None else self._load_into_master)
@@ -353,7 +356,7 @@ class MezoSchedulerHandler:
         self.inconsistent = not ok
         if not ok:
             failure = failure or Failure(FailureKind.WEIGHTS_INCONSISTENT,
-                                         "restore failed on another rank")
+                                         "restore failed on another rank", elsewhere=True)
             return RestoreOutcome(failure=failure, weights_consistent=False)
         return RestoreOutcome(message=f"re-read {copied} elements of {len({p.name for p in moved})} tensors from the "
                                       f"checkpoint and replayed {steps} step(s)")
@@ -380,7 +383,7 @@ class MezoSchedulerHandler:
                 logger.exception("MeZO: writing the trainable tensors failed")
                 failure = Failure(FailureKind.CHECKPOINT, f"{type(exc).__name__}: {exc}")
         if not self._all_ranks_ok(failure is None):  # also a barrier: every rank's parts are on disk now
-            failure = failure or Failure(FailureKind.CHECKPOINT, "writing failed on another rank")
+            failure = failure or Failure(FailureKind.CHECKPOINT, "writing failed on another rank", elsewhere=True)
             return MezoReqOutput(outcome=SaveOutcome(failure=failure))
         version = self.serving.weight_version()
         tensors: list[str] = []
