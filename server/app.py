@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from fastapi import FastAPI
@@ -26,6 +27,12 @@ from .fine_tuning import routes as fine_tuning_routes
 from .fine_tuning.files import FileStore
 from .fine_tuning.service import FineTuning
 from .fine_tuning.translate import FileTranslator
+from .fleet import routes as fleet_routes
+from .fleet.follower import FollowerGuard, keep_joined, own_url
+from .fleet.leader import FleetLeader
+from .fleet.records import History, Join
+from .fleet.relay import Relay
+from .fleet.role import FleetRole
 from .limits import BodyLimit
 from .routes import ROUTERS
 from .sglang_adapters import TokenizerManagerExecutor, TokenizerManagerScorer
@@ -42,7 +49,7 @@ def install(app: FastAPI, context: MezoContext) -> None:
     app.add_middleware(BodyLimit, limit_bytes=int(context.limits.max_body_mb * 2**20))
     # inside SGLang's key middleware, which SGLang adds later and so wraps this one: keys are checked first
     app.add_middleware(fine_tuning_routes.FineTunedModelNames)
-    for router in (*ROUTERS, fine_tuning_routes.router):
+    for router in (*ROUTERS, fine_tuning_routes.router, fleet_routes.router):
         # flat, not include_router: SGLang's key middleware (--api-key/--admin-api-key) reads a route's auth level
         # from the endpoint of the route it matches, and FastAPI matches an included router as one lazy route
         # whose scope names no endpoint, so every included route would count as NORMAL
@@ -85,6 +92,25 @@ def _observers(server_args, model_name: str) -> list[JobObserver]:
     return [PrometheusObserver({"model_name": model_name})]
 
 
+def _fleet_role(server_args, options: MezoServerOptions) -> tuple[FleetRole | None, Relay | None]:
+    """This server's part in a fleet, and its client for the other servers (None, None outside a fleet)."""
+    fleet = options.fleet
+    if fleet is None:
+        return None, None
+    secret = fleet.secret()
+    role = FleetRole(fleet.rank, fleet.size, fleet.leader_url, secret,
+                     weight_version=str(server_args.weight_version))
+    if fleet.leads and fleet.address.rpartition(":")[2] != str(server_args.port):
+        logger.warning("MeZO fleet: this server leads, but listens on port %s, not the fleet address %s: the others "
+                       "will not find it", server_args.port, fleet.address)
+    return role, Relay(secret, fleet_bearer(server_args))
+
+
+def fleet_bearer(server_args) -> str | None:
+    """The key this server sends the fleet's others: theirs, since a fleet's servers share SGLang's keys."""
+    return getattr(server_args, "admin_api_key", None) or getattr(server_args, "api_key", None)
+
+
 def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptions) -> None:
     """Add the /mezo routes to SGLang's FastAPI app (before uvicorn starts), with a job runner that reaches the
     scheduler(s) through ``tokenizer_manager``."""
@@ -96,11 +122,21 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
         journaled = journal.open(os.path.abspath(base_model), base_version)
         base_version = journaled.base_weight_version
     executor = TokenizerManagerExecutor(tokenizer_manager)
-    runner = JobRunner(executor, TokenizerManagerScorer(tokenizer_manager, versions=executor.adapters),
+    role, relay = _fleet_role(server_args, options)
+    leader = None if role is None or not role.leads else FleetLeader(
+        executor, relay, host=options.fleet.address.rpartition(":")[0], size=role.size,
+        tp_size=int(server_args.tp_size or 1))
+    if leader is not None:
+        role.leader = leader
+    runner = JobRunner(leader or executor, TokenizerManagerScorer(tokenizer_manager, versions=executor.adapters),
                        chunk_target_s=options.chunk_ms / 1e3, yield_s=options.yield_ms / 1e3,
                        base_weight_version=base_version, base_model=base_model,
                        observers=_observers(server_args, model_name), max_active=options.limits.max_queued_jobs,
                        journal=journal, journaled=journaled, max_adapter_jobs=options.limits.max_adapter_jobs)
+    if leader is not None:
+        weights = runner.weights
+        leader.attach(lambda: History(tuple(s.trajectory for s in weights.segments), weights.weight_version,
+                                      weights.base_weight_version, Path(base_model).name))
     for name in runner.adapter_names():  # the schedulers registered each at launch, from the journal
         executor.adopt(runner.adapter(name).adapter_version)
     hf_config = tokenizer_manager.model_config.hf_config
@@ -109,7 +145,10 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                                            shards=int(server_args.dp_size or 1)),
                            flags=options.knobs(), shapes=_shapes(base_model),
                            num_layers=getattr(hf_config, "num_hidden_layers", None),
-                           square_sums=_square_sums(base_model))
+                           square_sums=_square_sums(base_model),
+                           adapters_off=None if role is None else
+                           "adapter jobs do not run in a fleet yet (each server's LoRA pool is its own): train the "
+                           "served weights, or train the adapter on a server outside the fleet")
     files = FileAccess.of(options.folders, base_model)
     precision = Precision.of(tokenizer_manager.model_config.dtype, options.master)
     if precision.refusal:
@@ -122,7 +161,11 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
                          model_name, lora, starts)
     install(app, MezoContext(runner=runner, translator=translator, defaults=defaults, limits=options.limits,
                              files=files, base_model=base_model, precision=precision, openai_files=uploads,
-                             fine_tuning=service, lora=lora, starts=starts))
+                             fine_tuning=service, lora=lora, starts=starts, fleet=role))
+    if role is not None and not role.leads:
+        app.add_middleware(FollowerGuard, role=role)
+        keep_joined(relay, role, Join(role.rank, own_url(str(server_args.host), int(server_args.port), role.leader_url),
+                                      int(server_args.dp_size or 1), int(server_args.tp_size or 1), role.weight_version))
     logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

@@ -19,6 +19,7 @@ from sglang_mezo.options import Limits
 from .adapter_starts import AdapterStarts
 from .files import FileAccess
 from .fine_tuning.files import FileStore
+from .fleet.role import FleetRole
 from .limits import StreamSlots
 from .translate import LoraLaunch, Translator
 
@@ -44,6 +45,8 @@ class MezoContext:
     """The LoRA flags (adapter jobs)."""
     starts: AdapterStarts | None = None
     """Where an adapter job that names ``start_from`` starts (None: from the adapters ``runner``'s jobs trained)."""
+    fleet: FleetRole | None = None
+    """This server's part in a fleet (None: it is not in one)."""
     streams: StreamSlots = field(init=False)
 
     def __post_init__(self) -> None:

@@ -446,6 +446,8 @@ class FingerprintOut(BaseModel):
     exchanged_bytes: int
     """Payload this replica has put into the replicas' collectives since launch (0 with one replica)."""
     exchanges: int
+    server: int = 0
+    """In a fleet: the server that holds the replica (its ``--mezo-fleet-rank``; the leader lists every server's)."""
 
     @classmethod
     def of(cls, fingerprint: ReplicaFingerprint) -> FingerprintOut:

@@ -26,6 +26,7 @@ from sglang_mezo.protocol import (
     ChunkOutcome,
     Failure,
     FailureKind,
+    FleetJoined,
     ReplicaFingerprint,
     RestoreOutcome,
     SaveOutcome,
@@ -42,7 +43,7 @@ from sglang_mezo.scheduler.messages import (
 
 logger = logging.getLogger(__name__)
 
-_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome, AdapterRetired, ReplicaFingerprint)
+_O = TypeVar("_O", ChunkOutcome, RestoreOutcome, SaveOutcome, AdapterRetired, ReplicaFingerprint, FleetJoined)
 _Moved = TypeVar("_Moved", ChunkOutcome, RestoreOutcome)
 
 COMMUNICATOR = "mezo"
@@ -63,7 +64,7 @@ class TokenizerManagerExecutor:
         outcome = await self._send(MezoChunkReqInput(chunk=chunk), ChunkOutcome)
         if outcome.adapter_version is not None:
             await self._serve(outcome.adapter_version)
-        return self._relabelled(outcome)
+        return self.relabelled(outcome)
 
     async def _serve(self, version: AdapterVersion) -> None:
         """Point the adapter's name at ``version`` in SGLang's LoRA registry, in one step under its locks (a request
@@ -124,20 +125,23 @@ class TokenizerManagerExecutor:
             in_flight &= self.tm.rid_to_state.keys()
 
     async def restore(self, history: Sequence[Trajectory], weight_version: str) -> RestoreOutcome:
-        return self._relabelled(await self._send(
+        return self.relabelled(await self._send(
             MezoRestoreReqInput(history=tuple(history), weight_version=weight_version), RestoreOutcome))
 
     async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
         return await self._send(MezoSaveReqInput(path=path, float32=float32), SaveOutcome)
 
     async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
-        return tuple(r.outcome for r in await self._replies(MezoFingerprintReqInput(), ReplicaFingerprint))
+        return tuple(r.outcome for r in await self.replies(MezoFingerprintReqInput(), ReplicaFingerprint))
+
+    async def replicas(self) -> int:
+        return int(self.tm.server_args.dp_size or 1)
 
     async def _send(self, request, expected: type[_O]) -> _O:
         """The replicas' one answer: replica 0's, once every replica's agrees with it (see :func:`agreed`)."""
-        return agreed([r.outcome for r in await self._replies(request, expected)])
+        return agreed([r.outcome for r in await self.replies(request, expected)])
 
-    async def _replies(self, request, expected: type[_O]) -> list[MezoReqOutput]:
+    async def replies(self, request, expected: type[_O]) -> list[MezoReqOutput]:
         """One reply per replica (SGLang's fan-out communicator waits for each), in replica order."""
         self.tm.auto_create_handle_loop()
         communicator = getattr(self.tm, f"{COMMUNICATOR}_communicator")
@@ -150,7 +154,7 @@ class TokenizerManagerExecutor:
                                   f"{type(reply.outcome).__name__}")
         return replies
 
-    def _relabelled(self, outcome: _Moved) -> _Moved:
+    def relabelled(self, outcome: _Moved) -> _Moved:
         """Weights that moved have a new label: what /model_info and responses without spans report."""
         if outcome.weight_version:
             self.tm._update_weight_version_if_provided(outcome.weight_version)

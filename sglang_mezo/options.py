@@ -72,6 +72,45 @@ class Folders:
 
 
 @dataclass(frozen=True)
+class Fleet:
+    """Several servers training one model (``--mezo-fleet-*``): each knows the leader's address, the fleet's size,
+    its own rank, and a secret every message between them is signed with (see ``docs/fleet.md``)."""
+
+    address: str
+    """The leader's (rank 0's) HTTP ``host:port``: where the others fetch its history and join, and the host its
+    first scheduler process hosts the group's rendezvous on."""
+    size: int
+    rank: int
+    secret_file: str
+    """A file holding the shared secret (a file, so that it is not on every process's command line)."""
+
+    def __post_init__(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--mezo-fleet-address must be the leader's host:port, got {self.address!r}")
+        if not 2 <= self.size <= 1024:
+            raise ValueError(f"--mezo-fleet-size must be between 2 and 1024, got {self.size}")
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"--mezo-fleet-rank must be between 0 and --mezo-fleet-size - 1, got {self.rank}")
+        if len(self.secret()) < 16:
+            raise ValueError(f"--mezo-fleet-secret-file {self.secret_file}: the secret must be at least 16 bytes")
+
+    @property
+    def leads(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def leader_url(self) -> str:
+        return f"http://{self.address}"
+
+    def secret(self) -> bytes:
+        try:
+            return Path(self.secret_file).read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"--mezo-fleet-secret-file: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class MezoServerOptions:
     enabled: bool = False
     lr: float | None = None
@@ -105,6 +144,8 @@ class MezoServerOptions:
     resume_adapters: tuple[ServedAdapter, ...] = field(default=(), repr=False)
     """The trained adapters the journal held at launch, each at the version its name served: the scheduler registers
     them with SGLang's LoRA manager before serving."""
+    fleet: Fleet | None = None
+    """With ``--mezo-fleet-address``: this server is one of a fleet's."""
     replica_address: str | None = field(default=None, repr=False)
     """Under ``--dp-size > 1``: the loopback ``host:port`` where the scheduler processes of every replica form
     their group (:mod:`sglang_mezo.scheduler.replicas`), chosen by the plugin in the HTTP process at launch."""
@@ -198,6 +239,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mezo-state-dir", default=None, metavar="DIR",
                        help="Journal the served history here (fsync'd per committed chunk); a server started again "
                             "on it and the same base checkpoint serves the same weights. Default: memory only.")
+    group.add_argument("--mezo-fleet-address", default=None, metavar="HOST:PORT",
+                       help="Join a fleet of servers that train one model: the leader's (rank 0's) HTTP address, "
+                            "given to every server of the fleet, the leader included (docs/fleet.md).")
+    group.add_argument("--mezo-fleet-size", type=int, default=None, metavar="N",
+                       help="How many servers the fleet may hold (with --mezo-fleet-address).")
+    group.add_argument("--mezo-fleet-rank", type=int, default=None, metavar="R",
+                       help="This server's rank in the fleet: 0 leads (with --mezo-fleet-address).")
+    group.add_argument("--mezo-fleet-secret-file", default=None, metavar="PATH",
+                       help="A file with the fleet's shared secret (>= 16 bytes): every message between its "
+                            "servers is signed with it (with --mezo-fleet-address).")
     for f in fields(Limits):
         group.add_argument(Limits.flag(f.name), type=type(f.default), default=f.default, metavar="N",
                            help=f"Limit: {f.metadata['help']} (default: %(default)s).")
@@ -222,7 +273,19 @@ def from_namespace(ns: argparse.Namespace) -> MezoServerOptions:
                         output_dir=str(Path(ns.mezo_output_dir).resolve()) if ns.mezo_output_dir else None),
         state_dir=str(Path(ns.mezo_state_dir).resolve()) if ns.mezo_state_dir else None,
         master=ns.mezo_master,
+        fleet=_fleet(ns),
     )
+
+
+def _fleet(ns: argparse.Namespace) -> Fleet | None:
+    given = {name: getattr(ns, f"mezo_fleet_{name}", None) for name in ("address", "size", "rank", "secret_file")}
+    if all(value is None for value in given.values()):
+        return None
+    missing = [f"--mezo-fleet-{name.replace('_', '-')}" for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"a fleet needs --mezo-fleet-address, -size, -rank and -secret-file: {', '.join(missing)} "
+                         "missing")
+    return Fleet(**given)
 
 
 def options_of(server_args) -> MezoServerOptions:

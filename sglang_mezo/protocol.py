@@ -195,9 +195,35 @@ class ReplicaFingerprint:
     one replica)."""
     exchanges: int = 0
     """How many collectives that was."""
+    server: int = 0
+    """The server of a fleet that holds the replica (its ``--mezo-fleet-rank``; 0 outside a fleet)."""
 
 
-Outcome = ChunkOutcome | RestoreOutcome | SaveOutcome | AdapterRetired | ReplicaFingerprint
+@dataclass(frozen=True)
+class FleetSpan:
+    """The group the scheduler processes of a fleet's servers form for the jobs to come (sent by the leader to every
+    member when the members change): where to meet, and where this server's replicas sit in it."""
+
+    address: str
+    """``host:port`` of the rendezvous, hosted by the leader's first scheduler process."""
+    epoch: int
+    """Counts the groups the leader formed: each its own group name, so a re-formed group never meets an old one."""
+    first_replica: int
+    """The fleet-wide index of this server's replica 0; its replica r is ``first_replica + r``."""
+    replicas: int
+    """Replicas in the whole fleet: every job from now on splits its steps' batches between them."""
+
+
+@dataclass(frozen=True)
+class FleetJoined:
+    """A scheduler process's answer to a :class:`FleetSpan`: where it now sits (or the failure to join)."""
+
+    failure: Failure | None = None
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+Outcome = ChunkOutcome | RestoreOutcome | SaveOutcome | AdapterRetired | ReplicaFingerprint | FleetJoined
 
 
 def weight_version_label(job_id: str, committed_steps: int, aborted: bool = False) -> str:
@@ -235,6 +261,11 @@ class ChunkExecutor(Protocol):
 
     async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
         """Each replica's digest of the weights jobs can move, in replica order, computed now."""
+        ...
+
+    async def replicas(self) -> int:
+        """How many replicas share the steps of a job on the served weights that starts now (the job's
+        ``shards``): the server's ``--dp-size``, or every replica of a fleet's servers, gathered now."""
         ...
 
 

@@ -72,6 +72,8 @@ class FakeExecutor:
         self.engine = HFEngine(tiny_llama(seed))
         self.base = {k: v.clone() for k, v in self.engine.model.state_dict().items()}
         self.version = "default"
+        self.shards = 1
+        """What :meth:`replicas` says: the shards the runner gives a job at its start."""
         self.faults = Faults()
         self.chunks: list[tuple[int, ...]] = []
         self.drains = 0
@@ -180,6 +182,9 @@ class FakeExecutor:
 
     async def end_adapter_job(self, job_id: str) -> None:
         self.ended_adapter_jobs.append(job_id)
+
+    async def replicas(self) -> int:
+        return self.shards
 
     async def fingerprints(self) -> tuple[ReplicaFingerprint, ...]:
         pieces = self.engine.trainable_pieces()

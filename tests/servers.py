@@ -85,6 +85,7 @@ class _BindLost(RuntimeError):
 def _start(model_path: str, args: tuple[str, ...], enable_mezo: bool, log_dir: Path,
            env: dict[str, str] | None) -> Server:
     port = free_port()
+    args = tuple(a.replace("{port}", str(port)) for a in args)  # an argument that names the server's own port
     cmd, server_env = server_command(["--model-path", model_path, "--port", str(port), "--host", "127.0.0.1", *args],
                                      cuda=torch.cuda.is_available(), enable_mezo=enable_mezo)
     log = log_dir / f"server-{port}.log"

@@ -123,6 +123,10 @@ def test_a_server_with_replicas_records_them_in_every_job_and_refuses_adapter_jo
     assert replicated.resolve()[0].shards == 2  # the job's steps are shared between them: replay needs to know
     with pytest.raises(ValueError, match="data parallelism"):
         replicated.resolve(adapter=True)
+    fleet = dataclasses.replace(DEFAULTS, adapters_off="adapter jobs do not run in a fleet yet")
+    with pytest.raises(ValueError, match="in a fleet"):
+        fleet.resolve(adapter=True)
+    assert fleet.resolve()[0].shards == 1  # a fleet's jobs get their replicas when they start (the runner)
 
 
 def test_a_job_that_scales_its_tensors_gets_each_one_s_pretrained_rms_in_its_config():

@@ -189,6 +189,9 @@ class JobDefaults:
     square_sums: Callable[[Sequence[str]], Mapping[str, tuple[float, int]]] | None = None
     """Reads (Σ t², elements) of the named checkpoint tensors, for ``tensor_scale = pretrained_rms`` (None: this
     server cannot, and such a job is refused)."""
+    adapters_off: str | None = None
+    """Why this server refuses adapter jobs, if it does (a fleet's leader: its members' LoRA pools are not kept in
+    step yet)."""
 
     def resolve(self, job: Knobs = Knobs(), *, adapter: bool = False, tensor_scale: TensorScale = TensorScale.NONE,
                 **fields_) -> tuple[MezoConfig, RecipeChoice]:
@@ -201,6 +204,8 @@ class JobDefaults:
         if adapter and self.base.shards > 1:
             raise ValueError(f"adapter jobs do not run under data parallelism yet (this server has "
                              f"{self.base.shards} replicas, --dp-size): train the served weights, or use one replica")
+        if adapter and self.adapters_off:
+            raise ValueError(self.adapters_off)
         set_by = {**{k: "flag" for k in self.flags.given()}, **{k: "job" for k in job.given()}}
         chosen = {**self.flags.given(), **job.given()}
         numbers, lr_rule, selection = None, "", None

@@ -201,6 +201,10 @@ class JobRunner:
         spec = job.spec
         job.status, job.started = JobStatus.RUNNING, time.time()
         adapter = spec.adapter is not None
+        if not adapter:  # the replicas that share its steps are those there now (a fleet's members change)
+            shards = await self.executor.replicas()
+            if shards != spec.config.shards:
+                job.spec = spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, shards=shards))
         job.served_before = () if adapter else tuple(self.weights.segments)
         job.trained_on = self.weights.weight_version if adapter else ""
         self._notify("on_start", job)

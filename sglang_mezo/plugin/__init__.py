@@ -147,7 +147,9 @@ def _after_from_cli_args(server_args, cls, namespace) -> None:
         refusal = _refusal(namespace)
         if refusal:
             raise SystemExit(f"sglang-mezo: {refusal}")
-        if options.state_dir:
+        if options.fleet is not None and not options.fleet.leads:
+            options = _follow(options, server_args)
+        elif options.state_dir:
             options = _resume(options, server_args)
         if int(server_args.dp_size or 1) > 1:
             options = dataclasses.replace(options, replica_address=_loopback_address())
@@ -178,6 +180,27 @@ def _resume(options, server_args):
     return dataclasses.replace(options, resume=tuple(trajectory for _, trajectory in history),
                                resume_base_version=state.base_weight_version,
                                resume_adapters=tuple(state.adapters()))
+
+
+def _follow(options, server_args):
+    """A fleet's member serves the leader's weights from its first request: it asks the leader for its served
+    history, which the schedulers replay at launch (as a journal's), and starts at the leader's label."""
+    from sglang_mezo.server.app import fleet_bearer
+    from sglang_mezo.server.fleet.follower import leader_history
+    from sglang_mezo.server.fleet.relay import Relay
+
+    fleet = options.fleet
+    if options.state_dir:
+        raise SystemExit("sglang-mezo: a fleet's member keeps no journal (the leader's is the fleet's history, "
+                         "replayed at every launch): drop --mezo-state-dir")
+    try:
+        history = leader_history(Relay(fleet.secret(), fleet_bearer(server_args)), fleet.leader_url)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"sglang-mezo: {exc}") from exc
+    server_args.weight_version = history.weight_version
+    logger.info("MeZO fleet: rank %d of %d; the leader at %s serves %s (%d job(s) replayed at launch)", fleet.rank,
+                fleet.size, fleet.leader_url, history.weight_version, len(history.trajectories))
+    return dataclasses.replace(options, resume=history.trajectories, resume_base_version=history.base_weight_version)
 
 
 def _loopback_address() -> str:

@@ -64,6 +64,7 @@ from sglang_mezo.protocol import (
     ChunkOutcome,
     Failure,
     FailureKind,
+    FleetJoined,
     ReplicaFingerprint,
     RestoreOutcome,
     SaveOutcome,
@@ -78,6 +79,7 @@ from .messages import (
     MezoAdapterRetireReqInput,
     MezoChunkReqInput,
     MezoFingerprintReqInput,
+    MezoFleetReqInput,
     MezoReqOutput,
     MezoRestoreReqInput,
     MezoSaveReqInput,
@@ -413,6 +415,21 @@ class MezoSchedulerHandler:
             consistent=not self.inconsistent, exchanged_bytes=traffic.payload_bytes if traffic else 0,
             exchanges=traffic.collectives if traffic else 0))
 
+    def join_fleet(self, req: MezoFleetReqInput) -> MezoReqOutput:
+        """Meet the fleet's other servers' scheduler processes in the group the leader formed (all of them get this
+        message at once); jobs from now on share their steps with every replica in it."""
+        span = req.span
+        try:
+            place = self.serving.join_fleet(span)
+        except Exception as exc:  # noqa: BLE001 - reported to the leader, which forms the group without the absent
+            logger.exception("MeZO: joining the fleet's group at %s failed", span.address)
+            return MezoReqOutput(outcome=FleetJoined(failure=Failure(
+                FailureKind.INVALID, f"could not join the fleet's group at {span.address}: {type(exc).__name__}: "
+                                     f"{exc}")))
+        self._ranks = None  # the ranks that move in lockstep are the new group's
+        logger.info("MeZO: replica %d of %d in the fleet's group %d", place.dp_rank, place.dp_size, span.epoch)
+        return MezoReqOutput(outcome=FleetJoined(dp_rank=place.dp_rank, dp_size=place.dp_size))
+
     # -- adapters ------------------------------------------------------------------------------------------------
 
     def retire_adapters(self, req: MezoAdapterRetireReqInput) -> MezoReqOutput:
@@ -480,12 +497,11 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
     if resume:
         handler.restore_at_launch(resume, base_version)
     handler.adapters.restore_at_launch(adapters)
-    replica = handler.serving.place.dp_rank
-
     def signed(method: Callable[[object], MezoReqOutput]) -> Callable[[object], MezoReqOutput]:
         def answer(req) -> MezoReqOutput:
             reply = method(req)
-            reply.dp_rank = replica  # the HTTP process compares the replicas' replies
+            # the HTTP process compares the replicas' replies; in a fleet's group, by their fleet-wide number
+            reply.dp_rank = handler.serving.place.dp_rank
             return reply
 
         return answer
@@ -496,5 +512,6 @@ def install(scheduler, resume: tuple[Trajectory, ...] = (), base_version: str = 
         (MezoSaveReqInput, signed(handler.save)),
         (MezoAdapterRetireReqInput, signed(handler.retire_adapters)),
         (MezoFingerprintReqInput, signed(handler.fingerprint)),
+        (MezoFleetReqInput, signed(handler.join_fleet)),
     ])
     scheduler._mezo_handler = handler

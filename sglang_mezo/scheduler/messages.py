@@ -13,7 +13,7 @@ from __future__ import annotations
 from sglang.srt.managers.io_struct import BaseReq
 
 from sglang_mezo.core.trajectory import Trajectory
-from sglang_mezo.protocol import Outcome, StepChunk
+from sglang_mezo.protocol import FleetSpan, Outcome, StepChunk
 
 
 class MezoChunkReqInput(BaseReq, kw_only=True):
@@ -44,6 +44,12 @@ class MezoAdapterRetireReqInput(BaseReq, kw_only=True):
 
 class MezoFingerprintReqInput(BaseReq, kw_only=True):
     """Asks every replica for the digest of its trainable weights (``GET /mezo/weights?fingerprint=1``)."""
+
+
+class MezoFleetReqInput(BaseReq, kw_only=True):
+    """Join the fleet's group described by ``span`` (every scheduler process of every member gets it at once)."""
+
+    span: FleetSpan
 
 
 class MezoReqOutput(BaseReq, kw_only=True):

@@ -52,19 +52,22 @@ class Traffic:
 
 
 class ReplicaGroup:
-    """The gloo group of every scheduler process of a server with ``--dp-size > 1``, and its two collectives."""
+    """The gloo group of every scheduler process of a server with ``--dp-size > 1`` (or of every server of a
+    fleet), and its two collectives."""
 
-    def __init__(self, place: Place, address: str, timeout_s: float) -> None:
+    def __init__(self, place: Place, address: str, timeout_s: float, group_name: str = GROUP_NAME,
+                 traffic: Traffic | None = None) -> None:
         from sglang.srt.utils.common import init_custom_process_group
 
         self.place = place
-        self.traffic = Traffic()
+        self.traffic = traffic or Traffic()
+        """Counted across this process's groups (a fleet's re-formed group goes on counting)."""
         started = datetime.datetime.now()
         self.group = init_custom_process_group(
             backend="gloo", init_method=f"tcp://{address}", world_size=place.size, rank=place.rank,
-            group_name=GROUP_NAME, timeout=datetime.timedelta(seconds=timeout_s))
-        logger.info("MeZO: joined the replicas' group at %s as process %d of %d (replica %d, TP rank %d) in %.1f s",
-                    address, place.rank, place.size, place.dp_rank, place.tp_rank,
+            group_name=group_name, timeout=datetime.timedelta(seconds=timeout_s))
+        logger.info("MeZO: joined %s at %s as process %d of %d (replica %d, TP rank %d) in %.1f s",
+                    group_name, address, place.rank, place.size, place.dp_rank, place.tp_rank,
                     (datetime.datetime.now() - started).total_seconds())
 
     def all_reduce_min(self, flags: torch.Tensor) -> None:
@@ -83,3 +86,12 @@ class ReplicaGroup:
         dist.all_gather(rows, mine, group=self.group)
         self.traffic.add(mine.numel() * mine.element_size())
         return [row.tolist() for row in rows]
+
+    def close(self) -> None:
+        """Leave the group (a fleet re-forms its group when its members change)."""
+        import torch.distributed as dist
+
+        try:
+            dist.destroy_process_group(self.group)
+        except Exception:  # noqa: BLE001 - a group whose peers are gone may not close cleanly; it is dropped anyway
+            logger.warning("MeZO: leaving a replicas' group failed", exc_info=True)

@@ -4,8 +4,10 @@ goes through here, so the handler itself runs (and is tested) over any object wi
 
 from __future__ import annotations
 
+from sglang_mezo.protocol import FleetSpan
+
 from .agreement import Agreement
-from .replicas import Place, ReplicaGroup
+from .replicas import Place, ReplicaGroup, Traffic
 from .scoring import SchedulerEngine
 
 GROUP_TIMEOUT_S = 300.0
@@ -19,6 +21,9 @@ class SchedulerServing:
         self._engine: SchedulerEngine | None = None
         self._replica_address = replica_address
         self._replicas: ReplicaGroup | None = None
+        self._fleet: tuple[FleetSpan, ReplicaGroup] | None = None
+        """The group of every scheduler process of a fleet's servers, once the leader formed one with us in it."""
+        self.traffic = Traffic()
 
     @property
     def engine(self) -> SchedulerEngine:
@@ -35,8 +40,8 @@ class SchedulerServing:
         return self.engine.tp_size
 
     @property
-    def place(self) -> Place:
-        """This process's replica and TP rank in the server."""
+    def server_place(self) -> Place:
+        """This process's replica and TP rank in its own server."""
         from sglang.srt.runtime_context import get_parallel
 
         dp_size = int(self.scheduler.server_args.dp_size or 1)
@@ -44,14 +49,43 @@ class SchedulerServing:
                      tp_rank=self.tp_rank, tp_size=self.tp_size)
 
     @property
+    def place(self) -> Place:
+        """This process's replica and TP rank among every replica that shares a job's steps: its server's, or in a
+        fleet every server's."""
+        return self.server_place if self._fleet is None else self._in(self._fleet[0])
+
+    def _in(self, span: FleetSpan) -> Place:
+        """Where this process sits in a fleet's group: this server's replicas are numbered from the span's first."""
+        local = self.server_place
+        return Place(dp_rank=span.first_replica + local.dp_rank, dp_size=span.replicas, tp_rank=local.tp_rank,
+                     tp_size=local.tp_size)
+
+    @property
     def replicas(self) -> ReplicaGroup | None:
-        """The group of every scheduler process of every replica (None with one replica); formed on first use,
-        which :func:`~.handler.install` makes at launch, when every replica's schedulers start together."""
+        """The group of every scheduler process that shares a job's steps (None with one replica): the fleet's
+        once formed, else the server's own, formed on first use, which :func:`~.handler.install` makes at launch,
+        when every replica's schedulers start together."""
+        if self._fleet is not None:
+            return self._fleet[1]
         if self._replicas is None and self.place.dp_size > 1:
             if not self._replica_address:
                 raise RuntimeError("--dp-size > 1 but no address for the replicas' group was passed")
-            self._replicas = ReplicaGroup(self.place, self._replica_address, GROUP_TIMEOUT_S)
+            self._replicas = ReplicaGroup(self.place, self._replica_address, GROUP_TIMEOUT_S, traffic=self.traffic)
         return self._replicas
+
+    def join_fleet(self, span: FleetSpan) -> Place:
+        """Meet every scheduler process of the fleet's members in the group ``span`` describes (the rendezvous
+        blocks until all are there, or fails after the group's timeout); the group before it is left. A span with
+        no address leaves the fleet's group: this server's replicas share the steps alone again."""
+        old, self._fleet = self._fleet, None
+        if old is not None:
+            old[1].close()
+        if span.address:
+            place = self._in(span)
+            group = ReplicaGroup(place, span.address, GROUP_TIMEOUT_S, group_name=f"sglang-mezo-fleet-{span.epoch}",
+                                 traffic=self.traffic)
+            self._fleet = (span, group)
+        return self.place
 
     def agreement(self) -> Agreement:
         """Agreement over every rank that must move in lockstep: all replicas' ranks, or this replica's TP group."""

@@ -1,0 +1,62 @@
+"""HTTP between a fleet's servers: a signed record out, a signed record back (:mod:`.wire`)."""
+
+from __future__ import annotations
+
+import httpx
+
+from sglang_mezo.jobs.errors import Unavailable
+
+from .wire import CONTENT_TYPE, seal, unseal
+
+RELAY_TIMEOUT_S = 900.0
+"""How long the leader waits for a member's answer: longer than the group's own timeout (300 s), so that a member
+whose peer died answers with the failed step instead of being given up on first."""
+
+
+class FleetUnreachable(Unavailable):
+    """A server of the fleet did not answer, or answered with an error."""
+
+
+def _headers(bearer: str | None) -> dict[str, str]:
+    headers = {"Content-Type": CONTENT_TYPE}
+    if bearer:  # the fleet's servers share SGLang's keys, if they use them (docs/fleet.md)
+        headers["Authorization"] = f"Bearer {bearer}"
+    return headers
+
+
+def _answer(url: str, response: httpx.Response, purpose: str, secret: bytes) -> object:
+    if response.status_code != 200:
+        raise FleetUnreachable(f"{url} answered {response.status_code}: {response.text[:300]}")
+    return unseal(f"{purpose}-reply", response.content, secret)
+
+
+class Relay:
+    """The leader's (or a joiner's) client for the other servers' ``/mezo/fleet/*`` routes."""
+
+    def __init__(self, secret: bytes, bearer: str | None = None, timeout_s: float = RELAY_TIMEOUT_S) -> None:
+        self.secret = secret
+        self.bearer = bearer
+        self.timeout = httpx.Timeout(timeout_s, connect=10.0)
+        self._client: httpx.AsyncClient | None = None
+
+    async def call(self, base_url: str, route: str, purpose: str, record: object) -> object:
+        """POST ``record`` signed for ``purpose`` to ``base_url + route``; the signed answer's record."""
+        if self._client is None:  # made on the event loop that uses it
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        url = base_url + route
+        try:
+            response = await self._client.post(url, content=seal(purpose, record, self.secret),
+                                               headers=_headers(self.bearer))
+        except httpx.HTTPError as exc:
+            raise FleetUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
+        return _answer(url, response, purpose, self.secret)
+
+    def call_blocking(self, base_url: str, route: str, purpose: str, record: object, timeout_s: float = 30.0) -> object:
+        """:meth:`call` from a thread with no event loop (the launch, the join thread)."""
+        url = base_url + route
+        try:
+            response = httpx.post(url, content=seal(purpose, record, self.secret), headers=_headers(self.bearer),
+                                  timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            raise FleetUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
+        return _answer(url, response, purpose, self.secret)
