@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import uuid
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
@@ -165,7 +166,8 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     if role is not None and not role.leads:
         app.add_middleware(FollowerGuard, role=role)
         keep_joined(relay, role, Join(role.rank, own_url(str(server_args.host), int(server_args.port), role.leader_url),
-                                      int(server_args.dp_size or 1), int(server_args.tp_size or 1), role.weight_version))
+                                      int(server_args.dp_size or 1), int(server_args.tp_size or 1), role.weight_version,
+                                      instance=uuid.uuid4().hex[:12]))
     logger.info("MeZO routes mounted under /mezo and /v1/fine_tuning; data files from %s; checkpoints to %s",
                 ", ".join(map(str, files.data_dirs)) or "nowhere (--mezo-data-dir)",
                 files.output_dir or "nowhere (--mezo-output-dir)")

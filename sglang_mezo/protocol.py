@@ -206,8 +206,9 @@ class FleetSpan:
 
     address: str
     """``host:port`` of the rendezvous, hosted by the leader's first scheduler process."""
-    epoch: int
-    """Counts the groups the leader formed: each its own group name, so a re-formed group never meets an old one."""
+    group: str
+    """The group's name: the leader's launch and how many groups it formed, so a re-formed group (or one formed by
+    a restarted leader) never meets an old one."""
     first_replica: int
     """The fleet-wide index of this server's replica 0; its replica r is ``first_replica + r``."""
     replicas: int

@@ -4,6 +4,7 @@ change the weights, or asks about jobs, to the leader."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -67,8 +68,7 @@ def keep_joined(relay: Relay, role: FleetRole, join: Join) -> threading.Thread:
             try:
                 if httpx.get(f"{join.url}/health", timeout=10).status_code == 200:
                     record = relay.call_blocking(role.leader_url, "/mezo/fleet/join", "join",
-                                                 Join(join.rank, join.url, join.replicas, join.tp_size,
-                                                      role.weight_version))
+                                                 dataclasses.replace(join, weight_version=role.weight_version))
                     if not joined and isinstance(record, Joined):
                         logger.info("MeZO fleet: joined the leader at %s (it serves %s)", role.leader_url,
                                     record.weight_version)

@@ -15,8 +15,9 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from sglang_mezo.core.trajectory import Trajectory
@@ -58,8 +59,6 @@ class Member:
     weight_version: str
     """The label of the weights it serves, as far as the leader knows."""
     in_group: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Held while it is brought to the leader's weights."""
 
     @property
     def rank(self) -> int:
@@ -77,12 +76,15 @@ class FleetLeader:
         """Where the leader's first scheduler process hosts the group's rendezvous (the fleet address's host)."""
         self.size = size
         self.tp_size = tp_size
+        self.instance = uuid.uuid4().hex[:12]
         self.members: dict[int, Member] = {}
         self.epoch = 0
         self._formed: tuple[tuple[int, str], ...] | None = ()
-        """(rank, url) of the members in the group now; () the leader's replicas alone; None: re-form it."""
+        """(rank, instance) of the members in the group now; () the leader's replicas alone; None: re-form it."""
         self._served: Callable[[], History] | None = None
-        self._syncs: set[asyncio.Task] = set()
+        self._membership = asyncio.Lock()
+        """Held while members are brought to the leader's weights or the group is formed: one change at a time."""
+        self._syncs: dict[int, asyncio.Task] = {}
 
     @property
     def adapters(self):
@@ -99,24 +101,23 @@ class FleetLeader:
     # -- members -------------------------------------------------------------------------------------------------
 
     def join(self, join: Join) -> Joined:
-        """A server asks to take part (again: members re-join now and then). A new one, or one that came back at
-        another address, is brought to the leader's weights now (in the background) and shares the steps of the
-        jobs that start from then on."""
+        """A server asks to take part (again: members re-join now and then). A new one, or one that restarted, is
+        brought to the leader's weights now (in the background) and shares the steps of the jobs that start from
+        then on."""
         if not 1 <= join.rank < self.size:
             raise InvalidRequest(f"fleet rank {join.rank}: the members of this fleet are ranks 1 to {self.size - 1}")
         if join.tp_size != self.tp_size:
             raise InvalidRequest(f"fleet rank {join.rank} runs --tp {join.tp_size}, the leader --tp {self.tp_size}: "
                                  "a fleet's servers shard the model alike")
         known = self.members.get(join.rank)
-        if known is None or known.join != dataclasses.replace(join, weight_version=known.join.weight_version):
+        if known is None or dataclasses.replace(known.join, weight_version="") != \
+                dataclasses.replace(join, weight_version=""):
             if known is not None and known.in_group:
                 self._formed = None
-            member = self.members[join.rank] = Member(join, join.weight_version)
+            self.members[join.rank] = Member(join, join.weight_version)
             logger.info("MeZO fleet: server %d joined from %s (%d replica(s), serving %s)", join.rank, join.url,
                         join.replicas, join.weight_version)
-            task = asyncio.get_running_loop().create_task(self._sync(member))
-            self._syncs.add(task)
-            task.add_done_callback(self._syncs.discard)
+            self._sync_later(join.rank)
         return Joined(self.history().weight_version)
 
     def states(self) -> list[MemberState]:
@@ -130,74 +131,103 @@ class FleetLeader:
         if member.in_group:
             self._formed = None
 
+    def _sync_later(self, rank: int) -> None:
+        """Bring member ``rank`` to the leader's weights in the background (once at a time per member)."""
+        if rank in self._syncs:
+            return
+
+        async def sync() -> None:
+            try:
+                async with self._membership:
+                    member = self.members.get(rank)
+                    if member is not None and not member.in_group:
+                        await self._sync(member)
+            finally:
+                self._syncs.pop(rank, None)
+
+        self._syncs[rank] = asyncio.get_running_loop().create_task(sync(), name=f"sglang-mezo-fleet-sync-{rank}")
+
+    def _sync_outsiders(self) -> None:
+        """Members outside the group (they joined during a job) follow the leader's weights after each change."""
+        for member in list(self.members.values()):
+            if not member.in_group:
+                self._sync_later(member.rank)
+
     async def _sync(self, member: Member) -> bool:
         """Bring ``member`` to the leader's weights if its label differs: it leaves any group it was in (its
-        schedulers would wait for peers there) and replays the leader's history onto its base checkpoint."""
-        async with member.lock:
-            history = self.history()
-            if member.weight_version == history.weight_version:
-                return True
-            try:
-                await self._send(member, MezoFleetReqInput(span=FleetSpan("", self.epoch, 0, member.join.replicas)),
-                                 FleetJoined)
-                outcome = agreed([r.outcome for r in await self._send(
-                    member, MezoRestoreReqInput(history=history.trajectories, weight_version=history.weight_version),
-                    RestoreOutcome)])
-            except Unavailable as exc:
-                self._drop(member, str(exc))
-                return False
-            if outcome.failure is not None:
-                self._drop(member, f"replaying the leader's history failed: {outcome.failure.message}")
-                return False
-            if member.in_group:
-                member.in_group, self._formed = False, None
-            member.weight_version = history.weight_version
-            logger.info("MeZO fleet: server %d now serves %s (%s)", member.rank, history.weight_version,
-                        outcome.message)
+        schedulers would wait for peers there) and replays the leader's history onto its base checkpoint. Called
+        with the membership lock held."""
+        history = self.history()
+        if member.weight_version == history.weight_version:
             return True
+        try:
+            await self._send(member, MezoFleetReqInput(span=FleetSpan("", "", 0, member.join.replicas)), FleetJoined)
+            outcome = agreed([r.outcome for r in await self._send(
+                member, MezoRestoreReqInput(history=history.trajectories, weight_version=history.weight_version),
+                RestoreOutcome)])
+        except Unavailable as exc:
+            self._drop(member, str(exc))
+            return False
+        if outcome.failure is not None:
+            self._drop(member, f"replaying the leader's history failed: {outcome.failure.message}")
+            return False
+        if member.in_group:
+            member.in_group, self._formed = False, None
+        member.weight_version = history.weight_version
+        logger.info("MeZO fleet: server %d now serves %s (%s)", member.rank, history.weight_version, outcome.message)
+        return True
 
     # -- the group ---------------------------------------------------------------------------------------------
 
     async def replicas(self) -> int:
-        """At a job's start (the weights' lock held): every member at the leader's weights, in one group with the
-        leader's schedulers; the replicas they hold together."""
+        """At a job's start (the weights' lock held): every member that answers at the leader's weights, in one
+        group with the leader's schedulers; the replicas they hold together."""
         own = await self.local.replicas()
-        for member in list(self.members.values()):
-            await self._sync(member)
-        wanted = tuple(sorted((m.rank, m.join.url) for m in self.members.values()))
-        while wanted != self._formed:
-            wanted = await self._form(own, wanted)
-        return own + sum(self.members[rank].join.replicas for rank, _ in wanted)
+        async with self._membership:
+            for member in list(self.members.values()):
+                if not await self.relay.alive(member.join.url):  # a rendezvous would wait for it until it times out
+                    self._drop(member, "it does not answer /health")
+                elif not await self._sync(member):
+                    continue
+            wanted = self._wanted()
+            while wanted != self._formed:
+                wanted = await self._form(own, wanted)
+            return own + sum(self.members[rank].join.replicas for rank, _ in wanted)
+
+    def _wanted(self) -> tuple[tuple[int, str], ...]:
+        return tuple(sorted((m.rank, m.join.instance) for m in self.members.values()))
 
     async def _form(self, own: int, wanted: tuple[tuple[int, str], ...]) -> tuple[tuple[int, str], ...]:
         """Form the group of the leader's and ``wanted``'s scheduler processes; the members that could not join are
         dropped, and what is left is returned (the group to form again, if any failed)."""
         self.epoch += 1
+        group = f"sglang-mezo-fleet-{self.instance}-{self.epoch}"
         members = [self.members[rank] for rank, _ in wanted]
+        for member in self.members.values():
+            member.in_group = False
         if not members:  # the leader's replicas alone again
-            await self._local(MezoFleetReqInput(span=FleetSpan("", self.epoch, 0, own)), FleetJoined)
+            await self._local(MezoFleetReqInput(span=FleetSpan("", "", 0, own)), FleetJoined)
             self._formed = ()
             return ()
         total = own + sum(m.join.replicas for m in members)
         address = f"{self.host}:{_free_port(self.host)}"
-        sends, first = [self._local(MezoFleetReqInput(span=FleetSpan(address, self.epoch, 0, total)), FleetJoined)], own
+        sends, first = [self._local(MezoFleetReqInput(span=FleetSpan(address, group, 0, total)), FleetJoined)], own
         for member in members:
-            sends.append(self._send(member, MezoFleetReqInput(span=FleetSpan(address, self.epoch, first, total)),
+            sends.append(self._send(member, MezoFleetReqInput(span=FleetSpan(address, group, first, total)),
                                     FleetJoined))
             first += member.join.replicas
         logger.info("MeZO fleet: forming group %d at %s: the leader and server(s) %s, %d replicas", self.epoch,
                     address, [m.rank for m in members], total)
         results = await asyncio.gather(*sends, return_exceptions=True)
-        if isinstance(results[0], BaseException) or _failure(results[0]):
-            raise Unavailable(f"the leader's schedulers could not form the fleet's group: "
-                              f"{results[0] if isinstance(results[0], BaseException) else _failure(results[0])}")
-        failed = [(m, r) for m, r in zip(members, results[1:], strict=True)
-                  if isinstance(r, BaseException) or _failure(r)]
-        for member, result in failed:
-            self._drop(member, f"it could not join the group: {result if isinstance(result, BaseException) else _failure(result)}")
+        if _why(results[0]):
+            self._formed = None
+            raise Unavailable(f"the leader's schedulers could not form the fleet's group: {_why(results[0])}")
+        failed = [(m, _why(r)) for m, r in zip(members, results[1:], strict=True) if _why(r)]
+        for member, why in failed:
+            self._drop(member, f"it could not join the group: {why}")
         if failed:
             self._formed = None
-            return tuple(sorted((m.rank, m.join.url) for m in self.members.values()))
+            return self._wanted()
         for member in members:
             member.in_group = True
         self._formed = wanted
@@ -210,14 +240,20 @@ class FleetLeader:
 
     async def run_chunk(self, chunk: StepChunk) -> ChunkOutcome:
         if chunk.adapter is not None or not self._group():
-            return await self.local.run_chunk(chunk)
-        return self.local.relabelled(await self._everywhere(MezoChunkReqInput(chunk=chunk), ChunkOutcome))
+            outcome = await self.local.run_chunk(chunk)
+        else:
+            outcome = self.local.relabelled(await self._everywhere(MezoChunkReqInput(chunk=chunk), ChunkOutcome))
+        self._sync_outsiders()
+        return outcome
 
     async def restore(self, history: Sequence[Trajectory], weight_version: str) -> RestoreOutcome:
         if not self._group():
-            return await self.local.restore(history, weight_version)
-        return self.local.relabelled(await self._everywhere(
-            MezoRestoreReqInput(history=tuple(history), weight_version=weight_version), RestoreOutcome))
+            outcome = await self.local.restore(history, weight_version)
+        else:
+            outcome = self.local.relabelled(await self._everywhere(
+                MezoRestoreReqInput(history=tuple(history), weight_version=weight_version), RestoreOutcome))
+        self._sync_outsiders()
+        return outcome
 
     async def save(self, path: str, *, float32: bool = False) -> SaveOutcome:
         # the group's ranks agree at a save too (the leader's replica 0 writes, every other waits)
@@ -285,9 +321,11 @@ class FleetLeader:
         return replies
 
 
-def _failure(replies: list[MezoReqOutput]) -> str | None:
-    failures = [r.outcome.failure.message for r in replies if r.outcome.failure is not None]
-    return "; ".join(failures) or None
+def _why(result: list[MezoReqOutput] | BaseException) -> str | None:
+    """Why a send failed (it raised, or a scheduler answered with a failure); None if it did not."""
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
+    return "; ".join(r.outcome.failure.message for r in result if r.outcome.failure is not None) or None
 
 
 def _free_port(host: str) -> int:

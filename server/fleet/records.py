@@ -19,6 +19,9 @@ class Join:
     tp_size: int
     weight_version: str
     """The label of the weights it serves now."""
+    instance: str = ""
+    """Made at its launch: a server that restarted at the same address is a new member (its schedulers are in no
+    group)."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,15 @@ class Relay:
             raise FleetUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         return _answer(url, response, purpose, self.secret)
 
+    async def alive(self, base_url: str, timeout_s: float = 10.0) -> bool:
+        """Whether the server at ``base_url`` answers ``/health`` now."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        try:
+            return (await self._client.get(base_url + "/health", timeout=timeout_s)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def call_blocking(self, base_url: str, route: str, purpose: str, record: object, timeout_s: float = 30.0) -> object:
         """:meth:`call` from a thread with no event loop (the launch, the join thread)."""
         url = base_url + route

@@ -427,7 +427,8 @@ class MezoSchedulerHandler:
                 FailureKind.INVALID, f"could not join the fleet's group at {span.address}: {type(exc).__name__}: "
                                      f"{exc}")))
         self._ranks = None  # the ranks that move in lockstep are the new group's
-        logger.info("MeZO: replica %d of %d in the fleet's group %d", place.dp_rank, place.dp_size, span.epoch)
+        logger.info("MeZO: replica %d of %d in the fleet's group %s", place.dp_rank, place.dp_size,
+                    span.group or "(none: this server's replicas alone)")
         return MezoReqOutput(outcome=FleetJoined(dp_rank=place.dp_rank, dp_size=place.dp_size))
 
     # -- adapters ------------------------------------------------------------------------------------------------

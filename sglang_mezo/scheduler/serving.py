@@ -82,7 +82,7 @@ class SchedulerServing:
             old[1].close()
         if span.address:
             place = self._in(span)
-            group = ReplicaGroup(place, span.address, GROUP_TIMEOUT_S, group_name=f"sglang-mezo-fleet-{span.epoch}",
+            group = ReplicaGroup(place, span.address, GROUP_TIMEOUT_S, group_name=span.group,
                                  traffic=self.traffic)
             self._fleet = (span, group)
         return self.place
