@@ -22,16 +22,20 @@ rows."""
 
 
 @contextlib.contextmanager
-def served(model_path: Path, flags: Sequence[str], log: Path, start_timeout_s: float = 900) -> Iterator[MezoClient]:
-    """A server on a free loopback port with ``flags`` (its output in ``log``), and a client for it; stopped, with
-    its whole process group, when the block ends."""
+def served(model_path: Path, flags: Sequence[str], log: Path, start_timeout_s: float = 900,
+           env: dict[str, str] | None = None) -> Iterator[MezoClient]:
+    """A server on a free loopback port with ``flags`` (its output in ``log``; ``{port}`` in a flag is the server's
+    own port) and ``env`` added to this process's environment, and a client for it; stopped, with its whole process
+    group, when the block ends."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    flags = [flag.replace("{port}", str(port)) for flag in flags]
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "sglang_mezo.cli", "serve", "--port", str(port), "--host",
                                    "127.0.0.1", "--model-path", str(model_path), *flags],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, **(env or {})})
     try:
         client = MezoClient(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + start_timeout_s

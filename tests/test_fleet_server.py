@@ -41,11 +41,12 @@ def assert_every_server_is_the_replay(leader, model_path: str, servers: int = 2)
     assert {p["digest"] for p in prints} == {replay}, (prints, replay)
 
 
-def wait_for_member(leader, timeout_s: float = 120) -> dict:
+def wait_for_member(leader, version: str | None = None, timeout_s: float = 120) -> dict:
+    """The fleet once a member has joined (and, with ``version``, serves weights of that label)."""
     deadline = time.monotonic() + timeout_s
     while True:
         fleet = leader.request("GET", "/mezo/fleet")[1]
-        if fleet["members"]:
+        if fleet["members"] and version in (None, fleet["members"][0]["weight_version"]):
             return fleet
         assert time.monotonic() < deadline, fleet
         time.sleep(0.5)
@@ -77,9 +78,15 @@ def test_two_servers_train_one_model_and_a_late_joiner_catches_up(tmp_path):
             fleet = wait_for_member(leader)
             assert fleet["members"][0]["weight_version"] == fleet["weight_version"], fleet
             assert_every_server_is_the_replay(leader, model_path)
+            # the leader's weights move while the member is outside the group: it sees the label differ and replays
+            status, body = leader.request("POST", "/mezo/reset", {"job_id": alone["job_id"], "step": 5})
+            assert status == 200 and body["weight_version"] == f"mezo-{alone['job_id']}-5", body
+            wait_for_member(leader, version=body["weight_version"])
+            assert_every_server_is_the_replay(leader, model_path)
 
-            status, body = member.request("POST", "/mezo/step", {**JOB, "steps": 1})
-            assert status == 409 and body["leader"] == leader.url, body
+            for route, body in (("/mezo/step", {**JOB, "steps": 1}), ("/mezo/reset", {})):
+                status, answer = member.request("POST", route, body)
+                assert status == 409 and answer["leader"] == leader.url, answer
             status, jobs = member.request("GET", "/mezo/jobs")  # the leader's jobs (a redirect, followed)
             assert status == 200 and [j["job_id"] for j in jobs["jobs"]] == [alone["job_id"]], jobs
             status, body = member.request("POST", "/mezo/fleet/relay", {"not": "signed"})
@@ -94,6 +101,9 @@ def test_two_servers_train_one_model_and_a_late_joiner_catches_up(tmp_path):
             assert all(8 * 28 + 40 <= s < 1024 for s in sent), sent  # scalars only: under the issue's 1 KB a step
             assert_every_server_is_the_replay(leader, model_path)
             assert greedy(leader) == greedy(member)
+            served = leader.request("GET", "/mezo/weights")[1]["weight_version"]
+            assert served == f"mezo-{job['job_id']}-50"
+            assert member.request("GET", "/mezo/weights")[1]["weight_version"] == served  # the leader's label
 
             failed = run_job(leader, {**JOB, "steps": 20, "seed": 1})
             assert failed["status"] == "failed" and failed["step"] == 12, failed

@@ -187,11 +187,14 @@ def test_the_api_describes_itself(api):
                           "/mezo/jobs/{job_id}/plot", "/mezo/jobs/{job_id}/events", "/mezo/jobs/{job_id}/cancel",
                           "/mezo/jobs/{job_id}/trajectory", "/mezo/eval", "/mezo/diagnose", "/mezo/weights",
                           "/mezo/reset", "/mezo/save",
+                          # a fleet as this server sees it (what its servers send each other is left out)
+                          "/mezo/fleet",
                           # OpenAI's fine-tuning API over the same jobs
                           "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/fine_tuning/jobs",
                           "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel",
                           "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/fine_tuning/jobs/{job_id}/events",
                           "/v1/models", "/v1/models/{model}"}
+    assert_error(client.get("/mezo/fleet"), 404, "not_found", "not in a fleet")
     step = paths["/mezo/step"]["post"]
     assert step["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/StepRequest")
 

@@ -88,8 +88,11 @@ class FollowerGuard(BaseHTTPMiddleware):
     """On a member: requests that would change the weights answer 409 naming the leader; questions about jobs are
     redirected to it (307), whose jobs they are. Evaluation, generation and ``GET /mezo/weights`` stay here."""
 
-    CHANGES = ("/mezo/step", "/mezo/reset", "/mezo/save", "/mezo/jobs", "/v1/fine_tuning/jobs")
-    ASKS = ("/mezo/jobs", "/v1/fine_tuning/jobs")
+    CHANGES = ("/mezo/step", "/mezo/diagnose", "/mezo/reset", "/mezo/save", "/mezo/jobs", "/v1/fine_tuning/jobs",
+               "/v1/files")
+    """POSTs that would train, reset or save (a diagnosis runs probe passes; files are uploaded for the leader's
+    fine-tuning jobs)."""
+    ASKS = ("/mezo/jobs", "/v1/fine_tuning/jobs", "/v1/files")
 
     def __init__(self, app, role: FleetRole) -> None:
         super().__init__(app)
@@ -97,7 +100,7 @@ class FollowerGuard(BaseHTTPMiddleware):
 
     async def dispatch(self, request: Request, call_next) -> Response:
         path = request.url.path
-        if request.method == "POST" and path.startswith(self.CHANGES):
+        if request.method in ("POST", "DELETE") and path.startswith(self.CHANGES):
             message = self.role.follower_refusal(f"{request.method} {path} runs")
             return JSONResponse({"object": "error", "message": message, "type": "conflict", "param": None,
                                  "code": 409, "leader": self.role.leader_url}, status_code=409)

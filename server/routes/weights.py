@@ -35,9 +35,15 @@ async def weights(request: Request, mezo: Context,
         raise InvalidRequest(f"unknown query parameter(s) {unknown}: GET /mezo/weights takes only fingerprint=1")
     # the four spellings only: a boolean query would also take "on", "yes", "t", … which the schema does not say
     fingerprints = await mezo.runner.weights.fingerprints() if fingerprint in ("1", "true") else None
-    return WeightsOut.of(mezo.runner.weights, precision=mezo.precision,
-                         adapters=[mezo.runner.adapter(name) for name in mezo.runner.adapter_names()],
-                         fingerprints=fingerprints)
+    out = WeightsOut.of(mezo.runner.weights, precision=mezo.precision,
+                        adapters=[mezo.runner.adapter(name) for name in mezo.runner.adapter_names()],
+                        fingerprints=fingerprints)
+    role = mezo.fleet
+    if role is not None and not role.leads:  # a member serves the leader's weights; their history is the leader's
+        out = out.model_copy(update={"weight_version": role.weight_version, "history": [], "message": (
+            f"a member of a fleet: these weights are the leader's (their history: GET {role.leader_url}"
+            "/mezo/weights)")})
+    return out
 
 
 @router.post("/reset")
