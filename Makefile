@@ -66,7 +66,7 @@ sim-final-norm: $(STAMP)
 sim-fleet: $(STAMP)
 	$(PY) benchmarks/sim_fleet.py
 
-## make bench-fleet: one job at --dp-size 1 and 2 on this machine: step time, bytes the replicas exchange per step,
+## make bench-fleet: one job at --dp-size 1 and 2 and on a fleet of two servers, on this machine: step time, bytes the replicas exchange per step,
 ## /generate latency on each replica during the job, and the replicas' fingerprints after it (issue 27)
 bench-fleet: $(STAMP)
 	$(PY) benchmarks/bench_fleet.py
