@@ -12,7 +12,8 @@ per server throughout), per replica (``meta_info.dp_rank``, or the server in a f
 replica's fingerprint after the job.
 
 On 2 cores no speed-up is expected (two replicas share the cores, and SGLang's DP controller spins one while it
-waits): the rows show correctness and overhead. Run: ``make bench-fleet`` (about 50 minutes on 2 cores: dp 1 4 min, dp 2 18 min, the fleet 28 min measured), then
+waits): the rows show correctness and overhead. Run: ``make bench-fleet`` (about 50 minutes on 2 cores: dp 1 4 min,
+dp 2 18 min, the fleet 28 min, measured), then
 ``make sim-fleet`` for the simulated fleets. Not a CI test: it measures, it does not gate.
 """
 
@@ -154,7 +155,8 @@ def measure(setup: str, secret: Path) -> dict:
 def table(rows: list[dict]) -> str:
     ref = rows[0]
     lines = ["| setup | median step | × dp 1 | replica | idle p50 | during the job p50 (max) | × idle | payload / step "
-             "/ replica | collectives / step | fingerprints equal | losses: max relative difference to dp 1's |", "|" + "---|" * 11]
+             "/ replica | collectives / step | fingerprints equal | losses: max relative difference to dp 1's |",
+             "|" + "---|" * 11]
     for row in rows:
         for rank, during in row["during"].items():
             idle = row["idle"].get(rank) or next(iter(row["idle"].values()))
