@@ -101,7 +101,7 @@ def _fleet_role(server_args, options: MezoServerOptions) -> tuple[FleetRole | No
     secret = fleet.secret()
     role = FleetRole(fleet.rank, fleet.size, fleet.leader_url, secret,
                      weight_version=str(server_args.weight_version))
-    if fleet.leads and fleet.address.rpartition(":")[2] != str(server_args.port):
+    if fleet.leads and fleet.port != str(server_args.port):
         logger.warning("MeZO fleet: this server leads, but listens on port %s, not the fleet address %s: the others "
                        "will not find it", server_args.port, fleet.address)
     return role, Relay(secret, fleet_bearer(server_args))
@@ -125,7 +125,7 @@ def mount(app: FastAPI, server_args, tokenizer_manager, options: MezoServerOptio
     executor = TokenizerManagerExecutor(tokenizer_manager)
     role, relay = _fleet_role(server_args, options)
     leader = None if role is None or not role.leads else FleetLeader(
-        executor, relay, host=options.fleet.address.rpartition(":")[0], size=role.size,
+        executor, relay, host=options.fleet.host, size=role.size,
         tp_size=int(server_args.tp_size or 1))
     if leader is not None:
         role.leader = leader

@@ -85,8 +85,7 @@ class Fleet:
     """A file holding the shared secret (a file, so that it is not on every process's command line)."""
 
     def __post_init__(self) -> None:
-        host, _, port = self.address.rpartition(":")
-        if not host or not port.isdigit():
+        if not self.host or not self.port.isdigit():
             raise ValueError(f"--mezo-fleet-address must be the leader's host:port, got {self.address!r}")
         if not 2 <= self.size <= 1024:
             raise ValueError(f"--mezo-fleet-size must be between 2 and 1024, got {self.size}")
@@ -94,6 +93,15 @@ class Fleet:
             raise ValueError(f"--mezo-fleet-rank must be between 0 and --mezo-fleet-size - 1, got {self.rank}")
         if len(self.secret()) < 16:
             raise ValueError(f"--mezo-fleet-secret-file {self.secret_file}: the secret must be at least 16 bytes")
+
+    @property
+    def host(self) -> str:
+        """The leader's host (its first scheduler process hosts the group's rendezvous there)."""
+        return self.address.rpartition(":")[0]
+
+    @property
+    def port(self) -> str:
+        return self.address.rpartition(":")[2]
 
     @property
     def leads(self) -> bool:

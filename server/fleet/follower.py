@@ -39,7 +39,8 @@ def leader_history(relay: Relay, leader_url: str, wait_s: float = LAUNCH_WAIT_S)
         except Unsigned as exc:
             raise RuntimeError(f"the fleet's leader at {leader_url} answered in another fleet's name: {exc}") from exc
         except FleetUnreachable as exc:
-            if " answered 4" in str(exc) or time.monotonic() > deadline:
+            refused = exc.status is not None and 400 <= exc.status < 500  # not starting: refusing
+            if refused or time.monotonic() > deadline:
                 raise RuntimeError(f"the fleet's leader at {leader_url}: {exc}") from exc
             logger.info("MeZO fleet: waiting for the leader at %s (%s)", leader_url, exc)
             time.sleep(2.0)

@@ -187,8 +187,8 @@ class FleetLeader:
             for member in list(self.members.values()):
                 if not await self.relay.alive(member.join.url):  # a rendezvous would wait for it until it times out
                     self._drop(member, "it does not answer /health")
-                elif not await self._sync(member):
-                    continue
+                else:
+                    await self._sync(member)  # drops it if it cannot be brought to the leader's weights
             wanted = self._wanted()
             while wanted != self._formed:
                 wanted = await self._form(own, wanted)
@@ -302,10 +302,9 @@ class FleetLeader:
                 continue
             outcomes += [r.outcome for r in result]
         outcome = agreed(outcomes)
-        version = getattr(outcome, "weight_version", None)
-        if version and getattr(outcome, "failure", None) is None and isinstance(outcome, ChunkOutcome | RestoreOutcome):
+        if isinstance(outcome, ChunkOutcome | RestoreOutcome) and outcome.weight_version and outcome.failure is None:
             for member in self._group():
-                member.weight_version = version
+                member.weight_version = outcome.weight_version
         if missing and outcome.failure is None:
             outcome = dataclasses.replace(outcome, failure=Failure(FailureKind.STEP_FAILED, "; ".join(missing)))
         return outcome

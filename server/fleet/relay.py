@@ -14,7 +14,12 @@ whose peer died answers with the failed step instead of being given up on first.
 
 
 class FleetUnreachable(Unavailable):
-    """A server of the fleet did not answer, or answered with an error."""
+    """A server of the fleet did not answer, or answered with an error (``status``: its HTTP status, if it
+    answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _headers(bearer: str | None) -> dict[str, str]:
@@ -26,7 +31,7 @@ def _headers(bearer: str | None) -> dict[str, str]:
 
 def _answer(url: str, response: httpx.Response, purpose: str, secret: bytes) -> object:
     if response.status_code != 200:
-        raise FleetUnreachable(f"{url} answered {response.status_code}: {response.text[:300]}")
+        raise FleetUnreachable(f"{url} answered {response.status_code}: {response.text[:300]}", response.status_code)
     return unseal(f"{purpose}-reply", response.content, secret)
 
 
@@ -39,24 +44,26 @@ class Relay:
         self.timeout = httpx.Timeout(timeout_s, connect=10.0)
         self._client: httpx.AsyncClient | None = None
 
-    async def call(self, base_url: str, route: str, purpose: str, record: object) -> object:
-        """POST ``record`` signed for ``purpose`` to ``base_url + route``; the signed answer's record."""
+    @property
+    def client(self) -> httpx.AsyncClient:
         if self._client is None:  # made on the event loop that uses it
             self._client = httpx.AsyncClient(timeout=self.timeout)
+        return self._client
+
+    async def call(self, base_url: str, route: str, purpose: str, record: object) -> object:
+        """POST ``record`` signed for ``purpose`` to ``base_url + route``; the signed answer's record."""
         url = base_url + route
         try:
-            response = await self._client.post(url, content=seal(purpose, record, self.secret),
-                                               headers=_headers(self.bearer))
+            response = await self.client.post(url, content=seal(purpose, record, self.secret),
+                                              headers=_headers(self.bearer))
         except httpx.HTTPError as exc:
             raise FleetUnreachable(f"{url}: {type(exc).__name__}: {exc}") from exc
         return _answer(url, response, purpose, self.secret)
 
     async def alive(self, base_url: str, timeout_s: float = 10.0) -> bool:
         """Whether the server at ``base_url`` answers ``/health`` now."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.timeout)
         try:
-            return (await self._client.get(base_url + "/health", timeout=timeout_s)).status_code == 200
+            return (await self.client.get(base_url + "/health", timeout=timeout_s)).status_code == 200
         except httpx.HTTPError:
             return False
 

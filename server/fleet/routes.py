@@ -37,6 +37,14 @@ def _role(mezo: MezoContext) -> FleetRole:
     return mezo.fleet
 
 
+def _leading(mezo: MezoContext, what: str) -> FleetRole:
+    """This server's role, if it leads the fleet (a member is asked ``what`` by mistake: 409 naming the leader)."""
+    role = _role(mezo)
+    if role.leader is None:
+        raise Conflict(role.follower_refusal(what))
+    return role
+
+
 async def _opened(request: Request, role: FleetRole, purpose: str) -> object:
     try:
         return unseal(purpose, await request.body(), role.secret)
@@ -73,9 +81,7 @@ async def relay(request: Request, mezo: Context) -> Response:
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def join(request: Request, mezo: Context) -> Response:
     """On the leader: a server asks to take part."""
-    role = _role(mezo)
-    if role.leader is None:
-        raise Conflict(role.follower_refusal("join"))
+    role = _leading(mezo, "join")
     record = await _opened(request, role, "join")
     if not isinstance(record, Join):
         raise InvalidRequest(f"a join carries a Join, not {type(record).__name__}")
@@ -86,9 +92,7 @@ async def join(request: Request, mezo: Context) -> Response:
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def history(request: Request, mezo: Context) -> Response:
     """On the leader: its served history, which a server replays at launch before it serves."""
-    role = _role(mezo)
-    if role.leader is None:
-        raise Conflict(role.follower_refusal("ask for the history"))
+    role = _leading(mezo, "ask for the history")
     await _opened(request, role, "history")
     record: History = role.leader.history()
     return _sealed("history", record, role)
